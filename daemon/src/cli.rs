@@ -1,0 +1,446 @@
+//! The `osprey` subcommands that work on models: `run`, `bench`, `inspect`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use osprey_engine::onnx::{import_file, InputShapes};
+use osprey_engine::{npy, Engine, ExecutionContext};
+use serde_json::json;
+
+use crate::stats::LatencySummary;
+
+/// osprey — real-time inference for robots: build, run and measure engines.
+#[derive(Parser, Debug)]
+#[command(name = "osprey", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a model once on .npy inputs and write every output as DIR/<name>.npy.
+    Run(RunArgs),
+    /// Measure latency and throughput on random inputs (trtexec-style report).
+    Bench(BenchArgs),
+    /// Show a model's inputs, outputs, operators and memory plan.
+    Inspect(InspectArgs),
+}
+
+/// Where the model comes from (shared by the model subcommands).
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// ONNX model file.
+    #[arg(long, value_name = "M.onnx")]
+    pub onnx: PathBuf,
+    /// Shape for an input with dynamic dimensions, e.g. `x=1,3,640,640` (repeatable).
+    #[arg(long = "input-shape", value_name = "NAME=D0,D1,...")]
+    pub input_shapes: Vec<String>,
+    /// Worker threads (the caller included). Default: all cores.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `osprey run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// An input tensor, `NAME=FILE.npy` (float32), one per model input.
+    #[arg(long = "input", value_name = "NAME=FILE.npy", required = true)]
+    pub inputs: Vec<String>,
+    /// Directory for the outputs (created if missing).
+    #[arg(long = "output-dir", value_name = "DIR")]
+    pub output_dir: PathBuf,
+}
+
+/// `osprey bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Timed inferences.
+    #[arg(long, default_value_t = 50)]
+    pub iterations: usize,
+    /// Untimed inferences first (caches, page faults, thread wake-up).
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Print exactly one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also time every kernel step and print where the time goes (adds a
+    /// little overhead per step; `--json` includes it as "profile").
+    #[arg(long)]
+    pub profile: bool,
+}
+
+/// `osprey inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs a parsed command line.
+pub fn main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(a) => run(a),
+        Command::Bench(a) => bench(a),
+        Command::Inspect(a) => inspect(a),
+    }
+}
+
+/// Number of cores, the default thread count.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn parse_shapes(specs: &[String]) -> Result<InputShapes> {
+    let mut out = HashMap::new();
+    for s in specs {
+        let (name, dims) = s
+            .split_once('=')
+            .with_context(|| format!("--input-shape {s:?}: expected NAME=D0,D1,..."))?;
+        let dims: Vec<usize> = dims
+            .split(',')
+            .map(|d| d.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .with_context(|| {
+                format!("--input-shape {s:?}: dimensions must be positive integers")
+            })?;
+        if dims.contains(&0) {
+            bail!("--input-shape {s:?}: dimensions must be positive");
+        }
+        out.insert(name.to_string(), dims);
+    }
+    Ok(out)
+}
+
+fn load(model: &ModelArgs, extra_shapes: InputShapes) -> Result<Arc<Engine>> {
+    let mut shapes = parse_shapes(&model.input_shapes)?;
+    for (k, v) in extra_shapes {
+        shapes.entry(k).or_insert(v);
+    }
+    let graph =
+        import_file(&model.onnx, &shapes).with_context(|| model.onnx.display().to_string())?;
+    let engine = Engine::new(graph).with_context(|| model.onnx.display().to_string())?;
+    Ok(Arc::new(engine))
+}
+
+fn threads(model: &ModelArgs) -> Result<usize> {
+    match model.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => Ok(n),
+        None => Ok(default_threads()),
+    }
+}
+
+/// `NAME` → a file name: every character outside `[A-Za-z0-9_.-]` becomes `_`.
+pub fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let mut arrays = Vec::new();
+    let mut shapes = HashMap::new();
+    for spec in &a.inputs {
+        let (name, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--input {spec:?}: expected NAME=FILE.npy"))?;
+        let arr = npy::read(Path::new(file), false).with_context(|| format!("input '{name}'"))?;
+        shapes.insert(name.to_string(), arr.shape.clone());
+        arrays.push((name.to_string(), arr));
+    }
+    let engine = load(&a.model, shapes)?;
+    for d in engine.inputs() {
+        if !arrays.iter().any(|(n, _)| n == &d.name) {
+            bail!(
+                "input '{}' {:?} not given; pass --input {}=FILE.npy",
+                d.name,
+                d.shape,
+                d.name
+            );
+        }
+    }
+    let mut ctx = ExecutionContext::new(engine.clone(), threads(&a.model)?);
+    for (name, arr) in &arrays {
+        ctx.set_input(name, &arr.data)?;
+    }
+    ctx.run()?;
+    std::fs::create_dir_all(&a.output_dir)
+        .with_context(|| format!("creating {}", a.output_dir.display()))?;
+    for (i, d) in engine.outputs().enumerate() {
+        let data = ctx.output_index(i).context("output missing")?;
+        let path = a.output_dir.join(format!("{}.npy", sanitize(&d.name)));
+        npy::write(&path, &d.shape, data)?;
+        eprintln!("wrote {} {:?}", path.display(), d.shape);
+    }
+    Ok(())
+}
+
+/// Deterministic inputs in [-1, 1) for benchmarks (xorshift).
+fn bench_data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if a.iterations == 0 {
+        bail!("--iterations must be at least 1");
+    }
+    let engine = load(&a.model, HashMap::new())?;
+    let threads = threads(&a.model)?;
+    let mut ctx = ExecutionContext::new(engine.clone(), threads);
+    let inputs: Vec<(String, Vec<f32>)> = engine
+        .inputs()
+        .enumerate()
+        .map(|(i, d)| {
+            (
+                d.name.clone(),
+                bench_data(d.numel(), 0x9e37_79b9 + i as u64),
+            )
+        })
+        .collect();
+    for (name, data) in &inputs {
+        ctx.set_input(name, data)?;
+    }
+    for _ in 0..a.warmup {
+        ctx.run()?;
+    }
+    let mut samples = Vec::with_capacity(a.iterations);
+    let wall = Instant::now();
+    for _ in 0..a.iterations {
+        let t = Instant::now();
+        ctx.run()?;
+        samples.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let total_s = wall.elapsed().as_secs_f64();
+    let lat = LatencySummary::from_samples(&samples);
+    let profile = if a.profile {
+        let mut secs = vec![0.0; engine.step_count()];
+        for _ in 0..a.iterations {
+            ctx.run_profiled(&mut secs)?;
+        }
+        Some(profile_rows(&engine, &secs, a.iterations))
+    } else {
+        None
+    };
+    let throughput = a.iterations as f64 / total_s;
+    let plan = engine.memory_plan();
+    let isa = osprey_kernels::isa::active().name();
+    if a.json {
+        let v = json!({
+            "model": a.model.onnx.display().to_string(),
+            "latency_ms": lat,
+            "throughput_per_s": throughput,
+            "arena_bytes": plan.arena_bytes(),
+            "naive_bytes": plan.naive_bytes(),
+            "threads": ctx.threads(),
+            "iterations": a.iterations,
+            "warmup": a.warmup,
+            "isa": isa,
+            "steps": engine.step_count(),
+            "profile": profile.as_ref().map(|rows| rows.iter().map(|r| json!({
+                "step": r.0, "kernel": r.1, "ms": r.2, "share": r.3
+            })).collect::<Vec<_>>()),
+        });
+        println!("{v}");
+    } else {
+        println!("model       {}", a.model.onnx.display());
+        println!("threads     {} ({isa})", ctx.threads());
+        println!("iterations  {} (+{} warm-up)", a.iterations, a.warmup);
+        println!(
+            "latency ms  min {:.3}  mean {:.3}  median {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}",
+            lat.min, lat.mean, lat.median, lat.p90, lat.p99, lat.max
+        );
+        println!("throughput  {throughput:.1} inferences/s");
+        println!(
+            "arena       {} (naive {}, {:.0}% saved)",
+            human_bytes(plan.arena_bytes()),
+            human_bytes(plan.naive_bytes()),
+            saved(plan.arena_bytes(), plan.naive_bytes())
+        );
+        if let Some(rows) = &profile {
+            println!("profile     per-step mean ms, slowest first (by kernel kind below)");
+            for (name, kernel, ms, share) in rows.iter().take(15) {
+                println!("  {ms:8.3} ms {:5.1}%  {kernel:<48} {name}", share * 100.0);
+            }
+            let mut by_kind: std::collections::BTreeMap<String, f64> = Default::default();
+            for (_, kernel, ms, _) in rows {
+                let kind = kernel.split(" @").next().unwrap_or(kernel);
+                let kind = kind
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                *by_kind.entry(kind).or_default() += ms;
+            }
+            let total: f64 = by_kind.values().sum();
+            let mut kinds: Vec<_> = by_kind.into_iter().collect();
+            kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+            for (k, ms) in kinds {
+                println!(
+                    "  {ms:8.3} ms {:5.1}%  [{k}]",
+                    100.0 * ms / total.max(1e-12)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// (step name, kernel description, mean ms, share of total), slowest first.
+fn profile_rows(
+    engine: &Engine,
+    secs: &[f64],
+    iterations: usize,
+) -> Vec<(String, String, f64, f64)> {
+    let total: f64 = secs.iter().sum::<f64>().max(1e-12);
+    let mut rows: Vec<_> = secs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &s)| {
+            let (name, kernel) = engine.step_info(i)?;
+            Some((name, kernel, s * 1e3 / iterations as f64, s / total))
+        })
+        .collect();
+    rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+    rows
+}
+
+fn saved(arena: usize, naive: usize) -> f64 {
+    if naive == 0 {
+        0.0
+    } else {
+        100.0 * (1.0 - arena as f64 / naive as f64)
+    }
+}
+
+/// `1234567` → `1.18 MiB`.
+pub fn human_bytes(b: usize) -> String {
+    let b = b as f64;
+    if b >= 1024.0 * 1024.0 {
+        format!("{:.2} MiB", b / (1024.0 * 1024.0))
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{b} B")
+    }
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let engine = load(&a.model, HashMap::new())?;
+    let plan = engine.memory_plan();
+    let ins: Vec<_> = engine
+        .inputs()
+        .map(|d| json!({"name": d.name, "shape": d.shape, "dtype": "float32"}))
+        .collect();
+    let outs: Vec<_> = engine
+        .outputs()
+        .map(|d| json!({"name": d.name, "shape": d.shape, "dtype": "float32"}))
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "model": a.model.onnx.display().to_string(),
+                "inputs": ins,
+                "outputs": outs,
+                "ops": engine.op_histogram(),
+                "nodes": engine.node_count(),
+                "steps": engine.step_count(),
+                "constant_bytes": engine.constant_bytes(),
+                "arena_bytes": plan.arena_bytes(),
+                "naive_bytes": plan.naive_bytes(),
+            })
+        );
+        return Ok(());
+    }
+    println!("model   {}", a.model.onnx.display());
+    println!("inputs");
+    for d in engine.inputs() {
+        println!("  {:<32} float32 {:?}", d.name, d.shape);
+    }
+    println!("outputs");
+    for d in engine.outputs() {
+        println!("  {:<32} float32 {:?}", d.name, d.shape);
+    }
+    println!(
+        "operators ({} nodes after constant folding, {} kernel steps)",
+        engine.node_count(),
+        engine.step_count()
+    );
+    let mut ops: Vec<_> = engine.op_histogram().iter().collect();
+    ops.sort_by(|x, y| y.1.cmp(x.1).then(x.0.cmp(y.0)));
+    for (op, n) in ops {
+        println!("  {op:<24} {n:>5}");
+    }
+    println!("weights {}", human_bytes(engine.constant_bytes()));
+    println!(
+        "arena   {} (naive {}, {:.0}% saved by lifetime reuse)",
+        human_bytes(plan.arena_bytes()),
+        human_bytes(plan.naive_bytes()),
+        saved(plan.arena_bytes(), plan.naive_bytes())
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_names() {
+        assert_eq!(sanitize("tower_0/keypoints"), "tower_0_keypoints");
+        assert_eq!(
+            sanitize("save_infer_model/scale_0.tmp_1"),
+            "save_infer_model_scale_0.tmp_1"
+        );
+        assert_eq!(sanitize("a b:c"), "a_b_c");
+    }
+
+    #[test]
+    fn shape_specs() {
+        let s = parse_shapes(&["x=1,3,640,640".into()]).unwrap();
+        assert_eq!(s["x"], vec![1, 3, 640, 640]);
+        assert!(parse_shapes(&["x".into()]).is_err());
+        assert!(parse_shapes(&["x=1,a".into()]).is_err());
+        assert!(parse_shapes(&["x=1,0".into()]).is_err());
+    }
+
+    #[test]
+    fn bench_data_is_bounded_and_deterministic() {
+        let a = bench_data(1000, 7);
+        assert_eq!(a, bench_data(1000, 7));
+        assert!(a.iter().all(|v| (-1.0..1.0).contains(v)));
+    }
+}

@@ -1,0 +1,13 @@
+//! # osprey-daemon
+//!
+//! The programs robots run: the `osprey` command-line tool (and, with the
+//! daemon issue, `ospreyd`). This crate contains no kernels; it wires the
+//! engine to files, flags and output formats.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`cli`] | the `osprey` subcommands: `run`, `bench`, `inspect` |
+//! | [`stats`] | latency statistics (trtexec-style summaries) |
+
+pub mod cli;
+pub mod stats;

@@ -1,0 +1,271 @@
+//! The `osprey` binary end to end: outputs on disk, the JSON contract of
+//! `bench --json`, and one clear error line (never a panic) on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use osprey_engine::npy;
+use osprey_engine::onnx::builder::{attr_ints, ModelBuilder};
+
+fn osprey() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_osprey"))
+}
+
+fn tmpdir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "osprey-cli-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&d).expect("tmpdir");
+    d
+}
+
+/// y = Relu(Conv1x1(x, w)) with an output name that needs sanitising; w = 2·I.
+fn write_model(dir: &Path, dynamic: bool) -> PathBuf {
+    let mut m = ModelBuilder::new(13);
+    m.input(
+        "x",
+        if dynamic {
+            &[-1, 2, -1, -1]
+        } else {
+            &[1, 2, 3, 3]
+        },
+    );
+    m.init_f32("w", &[2, 2, 1, 1], &[2.0, 0.0, 0.0, 2.0]);
+    m.node(
+        "Conv",
+        &["x", "w"],
+        &["c"],
+        vec![attr_ints("strides", &[1, 1])],
+    );
+    m.node("Relu", &["c"], &["head/out:0"], vec![]);
+    m.output("head/out:0");
+    let p = dir.join("m.onnx");
+    std::fs::write(&p, m.to_bytes()).expect("write model");
+    p
+}
+
+fn assert_clean_failure(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+#[test]
+fn run_writes_sanitised_outputs() {
+    let d = tmpdir();
+    let model = write_model(&d, false);
+    let x: Vec<f32> = (0..18).map(|i| i as f32 - 9.0).collect();
+    npy::write(&d.join("x.npy"), &[1, 2, 3, 3], &x).unwrap();
+    let out = osprey()
+        .args(["run", "--onnx"])
+        .arg(&model)
+        .arg("--input")
+        .arg(format!("x={}", d.join("x.npy").display()))
+        .arg("--output-dir")
+        .arg(d.join("out"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let y = npy::read(&d.join("out/head_out_0.npy"), false).unwrap();
+    assert_eq!(y.shape, vec![1, 2, 3, 3]);
+    let want: Vec<f32> = x.iter().map(|v| (2.0 * v).max(0.0)).collect();
+    assert_eq!(y.data, want);
+}
+
+#[test]
+fn run_takes_dynamic_shapes_from_the_npy() {
+    let d = tmpdir();
+    let model = write_model(&d, true);
+    npy::write(&d.join("x.npy"), &[2, 2, 1, 4], &[1.0; 16]).unwrap();
+    let out = osprey()
+        .args(["run", "--onnx"])
+        .arg(&model)
+        .arg(format!("--input=x={}", d.join("x.npy").display()))
+        .arg("--output-dir")
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        npy::read(&d.join("head_out_0.npy"), false).unwrap().shape,
+        vec![2, 2, 1, 4]
+    );
+}
+
+#[test]
+fn bench_json_is_one_object_with_the_contract_fields() {
+    let d = tmpdir();
+    let model = write_model(&d, false);
+    let out = osprey()
+        .args(["bench", "--onnx"])
+        .arg(&model)
+        .args([
+            "--threads",
+            "2",
+            "--iterations",
+            "7",
+            "--warmup",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("exactly one JSON object");
+    for k in ["min", "mean", "median", "p90", "p99", "max"] {
+        assert!(v["latency_ms"][k].as_f64().unwrap() > 0.0, "latency_ms.{k}");
+    }
+    let lat = &v["latency_ms"];
+    assert!(
+        lat["min"].as_f64() <= lat["median"].as_f64()
+            && lat["median"].as_f64() <= lat["max"].as_f64()
+    );
+    assert!(v["throughput_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["arena_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(v["threads"], 2);
+    assert_eq!(v["iterations"], 7);
+}
+
+#[test]
+fn inspect_lists_io_and_ops() {
+    let d = tmpdir();
+    let model = write_model(&d, false);
+    let out = osprey()
+        .args(["inspect", "--onnx"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains("head/out:0") && text.contains("[1, 2, 3, 3]"),
+        "{text}"
+    );
+    assert!(text.contains("Conv") && text.contains("Relu"), "{text}");
+    assert!(text.contains("arena"), "{text}");
+}
+
+#[test]
+fn bad_inputs_fail_with_one_clear_line() {
+    let d = tmpdir();
+    let model = write_model(&d, false);
+    let run = |model: &Path, input: &str| {
+        osprey()
+            .args(["run", "--onnx"])
+            .arg(model)
+            .arg("--input")
+            .arg(input)
+            .arg("--output-dir")
+            .arg(d.join("o"))
+            .output()
+            .unwrap()
+    };
+    // Truncated model.
+    let bytes = std::fs::read(&model).unwrap();
+    let trunc = d.join("trunc.onnx");
+    std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
+    npy::write(&d.join("x.npy"), &[1, 2, 3, 3], &[1.0; 18]).unwrap();
+    let good_input = format!("x={}", d.join("x.npy").display());
+    assert_clean_failure(&run(&trunc, &good_input), "trunc.onnx");
+    // Missing file.
+    assert_clean_failure(&run(&d.join("nope.onnx"), &good_input), "nope.onnx");
+    // Wrong input shape.
+    npy::write(&d.join("bad.npy"), &[1, 2, 4, 4], &[1.0; 32]).unwrap();
+    assert_clean_failure(
+        &run(&model, &format!("x={}", d.join("bad.npy").display())),
+        "conflicts",
+    );
+    // NaN in the input.
+    let mut v = vec![1.0; 18];
+    v[5] = f32::NAN;
+    npy::write(&d.join("nan.npy"), &[1, 2, 3, 3], &v).unwrap();
+    assert_clean_failure(
+        &run(&model, &format!("x={}", d.join("nan.npy").display())),
+        "not finite",
+    );
+    // Wrong dtype (float64).
+    let mut f64_bytes = npy::to_bytes(&[1], &[0.0, 0.0]);
+    let at = f64_bytes.windows(3).position(|w| w == b"<f4").unwrap();
+    f64_bytes[at + 2] = b'8';
+    std::fs::write(d.join("f64.npy"), &f64_bytes).unwrap();
+    assert_clean_failure(
+        &run(&model, &format!("x={}", d.join("f64.npy").display())),
+        "float64",
+    );
+    // Unknown input name, then a missing input.
+    assert_clean_failure(
+        &run(&model, &format!("y={}", d.join("x.npy").display())),
+        "no such model input",
+    );
+    // Dynamic model without a shape, for bench.
+    let dynm = write_model(&tmpdir(), true);
+    let out = osprey()
+        .args(["bench", "--onnx"])
+        .arg(&dynm)
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "--input-shape x=");
+}
+
+#[test]
+fn run_matches_onnxruntime_on_a_shared_model() {
+    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+    if !shared.join("models").is_dir() {
+        eprintln!("SKIPPED run_matches_onnxruntime_on_a_shared_model: ../shared not found");
+        return;
+    }
+    let d = tmpdir();
+    let refs = shared.join("fixtures/reference");
+    let out = osprey()
+        .args(["run", "--onnx"])
+        .arg(shared.join("models/ppocr_cls_v2.onnx"))
+        .arg(format!(
+            "--input=x={}",
+            refs.join("ppocr_cls_v2__eagle__input.npy").display()
+        ))
+        .arg("--output-dir")
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let name = "save_infer_model_scale_0.tmp_1";
+    let got = npy::read(&d.join(format!("{name}.npy")), false).unwrap();
+    let want = npy::read(
+        &refs.join(format!("ppocr_cls_v2__eagle__{name}.npy")),
+        false,
+    )
+    .unwrap();
+    assert_eq!(got.shape, want.shape);
+    for (a, b) in got.data.iter().zip(&want.data) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+}

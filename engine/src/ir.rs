@@ -1,0 +1,433 @@
+//! The typed intermediate representation.
+//!
+//! A [`Graph`] is a list of tensors (with static shapes and dtypes; constants
+//! carry their data) and a list of nodes in topological order. Every runtime
+//! tensor is f32: integer tensors exist only as constants, because the
+//! importer folds shape arithmetic away.
+
+use std::collections::BTreeMap;
+
+use osprey_kernels::activation::Activation;
+use osprey_kernels::eltwise::BinaryOp;
+use osprey_kernels::layout::PadMode;
+use osprey_kernels::pooling::PoolKind;
+use osprey_kernels::resize::{CoordMode, ResizeMode};
+
+use crate::error::{EngineError, Result};
+
+/// Index of a tensor in [`Graph::tensors`].
+pub type TensorId = usize;
+
+/// Element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// 64-bit signed integer (constants only).
+    I64,
+    /// 32-bit signed integer (constants only).
+    I32,
+    /// Boolean (constants only).
+    Bool,
+}
+
+impl DType {
+    /// Name as numpy and the CLI print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::I64 => "int64",
+            DType::I32 => "int32",
+            DType::Bool => "bool",
+        }
+    }
+}
+
+/// Data of a constant tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ConstData {
+    /// Float data.
+    F32(Vec<f32>),
+    /// Integer (and boolean) data, widened to i64.
+    I64(Vec<i64>),
+}
+
+impl ConstData {
+    /// Element count.
+    pub fn len(&self) -> usize {
+        match self {
+            ConstData::F32(v) => v.len(),
+            ConstData::I64(v) => v.len(),
+        }
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Values as i64 (floats truncated).
+    pub fn to_i64(&self) -> Vec<i64> {
+        match self {
+            ConstData::F32(v) => v.iter().map(|&x| x as i64).collect(),
+            ConstData::I64(v) => v.clone(),
+        }
+    }
+    /// Values as f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            ConstData::F32(v) => v.clone(),
+            ConstData::I64(v) => v.iter().map(|&x| x as f32).collect(),
+        }
+    }
+}
+
+/// A tensor: name, static shape, element type, and data if constant.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    /// Name from the model.
+    pub name: String,
+    /// Static shape.
+    pub shape: Vec<usize>,
+    /// Element type.
+    pub dtype: DType,
+    /// Data, for constants.
+    pub value: Option<ConstData>,
+}
+
+impl Tensor {
+    /// Element count.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// True for constants.
+    pub fn is_const(&self) -> bool {
+        self.value.is_some()
+    }
+}
+
+/// Convolution attributes, resolved (2-D).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvAttrs {
+    /// Kernel (h, w).
+    pub kernel: [usize; 2],
+    /// Strides (h, w).
+    pub strides: [usize; 2],
+    /// Dilations (h, w).
+    pub dilations: [usize; 2],
+    /// Pads top, left, bottom, right.
+    pub pads: [usize; 4],
+    /// Groups.
+    pub groups: usize,
+    /// Extra output rows/columns (transposed convolution only).
+    pub output_padding: [usize; 2],
+}
+
+/// Pooling attributes, resolved (2-D).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolAttrs {
+    /// Max or average.
+    pub kind: PoolKind,
+    /// Window (h, w).
+    pub kernel: [usize; 2],
+    /// Strides (h, w).
+    pub strides: [usize; 2],
+    /// Dilations (h, w).
+    pub dilations: [usize; 2],
+    /// Pads top, left, bottom, right.
+    pub pads: [usize; 4],
+}
+
+/// An operation on f32 tensors, with every attribute resolved at import.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// 2-D convolution; inputs x, w (const), optional b (const).
+    Conv(ConvAttrs),
+    /// 2-D transposed convolution; inputs x, w (const), optional b (const).
+    ConvTranspose(ConvAttrs),
+    /// Inference batch norm; inputs x, scale, bias, mean, var (all const).
+    BatchNorm {
+        /// Variance epsilon.
+        epsilon: f32,
+    },
+    /// Element-wise unary function.
+    Unary(Activation),
+    /// Broadcasting binary function.
+    Binary(BinaryOp),
+    /// Concatenation along an axis.
+    Concat {
+        /// Axis (non-negative).
+        axis: usize,
+    },
+    /// Split along an axis into the given sizes (one output each).
+    Split {
+        /// Axis (non-negative).
+        axis: usize,
+    },
+    /// Strided slice: per dimension, first index and step (negative steps reverse).
+    Slice {
+        /// First index per dimension.
+        starts: Vec<usize>,
+        /// Step per dimension.
+        steps: Vec<isize>,
+    },
+    /// 2-D max/average pooling.
+    Pool(PoolAttrs),
+    /// Mean over the spatial plane of each channel.
+    GlobalAveragePool,
+    /// Mean over axes.
+    ReduceMean {
+        /// Reduced axes (non-negative).
+        axes: Vec<usize>,
+    },
+    /// 2-D resize over the last two dimensions.
+    Resize {
+        /// Interpolation.
+        mode: ResizeMode,
+        /// Coordinate transformation.
+        coord: CoordMode,
+        /// Output/input scale (h, w).
+        scales: [f32; 2],
+    },
+    /// A view with another shape (Reshape, Flatten, Squeeze, Unsqueeze,
+    /// Identity, Dropout): no data moves.
+    Reshape,
+    /// Permutation of dimensions.
+    Transpose {
+        /// `out[d] = in[perm[d]]`.
+        perm: Vec<usize>,
+    },
+    /// Gather along an axis with constant indices.
+    Gather {
+        /// Axis (non-negative).
+        axis: usize,
+        /// Indices (normalised, in range).
+        indices: Vec<usize>,
+    },
+    /// `alpha * A' B' + beta * C`; B (and C) constant.
+    Gemm {
+        /// Scale of the product.
+        alpha: f32,
+        /// Scale of C.
+        beta: f32,
+        /// Transpose A.
+        trans_a: bool,
+        /// Transpose B.
+        trans_b: bool,
+    },
+    /// Matrix product with numpy semantics.
+    MatMul,
+    /// Softmax over `[outer, axis, inner]`.
+    Softmax {
+        /// Axis (non-negative).
+        axis: usize,
+        /// Opset < 13: coerce to 2-D at the axis (softmax over all trailing dims).
+        legacy: bool,
+    },
+    /// Padding.
+    Pad {
+        /// Border mode.
+        mode: PadMode,
+        /// Pads before, per dimension.
+        begin: Vec<usize>,
+        /// Pads after, per dimension.
+        end: Vec<usize>,
+    },
+}
+
+impl Op {
+    /// A short name for reports and histograms.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Conv(_) => "Conv",
+            Op::ConvTranspose(_) => "ConvTranspose",
+            Op::BatchNorm { .. } => "BatchNormalization",
+            Op::Unary(a) => match a {
+                Activation::None => "Identity",
+                Activation::Relu => "Relu",
+                Activation::Clip { .. } => "Clip",
+                Activation::LeakyRelu { .. } => "LeakyRelu",
+                Activation::Sigmoid => "Sigmoid",
+                Activation::HardSigmoid { .. } => "HardSigmoid",
+                Activation::HardSwish => "HardSwish",
+                Activation::Exp => "Exp",
+                Activation::Sqrt => "Sqrt",
+                Activation::Pow { .. } => "Pow",
+                Activation::Neg => "Neg",
+                Activation::Tanh => "Tanh",
+                Activation::Abs => "Abs",
+                Activation::Reciprocal => "Reciprocal",
+            },
+            Op::Binary(b) => match b {
+                BinaryOp::Add => "Add",
+                BinaryOp::Sub => "Sub",
+                BinaryOp::Mul => "Mul",
+                BinaryOp::Div => "Div",
+                BinaryOp::Pow => "Pow",
+                BinaryOp::Max => "Max",
+                BinaryOp::Min => "Min",
+            },
+            Op::Concat { .. } => "Concat",
+            Op::Split { .. } => "Split",
+            Op::Slice { .. } => "Slice",
+            Op::Pool(p) => match p.kind {
+                PoolKind::Max => "MaxPool",
+                PoolKind::Average { .. } => "AveragePool",
+            },
+            Op::GlobalAveragePool => "GlobalAveragePool",
+            Op::ReduceMean { .. } => "ReduceMean",
+            Op::Resize { .. } => "Resize",
+            Op::Reshape => "Reshape",
+            Op::Transpose { .. } => "Transpose",
+            Op::Gather { .. } => "Gather",
+            Op::Gemm { .. } => "Gemm",
+            Op::MatMul => "MatMul",
+            Op::Softmax { .. } => "Softmax",
+            Op::Pad { .. } => "Pad",
+        }
+    }
+
+    /// True for ops whose output is a view of their first input.
+    pub fn is_view(&self) -> bool {
+        matches!(self, Op::Reshape)
+    }
+}
+
+/// One operation with its operands.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Name from the model (or `#index`).
+    pub name: String,
+    /// The ONNX op type it came from.
+    pub onnx_op: String,
+    /// What it computes.
+    pub op: Op,
+    /// Input tensors.
+    pub inputs: Vec<TensorId>,
+    /// Output tensors.
+    pub outputs: Vec<TensorId>,
+}
+
+/// A typed graph with static shapes, nodes in topological order.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    /// All tensors.
+    pub tensors: Vec<Tensor>,
+    /// Nodes in execution order.
+    pub nodes: Vec<Node>,
+    /// Graph inputs (runtime f32 tensors).
+    pub inputs: Vec<TensorId>,
+    /// Graph outputs.
+    pub outputs: Vec<TensorId>,
+    /// Default-domain opset the model was written against.
+    pub opset: i64,
+}
+
+impl Graph {
+    /// Adds a tensor and returns its id.
+    pub fn add_tensor(&mut self, t: Tensor) -> TensorId {
+        self.tensors.push(t);
+        self.tensors.len() - 1
+    }
+
+    /// Finds a graph input by name.
+    pub fn input_id(&self, name: &str) -> Option<TensorId> {
+        self.inputs
+            .iter()
+            .copied()
+            .find(|&i| self.tensors[i].name == name)
+    }
+
+    /// Finds a graph output by name.
+    pub fn output_id(&self, name: &str) -> Option<TensorId> {
+        self.outputs
+            .iter()
+            .copied()
+            .find(|&i| self.tensors[i].name == name)
+    }
+
+    /// Count of nodes per ONNX op type (of the nodes that remain after folding).
+    pub fn op_histogram(&self) -> BTreeMap<String, usize> {
+        let mut h = BTreeMap::new();
+        for n in &self.nodes {
+            *h.entry(n.onnx_op.clone()).or_insert(0) += 1;
+        }
+        h
+    }
+
+    /// Bytes of constant data.
+    pub fn constant_bytes(&self) -> usize {
+        self.tensors
+            .iter()
+            .filter_map(|t| t.value.as_ref())
+            .map(|v| match v {
+                ConstData::F32(d) => d.len() * 4,
+                ConstData::I64(d) => d.len() * 8,
+            })
+            .sum()
+    }
+
+    /// Checks the invariants the planner and executor rely on: ids in range,
+    /// every tensor defined once and before use, runtime tensors are f32.
+    pub fn validate(&self) -> Result<()> {
+        let n = self.tensors.len();
+        let mut defined = vec![false; n];
+        for (id, t) in self.tensors.iter().enumerate() {
+            if let Some(v) = &t.value {
+                if v.len() != t.numel() {
+                    return Err(EngineError::model(format!(
+                        "constant '{}' has {} values for shape {:?}",
+                        t.name,
+                        v.len(),
+                        t.shape
+                    )));
+                }
+                defined[id] = true;
+            }
+        }
+        for &i in &self.inputs {
+            if i >= n {
+                return Err(EngineError::model("graph input id out of range"));
+            }
+            if self.tensors[i].dtype != DType::F32 {
+                return Err(EngineError::model(format!(
+                    "graph input '{}' is {}; osprey runs float32 inputs",
+                    self.tensors[i].name,
+                    self.tensors[i].dtype.name()
+                )));
+            }
+            defined[i] = true;
+        }
+        for node in &self.nodes {
+            for &i in &node.inputs {
+                if i >= n || !defined[i] {
+                    return Err(EngineError::model(format!(
+                        "node '{}' reads a tensor that is not yet defined (graph not in topological order?)",
+                        node.name
+                    )));
+                }
+            }
+            for &o in &node.outputs {
+                if o >= n || defined[o] {
+                    return Err(EngineError::model(format!(
+                        "node '{}' writes tensor #{o} that is already defined",
+                        node.name
+                    )));
+                }
+                if self.tensors[o].dtype != DType::F32 {
+                    return Err(EngineError::model(format!(
+                        "node '{}' computes '{}' of type {} at run time; osprey computes float32 only",
+                        node.name,
+                        self.tensors[o].name,
+                        self.tensors[o].dtype.name()
+                    )));
+                }
+                defined[o] = true;
+            }
+        }
+        for &o in &self.outputs {
+            if o >= n || !defined[o] {
+                return Err(EngineError::model("a graph output is never computed"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,26 @@
+//! # osprey-engine
+//!
+//! From a model file to outputs: ONNX import into a typed IR, static shape
+//! inference and constant folding, memory planning into one arena, and
+//! execution contexts that run the plan without allocating. This crate knows
+//! no zenoh, no images and no tokenizer.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`onnx`] | protobuf decode (generated from the official `onnx.proto`), import, a model builder for tests |
+//! | [`ir`] | the typed graph: tensors, nodes, the op enum, validation |
+//! | [`plan`] | tensor lifetimes and arena placement |
+//! | [`exec`] | prepared engines and execution contexts |
+//! | [`npy`] | reading and writing `.npy` tensors |
+//! | [`error`] | [`EngineError`] |
+
+pub mod error;
+pub mod exec;
+pub mod ir;
+pub mod npy;
+pub mod onnx;
+pub mod plan;
+
+pub use error::{EngineError, Result};
+pub use exec::{Engine, ExecutionContext};
+pub use ir::Graph;

@@ -1,0 +1,235 @@
+//! Memory planning: every runtime tensor gets an offset in one arena.
+//!
+//! Tensors that are views of another (reshape-like ops) share its storage.
+//! Each storage lives from the node that defines it to the last node that
+//! reads it (graph outputs live to the end). Storages are placed greedily,
+//! largest first, at the lowest 64-byte-aligned offset that does not overlap
+//! any already placed storage whose lifetime overlaps — the classic
+//! "greedy by size" offset assignment.
+
+use crate::ir::{Graph, TensorId};
+
+/// Alignment of every storage, in f32 elements (64 bytes).
+pub const ALIGN_FLOATS: usize = 16;
+
+/// One block of the arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Storage {
+    /// Offset in f32 elements (a multiple of [`ALIGN_FLOATS`]).
+    pub offset: usize,
+    /// Length in f32 elements (unpadded).
+    pub len: usize,
+    /// First step at which it is live (0 = before the first node).
+    pub first: usize,
+    /// Last step at which it is live (inclusive).
+    pub last: usize,
+}
+
+/// The arena layout for a graph.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Storage index per tensor (`None` for constants).
+    pub storage_of: Vec<Option<usize>>,
+    /// The storages.
+    pub storages: Vec<Storage>,
+    /// Arena size in f32 elements.
+    pub arena_floats: usize,
+    /// What one buffer per tensor would take, in f32 elements (aligned).
+    pub naive_floats: usize,
+}
+
+impl MemoryPlan {
+    /// Arena size in bytes.
+    pub fn arena_bytes(&self) -> usize {
+        self.arena_floats * 4
+    }
+    /// Bytes without reuse.
+    pub fn naive_bytes(&self) -> usize {
+        self.naive_floats * 4
+    }
+    /// Offset and length of a tensor's data, if it lives in the arena.
+    pub fn range(&self, t: TensorId) -> Option<(usize, usize)> {
+        let s = self.storages[self.storage_of.get(t).copied().flatten()?];
+        Some((s.offset, s.len))
+    }
+}
+
+fn aligned(n: usize) -> usize {
+    n.div_ceil(ALIGN_FLOATS) * ALIGN_FLOATS
+}
+
+/// Computes lifetimes and places every runtime tensor in one arena.
+pub fn plan_arena(g: &Graph) -> MemoryPlan {
+    let mut storage_of: Vec<Option<usize>> = vec![None; g.tensors.len()];
+    let mut storages: Vec<Storage> = Vec::new();
+    let end = g.nodes.len();
+    let mut new_storage = |len: usize, at: usize| {
+        storages.push(Storage {
+            offset: 0,
+            len,
+            first: at,
+            last: at,
+        });
+        storages.len() - 1
+    };
+    for &i in &g.inputs {
+        storage_of[i] = Some(new_storage(g.tensors[i].numel(), 0));
+    }
+    for (step, node) in g.nodes.iter().enumerate() {
+        let view_of = if node.op.is_view() {
+            node.inputs.first().and_then(|&i| storage_of[i])
+        } else {
+            None
+        };
+        for &o in &node.outputs {
+            storage_of[o] = Some(match view_of {
+                Some(s) => s,
+                None => new_storage(g.tensors[o].numel(), step),
+            });
+        }
+    }
+    // Extend lifetimes to every use.
+    for (step, node) in g.nodes.iter().enumerate() {
+        for &t in node.inputs.iter().chain(&node.outputs) {
+            if let Some(s) = storage_of[t] {
+                storages[s].last = storages[s].last.max(step);
+            }
+        }
+    }
+    for &o in &g.outputs {
+        if let Some(s) = storage_of[o] {
+            storages[s].last = end;
+        }
+    }
+
+    let naive_floats = storages.iter().map(|s| aligned(s.len)).sum();
+    let mut order: Vec<usize> = (0..storages.len()).collect();
+    order.sort_by(|&a, &b| {
+        storages[b]
+            .len
+            .cmp(&storages[a].len)
+            .then(storages[a].first.cmp(&storages[b].first))
+    });
+    let mut placed: Vec<usize> = Vec::with_capacity(storages.len());
+    let mut arena_floats = 0;
+    for &s in &order {
+        let me = storages[s];
+        let mut conflicts: Vec<(usize, usize)> = placed
+            .iter()
+            .map(|&p| storages[p])
+            .filter(|o| o.first <= me.last && me.first <= o.last)
+            .map(|o| (o.offset, o.offset + aligned(o.len)))
+            .collect();
+        conflicts.sort_unstable();
+        let need = aligned(me.len);
+        let mut offset = 0;
+        for (lo, hi) in conflicts {
+            if offset + need <= lo {
+                break;
+            }
+            offset = offset.max(hi);
+        }
+        storages[s].offset = offset;
+        arena_floats = arena_floats.max(offset + need);
+        placed.push(s);
+    }
+    MemoryPlan {
+        storage_of,
+        storages,
+        arena_floats,
+        naive_floats,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{DType, Node, Op, Tensor};
+    use osprey_kernels::activation::Activation;
+    use proptest::prelude::*;
+
+    fn t(g: &mut Graph, n: usize) -> TensorId {
+        g.add_tensor(Tensor {
+            name: format!("t{}", g.tensors.len()),
+            shape: vec![n],
+            dtype: DType::F32,
+            value: None,
+        })
+    }
+
+    /// Builds a random DAG: each node reads one or two earlier tensors.
+    fn random_graph(sizes: &[usize], picks: &[(usize, usize, bool)]) -> Graph {
+        let mut g = Graph::default();
+        let x = t(&mut g, sizes[0]);
+        g.inputs.push(x);
+        let mut live = vec![x];
+        for (k, &(a, b, view)) in picks.iter().enumerate() {
+            let ia = live[a % live.len()];
+            let n = if view {
+                g.tensors[ia].numel()
+            } else {
+                sizes[(k + 1) % sizes.len()]
+            };
+            let o = t(&mut g, n);
+            let mut inputs = vec![ia];
+            if !view {
+                inputs.push(live[b % live.len()]);
+            }
+            let op = if view {
+                Op::Reshape
+            } else {
+                Op::Unary(Activation::Relu)
+            };
+            g.nodes.push(Node {
+                name: format!("n{k}"),
+                onnx_op: "X".into(),
+                op,
+                inputs,
+                outputs: vec![o],
+            });
+            live.push(o);
+        }
+        g.outputs.push(*live.last().unwrap_or(&x));
+        g
+    }
+
+    proptest! {
+        #[test]
+        fn live_storages_never_overlap(
+            sizes in proptest::collection::vec(1usize..5000, 1..8),
+            picks in proptest::collection::vec((0usize..100, 0usize..100, any::<bool>()), 1..40),
+        ) {
+            let g = random_graph(&sizes, &picks);
+            let p = plan_arena(&g);
+            prop_assert!(p.arena_floats <= p.naive_floats);
+            for (i, a) in p.storages.iter().enumerate() {
+                prop_assert_eq!(a.offset % ALIGN_FLOATS, 0);
+                prop_assert!(a.offset + a.len <= p.arena_floats);
+                for b in &p.storages[i + 1..] {
+                    let live_overlap = a.first <= b.last && b.first <= a.last;
+                    let mem_overlap = a.offset < b.offset + b.len && b.offset < a.offset + a.len;
+                    prop_assert!(!(live_overlap && mem_overlap), "{:?} vs {:?}", a, b);
+                }
+            }
+            // Every node's inputs and outputs are in the arena, with the right length.
+            for node in &g.nodes {
+                for &o in &node.outputs {
+                    let (_, len) = p.range(o).unwrap();
+                    prop_assert_eq!(len, g.tensors[o].numel());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chain_reuses_memory() {
+        // x -> a -> b -> c -> d, all 1000 floats: two buffers suffice.
+        let g = random_graph(
+            &[1000],
+            &[(0, 0, false), (1, 1, false), (2, 2, false), (3, 3, false)],
+        );
+        let p = plan_arena(&g);
+        assert!(p.arena_floats <= 2 * 1008, "{}", p.arena_floats);
+        assert_eq!(p.naive_floats, 5 * 1008);
+    }
+}

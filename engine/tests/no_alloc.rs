@@ -1,0 +1,146 @@
+//! After warm-up, `ExecutionContext::run` allocates nothing — proven with a
+//! counting global allocator over a model that exercises every kind of step.
+//!
+//! This file holds a single test so no other test allocates concurrently.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use osprey_engine::onnx::builder::{attr_i, attr_ints, attr_s, ModelBuilder};
+use osprey_engine::onnx::import;
+use osprey_engine::{Engine, ExecutionContext};
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn weights(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 20.0)
+        .collect()
+}
+
+#[test]
+fn run_allocates_nothing_after_warmup() {
+    let mut m = ModelBuilder::new(13);
+    m.input("x", &[1, 4, 16, 16]);
+    m.init_f32("w1", &[8, 4, 3, 3], &weights(8 * 4 * 9));
+    m.init_f32("b1", &[8], &weights(8));
+    m.init_f32("wd", &[8, 1, 3, 3], &weights(72));
+    m.init_f32("w2", &[8, 8, 1, 1], &weights(64));
+    m.init_f32("g", &[8], &[1.0; 8]);
+    m.init_f32("be", &[8], &[0.1; 8]);
+    m.init_f32("mu", &[8], &[0.0; 8]);
+    m.init_f32("var", &[8], &[1.0; 8]);
+    m.init_f32("fc", &[10, 8], &weights(80));
+    m.init_f32("fcb", &[10], &weights(10));
+    m.init_i64("sizes", &[4], &[1, 8, 16, 16]);
+    m.node(
+        "Conv",
+        &["x", "w1", "b1"],
+        &["c1"],
+        vec![
+            attr_ints("pads", &[1, 1, 1, 1]),
+            attr_ints("strides", &[2, 2]),
+        ],
+    );
+    m.node(
+        "BatchNormalization",
+        &["c1", "g", "be", "mu", "var"],
+        &["bn"],
+        vec![],
+    );
+    m.node("Relu", &["bn"], &["r"], vec![]);
+    m.node(
+        "Conv",
+        &["r", "wd"],
+        &["dw"],
+        vec![attr_i("group", 8), attr_ints("pads", &[1, 1, 1, 1])],
+    );
+    m.node("Conv", &["dw", "w2"], &["pw"], vec![]);
+    m.node("Add", &["pw", "r"], &["res"], vec![]);
+    m.node(
+        "Resize",
+        &["res", "", "", "sizes"],
+        &["up"],
+        vec![attr_s("mode", "linear")],
+    );
+    m.node(
+        "MaxPool",
+        &["up"],
+        &["mp"],
+        vec![
+            attr_ints("kernel_shape", &[2, 2]),
+            attr_ints("strides", &[2, 2]),
+        ],
+    );
+    m.node("Concat", &["mp", "res"], &["cat"], vec![attr_i("axis", 1)]);
+    m.node(
+        "Transpose",
+        &["cat"],
+        &["tr"],
+        vec![attr_ints("perm", &[0, 1, 3, 2])],
+    );
+    m.node(
+        "ReduceMean",
+        &["tr"],
+        &["rm"],
+        vec![attr_ints("axes", &[2, 3]), attr_i("keepdims", 1)],
+    );
+    m.node("Split", &["rm"], &["s1", "s2"], vec![attr_i("axis", 1)]);
+    m.node("Flatten", &["s1"], &["f"], vec![]);
+    m.node(
+        "Gemm",
+        &["f", "fc", "fcb"],
+        &["logits"],
+        vec![attr_i("transB", 1)],
+    );
+    m.node("Softmax", &["logits"], &["prob"], vec![]);
+    m.output("prob");
+    let graph = import(&m.to_bytes(), &HashMap::new()).expect("import");
+    let engine = Arc::new(Engine::new(graph).expect("engine"));
+    let mut ctx = ExecutionContext::new(engine, 2);
+    let x = weights(4 * 16 * 16);
+    ctx.set_input("x", &x).expect("input");
+    ctx.run().expect("warm-up");
+    let first: Vec<f32> = ctx.output("prob").expect("prob").to_vec();
+    assert!((first.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+
+    COUNTING.store(true, Ordering::SeqCst);
+    for _ in 0..20 {
+        ctx.set_input("x", &x).expect("input");
+        ctx.run().expect("run");
+    }
+    COUNTING.store(false, Ordering::SeqCst);
+    let n = ALLOCS.load(Ordering::SeqCst);
+    assert_eq!(n, 0, "{n} allocations on the inference path");
+    assert_eq!(ctx.output("prob").expect("prob"), &first[..]);
+}

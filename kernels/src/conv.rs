@@ -1,0 +1,789 @@
+//! 2-D convolution (NCHW, f32) and transposed convolution.
+//!
+//! Three algorithms, chosen from the shape when the layer is prepared:
+//! * **pointwise** (1×1, stride 1, no padding): the input plane *is* the B
+//!   matrix of a GEMM — no copy at all;
+//! * **depthwise** (one input channel per group, multiplier 1): a direct kernel
+//!   that accumulates each tap over a contiguous output row;
+//! * **im2col**: everything else, one GEMM per group whose B operand is the
+//!   input unfolded on the fly, panel by panel, while it is packed.
+//!
+//! Bias and activation are applied in the same pass that produces the output.
+
+use crate::activation::Activation;
+use crate::depthwise::{depthwise_plane, PlaneGeometry};
+use crate::error::KernelError;
+use crate::gemm::{self, BSource, Epilogue, Im2colRef, MatRef, PackedA};
+use crate::isa;
+use crate::pool::{SyncPtr, ThreadPool};
+
+/// Geometry of one convolution (per image).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dGeometry {
+    /// Input channels.
+    pub c_in: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Strides (y, x).
+    pub stride: [usize; 2],
+    /// Dilations (y, x).
+    pub dilation: [usize; 2],
+    /// Padding: top, left, bottom, right.
+    pub pads: [usize; 4],
+    /// Groups.
+    pub groups: usize,
+}
+
+impl Conv2dGeometry {
+    /// Output height, or `None` if the kernel does not fit.
+    pub fn out_h(&self) -> Option<usize> {
+        out_extent(
+            self.h,
+            self.kh,
+            self.stride[0],
+            self.dilation[0],
+            self.pads[0] + self.pads[2],
+        )
+    }
+    /// Output width, or `None` if the kernel does not fit.
+    pub fn out_w(&self) -> Option<usize> {
+        out_extent(
+            self.w,
+            self.kw,
+            self.stride[1],
+            self.dilation[1],
+            self.pads[1] + self.pads[3],
+        )
+    }
+
+    fn validate(&self, kernel: &'static str) -> Result<(usize, usize), KernelError> {
+        let bad = |detail: String| KernelError::Unsupported { kernel, detail };
+        if self.groups == 0 || self.c_in % self.groups != 0 || self.c_out % self.groups != 0 {
+            return Err(bad(format!(
+                "groups {} must divide c_in {} and c_out {}",
+                self.groups, self.c_in, self.c_out
+            )));
+        }
+        if self.stride.contains(&0) || self.dilation.contains(&0) || self.kh == 0 || self.kw == 0 {
+            return Err(bad("zero stride, dilation or kernel size".into()));
+        }
+        match (self.out_h(), self.out_w()) {
+            (Some(oh), Some(ow)) if oh > 0 && ow > 0 => Ok((oh, ow)),
+            _ => Err(bad(format!(
+                "kernel {}x{} does not fit input {}x{} with pads {:?}",
+                self.kh, self.kw, self.h, self.w, self.pads
+            ))),
+        }
+    }
+}
+
+fn out_extent(input: usize, k: usize, stride: usize, dil: usize, pad: usize) -> Option<usize> {
+    let span = dil.checked_mul(k.checked_sub(1)?)?.checked_add(1)?;
+    let padded = input.checked_add(pad)?;
+    if padded < span || stride == 0 {
+        return Some(0);
+    }
+    Some((padded - span) / stride + 1)
+}
+
+#[derive(Clone, Debug)]
+enum Algo {
+    Pointwise,
+    Depthwise { weights: Vec<f32> },
+    Im2col,
+}
+
+/// A prepared convolution: weights packed for the chosen algorithm.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    g: Conv2dGeometry,
+    oh: usize,
+    ow: usize,
+    algo: Algo,
+    packed: Vec<PackedA>,
+    bias: Vec<f32>,
+    act: Activation,
+}
+
+impl Conv2d {
+    /// Prepares a convolution. `weights` is `[c_out, c_in/groups, kh, kw]`.
+    pub fn new(
+        g: Conv2dGeometry,
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        act: Activation,
+    ) -> Result<Conv2d, KernelError> {
+        let (oh, ow) = g.validate("conv2d")?;
+        let cin_g = g.c_in / g.groups;
+        let cout_g = g.c_out / g.groups;
+        let kk = cin_g * g.kh * g.kw;
+        let need = g.c_out * kk;
+        if weights.len() != need {
+            return Err(KernelError::BufferTooSmall {
+                kernel: "conv2d weights",
+                need,
+                have: weights.len(),
+            });
+        }
+        let bias = match bias {
+            Some(b) if b.len() != g.c_out => {
+                return Err(KernelError::BufferTooSmall {
+                    kernel: "conv2d bias",
+                    need: g.c_out,
+                    have: b.len(),
+                })
+            }
+            Some(b) => b.to_vec(),
+            None => vec![0.0; g.c_out],
+        };
+        let algo = if g.groups == g.c_in && g.c_out == g.c_in && g.groups > 1 {
+            Algo::Depthwise {
+                weights: weights.to_vec(),
+            }
+        } else if g.kh == 1
+            && g.kw == 1
+            && g.stride == [1, 1]
+            && g.pads == [0, 0, 0, 0]
+            && g.groups == 1
+        {
+            Algo::Pointwise
+        } else {
+            Algo::Im2col
+        };
+        let packed = match algo {
+            Algo::Depthwise { .. } => Vec::new(),
+            _ => (0..g.groups)
+                .map(|gi| PackedA::pack(cout_g, kk, &weights[gi * cout_g * kk..], kk, 1))
+                .collect(),
+        };
+        Ok(Conv2d {
+            g,
+            oh,
+            ow,
+            algo,
+            packed,
+            bias,
+            act,
+        })
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> &Conv2dGeometry {
+        &self.g
+    }
+
+    /// Output (height, width).
+    pub fn out_hw(&self) -> (usize, usize) {
+        (self.oh, self.ow)
+    }
+
+    /// Name of the algorithm in use (for reports).
+    pub fn algorithm(&self) -> &'static str {
+        match self.algo {
+            Algo::Pointwise => "pointwise-gemm",
+            Algo::Depthwise { .. } => "depthwise-direct",
+            Algo::Im2col => "im2col-gemm",
+        }
+    }
+
+    /// Scratch elements [`Conv2d::run`] needs on a pool of `threads`.
+    pub fn scratch_len(&self, threads: usize) -> usize {
+        match self.algo {
+            Algo::Depthwise { .. } => threads.max(1) * self.plane().scratch_len(),
+            Algo::Pointwise => gemm::scratch_len(threads),
+            Algo::Im2col => gemm::scratch_len(threads),
+        }
+    }
+
+    /// Runs `batch` images: `input` is `[batch, c_in, h, w]`, `output`
+    /// `[batch, c_out, oh, ow]`.
+    ///
+    /// # Panics
+    /// If a buffer is shorter than the geometry needs (checked by the engine
+    /// when it plans memory).
+    pub fn run(
+        &self,
+        pool: &ThreadPool,
+        batch: usize,
+        input: &[f32],
+        output: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        let g = &self.g;
+        let in_img = g.c_in * g.h * g.w;
+        let out_img = g.c_out * self.oh * self.ow;
+        assert!(input.len() >= batch * in_img && output.len() >= batch * out_img);
+        assert!(scratch.len() >= self.scratch_len(pool.threads()));
+        for b in 0..batch {
+            let x = &input[b * in_img..(b + 1) * in_img];
+            let y = &mut output[b * out_img..(b + 1) * out_img];
+            match &self.algo {
+                Algo::Pointwise => {
+                    let hw = g.h * g.w;
+                    let bm = MatRef {
+                        data: x,
+                        rs: hw,
+                        cs: 1,
+                    };
+                    let epi = Epilogue {
+                        bias: Some(&self.bias),
+                        act: self.act,
+                        accumulate: false,
+                    };
+                    gemm::sgemm(pool, &self.packed[0], bm, hw, y, hw, epi, scratch);
+                }
+                Algo::Depthwise { weights } => self.depthwise(pool, weights, x, y, scratch),
+                Algo::Im2col => self.im2col_gemm(pool, x, y, scratch),
+            }
+        }
+    }
+
+    fn im2col_gemm(&self, pool: &ThreadPool, x: &[f32], y: &mut [f32], scratch: &mut [f32]) {
+        let g = &self.g;
+        let cin_g = g.c_in / g.groups;
+        let cout_g = g.c_out / g.groups;
+        let ohw = self.oh * self.ow;
+        for gi in 0..g.groups {
+            let xg = &x[gi * cin_g * g.h * g.w..(gi + 1) * cin_g * g.h * g.w];
+            // The input is unfolded panel by panel while B is packed, so no
+            // K×N im2col matrix is ever materialised.
+            let view = Im2colRef {
+                data: xg,
+                h: g.h,
+                w: g.w,
+                kernel: [g.kh, g.kw],
+                stride: g.stride,
+                dilation: g.dilation,
+                pad_tl: [g.pads[0], g.pads[1]],
+                ow: self.ow,
+            };
+            let epi = Epilogue {
+                bias: Some(&self.bias[gi * cout_g..(gi + 1) * cout_g]),
+                act: self.act,
+                accumulate: false,
+            };
+            let yg = &mut y[gi * cout_g * ohw..(gi + 1) * cout_g * ohw];
+            gemm::sgemm(
+                pool,
+                &self.packed[gi],
+                BSource::Im2col(view),
+                ohw,
+                yg,
+                ohw,
+                epi,
+                scratch,
+            );
+        }
+    }
+
+    fn plane(&self) -> PlaneGeometry {
+        let g = &self.g;
+        PlaneGeometry {
+            h: g.h,
+            w: g.w,
+            oh: self.oh,
+            ow: self.ow,
+            kh: g.kh,
+            kw: g.kw,
+            stride: g.stride,
+            dilation: g.dilation,
+            pads: g.pads,
+        }
+    }
+
+    fn depthwise(
+        &self,
+        pool: &ThreadPool,
+        weights: &[f32],
+        x: &[f32],
+        y: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        let g = self.g;
+        let plane = self.plane();
+        let (oh, ow) = (self.oh, self.ow);
+        let per_slot = plane.scratch_len();
+        let isa = isa::active();
+        let y_ptr = SyncPtr::new(y);
+        let s_ptr = SyncPtr::new(scratch);
+        let task = |c: usize, slot: usize| {
+            let xc = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+            let wc = &weights[c * g.kh * g.kw..(c + 1) * g.kh * g.kw];
+            // SAFETY: each task writes only channel c's output plane, and each
+            // thread slot owns a disjoint window of scratch (sized in
+            // `scratch_len` for the pool's thread count).
+            let (yc, buf) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(y_ptr.add(c * oh * ow), oh * ow),
+                    std::slice::from_raw_parts_mut(s_ptr.add(slot * per_slot), per_slot),
+                )
+            };
+            depthwise_plane(isa, &plane, xc, wc, self.bias[c], self.act, yc, buf);
+        };
+        pool.run(g.c_in, &task);
+    }
+}
+
+/// Scalar reference convolution (f64 accumulation), `[c_in,h,w]` → `[c_out,oh,ow]`.
+pub fn reference_conv2d(
+    g: &Conv2dGeometry,
+    x: &[f32],
+    weights: &[f32],
+    bias: Option<&[f32]>,
+    act: Activation,
+    y: &mut [f32],
+) {
+    let oh = g.out_h().unwrap_or(0);
+    let ow = g.out_w().unwrap_or(0);
+    let cin_g = g.c_in / g.groups;
+    let cout_g = g.c_out / g.groups;
+    for co in 0..g.c_out {
+        let gi = co / cout_g;
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut s = bias.map_or(0.0, |b| b[co] as f64);
+                for ci in 0..cin_g {
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize
+                                - g.pads[0] as isize;
+                            let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize
+                                - g.pads[1] as isize;
+                            if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                                continue;
+                            }
+                            let xv = x[((gi * cin_g + ci) * g.h + iy as usize) * g.w + ix as usize];
+                            let wv = weights[((co * cin_g + ci) * g.kh + ky) * g.kw + kx];
+                            s += xv as f64 * wv as f64;
+                        }
+                    }
+                }
+                y[(co * oh + oy) * ow + ox] = act.apply(s as f32);
+            }
+        }
+    }
+}
+
+/// Geometry of a transposed convolution (per image).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvTranspose2dGeometry {
+    /// Input channels.
+    pub c_in: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Strides (y, x).
+    pub stride: [usize; 2],
+    /// Dilations (y, x).
+    pub dilation: [usize; 2],
+    /// Padding removed from the full output: top, left, bottom, right.
+    pub pads: [usize; 4],
+    /// Extra rows/columns added at the bottom/right.
+    pub output_padding: [usize; 2],
+    /// Groups.
+    pub groups: usize,
+}
+
+impl ConvTranspose2dGeometry {
+    /// Output (height, width), or `None` when padding exceeds the full extent.
+    pub fn out_hw(&self) -> Option<(usize, usize)> {
+        let ext = |i: usize, k: usize, s: usize, d: usize, p: usize, op: usize| {
+            let full = (i.checked_sub(1)?).checked_mul(s)? + d * (k.checked_sub(1)?) + 1 + op;
+            full.checked_sub(p)
+        };
+        Some((
+            ext(
+                self.h,
+                self.kh,
+                self.stride[0],
+                self.dilation[0],
+                self.pads[0] + self.pads[2],
+                self.output_padding[0],
+            )?,
+            ext(
+                self.w,
+                self.kw,
+                self.stride[1],
+                self.dilation[1],
+                self.pads[1] + self.pads[3],
+                self.output_padding[1],
+            )?,
+        ))
+    }
+}
+
+/// A prepared transposed convolution: GEMM into columns, then col2im.
+#[derive(Clone, Debug)]
+pub struct ConvTranspose2d {
+    g: ConvTranspose2dGeometry,
+    oh: usize,
+    ow: usize,
+    packed: Vec<PackedA>,
+    bias: Vec<f32>,
+    act: Activation,
+}
+
+impl ConvTranspose2d {
+    /// Prepares the layer. `weights` is `[c_in, c_out/groups, kh, kw]`.
+    pub fn new(
+        g: ConvTranspose2dGeometry,
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        act: Activation,
+    ) -> Result<ConvTranspose2d, KernelError> {
+        let bad = |detail: String| KernelError::Unsupported {
+            kernel: "conv_transpose2d",
+            detail,
+        };
+        if g.groups == 0 || g.c_in % g.groups != 0 || g.c_out % g.groups != 0 {
+            return Err(bad("groups must divide both channel counts".into()));
+        }
+        if g.stride.contains(&0) || g.dilation.contains(&0) || g.kh == 0 || g.kw == 0 {
+            return Err(bad("zero stride, dilation or kernel size".into()));
+        }
+        let (oh, ow) = g
+            .out_hw()
+            .filter(|&(a, b)| a > 0 && b > 0)
+            .ok_or_else(|| bad("padding larger than the output".into()))?;
+        let cin_g = g.c_in / g.groups;
+        let cout_g = g.c_out / g.groups;
+        let rows = cout_g * g.kh * g.kw;
+        if weights.len() != g.c_in * rows {
+            return Err(KernelError::BufferTooSmall {
+                kernel: "conv_transpose2d weights",
+                need: g.c_in * rows,
+                have: weights.len(),
+            });
+        }
+        let bias = match bias {
+            Some(b) if b.len() != g.c_out => {
+                return Err(KernelError::BufferTooSmall {
+                    kernel: "conv_transpose2d bias",
+                    need: g.c_out,
+                    have: b.len(),
+                })
+            }
+            Some(b) => b.to_vec(),
+            None => vec![0.0; g.c_out],
+        };
+        // A = W_gᵀ: row (co, ky, kx), column ci.
+        let packed = (0..g.groups)
+            .map(|gi| PackedA::pack(rows, cin_g, &weights[gi * cin_g * rows..], 1, rows))
+            .collect();
+        Ok(ConvTranspose2d {
+            g,
+            oh,
+            ow,
+            packed,
+            bias,
+            act,
+        })
+    }
+
+    /// Output (height, width).
+    pub fn out_hw(&self) -> (usize, usize) {
+        (self.oh, self.ow)
+    }
+
+    /// Scratch elements needed on a pool of `threads`.
+    pub fn scratch_len(&self, threads: usize) -> usize {
+        let cout_g = self.g.c_out / self.g.groups;
+        cout_g * self.g.kh * self.g.kw * self.g.h * self.g.w + gemm::scratch_len(threads)
+    }
+
+    /// Runs `batch` images `[batch, c_in, h, w]` → `[batch, c_out, oh, ow]`.
+    ///
+    /// # Panics
+    /// If a buffer is too short (validated when memory is planned).
+    pub fn run(
+        &self,
+        pool: &ThreadPool,
+        batch: usize,
+        input: &[f32],
+        output: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        let g = &self.g;
+        let cin_g = g.c_in / g.groups;
+        let cout_g = g.c_out / g.groups;
+        let hw = g.h * g.w;
+        let (oh, ow) = (self.oh, self.ow);
+        let rows = cout_g * g.kh * g.kw;
+        let in_img = g.c_in * hw;
+        let out_img = g.c_out * oh * ow;
+        let (cols, gemm_scratch) = scratch.split_at_mut(rows * hw);
+        for b in 0..batch {
+            for gi in 0..g.groups {
+                let x = &input[b * in_img + gi * cin_g * hw..b * in_img + (gi + 1) * cin_g * hw];
+                let bm = MatRef {
+                    data: x,
+                    rs: hw,
+                    cs: 1,
+                };
+                gemm::sgemm(
+                    pool,
+                    &self.packed[gi],
+                    bm,
+                    hw,
+                    cols,
+                    hw,
+                    Epilogue::NONE,
+                    gemm_scratch,
+                );
+                let y = &mut output[b * out_img + gi * cout_g * oh * ow..];
+                let y_ptr = SyncPtr::new(y);
+                let cols_ref: &[f32] = cols;
+                let task = |co: usize, _slot: usize| {
+                    // SAFETY: each task owns output channel `co` of this group.
+                    let plane =
+                        unsafe { std::slice::from_raw_parts_mut(y_ptr.add(co * oh * ow), oh * ow) };
+                    plane
+                        .iter_mut()
+                        .for_each(|v| *v = self.bias[gi * cout_g + co]);
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            let src = &cols_ref[((co * g.kh + ky) * g.kw + kx) * hw..][..hw];
+                            for iy in 0..g.h {
+                                let oy = (iy * g.stride[0] + ky * g.dilation[0]) as isize
+                                    - g.pads[0] as isize;
+                                if oy < 0 || oy >= oh as isize {
+                                    continue;
+                                }
+                                let orow = &mut plane[oy as usize * ow..(oy as usize + 1) * ow];
+                                for ix in 0..g.w {
+                                    let ox = (ix * g.stride[1] + kx * g.dilation[1]) as isize
+                                        - g.pads[1] as isize;
+                                    if ox >= 0 && ox < ow as isize {
+                                        orow[ox as usize] += src[iy * g.w + ix];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    self.act.apply_slice(plane);
+                };
+                pool.run(cout_g, &task);
+            }
+        }
+    }
+}
+
+/// Scalar reference transposed convolution, `[c_in,h,w]` → `[c_out,oh,ow]`.
+pub fn reference_conv_transpose2d(
+    g: &ConvTranspose2dGeometry,
+    x: &[f32],
+    weights: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let Some((oh, ow)) = g.out_hw() else { return };
+    let cin_g = g.c_in / g.groups;
+    let cout_g = g.c_out / g.groups;
+    let mut acc = vec![0.0f64; g.c_out * oh * ow];
+    for ci in 0..g.c_in {
+        let gi = ci / cin_g;
+        for col in 0..cout_g {
+            let co = gi * cout_g + col;
+            for iy in 0..g.h {
+                for ix in 0..g.w {
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            let oy = (iy * g.stride[0] + ky * g.dilation[0]) as isize
+                                - g.pads[0] as isize;
+                            let ox = (ix * g.stride[1] + kx * g.dilation[1]) as isize
+                                - g.pads[1] as isize;
+                            if oy < 0 || ox < 0 || oy >= oh as isize || ox >= ow as isize {
+                                continue;
+                            }
+                            let wv = weights[((ci * cout_g + col) * g.kh + ky) * g.kw + kx];
+                            acc[(co * oh + oy as usize) * ow + ox as usize] +=
+                                x[(ci * g.h + iy) * g.w + ix] as f64 * wv as f64;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for co in 0..g.c_out {
+        for i in 0..oh * ow {
+            y[co * oh * ow + i] =
+                (acc[co * oh * ow + i] + bias.map_or(0.0, |b| b[co] as f64)) as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn check_conv(g: Conv2dGeometry, threads: usize, batch: usize) {
+        let cin_g = g.c_in / g.groups;
+        let x = data(batch * g.c_in * g.h * g.w, 1);
+        let w = data(g.c_out * cin_g * g.kh * g.kw, 2);
+        let b = data(g.c_out, 3);
+        let act = Activation::Clip { lo: -2.0, hi: 2.0 };
+        let conv = Conv2d::new(g, &w, Some(&b), act).unwrap();
+        let (oh, ow) = conv.out_hw();
+        let out_img = g.c_out * oh * ow;
+        let pool = ThreadPool::new(threads);
+        let mut y = vec![f32::NAN; batch * out_img];
+        let mut scratch = vec![0.0; conv.scratch_len(threads)];
+        conv.run(&pool, batch, &x, &mut y, &mut scratch);
+        let mut want = vec![0.0; out_img];
+        for bi in 0..batch {
+            reference_conv2d(
+                &g,
+                &x[bi * g.c_in * g.h * g.w..],
+                &w,
+                Some(&b),
+                act,
+                &mut want,
+            );
+            for (i, (a, e)) in y[bi * out_img..(bi + 1) * out_img]
+                .iter()
+                .zip(&want)
+                .enumerate()
+            {
+                let tol = 1e-4 * ((cin_g * g.kh * g.kw) as f32).sqrt() * (1.0 + e.abs());
+                assert!(
+                    (a - e).abs() <= tol,
+                    "{:?} [{bi}][{i}] {a} vs {e} ({})",
+                    g,
+                    conv.algorithm()
+                );
+            }
+        }
+    }
+
+    fn geom(
+        c_in: usize,
+        c_out: usize,
+        hw: (usize, usize),
+        k: (usize, usize),
+        s: (usize, usize),
+        d: (usize, usize),
+        pads: [usize; 4],
+        groups: usize,
+    ) -> Conv2dGeometry {
+        Conv2dGeometry {
+            c_in,
+            h: hw.0,
+            w: hw.1,
+            c_out,
+            kh: k.0,
+            kw: k.1,
+            stride: [s.0, s.1],
+            dilation: [d.0, d.1],
+            pads,
+            groups,
+        }
+    }
+
+    #[test]
+    fn model_like_layers() {
+        // EfficientNet-style TF-SAME asymmetric pads, depthwise 5x5 stride 2.
+        check_conv(
+            geom(8, 8, (15, 15), (5, 5), (2, 2), (1, 1), [1, 1, 2, 2], 8),
+            2,
+            1,
+        );
+        check_conv(
+            geom(3, 16, (17, 17), (3, 3), (2, 2), (1, 1), [0, 0, 1, 1], 1),
+            2,
+            2,
+        );
+        check_conv(
+            geom(16, 24, (9, 9), (1, 1), (1, 1), (1, 1), [0, 0, 0, 0], 1),
+            3,
+            1,
+        );
+        check_conv(
+            geom(6, 4, (7, 11), (3, 3), (2, 1), (2, 2), [2, 2, 2, 2], 2),
+            1,
+            1,
+        );
+    }
+
+    #[test]
+    fn rejects_bad_geometry() {
+        let g = geom(3, 4, (2, 2), (5, 5), (1, 1), (1, 1), [0, 0, 0, 0], 1);
+        assert!(Conv2d::new(g, &[0.0; 4 * 3 * 25], None, Activation::None).is_err());
+        let g = geom(3, 4, (8, 8), (3, 3), (1, 1), (1, 1), [0, 0, 0, 0], 2);
+        assert!(Conv2d::new(g, &[0.0; 36], None, Activation::None).is_err());
+        let g = geom(3, 4, (8, 8), (3, 3), (1, 1), (1, 1), [0, 0, 0, 0], 1);
+        assert!(Conv2d::new(g, &[0.0; 3], None, Activation::None).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn conv_matches_reference(
+            cpg in 1usize..5, opg in 1usize..5, groups in 1usize..4, dw: bool,
+            h in 1usize..12, w in 1usize..12, kh in 1usize..4, kw in 1usize..4,
+            sy in 1usize..3, sx in 1usize..3, dy in 1usize..3, dx in 1usize..3,
+            pt in 0usize..3, pl in 0usize..3, pb in 0usize..3, pr in 0usize..3,
+            threads in 1usize..4, batch in 1usize..3,
+        ) {
+            let (c_in, c_out, groups) = if dw { (groups * cpg, groups * cpg, groups * cpg) }
+                                        else { (cpg * groups, opg * groups, groups) };
+            let g = geom(c_in, c_out, (h, w), (kh, kw), (sy, sx), (dy, dx), [pt, pl, pb, pr], groups);
+            prop_assume!(g.out_h().unwrap_or(0) > 0 && g.out_w().unwrap_or(0) > 0);
+            check_conv(g, threads, batch);
+        }
+
+        #[test]
+        fn conv_transpose_matches_reference(
+            cin in 1usize..5, cout in 1usize..5, h in 1usize..7, w in 1usize..7,
+            k in 1usize..4, s in 1usize..3, pad in 0usize..2, op in 0usize..2, threads in 1usize..3,
+        ) {
+            let g = ConvTranspose2dGeometry { c_in: cin, h, w, c_out: cout, kh: k, kw: k,
+                stride: [s, s], dilation: [1, 1], pads: [pad, pad, pad, pad],
+                output_padding: [op.min(s - 1), op.min(s - 1)], groups: 1 };
+            prop_assume!(g.out_hw().is_some_and(|(a, b)| a > 0 && b > 0));
+            let x = data(cin * h * w, 5);
+            let wt = data(cin * cout * k * k, 6);
+            let b = data(cout, 7);
+            let layer = ConvTranspose2d::new(g, &wt, Some(&b), Activation::None).unwrap();
+            let (oh, ow) = layer.out_hw();
+            let pool = ThreadPool::new(threads);
+            let mut y = vec![0.0; cout * oh * ow];
+            let mut scratch = vec![0.0; layer.scratch_len(threads)];
+            layer.run(&pool, 1, &x, &mut y, &mut scratch);
+            let mut want = vec![0.0; cout * oh * ow];
+            reference_conv_transpose2d(&g, &x, &wt, Some(&b), &mut want);
+            for (a, e) in y.iter().zip(&want) {
+                prop_assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()) * (cin as f32).sqrt());
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Depthwise convolution of one channel plane (multiplier 1).
+//!
+//! The plane is first copied into a zero-padded buffer, so the inner loops
+//! carry no bounds logic: every output row is a sum over taps of (possibly
+//! strided) input rows scaled by one weight. The AVX2+FMA kernel
+//! `avx2_fma_depthwise_rows` computes 8 outputs per vector, up to four vectors
+//! at once for instruction-level parallelism, de-interleaving stride-2 inputs
+//! with shuffles; partial vectors use masked stores. The portable kernel is
+//! the same loop in plain Rust (LLVM vectorises the stride-1 case; on aarch64
+//! to NEON).
+
+use crate::activation::Activation;
+use crate::isa::Isa;
+
+/// Floats of slack after a padded plane: vector loads may read past the last
+/// row (the extra lanes are never stored).
+pub const SLACK: usize = 64;
+
+/// Largest kernel (taps) the AVX2 kernel handles; larger ones use the portable path.
+const MAX_TAPS: usize = 64;
+
+/// Geometry of one depthwise plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlaneGeometry {
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Strides (y, x).
+    pub stride: [usize; 2],
+    /// Dilations (y, x).
+    pub dilation: [usize; 2],
+    /// Pads top, left, bottom, right.
+    pub pads: [usize; 4],
+}
+
+impl PlaneGeometry {
+    /// Padded width.
+    pub fn pw(&self) -> usize {
+        self.w + self.pads[1] + self.pads[3]
+    }
+    /// Padded height.
+    pub fn ph(&self) -> usize {
+        self.h + self.pads[0] + self.pads[2]
+    }
+    /// Scratch floats for one padded plane.
+    pub fn scratch_len(&self) -> usize {
+        self.ph() * self.pw() + SLACK
+    }
+}
+
+/// Copies `x` (h×w) into `buf` with zero padding, and zeroes the slack.
+fn pad_plane(g: &PlaneGeometry, x: &[f32], buf: &mut [f32]) {
+    let pw = g.pw();
+    let (pt, pl) = (g.pads[0], g.pads[1]);
+    let used = g.ph() * pw;
+    buf[..pt * pw].iter_mut().for_each(|v| *v = 0.0);
+    for y in 0..g.h {
+        let row = &mut buf[(pt + y) * pw..(pt + y + 1) * pw];
+        row[..pl].iter_mut().for_each(|v| *v = 0.0);
+        row[pl..pl + g.w].copy_from_slice(&x[y * g.w..(y + 1) * g.w]);
+        row[pl + g.w..].iter_mut().for_each(|v| *v = 0.0);
+    }
+    buf[(pt + g.h) * pw..used + SLACK]
+        .iter_mut()
+        .for_each(|v| *v = 0.0);
+}
+
+/// Convolves one plane: `y = act(bias + Σ w·x)`. `buf` is scratch of
+/// [`PlaneGeometry::scratch_len`] floats.
+///
+/// # Panics
+/// If a buffer is shorter than the geometry needs.
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise_plane(
+    isa: Isa,
+    g: &PlaneGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: f32,
+    act: Activation,
+    y: &mut [f32],
+    buf: &mut [f32],
+) {
+    assert!(x.len() >= g.h * g.w && y.len() >= g.oh * g.ow && w.len() >= g.kh * g.kw);
+    assert!(buf.len() >= g.scratch_len());
+    pad_plane(g, x, buf);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Avx2Fma is only active when the CPU has AVX2 and FMA; the
+        // padded buffer has SLACK floats after the last row, which covers
+        // every vector load (see `avx2_fma_depthwise_rows`).
+        Isa::Avx2Fma if g.stride[1] <= 2 && g.kh * g.kw <= MAX_TAPS => unsafe {
+            avx2_fma_depthwise_rows(g, buf, w, bias, y)
+        },
+        _ => portable_rows(g, buf, w, bias, y),
+    }
+    act.apply_slice(&mut y[..g.oh * g.ow]);
+}
+
+fn portable_rows(g: &PlaneGeometry, buf: &[f32], w: &[f32], bias: f32, y: &mut [f32]) {
+    let pw = g.pw();
+    let (sy, sx) = (g.stride[0], g.stride[1]);
+    let (dy, dx) = (g.dilation[0], g.dilation[1]);
+    for oy in 0..g.oh {
+        let out = &mut y[oy * g.ow..(oy + 1) * g.ow];
+        out.iter_mut().for_each(|v| *v = bias);
+        for ky in 0..g.kh {
+            let row = &buf[(oy * sy + ky * dy) * pw..];
+            for kx in 0..g.kw {
+                let wv = w[ky * g.kw + kx];
+                let src = &row[kx * dx..];
+                if sx == 1 {
+                    for (o, s) in out.iter_mut().zip(src) {
+                        *o += wv * *s;
+                    }
+                } else {
+                    for (o, s) in out.iter_mut().zip(src.iter().step_by(sx)) {
+                        *o += wv * *s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX2 and FMA must be available; `buf` holds the padded plane plus
+/// [`SLACK`] floats; `y` holds oh·ow floats; stride x is 1 or 2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_fma_depthwise_rows(
+    g: &PlaneGeometry,
+    buf: &[f32],
+    w: &[f32],
+    bias: f32,
+    y: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let pw = g.pw();
+    let (sy, sx) = (g.stride[0], g.stride[1]);
+    let (dy, dx) = (g.dilation[0], g.dilation[1]);
+    let ow = g.ow;
+    let taps = g.kh * g.kw;
+    // Largest element read: row (oh-1)*sy + (kh-1)*dy, column up to
+    // sx*(ow rounded up to 8) + (kw-1)*dx + 16 — inside the plane plus SLACK
+    // because ow*sx <= pw and the overshoot is below 24 floats.
+    debug_assert!(((g.oh - 1) * sy + (g.kh - 1) * dy + 1) * pw + 24 <= buf.len());
+    let bp = buf.as_ptr();
+    let yp = y.as_mut_ptr();
+    let lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+
+    // SAFETY: every load reads at most 16 floats from an address inside the
+    // padded plane, covered by SLACK; every store writes inside the output
+    // row (full vectors) or is masked to the row's remaining lanes.
+    unsafe {
+        let load = |p: *const f32| -> __m256 {
+            if sx == 1 {
+                _mm256_loadu_ps(p)
+            } else {
+                let a = _mm256_loadu_ps(p);
+                let b = _mm256_loadu_ps(p.add(8));
+                // [a0 a2 b0 b2 | a4 a6 b4 b6] -> [a0 a2 a4 a6 b0 b2 b4 b6]
+                let t = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(t)))
+            }
+        };
+        let vbias = _mm256_set1_ps(bias);
+        // Tap offsets into the padded plane, computed once (no divisions in
+        // the hot loop).
+        let mut offs = [0usize; MAX_TAPS];
+        for (t, o) in offs.iter_mut().enumerate().take(taps) {
+            *o = (t / g.kw) * dy * pw + (t % g.kw) * dx;
+        }
+        // Every output vector (8 outputs of one row; the row's last one may be
+        // partial) is a "job". Jobs are computed four at a time so four
+        // independent FMA chains hide the FMA latency even on 7-wide planes.
+        const GROUP: usize = 4;
+        let mut src = [bp; GROUP];
+        let mut dst = [yp; GROUP];
+        let mut rem = [0usize; GROUP];
+        let mut n = 0;
+        let vecs_per_row = ow.div_ceil(8);
+        let flush =
+            |src: &[*const f32; GROUP], dst: &[*mut f32; GROUP], rem: &[usize; GROUP], n: usize| {
+                let mut acc = [vbias; GROUP];
+                for t in 0..taps {
+                    let off = *offs.get_unchecked(t);
+                    let wv = _mm256_set1_ps(*w.get_unchecked(t));
+                    for j in 0..GROUP {
+                        acc[j] = _mm256_fmadd_ps(wv, load(src[j].add(off)), acc[j]);
+                    }
+                }
+                for j in 0..n {
+                    if rem[j] >= 8 {
+                        _mm256_storeu_ps(dst[j], acc[j]);
+                    } else {
+                        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem[j] as i32), lane_ids);
+                        _mm256_maskstore_ps(dst[j], mask, acc[j]);
+                    }
+                }
+            };
+        for oy in 0..g.oh {
+            let row_in = bp.add(oy * sy * pw);
+            let row_out = yp.add(oy * ow);
+            for v in 0..vecs_per_row {
+                let ox = v * 8;
+                src[n] = row_in.add(ox * sx);
+                dst[n] = row_out.add(ox);
+                rem[n] = ow - ox;
+                n += 1;
+                if n == GROUP {
+                    flush(&src, &dst, &rem, n);
+                    n = 0;
+                }
+            }
+        }
+        if n > 0 {
+            // Unused slots recompute job 0 (in bounds) and are not stored.
+            for j in n..GROUP {
+                src[j] = src[0];
+            }
+            flush(&src, &dst, &rem, n);
+        }
+    }
+}
+
+/// Scalar reference for one plane, straight from the definition.
+pub fn reference_depthwise_plane(
+    g: &PlaneGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: f32,
+    y: &mut [f32],
+) {
+    for oy in 0..g.oh {
+        for ox in 0..g.ow {
+            let mut s = bias as f64;
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pads[0] as isize;
+                    let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pads[1] as isize;
+                    if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                        s += x[iy as usize * g.w + ix as usize] as f64 * w[ky * g.kw + kx] as f64;
+                    }
+                }
+            }
+            y[oy * g.ow + ox] = s as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn fast_paths_match_reference(
+            h in 1usize..40, w in 1usize..70, k in 1usize..6, s in 1usize..4, d in 1usize..3,
+            pt in 0usize..3, pl in 0usize..3, pb in 0usize..3, pr in 0usize..3, portable: bool,
+        ) {
+            let span = (k - 1) * d + 1;
+            prop_assume!(h + pt + pb >= span && w + pl + pr >= span);
+            let g = PlaneGeometry {
+                h, w, oh: (h + pt + pb - span) / s + 1, ow: (w + pl + pr - span) / s + 1,
+                kh: k, kw: k, stride: [s, s], dilation: [d, d], pads: [pt, pl, pb, pr],
+            };
+            let x: Vec<f32> = (0..h * w).map(|i| ((i * 7919) % 211) as f32 / 100.0 - 1.0).collect();
+            let wt: Vec<f32> = (0..k * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let mut want = vec![0.0; g.oh * g.ow];
+            reference_depthwise_plane(&g, &x, &wt, 0.25, &mut want);
+            let isa = if portable { Isa::Scalar } else { crate::isa::active() };
+            let mut got = vec![f32::NAN; g.oh * g.ow + 9];
+            let mut buf = vec![f32::NAN; g.scratch_len()];
+            depthwise_plane(isa, &g, &x, &wt, 0.25, Activation::None, &mut got, &mut buf);
+            for (a, b) in got.iter().zip(&want) {
+                prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+            // Nothing written past the output.
+            prop_assert!(got[g.oh * g.ow..].iter().all(|v| v.is_nan()));
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Which instruction-set tier the kernels run with, chosen at run time.
+//!
+//! Binaries are built for the baseline target (never `target-cpu=native`); the
+//! fastest kernels this CPU supports are selected once, at first use. On
+//! aarch64 NEON is part of the baseline, so the portable kernels are compiled
+//! to NEON by LLVM; on x86-64 the AVX2+FMA kernels are selected when present.
+
+use std::sync::OnceLock;
+
+/// An instruction-set tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// Portable Rust, vectorised only as far as the baseline target allows.
+    Scalar,
+    /// aarch64 Advanced SIMD (baseline on aarch64).
+    Neon,
+    /// x86-64 AVX2 with FMA3.
+    Avx2Fma,
+}
+
+impl Isa {
+    /// Short lowercase name, as used by `OSPREY_ISA` and in engine fingerprints.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Neon => "neon",
+            Isa::Avx2Fma => "avx2",
+        }
+    }
+}
+
+/// The best tier this CPU supports, ignoring overrides.
+pub fn detect() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Isa::Avx2Fma;
+        }
+        Isa::Scalar
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        Isa::Neon
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        Isa::Scalar
+    }
+}
+
+/// CPU features worth recording in a device fingerprint (sorted, stable).
+pub fn cpu_features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! probe {
+            ($($name:tt),*) => {$(
+                if std::arch::is_x86_feature_detected!($name) { f.push($name); }
+            )*};
+        }
+        probe!(
+            "sse4.2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vnni"
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        f.push("neon");
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            f.push("dotprod");
+        }
+        if std::arch::is_aarch64_feature_detected!("fp16") {
+            f.push("fp16");
+        }
+    }
+    f
+}
+
+static ACTIVE: OnceLock<Isa> = OnceLock::new();
+
+/// The tier kernels use: the detected one, capped by `OSPREY_ISA`.
+///
+/// An invalid `OSPREY_ISA` is reported once on stderr and ignored, so a typo
+/// cannot take a robot down; [`crate::knobs::isa_cap`] gives the typed error
+/// to front-ends that want to refuse it.
+pub fn active() -> Isa {
+    *ACTIVE.get_or_init(|| {
+        let best = detect();
+        match crate::knobs::isa_cap() {
+            Ok(Some(Isa::Scalar)) => Isa::Scalar,
+            Ok(Some(cap)) if cap == best => best,
+            Ok(Some(cap)) => {
+                eprintln!(
+                    "warning: OSPREY_ISA={} is not available on this CPU; using {}",
+                    cap.name(),
+                    best.name()
+                );
+                best
+            }
+            Ok(None) => best,
+            Err(e) => {
+                eprintln!("warning: {e}; using {}", best.name());
+                best
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn active_never_exceeds_detected() {
+        let a = active();
+        assert!(a == detect() || a == Isa::Scalar);
+    }
+}

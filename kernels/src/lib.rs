@@ -1,0 +1,40 @@
+//! # osprey-kernels
+//!
+//! Compute primitives and nothing else: this crate knows no graph, no model
+//! and no file format. Every fast kernel has a scalar reference beside it and a
+//! property test comparing the two over random shapes.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`isa`] | CPU feature detection and the active ISA tier (runtime dispatch) |
+//! | [`knobs`] | environment overrides, declared once |
+//! | [`pool`] | a bounded, reusable thread pool that allocates nothing per job |
+//! | [`activation`] | element-wise activations, usable as GEMM/conv epilogues |
+//! | [`gemm`] | f32 GEMM: packed weights, AVX2+FMA micro-kernel, scalar reference |
+//! | [`conv`] | 2-D convolution: 1x1 as GEMM, depthwise direct, general im2col, transposed |
+//! | [`depthwise`] | the depthwise plane kernel (padded plane, AVX2 rows) |
+//! | [`pooling`] | max/average pooling, global average pooling, mean over axes |
+//! | [`eltwise`] | broadcasting binary ops, batch-norm affine |
+//! | [`resize`] | nearest and linear resize with ONNX coordinate modes |
+//! | [`softmax`] | softmax along one axis |
+//! | [`layout`] | strided copies: transpose, slice, concat, pad, gather |
+//! | [`error`] | the crate's error type |
+
+pub mod activation;
+pub mod conv;
+pub mod depthwise;
+pub mod eltwise;
+pub mod error;
+pub mod gemm;
+pub mod isa;
+pub mod knobs;
+pub mod layout;
+pub mod pool;
+pub mod pooling;
+pub mod resize;
+pub mod softmax;
+
+pub use activation::Activation;
+pub use error::KernelError;
+pub use isa::Isa;
+pub use pool::ThreadPool;

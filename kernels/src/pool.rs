@@ -1,0 +1,303 @@
+//! A bounded, reusable thread pool for kernels.
+//!
+//! The pool owns `threads - 1` workers; the calling thread is the last one.
+//! [`ThreadPool::run`] hands out task indices `0..n_tasks` through one atomic
+//! counter and returns when every task has finished. Nothing is allocated per
+//! call: the job is a borrowed closure published through the pool's shared
+//! state, workers spin briefly for new work (the next layer usually follows
+//! within microseconds) and then sleep on a condition variable.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// A task body: called with (task index, thread slot). The thread slot is in
+/// `0..threads()` and is unique among tasks running at the same time, so it can
+/// index per-thread scratch memory.
+pub type Task<'a> = dyn Fn(usize, usize) + Sync + 'a;
+
+/// Pointer to the job being run; only dereferenced between publication and
+/// the end of [`ThreadPool::run`].
+#[derive(Clone, Copy)]
+struct JobPtr(*const Task<'static>);
+// SAFETY: the pointee is `Sync` and outlives every access (see `run`).
+unsafe impl Send for JobPtr {}
+
+struct State {
+    job: Option<JobPtr>,
+    shutdown: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    generation: AtomicU64,
+    next_task: AtomicUsize,
+    n_tasks: AtomicUsize,
+    busy_workers: AtomicUsize,
+    panicked: AtomicBool,
+}
+
+/// A fixed set of worker threads shared by all kernels of an execution context.
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    threads: usize,
+    /// Serialises `run` calls from several threads on the same pool.
+    running: Mutex<()>,
+}
+
+/// How long an idle worker polls for the next job before it sleeps.
+const SPIN_ITERATIONS: u32 = 20_000;
+
+impl ThreadPool {
+    /// A pool that runs tasks on `threads` threads in total (the caller
+    /// included). `threads` is clamped to at least 1.
+    pub fn new(threads: usize) -> ThreadPool {
+        let threads = threads.max(1);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                job: None,
+                shutdown: false,
+            }),
+            wake: Condvar::new(),
+            generation: AtomicU64::new(0),
+            next_task: AtomicUsize::new(0),
+            n_tasks: AtomicUsize::new(0),
+            busy_workers: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+        });
+        let workers = (1..threads)
+            .filter_map(|slot| {
+                let shared = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("osprey-k{slot}"))
+                    .spawn(move || worker_loop(&shared, slot - 1))
+                    .ok()
+            })
+            .collect::<Vec<_>>();
+        // If the OS refused some threads, run with the ones we got.
+        let threads = workers.len() + 1;
+        ThreadPool {
+            shared,
+            workers,
+            threads,
+            running: Mutex::new(()),
+        }
+    }
+
+    /// Total threads (workers plus the caller).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `task(i, slot)` for every `i` in `0..n_tasks` and waits for all.
+    ///
+    /// # Panics
+    /// Re-raises (on the calling thread) a panic raised by a task.
+    pub fn run(&self, n_tasks: usize, task: &Task<'_>) {
+        if n_tasks == 0 {
+            return;
+        }
+        if self.threads == 1 || n_tasks == 1 {
+            for i in 0..n_tasks {
+                task(i, 0);
+            }
+            return;
+        }
+        let _serial = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let sh = &*self.shared;
+        // SAFETY: we erase the closure's lifetime to publish it to the workers.
+        // `run` does not return before every worker that picked the job up has
+        // decremented `busy_workers` (after its last call), and the job is
+        // withdrawn from `state` before returning, so no worker can call it after
+        // the borrow ends.
+        let ptr: *const Task<'static> = unsafe { std::mem::transmute(task as *const Task<'_>) };
+        sh.next_task.store(0, Ordering::Relaxed);
+        sh.n_tasks.store(n_tasks, Ordering::Relaxed);
+        sh.busy_workers.store(self.workers.len(), Ordering::Relaxed);
+        {
+            let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.job = Some(JobPtr(ptr));
+            sh.generation.fetch_add(1, Ordering::Release);
+        }
+        sh.wake.notify_all();
+
+        // The caller works too, as the last slot.
+        let caller_slot = self.threads - 1;
+        let caller = catch_unwind(AssertUnwindSafe(|| drain(sh, task, caller_slot)));
+        if caller.is_err() {
+            sh.next_task.store(usize::MAX / 2, Ordering::Relaxed);
+        }
+
+        let mut spins = 0u32;
+        while sh.busy_workers.load(Ordering::Acquire) != 0 {
+            spins += 1;
+            if spins < SPIN_ITERATIONS {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        {
+            let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.job = None;
+        }
+        if let Err(payload) = caller {
+            sh.panicked.store(false, Ordering::Relaxed);
+            std::panic::resume_unwind(payload);
+        }
+        if sh.panicked.swap(false, Ordering::AcqRel) {
+            panic!("a kernel task panicked on a worker thread");
+        }
+    }
+}
+
+/// Takes tasks from the shared counter until none are left.
+fn drain(sh: &Shared, task: &Task<'_>, slot: usize) {
+    let n = sh.n_tasks.load(Ordering::Relaxed);
+    loop {
+        let i = sh.next_task.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        task(i, slot);
+    }
+}
+
+fn worker_loop(sh: &Shared, slot: usize) {
+    let mut seen = 0u64;
+    loop {
+        // Spin a little: in a network the next layer's job usually arrives
+        // within microseconds, far sooner than a sleep/wake round trip.
+        let mut spins = 0u32;
+        while sh.generation.load(Ordering::Acquire) == seen && spins < SPIN_ITERATIONS {
+            std::hint::spin_loop();
+            spins += 1;
+        }
+        let job = {
+            let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if st.shutdown {
+                    return;
+                }
+                let gen = sh.generation.load(Ordering::Acquire);
+                if gen != seen {
+                    seen = gen;
+                    break st.job;
+                }
+                st = sh.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        if let Some(JobPtr(ptr)) = job {
+            // SAFETY: `run` keeps the closure alive until `busy_workers`
+            // reaches zero, which happens only after this call returns.
+            let task: &Task<'_> = unsafe { &*ptr };
+            if catch_unwind(AssertUnwindSafe(|| drain(sh, task, slot))).is_err() {
+                sh.panicked.store(true, Ordering::Release);
+                // Consume the remaining tasks so the caller is not left waiting.
+                sh.next_task.store(usize::MAX / 2, Ordering::Relaxed);
+            }
+            sh.busy_workers.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        {
+            let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.shutdown = true;
+        }
+        self.shared.wake.notify_all();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for ThreadPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadPool")
+            .field("threads", &self.threads)
+            .finish()
+    }
+}
+
+/// A raw pointer that may be shared between the pool's threads.
+///
+/// Kernels use it to let tasks write disjoint parts of one output buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct SyncPtr<T>(pub *mut T);
+// SAFETY: users guarantee that concurrent tasks touch disjoint elements.
+unsafe impl<T> Send for SyncPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    /// Wraps a mutable slice's pointer.
+    pub fn new(s: &mut [T]) -> Self {
+        SyncPtr(s.as_mut_ptr())
+    }
+    /// The pointer `offset` elements further.
+    ///
+    /// # Safety
+    /// `offset` must stay within the allocation the pointer came from.
+    pub unsafe fn add(self, offset: usize) -> *mut T {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn every_task_runs_once() {
+        for threads in 1..=4 {
+            let pool = ThreadPool::new(threads);
+            for n in [0usize, 1, 2, 7, 100] {
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                pool.run(n, &|i, slot| {
+                    assert!(slot < pool.threads());
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            }
+        }
+    }
+
+    #[test]
+    fn reusable_many_times() {
+        let pool = ThreadPool::new(3);
+        let total = AtomicUsize::new(0);
+        for _ in 0..2000 {
+            pool.run(5, &|i, _| {
+                total.fetch_add(i, Ordering::Relaxed);
+            });
+        }
+        assert_eq!(total.load(Ordering::Relaxed), 2000 * 10);
+    }
+
+    #[test]
+    fn worker_panic_is_reported_not_hung() {
+        let pool = ThreadPool::new(2);
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(64, &|i, _| {
+                if i == 3 {
+                    panic!("boom");
+                }
+            })
+        }));
+        assert!(r.is_err());
+        // The pool still works afterwards.
+        let n = AtomicUsize::new(0);
+        pool.run(10, &|_, _| {
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 10);
+    }
+}

@@ -1,0 +1,49 @@
+//! # osprey-tests
+//!
+//! End-to-end tests across crates live in `tests/`; this library holds what
+//! they share: locating `../shared` (skipping visibly when it is absent) and
+//! comparing tensors.
+
+use std::path::PathBuf;
+
+/// The shared test-data folder (`OSPREY_SHARED`, else `../shared` beside the
+/// repository), or `None` — after printing a visible SKIP line — when absent.
+pub fn shared_dir(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("OSPREY_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    if dir.join("models").is_dir() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIPPED {test}: shared test data not found at {} (set OSPREY_SHARED)",
+            dir.display()
+        );
+        None
+    }
+}
+
+/// Largest absolute difference, and the reference's range (max − min).
+pub fn max_abs_and_range(got: &[f32], want: &[f32]) -> (f32, f32) {
+    let max_abs = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    let lo = want.iter().cloned().fold(f32::INFINITY, f32::min);
+    let hi = want.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    (max_abs, hi - lo)
+}
+
+/// `NAME` → file-name form used by the references and `osprey run`.
+pub fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,101 @@
+//! Every model in ../shared/models against the onnxruntime references in
+//! ../shared/fixtures/reference (inputs and outputs saved by onnxruntime 1.32,
+//! FP32, CPU). Needs ../shared; skips visibly without it.
+//!
+//! Tolerance per output: max |osprey − onnxruntime| ≤ max(1e-3 × range, abs),
+//! where `abs` is the per-model tolerance suggested in PREPROCESS.md §6 (it
+//! matters only for the PP-OCR detector, whose probability map spans ~1e-5 on
+//! these photos). Run with `--nocapture` to see the measured errors.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use osprey_engine::onnx::import_file;
+use osprey_engine::{npy, Engine, ExecutionContext};
+use osprey_tests::{max_abs_and_range, sanitize, shared_dir};
+
+fn check_model(shared: &Path, model: &str, input: &str, abs_tol: f32) -> usize {
+    let refs = shared.join("fixtures/reference");
+    let mut images: Vec<String> = std::fs::read_dir(&refs)
+        .expect("reference dir")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| {
+            n.strip_prefix(&format!("{model}__"))?
+                .strip_suffix("__input.npy")
+                .map(String::from)
+        })
+        .collect();
+    images.sort();
+    assert!(!images.is_empty(), "no reference inputs for {model}");
+    let mut engines: HashMap<Vec<usize>, (Arc<Engine>, ExecutionContext)> = HashMap::new();
+    for img in &images {
+        let x =
+            npy::read(&refs.join(format!("{model}__{img}__input.npy")), false).expect("input npy");
+        let (engine, ctx) = engines.entry(x.shape.clone()).or_insert_with(|| {
+            let mut shapes = HashMap::new();
+            shapes.insert(input.to_string(), x.shape.clone());
+            let g =
+                import_file(&shared.join(format!("models/{model}.onnx")), &shapes).expect("import");
+            let e = Arc::new(Engine::new(g).expect("engine"));
+            let ctx = ExecutionContext::new(e.clone(), 2);
+            (e, ctx)
+        });
+        ctx.set_input(input, &x.data).expect("set input");
+        ctx.run().expect("run");
+        for (i, d) in engine.outputs().enumerate() {
+            let want = npy::read(
+                &refs.join(format!("{model}__{img}__{}.npy", sanitize(&d.name))),
+                false,
+            )
+            .expect("reference output");
+            assert_eq!(want.shape, d.shape, "{model}/{img}/{}: shape", d.name);
+            let got = ctx.output_index(i).expect("output");
+            let (max_abs, range) = max_abs_and_range(got, &want.data);
+            let tol = (1e-3 * range).max(abs_tol);
+            eprintln!(
+                "{model:26} {img:16} {:34} max_abs {max_abs:.3e}  range {range:.3e}  max_abs/range {:.2e}  tol {tol:.1e}",
+                d.name,
+                max_abs / range.max(f32::MIN_POSITIVE)
+            );
+            assert!(
+                max_abs <= tol,
+                "{model}/{img}/{}: max abs {max_abs} > {tol}",
+                d.name
+            );
+        }
+    }
+    images.len()
+}
+
+#[test]
+fn efficientnet_lite0_matches_onnxruntime() {
+    let Some(s) = shared_dir("efficientnet_lite0_matches_onnxruntime") else {
+        return;
+    };
+    assert_eq!(check_model(&s, "efficientnet_lite0", "input", 1e-4), 8);
+}
+
+#[test]
+fn centernet_matches_onnxruntime() {
+    let Some(s) = shared_dir("centernet_matches_onnxruntime") else {
+        return;
+    };
+    assert!(check_model(&s, "centernet_mbv3_coco_512", "images", 1e-5) >= 3);
+}
+
+#[test]
+fn ppocr_det_matches_onnxruntime() {
+    let Some(s) = shared_dir("ppocr_det_matches_onnxruntime") else {
+        return;
+    };
+    assert!(check_model(&s, "ppocr_det_v4", "x", 1e-4) >= 2);
+}
+
+#[test]
+fn ppocr_cls_matches_onnxruntime() {
+    let Some(s) = shared_dir("ppocr_cls_matches_onnxruntime") else {
+        return;
+    };
+    assert_eq!(check_model(&s, "ppocr_cls_v2", "x", 1e-5), 8);
+}
