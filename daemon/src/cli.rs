@@ -45,6 +45,10 @@ pub struct ModelArgs {
     /// Worker threads (the caller included). Default: all cores.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Run the graph exactly as imported, without fusion passes (BatchNorm
+    /// folding, conv epilogue fusion); for debugging and comparisons.
+    #[arg(long)]
+    pub no_optimize: bool,
 }
 
 /// `osprey run`.
@@ -135,8 +139,11 @@ fn load(model: &ModelArgs, extra_shapes: InputShapes) -> Result<Arc<Engine>> {
     for (k, v) in extra_shapes {
         shapes.entry(k).or_insert(v);
     }
-    let graph =
+    let mut graph =
         import_file(&model.onnx, &shapes).with_context(|| model.onnx.display().to_string())?;
+    if !model.no_optimize {
+        osprey_engine::passes::optimize(&mut graph);
+    }
     let engine = Engine::new(graph).with_context(|| model.onnx.display().to_string())?;
     Ok(Arc::new(engine))
 }

@@ -47,6 +47,7 @@ enum Kind {
     Conv {
         layer: Conv2d,
         batch: usize,
+        residual: bool,
     },
     ConvTranspose {
         layer: ConvTranspose2d,
@@ -231,10 +232,12 @@ impl Engine {
     pub fn step_info(&self, i: usize) -> Option<(String, String)> {
         let s = self.steps.get(i)?;
         let what = match &s.kind {
-            Kind::Conv { layer, .. } => {
+            Kind::Conv {
+                layer, residual, ..
+            } => {
                 let g = layer.geometry();
                 format!(
-                    "Conv {} {}x{} s{} g{} {}->{} @{}x{}",
+                    "Conv {} {}x{} s{} g{} {}->{} @{}x{}{}",
                     layer.algorithm(),
                     g.kh,
                     g.kw,
@@ -243,7 +246,8 @@ impl Engine {
                     g.c_in,
                     g.c_out,
                     g.h,
-                    g.w
+                    g.w,
+                    if *residual { " +residual" } else { "" }
                 )
             }
             Kind::ConvTranspose { .. } => "ConvTranspose gemm+col2im".into(),
@@ -360,11 +364,15 @@ impl Builder<'_> {
                     pads: a.pads,
                     groups: a.groups,
                 };
-                let layer = Conv2d::new(geo, &w, bias.as_deref(), Activation::None)
+                let layer = Conv2d::new(geo, &w, bias.as_deref(), a.activation)
                     .map_err(|e| e.to_string())?;
+                if a.residual && node.inputs.len() != 4 {
+                    return Err("fused residual without its operand".into());
+                }
                 Kind::Conv {
                     layer,
                     batch: xs[0],
+                    residual: a.residual,
                 }
             }
             Op::ConvTranspose(a) => {
@@ -383,7 +391,7 @@ impl Builder<'_> {
                     output_padding: a.output_padding,
                     groups: a.groups,
                 };
-                let layer = ConvTranspose2d::new(geo, &w, bias.as_deref(), Activation::None)
+                let layer = ConvTranspose2d::new(geo, &w, bias.as_deref(), a.activation)
                     .map_err(|e| e.to_string())?;
                 Kind::ConvTranspose {
                     layer,
@@ -966,7 +974,18 @@ fn run_step(
     let (io, y) = split_io(arena, first_out, consts)?;
     let x = io.read(input(0)?)?;
     match &step.kind {
-        Kind::Conv { layer, batch } => layer.run(pool, *batch, x, y, scratch),
+        Kind::Conv {
+            layer,
+            batch,
+            residual,
+        } => {
+            let res = if *residual {
+                Some(io.read(input(3)?)?)
+            } else {
+                None
+            };
+            layer.run_with_residual(pool, *batch, x, res, y, scratch)
+        }
         Kind::ConvTranspose { layer, batch } => layer.run(pool, *batch, x, y, scratch),
         Kind::Affine {
             batch,
@@ -1004,6 +1023,7 @@ fn run_step(
                 bias: bias.as_deref(),
                 act: Activation::None,
                 accumulate: false,
+                residual: None,
             };
             let rows = packed.m();
             if *transpose_out {

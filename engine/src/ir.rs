@@ -105,7 +105,7 @@ impl Tensor {
 }
 
 /// Convolution attributes, resolved (2-D).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ConvAttrs {
     /// Kernel (h, w).
     pub kernel: [usize; 2],
@@ -119,6 +119,11 @@ pub struct ConvAttrs {
     pub groups: usize,
     /// Extra output rows/columns (transposed convolution only).
     pub output_padding: [usize; 2],
+    /// Activation fused into the convolution (applied last).
+    pub activation: Activation,
+    /// A residual input (the 4th operand, after the bias) is added before the
+    /// activation: the fused form of `Conv → Add`.
+    pub residual: bool,
 }
 
 /// Pooling attributes, resolved (2-D).
@@ -139,7 +144,8 @@ pub struct PoolAttrs {
 /// An operation on f32 tensors, with every attribute resolved at import.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    /// 2-D convolution; inputs x, w (const), optional b (const).
+    /// 2-D convolution; inputs x, w (const), optional b (const), and the
+    /// residual when [`ConvAttrs::residual`] is set (then b is present).
     Conv(ConvAttrs),
     /// 2-D transposed convolution; inputs x, w (const), optional b (const).
     ConvTranspose(ConvAttrs),
@@ -353,11 +359,23 @@ impl Graph {
         h
     }
 
-    /// Bytes of constant data.
+    /// Bytes of constant data that nodes or outputs still reference
+    /// (constants orphaned by rewrites are not counted).
     pub fn constant_bytes(&self) -> usize {
+        let mut used = vec![false; self.tensors.len()];
+        for n in &self.nodes {
+            for &t in &n.inputs {
+                used[t] = true;
+            }
+        }
+        for &t in &self.outputs {
+            used[t] = true;
+        }
         self.tensors
             .iter()
-            .filter_map(|t| t.value.as_ref())
+            .zip(&used)
+            .filter(|(_, &u)| u)
+            .filter_map(|(t, _)| t.value.as_ref())
             .map(|v| match v {
                 ConstData::F32(d) => d.len() * 4,
                 ConstData::I64(d) => d.len() * 8,

@@ -9,6 +9,7 @@
 //! |---|---|
 //! | [`onnx`] | protobuf decode (generated from the official `onnx.proto`), import, a model builder for tests |
 //! | [`ir`] | the typed graph: tensors, nodes, the op enum, validation |
+//! | [`passes`] | graph optimisation passes (BN folding, conv epilogue fusion, dead nodes) |
 //! | [`plan`] | tensor lifetimes and arena placement |
 //! | [`exec`] | prepared engines and execution contexts |
 //! | [`npy`] | reading and writing `.npy` tensors |
@@ -19,6 +20,7 @@ pub mod exec;
 pub mod ir;
 pub mod npy;
 pub mod onnx;
+pub mod passes;
 pub mod plan;
 
 pub use error::{EngineError, Result};

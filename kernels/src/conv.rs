@@ -217,14 +217,30 @@ impl Conv2d {
         output: &mut [f32],
         scratch: &mut [f32],
     ) {
+        self.run_with_residual(pool, batch, input, None, output, scratch)
+    }
+
+    /// As [`Conv2d::run`], computing `act(conv(x) + residual)`: the fused
+    /// form of `Conv → Add(·, residual) → act`. `residual` has the output's shape.
+    pub fn run_with_residual(
+        &self,
+        pool: &ThreadPool,
+        batch: usize,
+        input: &[f32],
+        residual: Option<&[f32]>,
+        output: &mut [f32],
+        scratch: &mut [f32],
+    ) {
         let g = &self.g;
         let in_img = g.c_in * g.h * g.w;
         let out_img = g.c_out * self.oh * self.ow;
         assert!(input.len() >= batch * in_img && output.len() >= batch * out_img);
+        assert!(residual.is_none_or(|r| r.len() >= batch * out_img));
         assert!(scratch.len() >= self.scratch_len(pool.threads()));
         for b in 0..batch {
             let x = &input[b * in_img..(b + 1) * in_img];
             let y = &mut output[b * out_img..(b + 1) * out_img];
+            let res = residual.map(|r| &r[b * out_img..(b + 1) * out_img]);
             match &self.algo {
                 Algo::Pointwise => {
                     let hw = g.h * g.w;
@@ -237,16 +253,24 @@ impl Conv2d {
                         bias: Some(&self.bias),
                         act: self.act,
                         accumulate: false,
+                        residual: res,
                     };
                     gemm::sgemm(pool, &self.packed[0], bm, hw, y, hw, epi, scratch);
                 }
-                Algo::Depthwise { weights } => self.depthwise(pool, weights, x, y, scratch),
-                Algo::Im2col => self.im2col_gemm(pool, x, y, scratch),
+                Algo::Depthwise { weights } => self.depthwise(pool, weights, x, res, y, scratch),
+                Algo::Im2col => self.im2col_gemm(pool, x, res, y, scratch),
             }
         }
     }
 
-    fn im2col_gemm(&self, pool: &ThreadPool, x: &[f32], y: &mut [f32], scratch: &mut [f32]) {
+    fn im2col_gemm(
+        &self,
+        pool: &ThreadPool,
+        x: &[f32],
+        res: Option<&[f32]>,
+        y: &mut [f32],
+        scratch: &mut [f32],
+    ) {
         let g = &self.g;
         let cin_g = g.c_in / g.groups;
         let cout_g = g.c_out / g.groups;
@@ -269,6 +293,7 @@ impl Conv2d {
                 bias: Some(&self.bias[gi * cout_g..(gi + 1) * cout_g]),
                 act: self.act,
                 accumulate: false,
+                residual: res.map(|r| &r[gi * cout_g * ohw..(gi + 1) * cout_g * ohw]),
             };
             let yg = &mut y[gi * cout_g * ohw..(gi + 1) * cout_g * ohw];
             gemm::sgemm(
@@ -304,6 +329,7 @@ impl Conv2d {
         pool: &ThreadPool,
         weights: &[f32],
         x: &[f32],
+        res: Option<&[f32]>,
         y: &mut [f32],
         scratch: &mut [f32],
     ) {
@@ -326,7 +352,16 @@ impl Conv2d {
                     std::slice::from_raw_parts_mut(s_ptr.add(slot * per_slot), per_slot),
                 )
             };
-            depthwise_plane(isa, &plane, xc, wc, self.bias[c], self.act, yc, buf);
+            match res {
+                None => depthwise_plane(isa, &plane, xc, wc, self.bias[c], self.act, yc, buf),
+                Some(r) => {
+                    depthwise_plane(isa, &plane, xc, wc, self.bias[c], Activation::None, yc, buf);
+                    let rc = &r[c * oh * ow..(c + 1) * oh * ow];
+                    yc.iter_mut()
+                        .zip(rc)
+                        .for_each(|(v, rv)| *v = self.act.apply(*v + rv));
+                }
+            }
         };
         pool.run(g.c_in, &task);
     }
@@ -678,6 +713,33 @@ mod tests {
                 assert!(
                     (a - e).abs() <= tol,
                     "{:?} [{bi}][{i}] {a} vs {e} ({})",
+                    g,
+                    conv.algorithm()
+                );
+            }
+        }
+        // Fused residual: act(conv(x) + r).
+        let r = data(batch * out_img, 4);
+        conv.run_with_residual(&pool, batch, &x, Some(&r), &mut y, &mut scratch);
+        for bi in 0..batch {
+            reference_conv2d(
+                &g,
+                &x[bi * g.c_in * g.h * g.w..],
+                &w,
+                Some(&b),
+                Activation::None,
+                &mut want,
+            );
+            for (i, (a, e)) in y[bi * out_img..(bi + 1) * out_img]
+                .iter()
+                .zip(&want)
+                .enumerate()
+            {
+                let e = act.apply(e + r[bi * out_img + i]);
+                let tol = 1e-4 * ((cin_g * g.kh * g.kw) as f32).sqrt() * (1.0 + e.abs());
+                assert!(
+                    (a - e).abs() <= tol,
+                    "residual {:?} [{bi}][{i}] {a} vs {e} ({})",
                     g,
                     conv.algorithm()
                 );

@@ -5,7 +5,8 @@
 //! strided) input rows scaled by one weight. The AVX2+FMA kernel
 //! `avx2_fma_depthwise_rows` computes 8 outputs per vector, up to four vectors
 //! at once for instruction-level parallelism, de-interleaving stride-2 inputs
-//! with shuffles; partial vectors use masked stores. The portable kernel is
+//! by storing the padded plane as even then odd columns; partial vectors use
+//! masked stores, and Relu/Clip are applied in registers. The portable kernel is
 //! the same loop in plain Rust (LLVM vectorises the stride-1 case; on aarch64
 //! to NEON).
 
@@ -58,16 +59,35 @@ impl PlaneGeometry {
 }
 
 /// Copies `x` (h×w) into `buf` with zero padding, and zeroes the slack.
-fn pad_plane(g: &PlaneGeometry, x: &[f32], buf: &mut [f32]) {
+///
+/// With `split` (horizontal stride 2), each padded row is stored as its even
+/// columns followed by its odd columns, so every tap of a stride-2 kernel reads
+/// a contiguous run: column `2·ox + c` is at `ox + c/2` in phase `c % 2`.
+fn pad_plane(isa: Isa, g: &PlaneGeometry, x: &[f32], buf: &mut [f32], split: bool) {
     let pw = g.pw();
     let (pt, pl) = (g.pads[0], g.pads[1]);
     let used = g.ph() * pw;
+    let ne = pw.div_ceil(2);
     buf[..pt * pw].iter_mut().for_each(|v| *v = 0.0);
     for y in 0..g.h {
         let row = &mut buf[(pt + y) * pw..(pt + y + 1) * pw];
-        row[..pl].iter_mut().for_each(|v| *v = 0.0);
-        row[pl..pl + g.w].copy_from_slice(&x[y * g.w..(y + 1) * g.w]);
-        row[pl + g.w..].iter_mut().for_each(|v| *v = 0.0);
+        let src = &x[y * g.w..(y + 1) * g.w];
+        if split {
+            row.iter_mut().for_each(|v| *v = 0.0);
+            let (even, odd) = row.split_at_mut(ne);
+            // src[i] sits at padded column pl + i: pairs (src[2i], src[2i+1])
+            // land in (even, odd) when pl is even, in (odd, even) when odd.
+            let (d0, d1) = if pl % 2 == 0 {
+                (&mut even[pl / 2..], &mut odd[pl / 2..])
+            } else {
+                (&mut odd[pl / 2..], &mut even[pl / 2 + 1..])
+            };
+            deinterleave(isa, src, d0, d1);
+        } else {
+            row[..pl].iter_mut().for_each(|v| *v = 0.0);
+            row[pl..pl + g.w].copy_from_slice(src);
+            row[pl + g.w..].iter_mut().for_each(|v| *v = 0.0);
+        }
     }
     buf[(pt + g.h) * pw..used + SLACK]
         .iter_mut()
@@ -92,21 +112,97 @@ pub fn depthwise_plane(
 ) {
     assert!(x.len() >= g.h * g.w && y.len() >= g.oh * g.ow && w.len() >= g.kh * g.kw);
     assert!(buf.len() >= g.scratch_len());
-    pad_plane(g, x, buf);
+    let split = g.stride[1] == 2;
+    pad_plane(isa, g, x, buf, split);
+    let clamp = match act {
+        Activation::None => Some((f32::NEG_INFINITY, f32::INFINITY)),
+        Activation::Relu => Some((0.0, f32::INFINITY)),
+        Activation::Clip { lo, hi } => Some((lo, hi)),
+        _ => None,
+    };
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2Fma is only active when the CPU has AVX2 and FMA; the
         // padded buffer has SLACK floats after the last row, which covers
         // every vector load (see `avx2_fma_depthwise_rows`).
         Isa::Avx2Fma if g.stride[1] <= 2 && g.kh * g.kw <= MAX_TAPS => unsafe {
-            avx2_fma_depthwise_rows(g, buf, w, bias, y)
+            avx2_fma_depthwise_rows(g, buf, w, bias, clamp, y)
         },
-        _ => portable_rows(g, buf, w, bias, y),
+        _ => {
+            portable_rows(g, buf, split, w, bias, y);
+            if let Some((lo, hi)) = clamp {
+                y[..g.oh * g.ow]
+                    .iter_mut()
+                    .for_each(|v| *v = v.max(lo).min(hi));
+            }
+        }
     }
-    act.apply_slice(&mut y[..g.oh * g.ow]);
+    if clamp.is_none() {
+        act.apply_slice(&mut y[..g.oh * g.ow]);
+    }
 }
 
-fn portable_rows(g: &PlaneGeometry, buf: &[f32], w: &[f32], bias: f32, y: &mut [f32]) {
+/// `d0[i] = src[2i]`, `d1[i] = src[2i + 1]` for every element of `src`.
+fn deinterleave(isa: Isa, src: &[f32], d0: &mut [f32], d1: &mut [f32]) {
+    let pairs = src.len() / 2;
+    assert!(d0.len() >= src.len().div_ceil(2) && d1.len() >= pairs);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        // SAFETY: AVX2 is available (Avx2Fma is active); the kernel touches
+        // src[..16·blocks], d0/d1[..8·blocks], all checked above.
+        done = unsafe { avx2_deinterleave(src, d0, d1) };
+    }
+    let _ = isa;
+    for i in done..pairs {
+        d0[i] = src[2 * i];
+        d1[i] = src[2 * i + 1];
+    }
+    if src.len() % 2 == 1 {
+        d0[pairs] = src[2 * pairs];
+    }
+}
+
+/// Deinterleaves whole blocks of 16; returns the pairs done.
+///
+/// # Safety
+/// AVX2 must be available; `d0` and `d1` hold at least `src.len() / 2` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_deinterleave(src: &[f32], d0: &mut [f32], d1: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let blocks = src.len() / 16;
+    for b in 0..blocks {
+        // SAFETY: 16 floats read at 16·b < src.len(); 8 written at 8·b into
+        // each destination, which hold src.len()/2 >= 8·blocks floats.
+        unsafe {
+            let a = _mm256_loadu_ps(src.as_ptr().add(16 * b));
+            let c = _mm256_loadu_ps(src.as_ptr().add(16 * b + 8));
+            // Per 128-bit lane: evens [a0 a2 c0 c2], odds [a1 a3 c1 c3];
+            // then fix the lane order with a 64-bit permute.
+            let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, c);
+            let o = _mm256_shuffle_ps::<0b11_01_11_01>(a, c);
+            let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(e)));
+            let o = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(o)));
+            _mm256_storeu_ps(d0.as_mut_ptr().add(8 * b), e);
+            _mm256_storeu_ps(d1.as_mut_ptr().add(8 * b), o);
+        }
+    }
+    blocks * 8
+}
+
+/// Offset of tap column `kx` (and its step per output) in a padded row.
+#[inline(always)]
+fn tap_col(pw: usize, split: bool, sx: usize, col: usize) -> (usize, usize) {
+    if split {
+        let ne = pw.div_ceil(2);
+        ((col % 2) * ne + col / 2, 1)
+    } else {
+        (col, sx)
+    }
+}
+
+fn portable_rows(g: &PlaneGeometry, buf: &[f32], split: bool, w: &[f32], bias: f32, y: &mut [f32]) {
     let pw = g.pw();
     let (sy, sx) = (g.stride[0], g.stride[1]);
     let (dy, dx) = (g.dilation[0], g.dilation[1]);
@@ -117,13 +213,14 @@ fn portable_rows(g: &PlaneGeometry, buf: &[f32], w: &[f32], bias: f32, y: &mut [
             let row = &buf[(oy * sy + ky * dy) * pw..];
             for kx in 0..g.kw {
                 let wv = w[ky * g.kw + kx];
-                let src = &row[kx * dx..];
-                if sx == 1 {
+                let (off, step) = tap_col(pw, split, sx, kx * dx);
+                let src = &row[off..];
+                if step == 1 {
                     for (o, s) in out.iter_mut().zip(src) {
                         *o += wv * *s;
                     }
                 } else {
-                    for (o, s) in out.iter_mut().zip(src.iter().step_by(sx)) {
+                    for (o, s) in out.iter_mut().zip(src.iter().step_by(step)) {
                         *o += wv * *s;
                     }
                 }
@@ -142,6 +239,7 @@ unsafe fn avx2_fma_depthwise_rows(
     buf: &[f32],
     w: &[f32],
     bias: f32,
+    clamp: Option<(f32, f32)>,
     y: &mut [f32],
 ) {
     use std::arch::x86_64::*;
@@ -150,9 +248,8 @@ unsafe fn avx2_fma_depthwise_rows(
     let (dy, dx) = (g.dilation[0], g.dilation[1]);
     let ow = g.ow;
     let taps = g.kh * g.kw;
-    // Largest element read: row (oh-1)*sy + (kh-1)*dy, column up to
-    // sx*(ow rounded up to 8) + (kw-1)*dx + 16 — inside the plane plus SLACK
-    // because ow*sx <= pw and the overshoot is below 24 floats.
+    // Largest element read: row (oh-1)*sy + (kh-1)*dy, column below
+    // pw + 8 (a vector starting inside the row) — inside the plane plus SLACK.
     debug_assert!(((g.oh - 1) * sy + (g.kh - 1) * dy + 1) * pw + 24 <= buf.len());
     let bp = buf.as_ptr();
     let yp = y.as_mut_ptr();
@@ -162,23 +259,18 @@ unsafe fn avx2_fma_depthwise_rows(
     // padded plane, covered by SLACK; every store writes inside the output
     // row (full vectors) or is masked to the row's remaining lanes.
     unsafe {
-        let load = |p: *const f32| -> __m256 {
-            if sx == 1 {
-                _mm256_loadu_ps(p)
-            } else {
-                let a = _mm256_loadu_ps(p);
-                let b = _mm256_loadu_ps(p.add(8));
-                // [a0 a2 b0 b2 | a4 a6 b4 b6] -> [a0 a2 a4 a6 b0 b2 b4 b6]
-                let t = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
-                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(t)))
-            }
-        };
+        // Stride 2 was split into column phases by `pad_plane`, so every tap
+        // reads a contiguous run.
+        let load = |p: *const f32| -> __m256 { _mm256_loadu_ps(p) };
+        let split = sx == 2;
+        let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+        let (vlo, vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
         let vbias = _mm256_set1_ps(bias);
         // Tap offsets into the padded plane, computed once (no divisions in
         // the hot loop).
         let mut offs = [0usize; MAX_TAPS];
         for (t, o) in offs.iter_mut().enumerate().take(taps) {
-            *o = (t / g.kw) * dy * pw + (t % g.kw) * dx;
+            *o = (t / g.kw) * dy * pw + tap_col(pw, split, sx, (t % g.kw) * dx).0;
         }
         // Every output vector (8 outputs of one row; the row's last one may be
         // partial) is a "job". Jobs are computed four at a time so four
@@ -200,6 +292,7 @@ unsafe fn avx2_fma_depthwise_rows(
                     }
                 }
                 for j in 0..n {
+                    acc[j] = _mm256_min_ps(_mm256_max_ps(acc[j], vlo), vhi);
                     if rem[j] >= 8 {
                         _mm256_storeu_ps(dst[j], acc[j]);
                     } else {
@@ -213,7 +306,7 @@ unsafe fn avx2_fma_depthwise_rows(
             let row_out = yp.add(oy * ow);
             for v in 0..vecs_per_row {
                 let ox = v * 8;
-                src[n] = row_in.add(ox * sx);
+                src[n] = row_in.add(ox);
                 dst[n] = row_out.add(ox);
                 rem[n] = ow - ox;
                 n += 1;

@@ -131,6 +131,9 @@ pub struct Epilogue<'a> {
     pub act: Activation,
     /// Add the previous contents of C (beta = 1) before bias and activation.
     pub accumulate: bool,
+    /// Added before the activation, laid out like C (row stride `ldc`): the
+    /// residual of a fused `Conv + Add`.
+    pub residual: Option<&'a [f32]>,
 }
 
 impl Epilogue<'_> {
@@ -139,6 +142,7 @@ impl Epilogue<'_> {
         bias: None,
         act: Activation::None,
         accumulate: false,
+        residual: None,
     };
 }
 
@@ -167,6 +171,9 @@ pub fn sgemm<'b>(
         return;
     }
     assert!(c.len() >= (m - 1) * ldc + n, "gemm: C too small");
+    if let Some(r) = epi.residual {
+        assert!(r.len() >= (m - 1) * ldc + n, "gemm: residual too small");
+    }
     assert!(
         scratch.len() >= scratch_len(pool.threads()),
         "gemm: scratch too small"
@@ -255,7 +262,8 @@ unsafe fn gemm_block(
                 unsafe {
                     let cp = c.add(i * ldc + j);
                     let prev = if epi.accumulate { *cp } else { 0.0 };
-                    *cp = epi.act.apply(prev + bias);
+                    let res = epi.residual.map_or(0.0, |r| r[i * ldc + j]);
+                    *cp = epi.act.apply(prev + bias + res);
                 }
             }
         }
@@ -293,10 +301,18 @@ unsafe fn gemm_block(
                             bias[..mr].copy_from_slice(&bb[i..i + mr]);
                         }
                     }
+                    let res = match epi.residual {
+                        // SAFETY: (i, j) is inside C's extent, which the
+                        // residual matches (asserted in `sgemm`).
+                        Some(r) if first => unsafe { r.as_ptr().add(i * ldc + j) },
+                        _ => std::ptr::null(),
+                    };
                     let store = Store {
                         load_c,
                         bias,
                         clamp,
+                        res,
+                        ldr: ldc,
                     };
                     // SAFETY: the tile (i..i+mr, j..j+nr) is inside C's region.
                     unsafe {
@@ -367,8 +383,21 @@ unsafe fn tile(
             }
         }
     }
+    // Stage the residual too, so the kernel reads a full tile.
+    let mut rbuf = [0.0f32; MR * NR];
+    let mut staged = *store;
+    if !store.res.is_null() {
+        for r in 0..mr {
+            for x in 0..nr {
+                // SAFETY: (r, x) inside the valid part of the residual tile.
+                rbuf[r * NR + x] = unsafe { *store.res.add(r * store.ldr + x) };
+            }
+        }
+        staged.res = rbuf.as_ptr();
+        staged.ldr = NR;
+    }
     // SAFETY: `buf` is a full MR×NR tile with row stride NR.
-    unsafe { ukernel(isa, kc, a, b, buf.as_mut_ptr(), NR, store) };
+    unsafe { ukernel(isa, kc, a, b, buf.as_mut_ptr(), NR, &staged) };
     for r in 0..mr {
         for x in 0..nr {
             // SAFETY: as above.
@@ -400,12 +429,16 @@ unsafe fn ukernel(
     }
 }
 
-/// How a micro-kernel writes its tile: `C = clamp(acc + (C) + bias[row])`.
+/// How a micro-kernel writes its tile:
+/// `C = clamp(acc + (C) + bias[row] + (R))`.
 #[derive(Clone, Copy, Debug)]
 struct Store {
     load_c: bool,
     bias: [f32; MR],
     clamp: Option<(f32, f32)>,
+    /// Residual tile (null for none) and its row stride.
+    res: *const f32,
+    ldr: usize,
 }
 
 /// Activations the micro-kernels apply in registers (a clamp).
@@ -447,7 +480,12 @@ unsafe fn portable_sgemm_6x16(
             unsafe {
                 let p = c.add(r * ldc + x);
                 let prev = if store.load_c { *p } else { 0.0 };
-                *p = (v + prev + store.bias[r]).max(lo).min(hi);
+                let res = if store.res.is_null() {
+                    0.0
+                } else {
+                    *store.res.add(r * store.ldr + x)
+                };
+                *p = (v + prev + store.bias[r] + res).max(lo).min(hi);
             }
         }
     }
@@ -491,6 +529,11 @@ unsafe fn avx2_fma_sgemm_6x16(
             if store.load_c {
                 v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cp));
                 v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cp.add(8)));
+            }
+            if !store.res.is_null() {
+                let rp = store.res.add(r * store.ldr);
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(rp));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(rp.add(8)));
             }
             // max/min with the clamp bounds, NaN-propagating like f32::max/min would not
             // matter here: inputs are finite.
@@ -612,7 +655,8 @@ pub fn reference_sgemm(
                 s += a[i * rsa + kk * csa] as f64 * b.data[kk * b.rs + j * b.cs] as f64;
             }
             let prev = if epi.accumulate { c[i * ldc + j] } else { 0.0 };
-            let v = s as f32 + prev + epi.bias.map_or(0.0, |bb| bb[i]);
+            let res = epi.residual.map_or(0.0, |r| r[i * ldc + j]);
+            let v = s as f32 + prev + epi.bias.map_or(0.0, |bb| bb[i]) + res;
             c[i * ldc + j] = epi.act.apply(v);
         }
     }
@@ -636,6 +680,19 @@ mod tests {
     }
 
     fn check(m: usize, n: usize, k: usize, threads: usize, trans_b: bool, bias: bool, acc: bool) {
+        check_with(m, n, k, threads, trans_b, bias, acc, false)
+    }
+
+    fn check_with(
+        m: usize,
+        n: usize,
+        k: usize,
+        threads: usize,
+        trans_b: bool,
+        bias: bool,
+        acc: bool,
+        residual: bool,
+    ) {
         let a = data(m * k, 1);
         let bdat = data(k * n, 2);
         let bias_v = data(m, 3);
@@ -645,12 +702,14 @@ mod tests {
             rs,
             cs,
         };
+        let ldc = n + 3;
+        let res_v = data(m * ldc, 5);
         let epi = Epilogue {
             bias: bias.then_some(&bias_v[..]),
             act: Activation::Clip { lo: -3.0, hi: 3.0 },
             accumulate: acc,
+            residual: residual.then_some(&res_v[..]),
         };
-        let ldc = n + 3;
         let init = data(m * ldc, 4);
         let mut want = init.clone();
         reference_sgemm(m, n, k, &a, k, 1, b, &mut want, ldc, epi);
@@ -686,8 +745,8 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
         fn matches_reference(m in 1usize..40, n in 1usize..70, k in 0usize..300,
-                             threads in 1usize..4, trans_b: bool, bias: bool, acc: bool) {
-            check(m, n, k, threads, trans_b, bias, acc);
+                             threads in 1usize..4, trans_b: bool, bias: bool, acc: bool, res: bool) {
+            check_with(m, n, k, threads, trans_b, bias, acc, res);
         }
     }
 }

@@ -5,7 +5,9 @@
 //! Tolerance per output: max |osprey − onnxruntime| ≤ max(1e-3 × range, abs),
 //! where `abs` is the per-model tolerance suggested in PREPROCESS.md §6 (it
 //! matters only for the PP-OCR detector, whose probability map spans ~1e-5 on
-//! these photos). Run with `--nocapture` to see the measured errors.
+//! these photos). Every model runs twice: as imported ("raw") and after the
+//! default optimisation passes ("opt"). Run with `--nocapture` to see the
+//! measured errors.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,6 +18,18 @@ use osprey_engine::{npy, Engine, ExecutionContext};
 use osprey_tests::{max_abs_and_range, sanitize, shared_dir};
 
 fn check_model(shared: &Path, model: &str, input: &str, abs_tol: f32) -> usize {
+    let n = check_model_mode(shared, model, input, abs_tol, false);
+    assert_eq!(check_model_mode(shared, model, input, abs_tol, true), n);
+    n
+}
+
+fn check_model_mode(
+    shared: &Path,
+    model: &str,
+    input: &str,
+    abs_tol: f32,
+    optimize: bool,
+) -> usize {
     let refs = shared.join("fixtures/reference");
     let mut images: Vec<String> = std::fs::read_dir(&refs)
         .expect("reference dir")
@@ -35,8 +49,11 @@ fn check_model(shared: &Path, model: &str, input: &str, abs_tol: f32) -> usize {
         let (engine, ctx) = engines.entry(x.shape.clone()).or_insert_with(|| {
             let mut shapes = HashMap::new();
             shapes.insert(input.to_string(), x.shape.clone());
-            let g =
+            let mut g =
                 import_file(&shared.join(format!("models/{model}.onnx")), &shapes).expect("import");
+            if optimize {
+                osprey_engine::passes::optimize(&mut g);
+            }
             let e = Arc::new(Engine::new(g).expect("engine"));
             let ctx = ExecutionContext::new(e.clone(), 2);
             (e, ctx)
@@ -54,7 +71,8 @@ fn check_model(shared: &Path, model: &str, input: &str, abs_tol: f32) -> usize {
             let (max_abs, range) = max_abs_and_range(got, &want.data);
             let tol = (1e-3 * range).max(abs_tol);
             eprintln!(
-                "{model:26} {img:16} {:34} max_abs {max_abs:.3e}  range {range:.3e}  max_abs/range {:.2e}  tol {tol:.1e}",
+                "{} {model:26} {img:16} {:34} max_abs {max_abs:.3e}  range {range:.3e}  max_abs/range {:.2e}  tol {tol:.1e}",
+                if optimize { "opt " } else { "raw " },
                 d.name,
                 max_abs / range.max(f32::MIN_POSITIVE)
             );

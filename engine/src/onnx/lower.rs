@@ -1202,6 +1202,8 @@ fn lower_conv(a: &Attrs<'_>, ins: &Ins<'_>, transposed: bool) -> R<Lowered> {
             pads,
             groups,
             output_padding: [0, 0],
+            activation: Activation::None,
+            residual: false,
         };
         node(
             Op::Conv(attrs),
@@ -1303,6 +1305,8 @@ fn lower_conv(a: &Attrs<'_>, ins: &Ins<'_>, transposed: bool) -> R<Lowered> {
             pads,
             groups,
             output_padding,
+            activation: Activation::None,
+            residual: false,
         };
         node(
             Op::ConvTranspose(attrs),

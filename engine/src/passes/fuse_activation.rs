@@ -1,0 +1,125 @@
+//! Conv + activation fusion: an element-wise activation that is the only
+//! reader of a convolution's output is applied in the convolution's epilogue
+//! (in registers for Relu/Clip, over the cache-hot tile otherwise).
+
+use super::{consumers, is_output, producer, remove_nodes};
+use crate::ir::{Graph, Op};
+use osprey_kernels::Activation;
+
+/// Activations a convolution epilogue can take.
+fn fusable(a: Activation) -> bool {
+    matches!(
+        a,
+        Activation::Relu
+            | Activation::Clip { .. }
+            | Activation::LeakyRelu { .. }
+            | Activation::Sigmoid
+            | Activation::HardSigmoid { .. }
+            | Activation::HardSwish
+            | Activation::Tanh
+    )
+}
+
+/// Fuses activations into the convolutions that feed them. Returns how many.
+pub fn fuse_activation(g: &mut Graph) -> usize {
+    let mut fused = 0;
+    let mut dead = vec![false; g.nodes.len()];
+    let cons = consumers(g);
+    for ui in 0..g.nodes.len() {
+        let Op::Unary(act) = g.nodes[ui].op else {
+            continue;
+        };
+        if !fusable(act) {
+            continue;
+        }
+        let x = g.nodes[ui].inputs[0];
+        let Some(ci) = producer(g, x) else { continue };
+        if dead[ci] || cons[x].len() != 1 || is_output(g, x) {
+            continue;
+        }
+        let y = g.nodes[ui].outputs[0];
+        let act_name = g.nodes[ui].onnx_op.clone();
+        let conv = &mut g.nodes[ci];
+        match &mut conv.op {
+            Op::Conv(a) | Op::ConvTranspose(a) if a.activation == Activation::None => {
+                a.activation = act
+            }
+            _ => continue,
+        }
+        conv.outputs[0] = y;
+        conv.onnx_op = format!("{}+{act_name}", conv.onnx_op);
+        dead[ui] = true;
+        fused += 1;
+    }
+    remove_nodes(g, &dead);
+    fused
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::builder::{attr_i, attr_ints, ModelBuilder};
+    use crate::passes::test_util::*;
+
+    fn model(act: &str, second_reader: bool, depthwise: bool) -> ModelBuilder {
+        let mut m = ModelBuilder::new(13);
+        m.input("x", &[1, 4, 5, 5]);
+        if depthwise {
+            m.init_f32("w", &[4, 1, 3, 3], &data(36, 1));
+            m.node(
+                "Conv",
+                &["x", "w"],
+                &["c"],
+                vec![attr_i("group", 4), attr_ints("pads", &[1, 1, 1, 1])],
+            );
+        } else {
+            m.init_f32("w", &[6, 4, 1, 1], &data(24, 1));
+            m.node("Conv", &["x", "w"], &["c"], vec![]);
+        }
+        if act == "Clip" {
+            m.init_f32("lo", &[], &[-0.1]).init_f32("hi", &[], &[0.3]);
+            m.node("Clip", &["c", "lo", "hi"], &["y"], vec![]);
+        } else {
+            m.node(act, &["c"], &["y"], vec![]);
+        }
+        m.output("y");
+        if second_reader {
+            m.node("Neg", &["c"], &["z"], vec![]);
+            m.output("z");
+        }
+        m
+    }
+
+    #[test]
+    fn fuses_each_supported_activation() {
+        for act in [
+            "Relu",
+            "Clip",
+            "Sigmoid",
+            "HardSwish",
+            "HardSigmoid",
+            "LeakyRelu",
+            "Tanh",
+        ] {
+            for dw in [false, true] {
+                let mut g = import(&model(act, false, dw));
+                assert_eq!(ops(&g), ["Conv", act]);
+                let x = data(100, 7);
+                let before = run(g.clone(), &x);
+                assert_eq!(fuse_activation(&mut g), 1, "{act}");
+                assert_eq!(g.nodes.len(), 1);
+                assert_same(&run(g, &x), &before);
+            }
+        }
+    }
+
+    #[test]
+    fn not_fused_when_conv_output_has_another_reader_or_op_is_not_an_activation() {
+        let mut g = import(&model("Relu", true, false));
+        assert_eq!(fuse_activation(&mut g), 0);
+        assert_eq!(ops(&g), ["Conv", "Relu", "Neg"]);
+        let mut g = import(&model("Exp", false, false));
+        assert_eq!(fuse_activation(&mut g), 0);
+        assert_eq!(ops(&g), ["Conv", "Exp"]);
+    }
+}

@@ -1,0 +1,155 @@
+//! Graph optimisation passes.
+//!
+//! Each pass is a local rewrite in its own module, with tests that show the
+//! graph before and after and check that outputs are unchanged beyond float
+//! rounding. A pass only fires when its preconditions hold (single consumer,
+//! not a graph output, constant parameters, matching shapes); otherwise the
+//! graph is left as it was.
+//!
+//! Constant folding and identity/dropout removal already happen at import
+//! (see [`crate::onnx`]); the passes here work on the typed graph.
+
+mod dead_nodes;
+mod fold_batchnorm;
+mod fuse_activation;
+mod fuse_residual;
+
+pub use dead_nodes::eliminate_dead_nodes;
+pub use fold_batchnorm::fold_batchnorm;
+pub use fuse_activation::fuse_activation;
+pub use fuse_residual::fuse_residual;
+
+use crate::ir::{Graph, TensorId};
+
+/// What one pass did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassReport {
+    /// Pass name.
+    pub name: &'static str,
+    /// Rewrites applied.
+    pub rewrites: usize,
+}
+
+/// The default pipeline, in order. Returns what each pass did.
+pub fn optimize(g: &mut Graph) -> Vec<PassReport> {
+    let passes: [(&'static str, fn(&mut Graph) -> usize); 4] = [
+        ("eliminate_dead_nodes", eliminate_dead_nodes),
+        ("fold_batchnorm", fold_batchnorm),
+        ("fuse_residual", fuse_residual),
+        ("fuse_activation", fuse_activation),
+    ];
+    passes
+        .iter()
+        .map(|&(name, pass)| PassReport {
+            name,
+            rewrites: pass(g),
+        })
+        .collect()
+}
+
+/// For every tensor, the indices of the nodes that read it.
+pub(crate) fn consumers(g: &Graph) -> Vec<Vec<usize>> {
+    let mut c = vec![Vec::new(); g.tensors.len()];
+    for (i, n) in g.nodes.iter().enumerate() {
+        for &t in &n.inputs {
+            if !c[t].contains(&i) {
+                c[t].push(i);
+            }
+        }
+    }
+    c
+}
+
+/// True when `t` is a graph output (it must stay materialised).
+pub(crate) fn is_output(g: &Graph, t: TensorId) -> bool {
+    g.outputs.contains(&t)
+}
+
+/// Index of the node producing `t`, if any.
+pub(crate) fn producer(g: &Graph, t: TensorId) -> Option<usize> {
+    g.nodes.iter().position(|n| n.outputs.contains(&t))
+}
+
+/// Removes the nodes marked in `dead` (keeps order).
+pub(crate) fn remove_nodes(g: &mut Graph, dead: &[bool]) {
+    let mut i = 0;
+    g.nodes.retain(|_| {
+        let keep = !dead[i];
+        i += 1;
+        keep
+    });
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use crate::ir::Graph;
+    use crate::onnx::builder::ModelBuilder;
+    use crate::{Engine, ExecutionContext};
+
+    pub fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    pub fn import(m: &ModelBuilder) -> Graph {
+        crate::onnx::import(&m.to_bytes(), &HashMap::new()).expect("import")
+    }
+
+    /// Node op names in order, e.g. `["Conv", "Relu"]`.
+    pub fn ops(g: &Graph) -> Vec<String> {
+        g.nodes
+            .iter()
+            .map(|n| match &n.op {
+                crate::ir::Op::Conv(a) => {
+                    let mut s = "Conv".to_string();
+                    if a.residual {
+                        s.push_str("+Add");
+                    }
+                    if a.activation != osprey_kernels::Activation::None {
+                        s.push_str(
+                            &format!("+{:?}", a.activation)
+                                .split(' ')
+                                .next()
+                                .unwrap_or("")
+                                .to_string(),
+                        );
+                    }
+                    s
+                }
+                op => op.name().to_string(),
+            })
+            .collect()
+    }
+
+    /// Runs a graph on one input named "x" and returns all outputs.
+    pub fn run(g: Graph, x: &[f32]) -> Vec<Vec<f32>> {
+        let e = Arc::new(Engine::new(g).expect("engine"));
+        let mut ctx = ExecutionContext::new(e.clone(), 2);
+        ctx.set_input("x", x).expect("input");
+        ctx.run().expect("run");
+        (0..e.outputs().count())
+            .map(|i| ctx.output_index(i).unwrap().to_vec())
+            .collect()
+    }
+
+    /// Asserts two runs agree to float rounding.
+    pub fn assert_same(a: &[Vec<f32>], b: &[Vec<f32>]) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x.len(), y.len());
+            for (p, q) in x.iter().zip(y) {
+                assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "{p} vs {q}");
+            }
+        }
+    }
+}

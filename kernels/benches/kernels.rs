@@ -1,0 +1,81 @@
+//! Criterion benchmarks of the hot kernels on the layer shapes of the shared
+//! models (single thread, so numbers are comparable across machines' core
+//! counts). Reports throughput in FLOP (2 per multiply-add).
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use osprey_kernels::activation::Activation;
+use osprey_kernels::conv::{Conv2d, Conv2dGeometry};
+use osprey_kernels::ThreadPool;
+
+fn data(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
+fn conv_case(c: &mut Criterion, group: &str, cases: &[(usize, usize, usize, usize, usize, usize)]) {
+    let pool = ThreadPool::new(1);
+    let mut g = c.benchmark_group(group);
+    for &(cin, cout, hw, k, stride, groups) in cases {
+        let geo = Conv2dGeometry {
+            c_in: cin,
+            h: hw,
+            w: hw,
+            c_out: cout,
+            kh: k,
+            kw: k,
+            stride: [stride; 2],
+            dilation: [1, 1],
+            pads: [k / 2; 4],
+            groups,
+        };
+        let w = data(cout * cin / groups * k * k);
+        let conv = Conv2d::new(geo, &w, Some(&data(cout)), Activation::Relu).expect("conv");
+        let (oh, ow) = conv.out_hw();
+        let x = data(cin * hw * hw);
+        let mut y = vec![0.0; cout * oh * ow];
+        let mut scratch = vec![0.0; conv.scratch_len(1)];
+        let macs = cout * (cin / groups) * k * k * oh * ow;
+        g.throughput(Throughput::Elements(2 * macs as u64));
+        let id = format!("{}x{}_{cin}to{cout}_at{hw}_s{stride}_g{groups}", k, k);
+        g.bench_function(BenchmarkId::from_parameter(id), |b| {
+            b.iter(|| conv.run(&pool, 1, &x, &mut y, &mut scratch))
+        });
+    }
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    // (c_in, c_out, h=w, kernel, stride, groups)
+    conv_case(
+        c,
+        "pointwise",
+        &[
+            (16, 96, 112, 1, 1, 1),
+            (96, 24, 56, 1, 1, 1),
+            (112, 672, 14, 1, 1, 1),
+            (1152, 320, 7, 1, 1, 1),
+        ],
+    );
+    conv_case(
+        c,
+        "depthwise",
+        &[
+            (96, 96, 112, 3, 2, 96),
+            (240, 240, 28, 5, 1, 240),
+            (1152, 1152, 7, 5, 1, 1152),
+        ],
+    );
+    conv_case(
+        c,
+        "im2col",
+        &[(3, 32, 224, 3, 2, 1), (96, 24, 160, 3, 1, 1)],
+    );
+}
+
+criterion_group! {
+    name = kernels;
+    config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
+    targets = benches
+}
+criterion_main!(kernels);
