@@ -30,9 +30,12 @@ pub struct PassReport {
     pub rewrites: usize,
 }
 
+/// A pass: rewrites the graph in place, returns the number of rewrites.
+pub type Pass = fn(&mut Graph) -> usize;
+
 /// The default pipeline, in order. Returns what each pass did.
 pub fn optimize(g: &mut Graph) -> Vec<PassReport> {
-    let passes: [(&'static str, fn(&mut Graph) -> usize); 4] = [
+    let passes: [(&'static str, Pass); 4] = [
         ("eliminate_dead_nodes", eliminate_dead_nodes),
         ("fold_batchnorm", fold_batchnorm),
         ("fuse_residual", fuse_residual),
