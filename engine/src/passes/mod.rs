@@ -119,13 +119,8 @@ pub(crate) mod test_util {
                         s.push_str("+Add");
                     }
                     if a.activation != osprey_kernels::Activation::None {
-                        s.push_str(
-                            &format!("+{:?}", a.activation)
-                                .split(' ')
-                                .next()
-                                .unwrap_or("")
-                                .to_string(),
-                        );
+                        let act = format!("+{:?}", a.activation);
+                        s.push_str(act.split(' ').next().unwrap_or(""));
                     }
                     s
                 }
