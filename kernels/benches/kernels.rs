@@ -45,7 +45,31 @@ fn conv_case(c: &mut Criterion, group: &str, cases: &[(usize, usize, usize, usiz
     g.finish();
 }
 
+fn activations(c: &mut Criterion) {
+    let mut g = c.benchmark_group("activation");
+    for act in [
+        Activation::Sigmoid,
+        Activation::HardSwish,
+        Activation::Clip { lo: 0.0, hi: 6.0 },
+    ] {
+        for len in [16usize, 65536] {
+            let mut x = data(len);
+            g.throughput(Throughput::Elements(len as u64));
+            let name = format!("{act:?}")
+                .split([' ', '{'])
+                .next()
+                .unwrap_or("act")
+                .to_string();
+            g.bench_function(BenchmarkId::new(name, len), |b| {
+                b.iter(|| act.apply_slice(&mut x))
+            });
+        }
+    }
+    g.finish();
+}
+
 fn benches(c: &mut Criterion) {
+    activations(c);
     // (c_in, c_out, h=w, kernel, stride, groups)
     conv_case(
         c,
