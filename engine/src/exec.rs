@@ -994,7 +994,7 @@ fn run_step(
             scale,
             shift,
         } => eltwise::channel_affine(pool, *batch, *channels, *plane, scale, shift, x, y),
-        Kind::Unary(act) => act.apply_into(x, y),
+        Kind::Unary(act) => act.apply_parallel(pool, x, y),
         Kind::Binary(op, plan) => {
             let b = io.read(input(1)?)?;
             eltwise::binary(pool, *op, plan, x, b, y);

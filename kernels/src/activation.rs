@@ -107,6 +107,23 @@ impl Activation {
         apply_into_body(self, src, dst);
     }
 
+    /// `dst = f(src)` split across the pool in 32k-element chunks.
+    pub fn apply_parallel(self, pool: &crate::pool::ThreadPool, src: &[f32], dst: &mut [f32]) {
+        const CHUNK: usize = 32 * 1024;
+        let n = src.len().min(dst.len());
+        if n <= CHUNK || pool.threads() == 1 {
+            self.apply_into(&src[..n], &mut dst[..n]);
+            return;
+        }
+        let d = crate::pool::SyncPtr::new(dst);
+        pool.run(n.div_ceil(CHUNK), &|t, _| {
+            let (lo, hi) = (t * CHUNK, ((t + 1) * CHUNK).min(n));
+            // SAFETY: each task writes its own chunk of dst.
+            let out = unsafe { std::slice::from_raw_parts_mut(d.add(lo), hi - lo) };
+            self.apply_into(&src[lo..hi], out);
+        });
+    }
+
     /// The form used on slices: identical to [`Activation::apply`] except that
     /// `exp` (in Sigmoid, Exp, Tanh) is a branch-free polynomial that LLVM
     /// vectorises, accurate to about 2 ulp.
@@ -129,10 +146,10 @@ fn apply_slice_body(act: Activation, xs: &mut [f32]) {
         Activation::Clip { lo, hi } => xs.iter_mut().for_each(|x| *x = x.max(lo).min(hi)),
         Activation::HardSwish => xs
             .iter_mut()
-            .for_each(|x| *x = *x * (*x * (1.0 / 6.0) + 0.5).max(0.0).min(1.0)),
+            .for_each(|x| *x = *x * (*x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0)),
         Activation::HardSigmoid { alpha, beta } => xs
             .iter_mut()
-            .for_each(|x| *x = (alpha * *x + beta).max(0.0).min(1.0)),
+            .for_each(|x| *x = (alpha * *x + beta).clamp(0.0, 1.0)),
         Activation::Sigmoid => xs.iter_mut().for_each(|x| *x = sigmoid_fast(*x)),
         Activation::Exp => xs.iter_mut().for_each(|x| *x = exp_fast(*x)),
         Activation::Tanh => xs.iter_mut().for_each(|x| *x = tanh_fast(*x)),
@@ -152,10 +169,10 @@ fn apply_into_body(act: Activation, src: &[f32], dst: &mut [f32]) {
         Activation::Relu => map_into(src, dst, |x| x.max(0.0)),
         Activation::Clip { lo, hi } => map_into(src, dst, |x| x.max(lo).min(hi)),
         Activation::HardSwish => {
-            map_into(src, dst, |x| x * (x * (1.0 / 6.0) + 0.5).max(0.0).min(1.0))
+            map_into(src, dst, |x| x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0))
         }
         Activation::HardSigmoid { alpha, beta } => {
-            map_into(src, dst, |x| (alpha * x + beta).max(0.0).min(1.0))
+            map_into(src, dst, |x| (alpha * x + beta).clamp(0.0, 1.0))
         }
         Activation::Sigmoid => map_into(src, dst, sigmoid_fast),
         Activation::Exp => map_into(src, dst, exp_fast),

@@ -179,6 +179,9 @@ pub fn binary(
     }
 }
 
+/// Elements one task handles: large enough to amortise scheduling.
+const SEG: usize = 32 * 1024;
+
 fn binary_with<F: Fn(f32, f32) -> f32 + Copy + Sync>(
     pool: &ThreadPool,
     plan: &Broadcast,
@@ -193,14 +196,33 @@ fn binary_with<F: Fn(f32, f32) -> f32 + Copy + Sync>(
     assert!(y.len() >= plan.len);
     let r = plan.rank;
     let inner = plan.dims[r - 1];
-    let (ia, ib) = (plan.sa[r - 1], plan.sb[r - 1]);
     let outer = plan.len / inner;
+    // Tasks cover whole rows when rows are short, row segments when long.
+    let segs = inner.div_ceil(SEG);
+    let rows_per_task = if segs > 1 {
+        1
+    } else {
+        (SEG / inner.max(1)).max(1)
+    };
+    let tasks = if segs > 1 {
+        outer * segs
+    } else {
+        outer.div_ceil(rows_per_task)
+    };
     let y_ptr = SyncPtr::new(y);
-    // ~32k elements per task keeps scheduling overhead negligible.
-    let rows_per_task = (32 * 1024 / inner.max(1)).max(1);
-    let tasks = outer.div_ceil(rows_per_task);
+    let isa = crate::isa::active();
     let task = |t: usize, _slot: usize| {
-        for o in t * rows_per_task..((t + 1) * rows_per_task).min(outer) {
+        let (rows, lo, hi) = if segs > 1 {
+            let (o, s) = (t / segs, t % segs);
+            (o..o + 1, s * SEG, ((s + 1) * SEG).min(inner))
+        } else {
+            (
+                t * rows_per_task..((t + 1) * rows_per_task).min(outer),
+                0,
+                inner,
+            )
+        };
+        for o in rows {
             let (mut oa, mut ob) = (0, 0);
             let mut rest = o;
             for d in (0..r - 1).rev() {
@@ -209,33 +231,80 @@ fn binary_with<F: Fn(f32, f32) -> f32 + Copy + Sync>(
                 oa += i * plan.sa[d];
                 ob += i * plan.sb[d];
             }
-            // SAFETY: output rows are disjoint per outer index.
-            let yr = unsafe { std::slice::from_raw_parts_mut(y_ptr.add(o * inner), inner) };
-            match (ia, ib) {
-                (0, 0) => yr.iter_mut().for_each(|v| *v = f(a[oa], b[ob])),
-                (0, _) => {
-                    let av = a[oa];
-                    yr.iter_mut()
-                        .zip(&b[ob..ob + inner])
-                        .for_each(|(v, bv)| *v = f(av, *bv));
-                }
-                (_, 0) => {
-                    let bv = b[ob];
-                    yr.iter_mut()
-                        .zip(&a[oa..oa + inner])
-                        .for_each(|(v, av)| *v = f(*av, bv));
-                }
-                _ => yr
-                    .iter_mut()
-                    .zip(a[oa..oa + inner].iter().zip(&b[ob..ob + inner]))
-                    .for_each(|(v, (av, bv))| *v = f(*av, *bv)),
-            }
+            // SAFETY: tasks write disjoint (row, segment) ranges of y.
+            let yr = unsafe { std::slice::from_raw_parts_mut(y_ptr.add(o * inner + lo), hi - lo) };
+            let (sa, sb) = (plan.sa[r - 1], plan.sb[r - 1]);
+            let a_row = if sa == 0 {
+                &a[oa..oa + 1]
+            } else {
+                &a[oa + lo..oa + hi]
+            };
+            let b_row = if sb == 0 {
+                &b[ob..ob + 1]
+            } else {
+                &b[ob + lo..ob + hi]
+            };
+            row_op(isa, yr, a_row, b_row, f);
         }
     };
     if tasks == 1 {
         task(0, 0);
     } else {
         pool.run(tasks, &task);
+    }
+}
+
+/// One output row segment; a 1-element operand is broadcast.
+#[inline(always)]
+fn row_op<F: Fn(f32, f32) -> f32 + Copy>(
+    isa: crate::isa::Isa,
+    y: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    f: F,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == crate::isa::Isa::Avx2Fma {
+        // SAFETY: AVX2 and FMA are available when Avx2Fma is active.
+        unsafe { row_op_avx2(y, a, b, f) };
+        return;
+    }
+    let _ = isa;
+    row_op_body(y, a, b, f)
+}
+
+/// # Safety
+/// AVX2 and FMA must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_op_avx2<F: Fn(f32, f32) -> f32 + Copy>(y: &mut [f32], a: &[f32], b: &[f32], f: F) {
+    row_op_body(y, a, b, f)
+}
+
+#[inline(always)]
+fn row_op_body<F: Fn(f32, f32) -> f32 + Copy>(y: &mut [f32], a: &[f32], b: &[f32], f: F) {
+    let n = y.len();
+    match (a.len() == 1 && n > 1, b.len() == 1 && n > 1) {
+        (true, true) => {
+            let v = f(a[0], b[0]);
+            y.iter_mut().for_each(|e| *e = v);
+        }
+        (true, false) => {
+            let av = a[0];
+            y.iter_mut()
+                .zip(&b[..n])
+                .for_each(|(e, bv)| *e = f(av, *bv));
+        }
+        (false, true) => {
+            let bv = b[0];
+            y.iter_mut()
+                .zip(&a[..n])
+                .for_each(|(e, av)| *e = f(*av, bv));
+        }
+        (false, false) => y
+            .iter_mut()
+            .zip(a[..n].iter().zip(&b[..n]))
+            .for_each(|(e, (av, bv))| *e = f(*av, *bv)),
     }
 }
 
@@ -312,6 +381,24 @@ mod tests {
                 prop_assert_eq!(*v, want);
             }
         }
+    }
+
+    #[test]
+    fn long_rows_are_split_across_tasks() {
+        // Rows longer than one task's segment, with and without broadcasting.
+        let n = 3 * SEG + 17;
+        let a: Vec<f32> = (0..2 * n).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+        let (plan, out) = Broadcast::new(&[2, n], &[1, n]).unwrap();
+        assert_eq!(out, vec![2, n]);
+        let mut y = vec![0.0; 2 * n];
+        binary(&ThreadPool::new(3), BinaryOp::Sub, &plan, &a, &b, &mut y);
+        for i in 0..2 * n {
+            assert_eq!(y[i], a[i] - b[i % n]);
+        }
+        let (plan, _) = Broadcast::new(&[2, n], &[2, n]).unwrap();
+        binary(&ThreadPool::new(2), BinaryOp::Mul, &plan, &a, &a, &mut y);
+        assert!(y.iter().zip(&a).all(|(v, x)| *v == x * x));
     }
 
     #[test]
