@@ -31,14 +31,26 @@ pub enum Command {
     Bench(BenchArgs),
     /// Show a model's inputs, outputs, operators and memory plan.
     Inspect(InspectArgs),
+    /// Optimise a model, time kernel tactics on this device, and write one
+    /// engine file that `run`, `bench` and `inspect` load with `--engine`.
+    Build(BuildArgs),
 }
 
 /// Where the model comes from (shared by the model subcommands).
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// ONNX model file.
-    #[arg(long, value_name = "M.onnx")]
-    pub onnx: PathBuf,
+    /// ONNX model file (imported and optimised now).
+    #[arg(
+        long,
+        value_name = "M.onnx",
+        conflicts_with = "engine",
+        required_unless_present = "engine"
+    )]
+    pub onnx: Option<PathBuf>,
+    /// Engine file written by `osprey build` (starts instantly; must have
+    /// been built on this kind of device).
+    #[arg(long, value_name = "M.engine")]
+    pub engine: Option<PathBuf>,
     /// Shape for an input with dynamic dimensions, e.g. `x=1,3,640,640` (repeatable).
     #[arg(long = "input-shape", value_name = "NAME=D0,D1,...")]
     pub input_shapes: Vec<String>,
@@ -86,6 +98,42 @@ pub struct BenchArgs {
     pub profile: bool,
 }
 
+/// `osprey build`.
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// ONNX model file.
+    #[arg(long, value_name = "M.onnx")]
+    pub onnx: PathBuf,
+    /// Engine file to write.
+    #[arg(long, value_name = "M.engine")]
+    pub out: PathBuf,
+    /// Weight storage precision: fp16 halves the file; compute stays f32.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: PrecisionArg,
+    /// Timing cache to read and update (created if missing): makes rebuilds fast.
+    #[arg(long = "timing-cache", value_name = "FILE")]
+    pub timing_cache: Option<PathBuf>,
+    /// Threads the engine will run with (tactics are timed with them).
+    /// Default: all cores.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Shape for an input with dynamic dimensions, e.g. `x=1,3,640,640`.
+    #[arg(long = "input-shape", value_name = "NAME=D0,D1,...")]
+    pub input_shapes: Vec<String>,
+    /// Print the build report as one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Weight precision of an engine.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrecisionArg {
+    /// 32-bit float weights.
+    Fp32,
+    /// 16-bit float weights.
+    Fp16,
+}
+
 /// `osprey inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
@@ -103,6 +151,7 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Run(a) => run(a),
         Command::Bench(a) => bench(a),
         Command::Inspect(a) => inspect(a),
+        Command::Build(a) => crate::build::build(a),
     }
 }
 
@@ -113,7 +162,8 @@ pub fn default_threads() -> usize {
         .unwrap_or(1)
 }
 
-fn parse_shapes(specs: &[String]) -> Result<InputShapes> {
+/// Parses repeated `NAME=D0,D1,...` flags.
+pub fn parse_shapes(specs: &[String]) -> Result<InputShapes> {
     let mut out = HashMap::new();
     for s in specs {
         let (name, dims) = s
@@ -134,17 +184,54 @@ fn parse_shapes(specs: &[String]) -> Result<InputShapes> {
     Ok(out)
 }
 
+/// The model's display name (its path).
+pub fn model_name(model: &ModelArgs) -> String {
+    model
+        .onnx
+        .as_ref()
+        .or(model.engine.as_ref())
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
 fn load(model: &ModelArgs, extra_shapes: InputShapes) -> Result<Arc<Engine>> {
+    if let Some(path) = &model.engine {
+        if !model.input_shapes.is_empty() {
+            bail!("--input-shape does not apply to an engine: its shapes were fixed by `osprey build`");
+        }
+        let ef = osprey_engine::file::load(
+            path,
+            Some(&osprey_engine::fingerprint::Fingerprint::current()),
+        )?;
+        for (name, shape) in &extra_shapes {
+            if let Some(&t) = ef
+                .graph
+                .inputs
+                .iter()
+                .find(|&&t| &ef.graph.tensors[t].name == name)
+            {
+                let want = &ef.graph.tensors[t].shape;
+                if want != shape {
+                    bail!("input '{name}': got shape {shape:?}, the engine was built for {want:?}");
+                }
+            }
+        }
+        let engine = Engine::with_tactics(ef.graph, &ef.tactics)
+            .with_context(|| path.display().to_string())?;
+        return Ok(Arc::new(engine));
+    }
+    let Some(onnx) = &model.onnx else {
+        bail!("give --onnx or --engine")
+    };
     let mut shapes = parse_shapes(&model.input_shapes)?;
     for (k, v) in extra_shapes {
         shapes.entry(k).or_insert(v);
     }
-    let mut graph =
-        import_file(&model.onnx, &shapes).with_context(|| model.onnx.display().to_string())?;
+    let mut graph = import_file(onnx, &shapes).with_context(|| onnx.display().to_string())?;
     if !model.no_optimize {
         osprey_engine::passes::optimize(&mut graph);
     }
-    let engine = Engine::new(graph).with_context(|| model.onnx.display().to_string())?;
+    let engine = Engine::new(graph).with_context(|| onnx.display().to_string())?;
     Ok(Arc::new(engine))
 }
 
@@ -266,7 +353,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let isa = osprey_kernels::isa::active().name();
     if a.json {
         let v = json!({
-            "model": a.model.onnx.display().to_string(),
+            "model": model_name(&a.model),
             "latency_ms": lat,
             "throughput_per_s": throughput,
             "arena_bytes": plan.arena_bytes(),
@@ -282,7 +369,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         });
         println!("{v}");
     } else {
-        println!("model       {}", a.model.onnx.display());
+        println!("model       {}", model_name(&a.model));
         println!("threads     {} ({isa})", ctx.threads());
         println!("iterations  {} (+{} warm-up)", a.iterations, a.warmup);
         println!(
@@ -379,7 +466,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
         println!(
             "{}",
             json!({
-                "model": a.model.onnx.display().to_string(),
+                "model": model_name(&a.model),
                 "inputs": ins,
                 "outputs": outs,
                 "ops": engine.op_histogram(),
@@ -392,7 +479,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
         );
         return Ok(());
     }
-    println!("model   {}", a.model.onnx.display());
+    println!("model   {}", model_name(&a.model));
     println!("inputs");
     for d in engine.inputs() {
         println!("  {:<32} float32 {:?}", d.name, d.shape);

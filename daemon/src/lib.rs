@@ -6,8 +6,10 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`cli`] | the `osprey` subcommands: `run`, `bench`, `inspect` |
+//! | [`cli`] | the `osprey` subcommands: `run`, `bench`, `inspect`, `build` |
+//! | [`build`] | `osprey build`: optimise, tune, write the engine file, report |
 //! | [`stats`] | latency statistics (trtexec-style summaries) |
 
+pub mod build;
 pub mod cli;
 pub mod stats;

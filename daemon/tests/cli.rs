@@ -269,3 +269,122 @@ fn run_matches_onnxruntime_on_a_shared_model() {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
 }
+
+#[test]
+fn build_then_run_and_bench_the_engine() {
+    let d = tmpdir();
+    let model = write_model(&d, true);
+    let engine = d.join("m.engine");
+    let cache = d.join("tc.json");
+    let build = |precision: &str| {
+        osprey()
+            .args(["build", "--onnx"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&engine)
+            .args([
+                "--precision",
+                precision,
+                "--threads",
+                "1",
+                "--input-shape",
+                "x=1,2,3,3",
+                "--json",
+                "--timing-cache",
+            ])
+            .arg(&cache)
+            .output()
+            .unwrap()
+    };
+    let out = build("fp32");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON report");
+    assert_eq!(report["nodes_imported"], 2);
+    assert_eq!(report["nodes_after_fusion"], 1, "Conv+Relu fused");
+    assert_eq!(report["layers"].as_array().unwrap().len(), 1);
+    assert!(report["layers"][0]["tactic"]
+        .as_str()
+        .unwrap()
+        .contains("gemm"));
+    assert!(
+        report["engine_bytes"].as_u64().unwrap() > 0 && report["build_ms"].as_f64().unwrap() > 0.0
+    );
+    assert!(cache.exists());
+    // Second build: everything from the cache.
+    let again: serde_json::Value = serde_json::from_slice(&build("fp16").stdout).unwrap();
+    assert_eq!(again["timing_cache"]["hits"], 1);
+    assert_eq!(again["precision"], "fp16");
+
+    // run --engine gives what run --onnx gives (weights 2.0 and 0.0 are exact in fp16).
+    let x: Vec<f32> = (0..18).map(|i| i as f32 - 9.0).collect();
+    npy::write(&d.join("x.npy"), &[1, 2, 3, 3], &x).unwrap();
+    let out = osprey()
+        .args(["run", "--engine"])
+        .arg(&engine)
+        .arg(format!("--input=x={}", d.join("x.npy").display()))
+        .arg("--output-dir")
+        .arg(d.join("e"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let y = npy::read(&d.join("e/head_out_0.npy"), false).unwrap();
+    assert_eq!(
+        y.data,
+        x.iter().map(|v| (2.0 * v).max(0.0)).collect::<Vec<_>>()
+    );
+
+    let out = osprey()
+        .args(["bench", "--engine"])
+        .arg(&engine)
+        .args(["--iterations", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["latency_ms"]["median"].as_f64().unwrap() > 0.0);
+
+    // A wrong input shape for the engine, and --input-shape with an engine.
+    npy::write(&d.join("big.npy"), &[1, 2, 4, 4], &[1.0; 32]).unwrap();
+    let out = osprey()
+        .args(["run", "--engine"])
+        .arg(&engine)
+        .arg(format!("--input=x={}", d.join("big.npy").display()))
+        .arg("--output-dir")
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "built for [1, 2, 3, 3]");
+    let out = osprey()
+        .args(["bench", "--engine"])
+        .arg(&engine)
+        .args(["--input-shape", "x=1,2,3,3"])
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "does not apply to an engine");
+    // A damaged engine.
+    let mut bytes = std::fs::read(&engine).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 1;
+    std::fs::write(d.join("bad.engine"), &bytes).unwrap();
+    let out = osprey()
+        .args(["inspect", "--engine"])
+        .arg(d.join("bad.engine"))
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "checksum mismatch");
+    std::fs::write(d.join("short.engine"), &bytes[..n / 3]).unwrap();
+    let out = osprey()
+        .args(["inspect", "--engine"])
+        .arg(d.join("short.engine"))
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "truncated or corrupt");
+}

@@ -51,6 +51,15 @@ pub enum EngineError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// An engine file that cannot be used (corrupt, truncated, tampered,
+    /// another format version, or tuned for another device).
+    #[error("{path}: {msg}")]
+    EngineFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
     /// A `.npy` file that is malformed or of an unsupported kind.
     #[error("{path}: {msg}")]
     Npy {

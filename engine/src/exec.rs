@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use osprey_kernels::activation::Activation;
-use osprey_kernels::conv::{Conv2d, Conv2dGeometry, ConvTranspose2d, ConvTranspose2dGeometry};
+use osprey_kernels::conv::{
+    Conv2d, Conv2dGeometry, ConvTactic, ConvTranspose2d, ConvTranspose2dGeometry,
+};
 use osprey_kernels::eltwise::{self, BinaryOp, Broadcast};
 use osprey_kernels::gemm::{self, Epilogue, MatRef, PackedA};
 use osprey_kernels::layout::{self, contiguous_strides, PadMode, StridedView};
@@ -141,22 +143,30 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Prepares a graph: validates it, plans memory, packs weights.
+    /// Prepares a graph with default tactics: validates it, plans memory,
+    /// packs weights.
     pub fn new(graph: Graph) -> Result<Engine> {
+        Engine::with_tactics(graph, &[])
+    }
+
+    /// As [`Engine::new`], with a tactic per node (see [`crate::tune`]);
+    /// nodes without one, or beyond the table, use the default.
+    pub fn with_tactics(graph: Graph, tactics: &[Option<String>]) -> Result<Engine> {
         graph.validate()?;
         let plan = plan_arena(&graph);
         let mut b = Builder {
+            tactics,
             g: &graph,
             plan: &plan,
             consts: Vec::new(),
             const_of: BTreeMap::new(),
         };
         let mut steps = Vec::with_capacity(graph.nodes.len());
-        for node in &graph.nodes {
+        for (ni, node) in graph.nodes.iter().enumerate() {
             if node.op.is_view() {
                 continue;
             }
-            let kind = b.kind(node).map_err(|msg| EngineError::Node {
+            let kind = b.kind(ni, node).map_err(|msg| EngineError::Node {
                 node: node.name.clone(),
                 op: node.onnx_op.clone(),
                 msg,
@@ -238,7 +248,7 @@ impl Engine {
                 let g = layer.geometry();
                 format!(
                     "Conv {} {}x{} s{} g{} {}->{} @{}x{}{}",
-                    layer.algorithm(),
+                    layer.tactic().name(),
                     g.kh,
                     g.kw,
                     g.stride[0],
@@ -302,6 +312,7 @@ fn desc(g: &Graph, t: TensorId) -> TensorDesc {
 }
 
 struct Builder<'a> {
+    tactics: &'a [Option<String>],
     g: &'a Graph,
     plan: &'a MemoryPlan,
     consts: Vec<Vec<f32>>,
@@ -339,7 +350,7 @@ impl Builder<'_> {
             .ok_or_else(|| format!("'{}' must be a constant", self.g.tensors[t].name))
     }
 
-    fn kind(&mut self, node: &crate::ir::Node) -> std::result::Result<Kind, String> {
+    fn kind(&mut self, ni: usize, node: &crate::ir::Node) -> std::result::Result<Kind, String> {
         let x = node.inputs.first().copied().ok_or("node without inputs")?;
         let y = node
             .outputs
@@ -364,7 +375,15 @@ impl Builder<'_> {
                     pads: a.pads,
                     groups: a.groups,
                 };
-                let layer = Conv2d::new(geo, &w, bias.as_deref(), a.activation)
+                let tactic = match self.tactics.get(ni).and_then(|t| t.as_deref()) {
+                    None => ConvTactic::default_for(&geo),
+                    Some(name) => ConvTactic::parse(name)
+                        .filter(|t| t.supports(&geo))
+                        .ok_or_else(|| {
+                            format!("tactic '{name}' is unknown or does not fit this layer")
+                        })?,
+                };
+                let layer = Conv2d::with_tactic(geo, &w, bias.as_deref(), a.activation, tactic)
                     .map_err(|e| e.to_string())?;
                 if a.residual && node.inputs.len() != 4 {
                     return Err("fused residual without its operand".into());

@@ -19,7 +19,7 @@ use crate::error::{EngineError, Result};
 pub type TensorId = usize;
 
 /// Element type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DType {
     /// 32-bit float.
     F32,
@@ -105,7 +105,7 @@ impl Tensor {
 }
 
 /// Convolution attributes, resolved (2-D).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ConvAttrs {
     /// Kernel (h, w).
     pub kernel: [usize; 2],
@@ -127,7 +127,7 @@ pub struct ConvAttrs {
 }
 
 /// Pooling attributes, resolved (2-D).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolAttrs {
     /// Max or average.
     pub kind: PoolKind,
@@ -142,7 +142,7 @@ pub struct PoolAttrs {
 }
 
 /// An operation on f32 tensors, with every attribute resolved at import.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// 2-D convolution; inputs x, w (const), optional b (const), and the
     /// residual when [`ConvAttrs::residual`] is set (then b is present).
@@ -298,7 +298,7 @@ impl Op {
 }
 
 /// One operation with its operands.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Node {
     /// Name from the model (or `#index`).
     pub name: String,

@@ -12,16 +12,22 @@
 //! | [`passes`] | graph optimisation passes (BN folding, conv epilogue fusion, dead nodes) |
 //! | [`plan`] | tensor lifetimes and arena placement |
 //! | [`exec`] | prepared engines and execution contexts |
+//! | [`tune`] | tactic selection by timing, and the timing cache |
+//! | [`file`] | the engine file format (safetensors + JSON plan) |
+//! | [`fingerprint`] | the device an engine was tuned for |
 //! | [`npy`] | reading and writing `.npy` tensors |
 //! | [`error`] | [`EngineError`] |
 
 pub mod error;
 pub mod exec;
+pub mod file;
+pub mod fingerprint;
 pub mod ir;
 pub mod npy;
 pub mod onnx;
 pub mod passes;
 pub mod plan;
+pub mod tune;
 
 pub use error::{EngineError, Result};
 pub use exec::{Engine, ExecutionContext};

@@ -6,6 +6,7 @@
 
 /// A unary element-wise function.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Activation {
     /// Identity.
     None,

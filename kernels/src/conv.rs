@@ -13,7 +13,7 @@
 use crate::activation::Activation;
 use crate::depthwise::{depthwise_plane, PlaneGeometry};
 use crate::error::KernelError;
-use crate::gemm::{self, BSource, Epilogue, Im2colRef, MatRef, PackedA};
+use crate::gemm::{self, BSource, Blocking, Epilogue, Im2colRef, MatRef, PackedA};
 use crate::isa;
 use crate::pool::{SyncPtr, ThreadPool};
 
@@ -101,6 +101,127 @@ enum Algo {
     Im2col,
 }
 
+/// Convolution algorithms (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConvAlgorithm {
+    /// 1×1, stride 1, no padding: the input is the GEMM's B.
+    Pointwise,
+    /// Direct depthwise kernel.
+    Depthwise,
+    /// GEMM over an implicit im2col view (always applicable).
+    Im2col,
+}
+
+/// One implementation choice for a convolution: algorithm plus GEMM blocking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvTactic {
+    /// Algorithm.
+    pub algorithm: ConvAlgorithm,
+    /// GEMM blocking (ignored by the depthwise kernel).
+    pub blocking: Blocking,
+}
+
+impl ConvTactic {
+    /// A stable name, e.g. `pointwise-gemm/nc256`, as stored in engines and
+    /// timing caches.
+    pub fn name(&self) -> String {
+        match self.algorithm {
+            ConvAlgorithm::Pointwise => format!("pointwise-gemm/nc{}", self.blocking.nc),
+            ConvAlgorithm::Im2col => format!("im2col-gemm/nc{}", self.blocking.nc),
+            ConvAlgorithm::Depthwise => "depthwise-direct".to_string(),
+        }
+    }
+
+    /// Parses [`ConvTactic::name`].
+    pub fn parse(s: &str) -> Option<ConvTactic> {
+        if s == "depthwise-direct" {
+            return Some(ConvTactic {
+                algorithm: ConvAlgorithm::Depthwise,
+                blocking: Blocking::DEFAULT,
+            });
+        }
+        let (alg, nc) = s.split_once("/nc")?;
+        let nc: usize = nc.parse().ok()?;
+        if !Blocking::CANDIDATES.iter().any(|b| b.nc == nc) {
+            return None;
+        }
+        let algorithm = match alg {
+            "pointwise-gemm" => ConvAlgorithm::Pointwise,
+            "im2col-gemm" => ConvAlgorithm::Im2col,
+            _ => return None,
+        };
+        Some(ConvTactic {
+            algorithm,
+            blocking: Blocking { nc },
+        })
+    }
+
+    /// Whether this tactic can run a convolution of geometry `g`.
+    pub fn supports(&self, g: &Conv2dGeometry) -> bool {
+        match self.algorithm {
+            ConvAlgorithm::Pointwise => {
+                g.kh == 1
+                    && g.kw == 1
+                    && g.stride == [1, 1]
+                    && g.pads == [0, 0, 0, 0]
+                    && g.groups == 1
+            }
+            ConvAlgorithm::Depthwise => g.groups == g.c_in && g.c_out == g.c_in && g.groups > 1,
+            ConvAlgorithm::Im2col => true,
+        }
+    }
+
+    /// The tactic used when nothing was tuned.
+    pub fn default_for(g: &Conv2dGeometry) -> ConvTactic {
+        let algorithm = if ConvTactic::depthwise().supports(g) {
+            ConvAlgorithm::Depthwise
+        } else if (ConvTactic {
+            algorithm: ConvAlgorithm::Pointwise,
+            blocking: Blocking::DEFAULT,
+        })
+        .supports(g)
+        {
+            ConvAlgorithm::Pointwise
+        } else {
+            ConvAlgorithm::Im2col
+        };
+        ConvTactic {
+            algorithm,
+            blocking: Blocking::DEFAULT,
+        }
+    }
+
+    /// Every tactic that supports `g`, for a tuner to time.
+    pub fn candidates(g: &Conv2dGeometry) -> Vec<ConvTactic> {
+        let mut out = Vec::new();
+        if ConvTactic::depthwise().supports(g) {
+            // The im2col form of a depthwise layer is a GEMM with one row
+            // per group: never competitive, so not offered.
+            out.push(ConvTactic::depthwise());
+            return out;
+        }
+        for algorithm in [ConvAlgorithm::Pointwise, ConvAlgorithm::Im2col] {
+            for blocking in Blocking::CANDIDATES {
+                let t = ConvTactic {
+                    algorithm,
+                    blocking,
+                };
+                if t.supports(g) {
+                    out.push(t);
+                }
+            }
+        }
+        out
+    }
+
+    fn depthwise() -> ConvTactic {
+        ConvTactic {
+            algorithm: ConvAlgorithm::Depthwise,
+            blocking: Blocking::DEFAULT,
+        }
+    }
+}
+
 /// A prepared convolution: weights packed for the chosen algorithm.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
@@ -111,16 +232,35 @@ pub struct Conv2d {
     packed: Vec<PackedA>,
     bias: Vec<f32>,
     act: Activation,
+    tactic: ConvTactic,
 }
 
 impl Conv2d {
-    /// Prepares a convolution. `weights` is `[c_out, c_in/groups, kh, kw]`.
+    /// Prepares a convolution with the default tactic. `weights` is
+    /// `[c_out, c_in/groups, kh, kw]`.
     pub fn new(
         g: Conv2dGeometry,
         weights: &[f32],
         bias: Option<&[f32]>,
         act: Activation,
     ) -> Result<Conv2d, KernelError> {
+        Conv2d::with_tactic(g, weights, bias, act, ConvTactic::default_for(&g))
+    }
+
+    /// Prepares a convolution with the given tactic (which must support `g`).
+    pub fn with_tactic(
+        g: Conv2dGeometry,
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        act: Activation,
+        tactic: ConvTactic,
+    ) -> Result<Conv2d, KernelError> {
+        if !tactic.supports(&g) {
+            return Err(KernelError::Unsupported {
+                kernel: "conv2d",
+                detail: format!("tactic {} does not support {g:?}", tactic.name()),
+            });
+        }
         let (oh, ow) = g.validate("conv2d")?;
         let cin_g = g.c_in / g.groups;
         let cout_g = g.c_out / g.groups;
@@ -144,19 +284,12 @@ impl Conv2d {
             Some(b) => b.to_vec(),
             None => vec![0.0; g.c_out],
         };
-        let algo = if g.groups == g.c_in && g.c_out == g.c_in && g.groups > 1 {
-            Algo::Depthwise {
+        let algo = match tactic.algorithm {
+            ConvAlgorithm::Depthwise => Algo::Depthwise {
                 weights: weights.to_vec(),
-            }
-        } else if g.kh == 1
-            && g.kw == 1
-            && g.stride == [1, 1]
-            && g.pads == [0, 0, 0, 0]
-            && g.groups == 1
-        {
-            Algo::Pointwise
-        } else {
-            Algo::Im2col
+            },
+            ConvAlgorithm::Pointwise => Algo::Pointwise,
+            ConvAlgorithm::Im2col => Algo::Im2col,
         };
         let packed = match algo {
             Algo::Depthwise { .. } => Vec::new(),
@@ -172,7 +305,13 @@ impl Conv2d {
             packed,
             bias,
             act,
+            tactic,
         })
+    }
+
+    /// The tactic in use.
+    pub fn tactic(&self) -> ConvTactic {
+        self.tactic
     }
 
     /// The geometry.
@@ -255,7 +394,17 @@ impl Conv2d {
                         accumulate: false,
                         residual: res,
                     };
-                    gemm::sgemm(pool, &self.packed[0], bm, hw, y, hw, epi, scratch);
+                    gemm::sgemm_blocked(
+                        pool,
+                        &self.packed[0],
+                        bm,
+                        hw,
+                        y,
+                        hw,
+                        epi,
+                        scratch,
+                        self.tactic.blocking,
+                    );
                 }
                 Algo::Depthwise { weights } => self.depthwise(pool, weights, x, res, y, scratch),
                 Algo::Im2col => self.im2col_gemm(pool, x, res, y, scratch),
@@ -296,7 +445,7 @@ impl Conv2d {
                 residual: res.map(|r| &r[gi * cout_g * ohw..(gi + 1) * cout_g * ohw]),
             };
             let yg = &mut y[gi * cout_g * ohw..(gi + 1) * cout_g * ohw];
-            gemm::sgemm(
+            gemm::sgemm_blocked(
                 pool,
                 &self.packed[gi],
                 BSource::Im2col(view),
@@ -305,6 +454,7 @@ impl Conv2d {
                 ohw,
                 epi,
                 scratch,
+                self.tactic.blocking,
             );
         }
     }
@@ -682,12 +832,19 @@ mod tests {
     }
 
     fn check_conv(g: Conv2dGeometry, threads: usize, batch: usize) {
+        for t in ConvTactic::candidates(&g) {
+            assert_eq!(ConvTactic::parse(&t.name()), Some(t));
+            check_conv_tactic(g, threads, batch, t);
+        }
+    }
+
+    fn check_conv_tactic(g: Conv2dGeometry, threads: usize, batch: usize, tactic: ConvTactic) {
         let cin_g = g.c_in / g.groups;
         let x = data(batch * g.c_in * g.h * g.w, 1);
         let w = data(g.c_out * cin_g * g.kh * g.kw, 2);
         let b = data(g.c_out, 3);
         let act = Activation::Clip { lo: -2.0, hi: 2.0 };
-        let conv = Conv2d::new(g, &w, Some(&b), act).unwrap();
+        let conv = Conv2d::with_tactic(g, &w, Some(&b), act, tactic).unwrap();
         let (oh, ow) = conv.out_hw();
         let out_img = g.c_out * oh * ow;
         let pool = ThreadPool::new(threads);

@@ -8,6 +8,7 @@ pub const MAX_RANK: usize = 8;
 
 /// A binary element-wise operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum BinaryOp {
     /// a + b
     Add,

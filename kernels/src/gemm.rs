@@ -22,8 +22,37 @@ pub const NR: usize = 16;
 const KC: usize = 256;
 /// Rows per cache block (a multiple of MR).
 const MC: usize = 120;
-/// Widest column block one task packs (a multiple of NR).
-const NC_MAX: usize = 256;
+/// Widest column block any blocking may pack (sizes the scratch).
+const NC_LIMIT: usize = 512;
+
+/// Cache blocking of one GEMM: the widest column block a task packs.
+/// Several are offered as tactics; the builder times them per layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Blocking {
+    /// Columns per packed B block (a multiple of [`NR`], at most 512).
+    pub nc: usize,
+}
+
+impl Blocking {
+    /// The default when nothing was tuned.
+    pub const DEFAULT: Blocking = Blocking { nc: 256 };
+    /// The candidates a tuner should time.
+    pub const CANDIDATES: [Blocking; 3] = [
+        Blocking { nc: 128 },
+        Blocking { nc: 256 },
+        Blocking { nc: 512 },
+    ];
+
+    fn panels(self) -> usize {
+        (self.nc.clamp(NR, NC_LIMIT) / NR).max(1)
+    }
+}
+
+impl Default for Blocking {
+    fn default() -> Self {
+        Blocking::DEFAULT
+    }
+}
 
 /// Weights packed into MR-row panels, k-major inside each panel:
 /// element (i, k) lives at `data[(i / MR) * k_total * MR + k * MR + i % MR]`.
@@ -148,10 +177,10 @@ impl Epilogue<'_> {
 
 /// Scratch elements [`sgemm`] needs for a pool of `threads` threads.
 pub fn scratch_len(threads: usize) -> usize {
-    threads.max(1) * KC * NC_MAX
+    threads.max(1) * KC * NC_LIMIT
 }
 
-/// `C = epilogue(A·B)` for an m×n C with row stride `ldc`.
+/// `C = epilogue(A·B)` for an m×n C with row stride `ldc`, default blocking.
 ///
 /// # Panics
 /// If `c` or `scratch` is too short; shapes are validated when the engine is built.
@@ -164,6 +193,24 @@ pub fn sgemm<'b>(
     ldc: usize,
     epi: Epilogue<'_>,
     scratch: &mut [f32],
+) {
+    sgemm_blocked(pool, a, b, n, c, ldc, epi, scratch, Blocking::DEFAULT)
+}
+
+/// As [`sgemm`], with explicit cache blocking (a tactic).
+///
+/// # Panics
+/// If `c` or `scratch` is too short.
+pub fn sgemm_blocked<'b>(
+    pool: &ThreadPool,
+    a: &PackedA,
+    b: impl Into<BSource<'b>>,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    epi: Epilogue<'_>,
+    scratch: &mut [f32],
+    blocking: Blocking,
 ) {
     let m = a.m;
     let k = a.k;
@@ -201,7 +248,7 @@ pub fn sgemm<'b>(
     // are not enough columns to keep every thread busy.
     let n_panels = n.div_ceil(NR);
     let want_tasks = if threads > 1 { threads * 3 } else { 1 };
-    let nb_panels = n_panels.div_ceil(want_tasks).clamp(1, NC_MAX / NR);
+    let nb_panels = n_panels.div_ceil(want_tasks).clamp(1, blocking.panels());
     let n_blocks = n_panels.div_ceil(nb_panels);
     let m_panels = m.div_ceil(MR);
     let m_blocks = if n_blocks >= want_tasks {
@@ -220,11 +267,12 @@ pub fn sgemm<'b>(
         let n1 = (n0 + nb_panels * NR).min(n);
         let p0 = mbi * mb_panels;
         let p1 = (p0 + mb_panels).min(m_panels);
-        // SAFETY: each thread slot owns a disjoint KC*NC_MAX window of
+        // SAFETY: each thread slot owns a disjoint KC*NC_LIMIT window of
         // scratch, and tasks write disjoint (row block × column block)
         // regions of C; the asserts above bound every index used below.
         unsafe {
-            let pack = std::slice::from_raw_parts_mut(s_ptr.add(slot * KC * NC_MAX), KC * NC_MAX);
+            let pack =
+                std::slice::from_raw_parts_mut(s_ptr.add(slot * KC * NC_LIMIT), KC * NC_LIMIT);
             gemm_block(isa, a, b, n0, n1, p0, p1, c_ptr, ldc, &epi, pack);
         }
     };

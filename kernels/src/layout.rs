@@ -96,6 +96,7 @@ pub fn copy_strided(
 
 /// Border handling for [`pad`].
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum PadMode {
     /// Fill with a constant.
     Constant(f32),

@@ -4,6 +4,7 @@ use crate::pool::{SyncPtr, ThreadPool};
 
 /// Max or average.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum PoolKind {
     /// Maximum over the window (padding never wins).
     Max,

@@ -6,6 +6,7 @@ use crate::pool::{SyncPtr, ThreadPool};
 
 /// How an output coordinate maps back to the input (ONNX `coordinate_transformation_mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum CoordMode {
     /// `(x + 0.5) / scale - 0.5`
     HalfPixel,
@@ -21,6 +22,7 @@ pub enum CoordMode {
 
 /// Rounding for nearest-neighbour resize (ONNX `nearest_mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum NearestMode {
     /// Round, ties toward floor.
     RoundPreferFloor,
@@ -34,6 +36,7 @@ pub enum NearestMode {
 
 /// Interpolation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum ResizeMode {
     /// Nearest neighbour.
     Nearest(NearestMode),

@@ -117,3 +117,60 @@ fn ppocr_cls_matches_onnxruntime() {
     };
     assert_eq!(check_model(&s, "ppocr_cls_v2", "x", 1e-5), 8);
 }
+
+/// FP16 engines (weights stored as f16, computed in f32) stay within 1e-2 of
+/// the FP32 reference, relative to the output's largest magnitude.
+#[test]
+fn fp16_engines_stay_close_to_fp32() {
+    let Some(s) = shared_dir("fp16_engines_stay_close_to_fp32") else {
+        return;
+    };
+    use osprey_engine::file::{self, EngineFile, Precision};
+    use osprey_engine::fingerprint::Fingerprint;
+    let refs = s.join("fixtures/reference");
+    for (model, input, img, out) in [
+        ("efficientnet_lite0", "input", "dog", "logits"),
+        (
+            "centernet_mbv3_coco_512",
+            "images",
+            "dog",
+            "tower_0_keypoints",
+        ),
+        ("ppocr_cls_v2", "x", "dog", "save_infer_model_scale_0.tmp_1"),
+    ] {
+        let x = npy::read(&refs.join(format!("{model}__{img}__input.npy")), false).unwrap();
+        let mut shapes = HashMap::new();
+        shapes.insert(input.to_string(), x.shape.clone());
+        let mut g = import_file(&s.join(format!("models/{model}.onnx")), &shapes).unwrap();
+        osprey_engine::passes::optimize(&mut g);
+        file::round_constants_to_f16(&mut g);
+        let ef = EngineFile {
+            graph: g,
+            tactics: vec![],
+            fingerprint: Fingerprint::current(),
+            precision: Precision::Fp16,
+            build: serde_json::Value::Null,
+        };
+        let back = file::from_bytes(&file::to_bytes(&ef).unwrap(), None, model).unwrap();
+        let e = Arc::new(Engine::new(back.graph).unwrap());
+        let mut ctx = ExecutionContext::new(e.clone(), 2);
+        ctx.set_input(input, &x.data).unwrap();
+        ctx.run().unwrap();
+        let want = npy::read(&refs.join(format!("{model}__{img}__{out}.npy")), false).unwrap();
+        let i = e.outputs().position(|d| sanitize(&d.name) == out).unwrap();
+        let got = ctx.output_index(i).unwrap();
+        let scale = want.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(&want.data)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!(
+            "fp16 {model:26} {out:34} max_abs {err:.3e}  max|ref| {scale:.3e}  rel {:.2e}",
+            err / scale
+        );
+        assert!(
+            err <= 1e-2 * scale,
+            "{model}: fp16 error {err} vs scale {scale}"
+        );
+    }
+}

@@ -1,0 +1,145 @@
+//! `osprey build`: ONNX in, one engine file out, with a build report.
+//!
+//! Steps: import (shape inference, constant folding) → optimisation passes →
+//! optional FP16 rounding of the weights → tactic timing on this device
+//! (with a progress bar and an optional timing cache) → memory plan → file.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use osprey_engine::file::{self, EngineFile, Precision};
+use osprey_engine::fingerprint::Fingerprint;
+use osprey_engine::onnx::import_file;
+use osprey_engine::tune::{select_tactics, TimingCache};
+use osprey_engine::{passes, Engine};
+use serde_json::json;
+
+use crate::cli::{default_threads, human_bytes, parse_shapes, BuildArgs, PrecisionArg};
+
+/// Runs `osprey build`.
+pub fn build(a: BuildArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let threads = match a.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => default_threads(),
+    };
+    let shapes = parse_shapes(&a.input_shapes)?;
+    let mut graph = import_file(&a.onnx, &shapes).with_context(|| a.onnx.display().to_string())?;
+    let nodes_imported = graph.nodes.len();
+    let passes_report = passes::optimize(&mut graph);
+    let nodes_fused = graph.nodes.len();
+    let precision = match a.precision {
+        PrecisionArg::Fp32 => Precision::Fp32,
+        PrecisionArg::Fp16 => Precision::Fp16,
+    };
+    if precision == Precision::Fp16 {
+        file::round_constants_to_f16(&mut graph);
+    }
+
+    let fp = Fingerprint::current();
+    let mut cache = match &a.timing_cache {
+        Some(p) => TimingCache::load(p)?,
+        None => TimingCache {
+            version: 1,
+            ..Default::default()
+        },
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("tuning {bar:30} {pos}/{len} layers  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let (tactics, layers) = select_tactics(
+        &graph,
+        threads,
+        &mut cache,
+        &fp,
+        &mut |done, total, name| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(name.to_string());
+        },
+    )?;
+    bar.finish_and_clear();
+    if let Some(p) = &a.timing_cache {
+        cache.save(p)?;
+    }
+
+    let engine = Engine::with_tactics(graph.clone(), &tactics)?;
+    let plan = engine.memory_plan();
+    let hits = layers.iter().filter(|l| l.cached).count();
+    let build_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let report = json!({
+        "model": a.onnx.display().to_string(),
+        "engine": a.out.display().to_string(),
+        "precision": precision.name(),
+        "threads": threads,
+        "device": fp,
+        "nodes_imported": nodes_imported,
+        "nodes_after_fusion": nodes_fused,
+        "passes": passes_report.iter().map(|p| json!({"pass": p.name, "rewrites": p.rewrites})).collect::<Vec<_>>(),
+        "layers": layers,
+        "arena_bytes": plan.arena_bytes(),
+        "naive_bytes": plan.naive_bytes(),
+        "timing_cache": {"hits": hits, "misses": layers.len() - hits},
+    });
+    let ef = EngineFile {
+        graph,
+        tactics,
+        fingerprint: fp.clone(),
+        precision,
+        build: report.clone(),
+    };
+    let bytes = file::save(&a.out, &ef)?;
+    let build_ms_total = t0.elapsed().as_secs_f64() * 1e3;
+    let mut report = report;
+    report["engine_bytes"] = json!(bytes);
+    report["build_ms"] = json!(build_ms_total);
+    let _ = build_ms;
+
+    if a.json {
+        println!("{report}");
+        return Ok(());
+    }
+    println!("osprey build  {} -> {}", a.onnx.display(), a.out.display());
+    println!("  device      {}  ({threads} threads)", fp.describe());
+    println!("  precision   {}", precision.name());
+    let applied: Vec<String> = passes_report
+        .iter()
+        .filter(|p| p.rewrites > 0)
+        .map(|p| format!("{} x{}", p.name, p.rewrites))
+        .collect();
+    println!(
+        "  nodes       {nodes_imported} imported -> {nodes_fused} after fusion ({})",
+        if applied.is_empty() {
+            "nothing fused".to_string()
+        } else {
+            applied.join(", ")
+        }
+    );
+    println!(
+        "  layers      {} tuned ({hits} from the timing cache)",
+        layers.len()
+    );
+    println!("    {:>8}  {:<26} {:<40} name", "ms", "tactic", "fused op");
+    for l in &layers {
+        println!(
+            "    {:>8.3}  {:<26} {:<40} {}{}",
+            l.ms,
+            l.tactic,
+            l.op,
+            l.name,
+            if l.cached { "  (cached)" } else { "" }
+        );
+    }
+    println!(
+        "  arena       {} (naive {})",
+        human_bytes(plan.arena_bytes()),
+        human_bytes(plan.naive_bytes())
+    );
+    println!("  engine      {} written", human_bytes(bytes as usize));
+    println!("  build time  {:.2} s", build_ms_total / 1e3);
+    Ok(())
+}

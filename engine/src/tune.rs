@@ -1,0 +1,258 @@
+//! Tactic selection: time every valid kernel implementation of each layer on
+//! this device, for its exact shapes, and keep the fastest.
+//!
+//! Each candidate is warmed up, then run several times; the median wins.
+//! Results go into a [`TimingCache`] keyed by device fingerprint, thread
+//! count and op signature, so a second build of the same (or a similar)
+//! model skips the timing.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use osprey_kernels::conv::{Conv2d, Conv2dGeometry, ConvTactic};
+use osprey_kernels::ThreadPool;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+use crate::fingerprint::Fingerprint;
+use crate::ir::{ConstData, Graph, Op};
+
+/// One cached decision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheEntry {
+    /// Winning tactic name.
+    pub tactic: String,
+    /// Its median time, ms.
+    pub ms: f64,
+    /// Every candidate's median time, ms.
+    pub candidates: BTreeMap<String, f64>,
+}
+
+/// A reusable record of tactic timings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TimingCache {
+    /// Format version of the cache file.
+    pub version: u32,
+    /// Decisions by key (`device | threads | op signature`).
+    pub entries: BTreeMap<String, CacheEntry>,
+}
+
+impl TimingCache {
+    /// Reads a cache file; a missing file is an empty cache.
+    pub fn load(path: &Path) -> Result<TimingCache> {
+        match std::fs::read(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TimingCache {
+                version: 1,
+                ..Default::default()
+            }),
+            Err(source) => Err(EngineError::Io {
+                path: path.display().to_string(),
+                source,
+            }),
+            Ok(bytes) => {
+                let c: TimingCache = serde_json::from_slice(&bytes).map_err(|e| {
+                    EngineError::Model(format!("timing cache {} is not valid: {e}", path.display()))
+                })?;
+                if c.version != 1 {
+                    return Err(EngineError::Model(format!(
+                        "timing cache {} has version {}, expected 1",
+                        path.display(),
+                        c.version
+                    )));
+                }
+                Ok(c)
+            }
+        }
+    }
+
+    /// Writes the cache (atomically: temp file, then rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let io = |source| EngineError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let tmp = path.with_extension("tmp");
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| EngineError::Model(e.to_string()))?;
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+}
+
+/// What tuning decided for one layer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LayerChoice {
+    /// Node index in the optimized graph.
+    pub node: usize,
+    /// Node name.
+    pub name: String,
+    /// Fused op, e.g. `Conv+BatchNormalization+Clip`.
+    pub op: String,
+    /// Chosen tactic.
+    pub tactic: String,
+    /// Its median time, ms.
+    pub ms: f64,
+    /// Taken from the timing cache.
+    pub cached: bool,
+    /// Every candidate's median time, ms.
+    pub candidates: BTreeMap<String, f64>,
+}
+
+/// Tactic per node (`None` where an op has a single implementation).
+pub type Tactics = Vec<Option<String>>;
+
+fn conv_geometry(g: &Graph, node: usize) -> Option<(Conv2dGeometry, usize)> {
+    let n = &g.nodes[node];
+    let Op::Conv(a) = &n.op else { return None };
+    let xs = &g.tensors[*n.inputs.first()?].shape;
+    let ys = &g.tensors[*n.outputs.first()?].shape;
+    Some((
+        Conv2dGeometry {
+            c_in: xs[1],
+            h: xs[2],
+            w: xs[3],
+            c_out: ys[1],
+            kh: a.kernel[0],
+            kw: a.kernel[1],
+            stride: a.strides,
+            dilation: a.dilations,
+            pads: a.pads,
+            groups: a.groups,
+        },
+        xs[0],
+    ))
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Median wall time (ms) of `f` after one warm-up; repeats adapt to the
+/// cost so a build stays short (3–15 runs, about 40 ms per candidate).
+fn time_ms(mut f: impl FnMut()) -> f64 {
+    let t = Instant::now();
+    f();
+    let first = t.elapsed().as_secs_f64() * 1e3;
+    let reps = ((40.0 / first.max(1e-3)).ceil() as usize).clamp(3, 15);
+    let mut samples: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// Chooses a tactic for every layer that has more than one. `progress` is
+/// called with (done, total, layer name) as layers finish.
+pub fn select_tactics(
+    g: &Graph,
+    threads: usize,
+    cache: &mut TimingCache,
+    fp: &Fingerprint,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<(Tactics, Vec<LayerChoice>)> {
+    let pool = ThreadPool::new(threads);
+    let mut tactics: Tactics = vec![None; g.nodes.len()];
+    let mut choices = Vec::new();
+    let layers: Vec<usize> = (0..g.nodes.len())
+        .filter(|&i| matches!(g.nodes[i].op, Op::Conv(_)))
+        .collect();
+    for (done, &i) in layers.iter().enumerate() {
+        let node = &g.nodes[i];
+        let Op::Conv(attrs) = &node.op else { continue };
+        let Some((geo, batch)) = conv_geometry(g, i) else {
+            continue;
+        };
+        let key = format!(
+            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}",
+            fp.key(),
+            pool.threads(),
+            geo.c_in,
+            geo.h,
+            geo.w,
+            geo.c_out,
+            geo.kh,
+            geo.kw,
+            geo.stride,
+            geo.dilation,
+            geo.pads,
+            geo.groups,
+            batch,
+            attrs.activation,
+            attrs.residual
+        );
+        let candidates = ConvTactic::candidates(&geo);
+        let cached = cache
+            .entries
+            .get(&key)
+            .filter(|e| candidates.iter().any(|c| c.name() == e.tactic))
+            .cloned();
+        let entry = match cached {
+            Some(e) => (e, true),
+            None => {
+                let w = g.tensors[node.inputs[1]]
+                    .value
+                    .as_ref()
+                    .map(ConstData::to_f32)
+                    .unwrap_or_default();
+                let b = node
+                    .inputs
+                    .get(2)
+                    .and_then(|&t| g.tensors[t].value.as_ref())
+                    .map(ConstData::to_f32);
+                let (oh, ow) = (geo.out_h().unwrap_or(0), geo.out_w().unwrap_or(0));
+                let x = random(batch * geo.c_in * geo.h * geo.w, 7);
+                let r = random(batch * geo.c_out * oh * ow, 11);
+                let mut y = vec![0.0f32; batch * geo.c_out * oh * ow];
+                let mut times = BTreeMap::new();
+                for t in &candidates {
+                    let conv = Conv2d::with_tactic(geo, &w, b.as_deref(), attrs.activation, *t)?;
+                    let mut scratch = vec![0.0f32; conv.scratch_len(pool.threads())];
+                    let res = attrs.residual.then_some(&r[..]);
+                    let ms = time_ms(|| {
+                        conv.run_with_residual(&pool, batch, &x, res, &mut y, &mut scratch)
+                    });
+                    times.insert(t.name(), ms);
+                }
+                let (best, ms) = times
+                    .iter()
+                    .min_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|(k, v)| (k.clone(), *v))
+                    .ok_or_else(|| {
+                        EngineError::model(format!("no tactic for node '{}'", node.name))
+                    })?;
+                let e = CacheEntry {
+                    tactic: best,
+                    ms,
+                    candidates: times,
+                };
+                cache.entries.insert(key, e.clone());
+                (e, false)
+            }
+        };
+        tactics[i] = Some(entry.0.tactic.clone());
+        choices.push(LayerChoice {
+            node: i,
+            name: node.name.clone(),
+            op: node.onnx_op.clone(),
+            tactic: entry.0.tactic,
+            ms: entry.0.ms,
+            cached: entry.1,
+            candidates: entry.0.candidates,
+        });
+        progress(done + 1, layers.len(), &node.name);
+    }
+    Ok((tactics, choices))
+}

@@ -1,0 +1,225 @@
+//! Engine files: round trip, FP16 weights, the timing cache, and every way a
+//! file can be unusable (truncated, tampered, other version, other device,
+//! not an osprey engine) — each a clear error, never a panic.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use osprey_engine::file::{self, EngineFile, Precision};
+use osprey_engine::fingerprint::Fingerprint;
+use osprey_engine::onnx::builder::{attr_f, attr_i, attr_ints, ModelBuilder};
+use osprey_engine::onnx::import;
+use osprey_engine::tune::{select_tactics, TimingCache};
+use osprey_engine::{passes, Engine, EngineError, ExecutionContext, Graph};
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A small MobileNet-like block: conv-bn-relu6, depthwise, project + residual.
+fn model() -> Graph {
+    let mut m = ModelBuilder::new(13);
+    m.input("x", &[1, 8, 12, 12]);
+    m.init_f32("w1", &[16, 8, 1, 1], &data(128, 1));
+    m.init_f32("g", &[16], &data(16, 2))
+        .init_f32("b", &[16], &data(16, 3));
+    m.init_f32("m", &[16], &data(16, 4))
+        .init_f32("v", &[16], &[0.7; 16]);
+    m.init_f32("wd", &[16, 1, 3, 3], &data(144, 5));
+    m.init_f32("w2", &[8, 16, 1, 1], &data(128, 6));
+    m.init_f32("lo", &[], &[0.0]).init_f32("hi", &[], &[6.0]);
+    m.node("Conv", &["x", "w1"], &["c1"], vec![]);
+    m.node(
+        "BatchNormalization",
+        &["c1", "g", "b", "m", "v"],
+        &["bn"],
+        vec![attr_f("epsilon", 1e-3)],
+    );
+    m.node("Clip", &["bn", "lo", "hi"], &["r"], vec![]);
+    m.node(
+        "Conv",
+        &["r", "wd"],
+        &["d"],
+        vec![attr_i("group", 16), attr_ints("pads", &[1, 1, 1, 1])],
+    );
+    m.node("Conv", &["d", "w2"], &["p"], vec![]);
+    m.node("Add", &["p", "x"], &["y"], vec![]);
+    m.output("y");
+    let mut g = import(&m.to_bytes(), &HashMap::new()).expect("import");
+    passes::optimize(&mut g);
+    g
+}
+
+fn run(g: Graph, tactics: &[Option<String>], x: &[f32]) -> Vec<f32> {
+    let e = Arc::new(Engine::with_tactics(g, tactics).expect("engine"));
+    let mut ctx = ExecutionContext::new(e, 1);
+    ctx.set_input("x", x).expect("input");
+    ctx.run().expect("run");
+    ctx.output_index(0).expect("output").to_vec()
+}
+
+fn built(precision: Precision) -> (EngineFile, Vec<f32>) {
+    let mut g = model();
+    let x = data(8 * 144, 9);
+    let want = run(g.clone(), &[], &x);
+    if precision == Precision::Fp16 {
+        file::round_constants_to_f16(&mut g);
+    }
+    let mut cache = TimingCache::default();
+    let (tactics, layers) = select_tactics(
+        &g,
+        1,
+        &mut cache,
+        &Fingerprint::current(),
+        &mut |_, _, _| {},
+    )
+    .expect("tune");
+    assert_eq!(layers.len(), 3, "three convolutions to tune");
+    assert!(layers
+        .iter()
+        .all(|l| !l.candidates.is_empty() && l.candidates.contains_key(&l.tactic)));
+    let ef = EngineFile {
+        graph: g,
+        tactics,
+        fingerprint: Fingerprint::current(),
+        precision,
+        build: serde_json::json!({}),
+    };
+    (ef, want)
+}
+
+#[test]
+fn fp32_engine_round_trips_exactly() {
+    let (ef, want) = built(Precision::Fp32);
+    let bytes = file::to_bytes(&ef).unwrap();
+    let back = file::from_bytes(&bytes, Some(&Fingerprint::current()), "mem").unwrap();
+    assert_eq!(back.tactics, ef.tactics);
+    assert_eq!(back.precision, Precision::Fp32);
+    let x = data(8 * 144, 9);
+    let got = run(back.graph, &back.tactics, &x);
+    // Tactics change the summation order, so compare to rounding.
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn fp16_engine_is_half_the_size_and_close_to_fp32() {
+    let (e32, _) = built(Precision::Fp32);
+    let (e16, want) = built(Precision::Fp16);
+    let b32 = file::to_bytes(&e32).unwrap();
+    let b16 = file::to_bytes(&e16).unwrap();
+    // Weights the graph reads, in f32 bytes; FP16 must save half of them.
+    let weight_bytes: usize = e32
+        .graph
+        .nodes
+        .iter()
+        .flat_map(|n| n.inputs.iter())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter_map(|&t| e32.graph.tensors[t].value.as_ref().map(|v| v.len() * 4))
+        .sum();
+    let saved = b32.len() as f64 - b16.len() as f64;
+    assert!(
+        saved >= 0.45 * weight_bytes as f64,
+        "saved {saved} of {weight_bytes} weight bytes"
+    );
+    let back = file::from_bytes(&b16, None, "mem").unwrap();
+    let got = run(back.graph, &back.tactics, &data(8 * 144, 9));
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err <= 1e-2 * scale, "fp16 error {err} vs scale {scale}");
+}
+
+fn expect_file_error(bytes: &[u8], device: Option<&Fingerprint>, needle: &str) {
+    match file::from_bytes(bytes, device, "x.engine") {
+        Err(e @ EngineError::EngineFile { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(needle), "expected {needle:?} in {msg:?}");
+            assert!(!msg.contains('\n'));
+        }
+        Err(other) => panic!("wrong error kind: {other}"),
+        Ok(_) => panic!("loaded a bad engine (expected {needle:?})"),
+    }
+}
+
+#[test]
+fn unusable_files_are_clear_errors() {
+    let (ef, _) = built(Precision::Fp32);
+    let bytes = file::to_bytes(&ef).unwrap();
+    // Truncated anywhere.
+    for cut in [0, 7, 100, bytes.len() / 2, bytes.len() - 1] {
+        expect_file_error(&bytes[..cut], None, "truncated or corrupt");
+    }
+    // One weight byte changed.
+    let mut tampered = bytes.clone();
+    let n = tampered.len();
+    tampered[n - 5] ^= 0x40;
+    expect_file_error(&tampered, None, "checksum mismatch");
+    // Another format version (same length, so only the version differs).
+    let pos = bytes
+        .windows(20)
+        .position(|w| w == br#""format_version":"1""#)
+        .expect("version key");
+    let mut other = bytes.clone();
+    other[pos + 18] = b'7';
+    expect_file_error(&other, None, "format version 7");
+    // Tuned for another device.
+    let mut foreign = ef.clone();
+    foreign.fingerprint.isa = "avx512-from-elsewhere".into();
+    let fb = file::to_bytes(&foreign).unwrap();
+    expect_file_error(
+        &fb,
+        Some(&Fingerprint::current()),
+        "tuned for another device",
+    );
+    assert!(
+        file::from_bytes(&fb, None, "x").is_ok(),
+        "without a device check it loads"
+    );
+    // A safetensors file that is not an engine.
+    let plain = safetensors::tensor::serialize(
+        Vec::<(String, safetensors::tensor::TensorView)>::new(),
+        &None,
+    )
+    .unwrap();
+    expect_file_error(&plain, None, "not an osprey engine");
+}
+
+#[test]
+fn timing_cache_makes_the_second_tuning_free() {
+    let g = model();
+    let fp = Fingerprint::current();
+    let mut cache = TimingCache::default();
+    let (t1, l1) = select_tactics(&g, 1, &mut cache, &fp, &mut |_, _, _| {}).unwrap();
+    assert!(l1.iter().any(|l| !l.cached));
+    let dir = std::env::temp_dir().join(format!("osprey-tc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("cache.json");
+    cache.version = 1;
+    cache.save(&path).unwrap();
+    let mut loaded = TimingCache::load(&path).unwrap();
+    assert_eq!(loaded.entries.len(), cache.entries.len());
+    for (k, e) in &cache.entries {
+        assert_eq!(loaded.entries[k].tactic, e.tactic);
+    }
+    let (t2, l2) = select_tactics(&g, 1, &mut loaded, &fp, &mut |_, _, _| {}).unwrap();
+    assert!(l2.iter().all(|l| l.cached));
+    assert_eq!(t1, t2);
+    // Another thread count is another key.
+    let (_, l3) = select_tactics(&g, 2, &mut loaded, &fp, &mut |_, _, _| {}).unwrap();
+    assert!(l3.iter().any(|l| !l.cached));
+    std::fs::write(&path, b"{ not json").unwrap();
+    assert!(TimingCache::load(&path).is_err());
+}
