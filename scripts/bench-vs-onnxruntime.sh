@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
-# Side-by-side FP32 latency: `osprey bench` vs onnxruntime on the shared models,
-# same thread counts, same iteration counts, in one run. Prints a markdown table
-# with the ratio (osprey median / onnxruntime median; < 1 means osprey is faster).
+# Side-by-side FP32 latency on the shared models, same thread counts and
+# iteration counts, in one run:
+#   * osprey from ONNX (imported and fused now, default tactics),
+#   * osprey from an engine built by `osprey build` for that thread count
+#     (tactics timed on this machine, shared timing cache in bench-out/),
+#   * onnxruntime (graph optimisations ORT_ENABLE_ALL).
+# Prints a markdown table; ratio = osprey engine median / onnxruntime median
+# (< 1 means osprey is faster). Shared machines drift, so each configuration
+# runs in --rounds rounds that alternate the three runners (A B C A B C ...),
+# each round timing iterations/rounds inferences; the table shows the median
+# of the per-round medians.
 #
 # usage: scripts/bench-vs-onnxruntime.sh [--iterations N] [--threads "1 2"] [--models DIR]
 # Needs: python3 with venv, network access to PyPI on first run (onnxruntime, numpy).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 iterations=30
+rounds=3
 threads="1 2"
 models="$root/../shared/models"
 while [ $# -gt 0 ]; do
   case "$1" in
     --iterations) iterations=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
     --models) models=$2; shift 2 ;;
     -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -38,21 +48,32 @@ declare -A shape=(
 )
 order="efficientnet_lite0 centernet_mbv3_coco_512 ppocr_cls_v2 ppocr_det_v4"
 
-echo "| model | threads | osprey median ms | onnxruntime median ms | ratio (osprey/ort) | osprey p99 ms | ort p99 ms |"
-echo "|---|---|---|---|---|---|---|"
+out="$root/bench-out"
+mkdir -p "$out"
+echo "| model | threads | osprey onnx median ms | osprey engine median ms | onnxruntime median ms | ratio engine/ort | engine p99 ms | ort p99 ms |"
+echo "|---|---|---|---|---|---|---|---|"
 for m in $order; do
   f="$models/$m.onnx"
   [ -f "$f" ] || { echo "| $m | - | missing | | | | |"; continue; }
   sh_args=()
   [ -n "${shape[$m]}" ] && sh_args=(--input-shape "${shape[$m]}")
   for t in $threads; do
-    o=$("$osprey" bench --onnx "$f" "${sh_args[@]}" --threads "$t" --iterations "$iterations" --warmup 5 --json)
-    r=$("$venv/bin/python" "$root/scripts/ort_bench.py" --onnx "$f" "${sh_args[@]}" --threads "$t" --iterations "$iterations" --warmup 5)
-    "$venv/bin/python" - "$m" "$t" "$o" "$r" <<'PY'
-import json, sys
-m, t, o, r = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
-om, rm = o["latency_ms"]["median"], r["latency_ms"]["median"]
-print(f"| {m} | {t} | {om:.2f} | {rm:.2f} | {om/rm:.2f} | {o['latency_ms']['p99']:.2f} | {r['latency_ms']['p99']:.2f} |")
+    eng="$out/$m-t$t.engine"
+    "$osprey" build --onnx "$f" "${sh_args[@]}" --threads "$t" --out "$eng" --timing-cache "$out/timing-cache.json" --json > "$out/$m-t$t.build.json"
+    per=$(( (iterations + rounds - 1) / rounds ))
+    o=""; e=""; r=""
+    for _ in $(seq "$rounds"); do
+      o="$o$("$osprey" bench --onnx "$f" "${sh_args[@]}" --threads "$t" --iterations "$per" --warmup 3 --json)"$'\n'
+      e="$e$("$osprey" bench --engine "$eng" --threads "$t" --iterations "$per" --warmup 3 --json)"$'\n'
+      r="$r$("$venv/bin/python" "$root/scripts/ort_bench.py" --onnx "$f" "${sh_args[@]}" --threads "$t" --iterations "$per" --warmup 3)"$'\n'
+    done
+    "$venv/bin/python" - "$m" "$t" "$o" "$e" "$r" <<'PY'
+import json, statistics, sys
+m, t = sys.argv[1], sys.argv[2]
+runs = [[json.loads(l) for l in a.splitlines() if l.strip()] for a in sys.argv[3:6]]
+med = lambda rs, k: statistics.median(x["latency_ms"][k] for x in rs)
+om, em, rm = med(runs[0], "median"), med(runs[1], "median"), med(runs[2], "median")
+print(f"| {m} | {t} | {om:.2f} | {em:.2f} | {rm:.2f} | {em/rm:.2f} | {med(runs[1], 'p99'):.2f} | {med(runs[2], 'p99'):.2f} |")
 PY
   done
 done

@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use osprey_kernels::activation::Activation;
-use osprey_kernels::conv::{Conv2d, Conv2dGeometry};
+use osprey_kernels::conv::{Conv2d, Conv2dGeometry, ConvTactic};
 use osprey_kernels::ThreadPool;
 
 fn data(n: usize) -> Vec<f32> {
@@ -30,17 +30,26 @@ fn conv_case(c: &mut Criterion, group: &str, cases: &[(usize, usize, usize, usiz
             groups,
         };
         let w = data(cout * cin / groups * k * k);
-        let conv = Conv2d::new(geo, &w, Some(&data(cout)), Activation::Relu).expect("conv");
-        let (oh, ow) = conv.out_hw();
-        let x = data(cin * hw * hw);
-        let mut y = vec![0.0; cout * oh * ow];
-        let mut scratch = vec![0.0; conv.scratch_len(1)];
-        let macs = cout * (cin / groups) * k * k * oh * ow;
-        g.throughput(Throughput::Elements(2 * macs as u64));
-        let id = format!("{}x{}_{cin}to{cout}_at{hw}_s{stride}_g{groups}", k, k);
-        g.bench_function(BenchmarkId::from_parameter(id), |b| {
-            b.iter(|| conv.run(&pool, 1, &x, &mut y, &mut scratch))
-        });
+        // Every tactic the tuner would time for this layer.
+        for tactic in ConvTactic::candidates(&geo) {
+            let conv = Conv2d::with_tactic(geo, &w, Some(&data(cout)), Activation::Relu, tactic)
+                .expect("conv");
+            let (oh, ow) = conv.out_hw();
+            let x = data(cin * hw * hw);
+            let mut y = vec![0.0; cout * oh * ow];
+            let mut scratch = vec![0.0; conv.scratch_len(1)];
+            let macs = cout * (cin / groups) * k * k * oh * ow;
+            g.throughput(Throughput::Elements(2 * macs as u64));
+            let id = format!(
+                "{}x{}_{cin}to{cout}_at{hw}_s{stride}_g{groups}/{}",
+                k,
+                k,
+                tactic.name()
+            );
+            g.bench_function(BenchmarkId::from_parameter(id), |b| {
+                b.iter(|| conv.run(&pool, 1, &x, &mut y, &mut scratch))
+            });
+        }
     }
     g.finish();
 }

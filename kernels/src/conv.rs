@@ -125,8 +125,9 @@ impl ConvTactic {
     /// A stable name, e.g. `pointwise-gemm/nc256`, as stored in engines and
     /// timing caches.
     pub fn name(&self) -> String {
+        let direct = if self.blocking.pack_b { "" } else { "/direct" };
         match self.algorithm {
-            ConvAlgorithm::Pointwise => format!("pointwise-gemm/nc{}", self.blocking.nc),
+            ConvAlgorithm::Pointwise => format!("pointwise-gemm/nc{}{direct}", self.blocking.nc),
             ConvAlgorithm::Im2col => format!("im2col-gemm/nc{}", self.blocking.nc),
             ConvAlgorithm::Depthwise => "depthwise-direct".to_string(),
         }
@@ -140,19 +141,24 @@ impl ConvTactic {
                 blocking: Blocking::DEFAULT,
             });
         }
-        let (alg, nc) = s.split_once("/nc")?;
+        let (alg, rest) = s.split_once("/nc")?;
+        let (nc, pack_b) = match rest.strip_suffix("/direct") {
+            Some(nc) => (nc, false),
+            None => (rest, true),
+        };
         let nc: usize = nc.parse().ok()?;
-        if !Blocking::CANDIDATES.iter().any(|b| b.nc == nc) {
+        let blocking = Blocking { nc, pack_b };
+        if !Blocking::CANDIDATES.contains(&blocking) {
             return None;
         }
         let algorithm = match alg {
             "pointwise-gemm" => ConvAlgorithm::Pointwise,
-            "im2col-gemm" => ConvAlgorithm::Im2col,
+            "im2col-gemm" if pack_b => ConvAlgorithm::Im2col,
             _ => return None,
         };
         Some(ConvTactic {
             algorithm,
-            blocking: Blocking { nc },
+            blocking,
         })
     }
 
@@ -202,6 +208,10 @@ impl ConvTactic {
         }
         for algorithm in [ConvAlgorithm::Pointwise, ConvAlgorithm::Im2col] {
             for blocking in Blocking::CANDIDATES {
+                // An implicit im2col B is always packed.
+                if algorithm == ConvAlgorithm::Im2col && !blocking.pack_b {
+                    continue;
+                }
                 let t = ConvTactic {
                     algorithm,
                     blocking,

@@ -25,22 +25,51 @@ const MC: usize = 120;
 /// Widest column block any blocking may pack (sizes the scratch).
 const NC_LIMIT: usize = 512;
 
-/// Cache blocking of one GEMM: the widest column block a task packs.
-/// Several are offered as tactics; the builder times them per layer.
+/// Cache blocking of one GEMM: the widest column block a task handles, and
+/// whether B is packed. Several are offered as tactics; the builder times
+/// them per layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Blocking {
-    /// Columns per packed B block (a multiple of [`NR`], at most 512).
+    /// Columns per B block (a multiple of [`NR`], at most 512).
     pub nc: usize,
+    /// Copy B into panels first (`true`), or let the micro-kernel read a
+    /// row-major B in place (`false`; only for explicit, unit-stride B:
+    /// saves a pass over memory-bound layers with a small K).
+    pub pack_b: bool,
 }
 
 impl Blocking {
     /// The default when nothing was tuned.
-    pub const DEFAULT: Blocking = Blocking { nc: 256 };
+    pub const DEFAULT: Blocking = Blocking {
+        nc: 256,
+        pack_b: true,
+    };
     /// The candidates a tuner should time.
-    pub const CANDIDATES: [Blocking; 3] = [
-        Blocking { nc: 128 },
-        Blocking { nc: 256 },
-        Blocking { nc: 512 },
+    pub const CANDIDATES: [Blocking; 6] = [
+        Blocking {
+            nc: 128,
+            pack_b: true,
+        },
+        Blocking {
+            nc: 256,
+            pack_b: true,
+        },
+        Blocking {
+            nc: 512,
+            pack_b: true,
+        },
+        Blocking {
+            nc: 128,
+            pack_b: false,
+        },
+        Blocking {
+            nc: 256,
+            pack_b: false,
+        },
+        Blocking {
+            nc: 512,
+            pack_b: false,
+        },
     ];
 
     fn panels(self) -> usize {
@@ -273,7 +302,20 @@ pub fn sgemm_blocked<'b>(
         unsafe {
             let pack =
                 std::slice::from_raw_parts_mut(s_ptr.add(slot * KC * NC_LIMIT), KC * NC_LIMIT);
-            gemm_block(isa, a, b, n0, n1, p0, p1, c_ptr, ldc, &epi, pack);
+            gemm_block(
+                isa,
+                a,
+                b,
+                n0,
+                n1,
+                p0,
+                p1,
+                c_ptr,
+                ldc,
+                &epi,
+                pack,
+                !blocking.pack_b,
+            );
         }
     };
     pool.run(m_blocks * n_blocks, &task);
@@ -296,6 +338,7 @@ unsafe fn gemm_block(
     ldc: usize,
     epi: &Epilogue<'_>,
     pack: &mut [f32],
+    direct_ok: bool,
 ) {
     let k = a.k;
     let m = a.m;
@@ -320,9 +363,21 @@ unsafe fn gemm_block(
     let mut k0 = 0;
     while k0 < k {
         let kc = (k - k0).min(KC);
-        match b {
-            BSource::Mat(bm) => pack_b(bm, k0, kc, n0, n1, pack),
-            BSource::Im2col(v) => pack_b_im2col(&v, k0, kc, n0, n1, pack),
+        // Direct B: full panels are read in place; only a partial last
+        // panel is packed (into the first panel slot).
+        let direct = match b {
+            BSource::Mat(bm) if direct_ok && bm.cs == 1 => Some(bm),
+            _ => None,
+        };
+        match (b, direct) {
+            (_, Some(bm)) => {
+                let last_j = n0 + (panels - 1) * NR;
+                if n1 - last_j < NR {
+                    pack_b(bm, k0, kc, last_j, n1, pack);
+                }
+            }
+            (BSource::Mat(bm), None) => pack_b(bm, k0, kc, n0, n1, pack),
+            (BSource::Im2col(v), None) => pack_b_im2col(&v, k0, kc, n0, n1, pack),
         }
         let first = k0 == 0;
         let last = k0 + kc == k;
@@ -336,9 +391,13 @@ unsafe fn gemm_block(
         while pc < p1 {
             let pc_end = (pc + MC / MR).min(p1);
             for jp in 0..panels {
-                let bp = &pack[jp * kc * NR..(jp + 1) * kc * NR];
                 let j = n0 + jp * NR;
                 let nr = (n1 - j).min(NR);
+                let (bp, ldb): (&[f32], usize) = match direct {
+                    Some(bm) if nr == NR => (&bm.data[k0 * bm.rs + j..], bm.rs),
+                    Some(_) => (&pack[..kc * NR], NR),
+                    None => (&pack[jp * kc * NR..(jp + 1) * kc * NR], NR),
+                };
                 for p in pc..pc_end {
                     let i = p * MR;
                     let mr = (m - i).min(MR);
@@ -364,7 +423,18 @@ unsafe fn gemm_block(
                     };
                     // SAFETY: the tile (i..i+mr, j..j+nr) is inside C's region.
                     unsafe {
-                        tile(isa, kc, ap, bp, c.add(i * ldc + j), ldc, mr, nr, &store);
+                        tile(
+                            isa,
+                            kc,
+                            ap,
+                            bp,
+                            ldb,
+                            c.add(i * ldc + j),
+                            ldc,
+                            mr,
+                            nr,
+                            &store,
+                        );
                         if last && clamp.is_none() {
                             apply_activation(c.add(i * ldc + j), ldc, mr, nr, epi.act);
                         }
@@ -411,6 +481,7 @@ unsafe fn tile(
     kc: usize,
     a: &[f32],
     b: &[f32],
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     mr: usize,
@@ -419,7 +490,7 @@ unsafe fn tile(
 ) {
     if mr == MR && nr == NR {
         // SAFETY: full tile, forwarded contract.
-        unsafe { ukernel(isa, kc, a, b, c, ldc, store) };
+        unsafe { ukernel(isa, kc, a, b, ldb, c, ldc, store) };
         return;
     }
     let mut buf = [0.0f32; MR * NR];
@@ -445,7 +516,7 @@ unsafe fn tile(
         staged.ldr = NR;
     }
     // SAFETY: `buf` is a full MR×NR tile with row stride NR.
-    unsafe { ukernel(isa, kc, a, b, buf.as_mut_ptr(), NR, &staged) };
+    unsafe { ukernel(isa, kc, a, b, ldb, buf.as_mut_ptr(), NR, &staged) };
     for r in 0..mr {
         for x in 0..nr {
             // SAFETY: as above.
@@ -455,25 +526,28 @@ unsafe fn tile(
 }
 
 /// # Safety
-/// `c` valid for a full MR×NR tile with row stride `ldc`; `a` holds kc·MR and
-/// `b` kc·NR elements.
+/// `c` valid for a full MR×NR tile with row stride `ldc`; `a` holds kc·MR
+/// elements and `b` kc rows of NR elements at stride `ldb`.
 #[inline(always)]
 unsafe fn ukernel(
     isa: Isa,
     kc: usize,
     a: &[f32],
     b: &[f32],
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     store: &Store,
 ) {
-    debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+    debug_assert!(a.len() >= kc * MR && b.len() >= (kc - 1) * ldb + NR);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2Fma is only active when the CPU has AVX2 and FMA.
-        Isa::Avx2Fma => unsafe { avx2_fma_sgemm_6x16(kc, a.as_ptr(), b.as_ptr(), c, ldc, store) },
+        Isa::Avx2Fma => unsafe {
+            avx2_fma_sgemm_6x16(kc, a.as_ptr(), b.as_ptr(), ldb, c, ldc, store)
+        },
         // SAFETY: forwarded contract.
-        _ => unsafe { portable_sgemm_6x16(kc, a, b, c, ldc, store) },
+        _ => unsafe { portable_sgemm_6x16(kc, a, b, ldb, c, ldc, store) },
     }
 }
 
@@ -508,12 +582,14 @@ unsafe fn portable_sgemm_6x16(
     kc: usize,
     a: &[f32],
     b: &[f32],
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     store: &Store,
 ) {
     let mut acc = [[0.0f32; NR]; MR];
-    for (ak, bk) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
+    for (kk, ak) in a.chunks_exact(MR).take(kc).enumerate() {
+        let bk = &b[kk * ldb..kk * ldb + NR];
         for r in 0..MR {
             let av = ak[r];
             for x in 0..NR {
@@ -549,18 +625,20 @@ unsafe fn avx2_fma_sgemm_6x16(
     kc: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     store: &Store,
 ) {
     use std::arch::x86_64::*;
-    // SAFETY: every pointer offset stays inside the kc·MR / kc·NR panels and
-    // the MR×NR tile guaranteed by the caller.
+    // SAFETY: every pointer offset stays inside the kc·MR A panel, the kc
+    // rows of NR floats at stride ldb of B, and the MR×NR tile, as
+    // guaranteed by the caller.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         for kk in 0..kc {
-            let b0 = _mm256_loadu_ps(b.add(kk * NR));
-            let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
+            let b0 = _mm256_loadu_ps(b.add(kk * ldb));
+            let b1 = _mm256_loadu_ps(b.add(kk * ldb + 8));
             let ap = a.add(kk * MR);
             for (r, row) in acc.iter_mut().enumerate() {
                 let av = _mm256_broadcast_ss(&*ap.add(r));
@@ -765,7 +843,18 @@ mod tests {
         let packed = PackedA::pack(m, k, &a, k, 1);
         let mut got = init.clone();
         let mut scratch = vec![0.0; scratch_len(threads)];
-        sgemm(&pool, &packed, b, n, &mut got, ldc, epi, &mut scratch);
+        let blocking = Blocking::CANDIDATES[(m + n + k) % Blocking::CANDIDATES.len()];
+        sgemm_blocked(
+            &pool,
+            &packed,
+            b,
+            n,
+            &mut got,
+            ldc,
+            epi,
+            &mut scratch,
+            blocking,
+        );
         for i in 0..m {
             for j in 0..n {
                 let (g, w) = (got[i * ldc + j], want[i * ldc + j]);
