@@ -254,6 +254,7 @@ impl Op {
                 Activation::Sigmoid => "Sigmoid",
                 Activation::HardSigmoid { .. } => "HardSigmoid",
                 Activation::HardSwish => "HardSwish",
+                Activation::Silu => "Silu",
                 Activation::Exp => "Exp",
                 Activation::Sqrt => "Sqrt",
                 Activation::Pow { .. } => "Pow",

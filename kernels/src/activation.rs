@@ -35,6 +35,8 @@ pub enum Activation {
     },
     /// `x * max(0, min(1, x / 6 + 1/2))`.
     HardSwish,
+    /// `x * sigmoid(x)` (SiLU, swish).
+    Silu,
     /// `exp(x)`.
     Exp,
     /// `sqrt(x)`.
@@ -72,6 +74,7 @@ impl Activation {
             Activation::Sigmoid => sigmoid(x),
             Activation::HardSigmoid { alpha, beta } => (alpha * x + beta).clamp(0.0, 1.0),
             Activation::HardSwish => x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0),
+            Activation::Silu => x * sigmoid(x),
             Activation::Exp => x.exp(),
             Activation::Sqrt => x.sqrt(),
             Activation::Pow { p } => pow(x, p),
@@ -132,6 +135,7 @@ impl Activation {
     pub fn apply_fast(self, x: f32) -> f32 {
         match self {
             Activation::Sigmoid => sigmoid_fast(x),
+            Activation::Silu => x * sigmoid_fast(x),
             Activation::Exp => exp_fast(x),
             Activation::Tanh => tanh_fast(x),
             other => other.apply(x),
@@ -152,6 +156,7 @@ fn apply_slice_body(act: Activation, xs: &mut [f32]) {
             .iter_mut()
             .for_each(|x| *x = (alpha * *x + beta).clamp(0.0, 1.0)),
         Activation::Sigmoid => xs.iter_mut().for_each(|x| *x = sigmoid_fast(*x)),
+        Activation::Silu => xs.iter_mut().for_each(|x| *x = *x * sigmoid_fast(*x)),
         Activation::Exp => xs.iter_mut().for_each(|x| *x = exp_fast(*x)),
         Activation::Tanh => xs.iter_mut().for_each(|x| *x = tanh_fast(*x)),
         _ => xs.iter_mut().for_each(|x| *x = act.apply(*x)),
@@ -176,6 +181,7 @@ fn apply_into_body(act: Activation, src: &[f32], dst: &mut [f32]) {
             map_into(src, dst, |x| (alpha * x + beta).clamp(0.0, 1.0))
         }
         Activation::Sigmoid => map_into(src, dst, sigmoid_fast),
+        Activation::Silu => map_into(src, dst, |x| x * sigmoid_fast(x)),
         Activation::Exp => map_into(src, dst, exp_fast),
         Activation::Tanh => map_into(src, dst, tanh_fast),
         _ => map_into(src, dst, |x| act.apply(x)),

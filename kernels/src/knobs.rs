@@ -3,6 +3,7 @@
 //! | variable | values | default | effect |
 //! |---|---|---|---|
 //! | `OSPREY_ISA` | `scalar`, `avx2`, `neon`, `auto` | `auto` | caps the ISA tier kernels may use, so CI can test every tier |
+//! | `OSPREY_POOL_SPIN_US` | microseconds | `2000` | how long an idle kernel thread polls for work before sleeping: lower saves CPU between frames, higher avoids wake-up latency between layers |
 
 use crate::error::KernelError;
 use crate::isa::Isa;
@@ -23,4 +24,14 @@ pub fn isa_cap() -> Result<Option<Isa>, KernelError> {
             }),
         },
     }
+}
+
+/// `OSPREY_POOL_SPIN_US`: how long idle pool workers spin before sleeping
+/// (default 2 ms; invalid values fall back to the default).
+pub fn pool_spin() -> std::time::Duration {
+    let us = std::env::var("OSPREY_POOL_SPIN_US")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(2000);
+    std::time::Duration::from_micros(us)
 }

@@ -48,7 +48,7 @@ pub struct ThreadPool {
     running: Mutex<()>,
 }
 
-/// How long an idle worker polls for the next job before it sleeps.
+/// Spin iterations between clock checks while waiting.
 const SPIN_ITERATIONS: u32 = 20_000;
 
 impl ThreadPool {
@@ -68,12 +68,13 @@ impl ThreadPool {
             busy_workers: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
         });
+        let spin = crate::knobs::pool_spin();
         let workers = (1..threads)
             .filter_map(|slot| {
                 let shared = Arc::clone(&shared);
                 std::thread::Builder::new()
                     .name(format!("osprey-k{slot}"))
-                    .spawn(move || worker_loop(&shared, slot - 1))
+                    .spawn(move || worker_loop(&shared, slot - 1, spin))
                     .ok()
             })
             .collect::<Vec<_>>();
@@ -166,15 +167,24 @@ fn drain(sh: &Shared, task: &Task<'_>, slot: usize) {
     }
 }
 
-fn worker_loop(sh: &Shared, slot: usize) {
+fn worker_loop(sh: &Shared, slot: usize, spin: std::time::Duration) {
     let mut seen = 0u64;
     loop {
-        // Spin a little: in a network the next layer's job usually arrives
-        // within microseconds, far sooner than a sleep/wake round trip.
-        let mut spins = 0u32;
-        while sh.generation.load(Ordering::Acquire) == seen && spins < SPIN_ITERATIONS {
-            std::hint::spin_loop();
-            spins += 1;
+        // Spin first: in a network the next layer's job usually arrives
+        // within microseconds, far sooner than a sleep/wake round trip (which
+        // costs tens of microseconds, more in a VM). `OSPREY_POOL_SPIN_US`
+        // bounds the spinning so an idle daemon does not burn a core.
+        let start = std::time::Instant::now();
+        'spin: while sh.generation.load(Ordering::Acquire) == seen {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+                if sh.generation.load(Ordering::Acquire) != seen {
+                    break 'spin;
+                }
+            }
+            if start.elapsed() >= spin {
+                break;
+            }
         }
         let job = {
             let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());

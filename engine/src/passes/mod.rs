@@ -9,15 +9,21 @@
 //! Constant folding and identity/dropout removal already happen at import
 //! (see [`crate::onnx`]); the passes here work on the typed graph.
 
+mod cancel_transposes;
 mod dead_nodes;
 mod fold_batchnorm;
 mod fuse_activation;
 mod fuse_residual;
+mod recognize_activations;
+mod remove_identities;
 
+pub use cancel_transposes::cancel_transposes;
 pub use dead_nodes::eliminate_dead_nodes;
 pub use fold_batchnorm::fold_batchnorm;
 pub use fuse_activation::fuse_activation;
 pub use fuse_residual::fuse_residual;
+pub use recognize_activations::recognize_activations;
+pub use remove_identities::remove_identities;
 
 use crate::ir::{Graph, TensorId};
 
@@ -35,10 +41,13 @@ pub type Pass = fn(&mut Graph) -> usize;
 
 /// The default pipeline, in order. Returns what each pass did.
 pub fn optimize(g: &mut Graph) -> Vec<PassReport> {
-    let passes: [(&'static str, Pass); 4] = [
+    let passes: [(&'static str, Pass); 7] = [
+        ("remove_identities", remove_identities),
+        ("cancel_transposes", cancel_transposes),
         ("eliminate_dead_nodes", eliminate_dead_nodes),
         ("fold_batchnorm", fold_batchnorm),
         ("fuse_residual", fuse_residual),
+        ("recognize_activations", recognize_activations),
         ("fuse_activation", fuse_activation),
     ];
     passes
