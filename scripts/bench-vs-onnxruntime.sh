@@ -6,17 +6,19 @@
 #     (tactics timed on this machine, shared timing cache in bench-out/),
 #   * onnxruntime (graph optimisations ORT_ENABLE_ALL).
 # Prints a markdown table; ratio = osprey engine median / onnxruntime median
-# (< 1 means osprey is faster). Shared machines drift, so each configuration
-# runs in --rounds rounds that alternate the three runners (A B C A B C ...),
-# each round timing iterations/rounds inferences; the table shows the median
-# of the per-round medians.
+# (< 1 means osprey is faster). Shared machines drift (we have seen the same
+# binary run 1.7x slower a minute later), so each configuration runs in
+# --rounds rounds that alternate the three runners (A B C A B C ...), each
+# round timing iterations/rounds inferences. The latency columns are medians
+# of the per-round medians; the ratio is the median of the per-round ratios,
+# each taken between runs seconds apart, which cancels most of the drift.
 #
 # usage: scripts/bench-vs-onnxruntime.sh [--iterations N] [--threads "1 2"] [--models DIR]
 # Needs: python3 with venv, network access to PyPI on first run (onnxruntime, numpy).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 iterations=30
-rounds=3
+rounds=6
 threads="1 2"
 models="$root/../shared/models"
 while [ $# -gt 0 ]; do
@@ -50,7 +52,7 @@ order="efficientnet_lite0 centernet_mbv3_coco_512 ppocr_cls_v2 ppocr_det_v4"
 
 out="$root/bench-out"
 mkdir -p "$out"
-echo "| model | threads | osprey onnx median ms | osprey engine median ms | onnxruntime median ms | ratio engine/ort | engine p99 ms | ort p99 ms |"
+echo "| model | threads | osprey onnx median ms | osprey engine median ms | onnxruntime median ms | ratio engine/ort (median of per-round ratios) | engine p99 ms | ort p99 ms |"
 echo "|---|---|---|---|---|---|---|---|"
 for m in $order; do
   f="$models/$m.onnx"
@@ -73,7 +75,8 @@ m, t = sys.argv[1], sys.argv[2]
 runs = [[json.loads(l) for l in a.splitlines() if l.strip()] for a in sys.argv[3:6]]
 med = lambda rs, k: statistics.median(x["latency_ms"][k] for x in rs)
 om, em, rm = med(runs[0], "median"), med(runs[1], "median"), med(runs[2], "median")
-print(f"| {m} | {t} | {om:.2f} | {em:.2f} | {rm:.2f} | {em/rm:.2f} | {med(runs[1], 'p99'):.2f} | {med(runs[2], 'p99'):.2f} |")
+ratio = statistics.median(e["latency_ms"]["median"] / r["latency_ms"]["median"] for e, r in zip(runs[1], runs[2]))
+print(f"| {m} | {t} | {om:.2f} | {em:.2f} | {rm:.2f} | {ratio:.2f} | {med(runs[1], 'p99'):.2f} | {med(runs[2], 'p99'):.2f} |")
 PY
   done
 done

@@ -245,15 +245,7 @@ fn threads(model: &ModelArgs) -> Result<usize> {
 
 /// `NAME` → a file name: every character outside `[A-Za-z0-9_.-]` becomes `_`.
 pub fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    npy::sanitize_name(name)
 }
 
 fn run(a: RunArgs) -> Result<()> {
@@ -294,19 +286,6 @@ fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Deterministic inputs in [-1, 1) for benchmarks (xorshift).
-fn bench_data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 fn bench(a: BenchArgs) -> Result<()> {
     if a.iterations == 0 {
         bail!("--iterations must be at least 1");
@@ -320,7 +299,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         .map(|(i, d)| {
             (
                 d.name.clone(),
-                bench_data(d.numel(), 0x9e37_79b9 + i as u64),
+                osprey_engine::tune::pseudo_random(d.numel(), 0x9e37_79b9 + i as u64),
             )
         })
         .collect();
@@ -533,8 +512,8 @@ mod tests {
 
     #[test]
     fn bench_data_is_bounded_and_deterministic() {
-        let a = bench_data(1000, 7);
-        assert_eq!(a, bench_data(1000, 7));
+        let a = osprey_engine::tune::pseudo_random(1000, 7);
+        assert_eq!(a, osprey_engine::tune::pseudo_random(1000, 7));
         assert!(a.iter().all(|v| (-1.0..1.0).contains(v)));
     }
 }

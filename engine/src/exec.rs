@@ -10,9 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use osprey_kernels::activation::Activation;
-use osprey_kernels::conv::{
-    Conv2d, Conv2dGeometry, ConvTactic, ConvTranspose2d, ConvTranspose2dGeometry,
-};
+use osprey_kernels::conv::{Conv2d, ConvTactic, ConvTranspose2d, ConvTranspose2dGeometry};
 use osprey_kernels::eltwise::{self, BinaryOp, Broadcast};
 use osprey_kernels::gemm::{self, Epilogue, MatRef, PackedA};
 use osprey_kernels::layout::{self, contiguous_strides, PadMode, StridedView};
@@ -363,18 +361,7 @@ impl Builder<'_> {
             Op::Conv(a) => {
                 let w = self.const_f32(node.inputs[1])?;
                 let bias = node.inputs.get(2).map(|&b| self.const_f32(b)).transpose()?;
-                let geo = Conv2dGeometry {
-                    c_in: xs[1],
-                    h: xs[2],
-                    w: xs[3],
-                    c_out: ys[1],
-                    kh: a.kernel[0],
-                    kw: a.kernel[1],
-                    stride: a.strides,
-                    dilation: a.dilations,
-                    pads: a.pads,
-                    groups: a.groups,
-                };
+                let geo = a.geometry(&xs, &ys);
                 let tactic = match self.tactics.get(ni).and_then(|t| t.as_deref()) {
                     None => ConvTactic::default_for(&geo),
                     Some(name) => ConvTactic::parse(name)

@@ -126,6 +126,28 @@ pub struct ConvAttrs {
     pub residual: bool,
 }
 
+impl ConvAttrs {
+    /// The kernel geometry of one image, from the NCHW input and output shapes.
+    pub fn geometry(
+        &self,
+        input: &[usize],
+        output: &[usize],
+    ) -> osprey_kernels::conv::Conv2dGeometry {
+        osprey_kernels::conv::Conv2dGeometry {
+            c_in: input[1],
+            h: input[2],
+            w: input[3],
+            c_out: output[1],
+            kh: self.kernel[0],
+            kw: self.kernel[1],
+            stride: self.strides,
+            dilation: self.dilations,
+            pads: self.pads,
+            groups: self.groups,
+        }
+    }
+}
+
 /// Pooling attributes, resolved (2-D).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolAttrs {

@@ -200,6 +200,20 @@ fn parse_shape(s: &str) -> Option<Vec<usize>> {
         .collect()
 }
 
+/// A tensor name as a file name: every character outside `[A-Za-z0-9_.-]`
+/// becomes `_` (the convention of the references and of `osprey run`).
+pub fn sanitize_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// IEEE half to single, exact.
 pub fn f16_to_f32(h: u16) -> f32 {
     let sign = ((h >> 15) as u32) << 31;

@@ -107,24 +107,12 @@ fn conv_geometry(g: &Graph, node: usize) -> Option<(Conv2dGeometry, usize)> {
     let Op::Conv(a) = &n.op else { return None };
     let xs = &g.tensors[*n.inputs.first()?].shape;
     let ys = &g.tensors[*n.outputs.first()?].shape;
-    Some((
-        Conv2dGeometry {
-            c_in: xs[1],
-            h: xs[2],
-            w: xs[3],
-            c_out: ys[1],
-            kh: a.kernel[0],
-            kw: a.kernel[1],
-            stride: a.strides,
-            dilation: a.dilations,
-            pads: a.pads,
-            groups: a.groups,
-        },
-        xs[0],
-    ))
+    Some((a.geometry(xs, ys), xs[0]))
 }
 
-fn random(n: usize, seed: u64) -> Vec<f32> {
+/// Deterministic pseudo-random values in [-1, 1) (xorshift), for timing
+/// and benchmarks.
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed | 1;
     (0..n)
         .map(|_| {
@@ -213,8 +201,8 @@ pub fn select_tactics(
                     .and_then(|&t| g.tensors[t].value.as_ref())
                     .map(ConstData::to_f32);
                 let (oh, ow) = (geo.out_h().unwrap_or(0), geo.out_w().unwrap_or(0));
-                let x = random(batch * geo.c_in * geo.h * geo.w, 7);
-                let r = random(batch * geo.c_out * oh * ow, 11);
+                let x = pseudo_random(batch * geo.c_in * geo.h * geo.w, 7);
+                let r = pseudo_random(batch * geo.c_out * oh * ow, 11);
                 let mut y = vec![0.0f32; batch * geo.c_out * oh * ow];
                 let mut times = BTreeMap::new();
                 for t in &candidates {

@@ -36,14 +36,4 @@ pub fn max_abs_and_range(got: &[f32], want: &[f32]) -> (f32, f32) {
 }
 
 /// `NAME` → file-name form used by the references and `osprey run`.
-pub fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
+pub use osprey_engine::npy::sanitize_name as sanitize;
