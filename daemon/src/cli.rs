@@ -34,6 +34,10 @@ pub enum Command {
     /// Optimise a model, time kernel tactics on this device, and write one
     /// engine file that `run`, `bench` and `inspect` load with `--engine`.
     Build(BuildArgs),
+    /// Check this machine for real-time deployment: GPU and driver, NVRTC,
+    /// memlock limit, CPU governor, real-time scheduling, zenoh reachability,
+    /// engine/device match. Exits 1 if a check fails.
+    Doctor(crate::doctor::DoctorArgs),
 }
 
 /// Where the model comes from (shared by the model subcommands).
@@ -152,6 +156,7 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench(a),
         Command::Inspect(a) => inspect(a),
         Command::Build(a) => crate::build::build(a),
+        Command::Doctor(a) => crate::doctor::doctor(a),
     }
 }
 

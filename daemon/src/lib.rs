@@ -7,9 +7,11 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`cli`] | the `osprey` subcommands: `run`, `bench`, `inspect`, `build` |
+//! | [`doctor`] | `osprey doctor`: deployment checks with fixes |
 //! | [`build`] | `osprey build`: optimise, tune, write the engine file, report |
 //! | [`stats`] | latency statistics (trtexec-style summaries) |
 
 pub mod build;
 pub mod cli;
+pub mod doctor;
 pub mod stats;

@@ -388,3 +388,56 @@ fn build_then_run_and_bench_the_engine() {
         .unwrap();
     assert_clean_failure(&out, "truncated or corrupt");
 }
+
+#[test]
+fn doctor_reports_every_check_and_fails_on_a_bad_engine() {
+    let out = osprey().args(["doctor", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let names: Vec<&str> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for want in [
+        "gpu",
+        "nvrtc",
+        "memlock",
+        "cpu governor",
+        "realtime scheduling",
+        "zenoh",
+        "engine/device match",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    for c in v["checks"].as_array().unwrap() {
+        let s = c["status"].as_str().unwrap();
+        assert!(["pass", "warn", "fail", "skip"].contains(&s));
+        if s == "warn" || s == "fail" {
+            assert!(!c["fix"].as_str().unwrap().is_empty(), "{c} has no fix");
+        }
+    }
+    // An unusable engine is a failed check and exit code 1.
+    let d = tmpdir();
+    std::fs::write(d.join("junk.engine"), b"not an engine").unwrap();
+    let out = osprey()
+        .args(["doctor", "--engine"])
+        .arg(d.join("junk.engine"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[FAIL] engine/device match"), "{text}");
+    // An unreachable zenoh endpoint (a closed port on loopback) fails too.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = osprey()
+        .args(["doctor", "--connect"])
+        .arg(format!("tcp/127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[FAIL] zenoh"));
+}
