@@ -709,7 +709,7 @@ impl Builder<'_> {
                 end: end.clone(),
                 mode: *mode,
             },
-            Op::Reshape => return Err("views have no step".into()),
+            Op::Reshape | Op::SliceView { .. } => return Err("views have no step".into()),
         })
     }
 }

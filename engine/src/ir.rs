@@ -218,6 +218,13 @@ pub enum Op {
     /// A view with another shape (Reshape, Flatten, Squeeze, Unsqueeze,
     /// Identity, Dropout): no data moves.
     Reshape,
+    /// A view of a contiguous part of the input, starting `offset` elements
+    /// in (the output shape gives its extent): how the outputs of
+    /// horizontally fused convolutions are read. No data moves.
+    SliceView {
+        /// First element, in f32 elements from the input's start.
+        offset: usize,
+    },
     /// Permutation of dimensions.
     Transpose {
         /// `out[d] = in[perm[d]]`.
@@ -305,6 +312,7 @@ impl Op {
             Op::ReduceMean { .. } => "ReduceMean",
             Op::Resize { .. } => "Resize",
             Op::Reshape => "Reshape",
+            Op::SliceView { .. } => "SliceView",
             Op::Transpose { .. } => "Transpose",
             Op::Gather { .. } => "Gather",
             Op::Gemm { .. } => "Gemm",
@@ -316,7 +324,15 @@ impl Op {
 
     /// True for ops whose output is a view of their first input.
     pub fn is_view(&self) -> bool {
-        matches!(self, Op::Reshape)
+        matches!(self, Op::Reshape | Op::SliceView { .. })
+    }
+
+    /// Where a view starts inside its input, in elements (0 for non-views).
+    pub fn view_offset(&self) -> usize {
+        match self {
+            Op::SliceView { offset } => *offset,
+            _ => 0,
+        }
     }
 }
 

@@ -30,6 +30,11 @@ pub struct Storage {
 pub struct MemoryPlan {
     /// Storage index per tensor (`None` for constants).
     pub storage_of: Vec<Option<usize>>,
+    /// Offset of each tensor inside its storage, in f32 elements (non-zero
+    /// only for slice views).
+    pub offset_in_storage: Vec<usize>,
+    /// Element count of each tensor.
+    pub tensor_len: Vec<usize>,
     /// The storages.
     pub storages: Vec<Storage>,
     /// Arena size in f32 elements.
@@ -50,7 +55,7 @@ impl MemoryPlan {
     /// Offset and length of a tensor's data, if it lives in the arena.
     pub fn range(&self, t: TensorId) -> Option<(usize, usize)> {
         let s = self.storages[self.storage_of.get(t).copied().flatten()?];
-        Some((s.offset, s.len))
+        Some((s.offset + self.offset_in_storage[t], self.tensor_len[t]))
     }
 }
 
@@ -61,6 +66,8 @@ fn aligned(n: usize) -> usize {
 /// Computes lifetimes and places every runtime tensor in one arena.
 pub fn plan_arena(g: &Graph) -> MemoryPlan {
     let mut storage_of: Vec<Option<usize>> = vec![None; g.tensors.len()];
+    let mut offset_in_storage = vec![0usize; g.tensors.len()];
+    let tensor_len: Vec<usize> = g.tensors.iter().map(|t| t.numel()).collect();
     let mut storages: Vec<Storage> = Vec::new();
     let end = g.nodes.len();
     let mut new_storage = |len: usize, at: usize| {
@@ -77,13 +84,18 @@ pub fn plan_arena(g: &Graph) -> MemoryPlan {
     }
     for (step, node) in g.nodes.iter().enumerate() {
         let view_of = if node.op.is_view() {
-            node.inputs.first().and_then(|&i| storage_of[i])
+            node.inputs.first().and_then(|&i| {
+                storage_of[i].map(|s| (s, offset_in_storage[i] + node.op.view_offset()))
+            })
         } else {
             None
         };
         for &o in &node.outputs {
             storage_of[o] = Some(match view_of {
-                Some(s) => s,
+                Some((s, off)) => {
+                    offset_in_storage[o] = off;
+                    s
+                }
                 None => new_storage(g.tensors[o].numel(), step),
             });
         }
@@ -135,6 +147,8 @@ pub fn plan_arena(g: &Graph) -> MemoryPlan {
     }
     MemoryPlan {
         storage_of,
+        offset_in_storage,
+        tensor_len,
         storages,
         arena_floats,
         naive_floats,

@@ -14,6 +14,7 @@ mod dead_nodes;
 mod fold_batchnorm;
 mod fuse_activation;
 mod fuse_residual;
+mod fuse_siblings;
 mod recognize_activations;
 mod remove_identities;
 
@@ -22,6 +23,7 @@ pub use dead_nodes::eliminate_dead_nodes;
 pub use fold_batchnorm::fold_batchnorm;
 pub use fuse_activation::fuse_activation;
 pub use fuse_residual::fuse_residual;
+pub use fuse_siblings::fuse_siblings;
 pub use recognize_activations::recognize_activations;
 pub use remove_identities::remove_identities;
 
@@ -41,7 +43,7 @@ pub type Pass = fn(&mut Graph) -> usize;
 
 /// The default pipeline, in order. Returns what each pass did.
 pub fn optimize(g: &mut Graph) -> Vec<PassReport> {
-    let passes: [(&'static str, Pass); 7] = [
+    let passes: [(&'static str, Pass); 8] = [
         ("remove_identities", remove_identities),
         ("cancel_transposes", cancel_transposes),
         ("eliminate_dead_nodes", eliminate_dead_nodes),
@@ -49,6 +51,7 @@ pub fn optimize(g: &mut Graph) -> Vec<PassReport> {
         ("fuse_residual", fuse_residual),
         ("recognize_activations", recognize_activations),
         ("fuse_activation", fuse_activation),
+        ("fuse_siblings", fuse_siblings),
     ];
     passes
         .iter()
