@@ -99,6 +99,7 @@ enum Algo {
     Pointwise,
     Depthwise { weights: Vec<f32> },
     Im2col,
+    Winograd(crate::winograd::WinogradWeights),
 }
 
 /// Convolution algorithms (see the module doc).
@@ -110,6 +111,8 @@ pub enum ConvAlgorithm {
     Depthwise,
     /// GEMM over an implicit im2col view (always applicable).
     Im2col,
+    /// Winograd F(2×2, 3×3) (3×3, stride 1, undilated, one group).
+    Winograd,
 }
 
 /// One implementation choice for a convolution: algorithm plus GEMM blocking.
@@ -129,6 +132,7 @@ impl ConvTactic {
         match self.algorithm {
             ConvAlgorithm::Pointwise => format!("pointwise-gemm/nc{}{direct}", self.blocking.nc),
             ConvAlgorithm::Im2col => format!("im2col-gemm/nc{}", self.blocking.nc),
+            ConvAlgorithm::Winograd => format!("winograd-f2x3/nc{}", self.blocking.nc),
             ConvAlgorithm::Depthwise => "depthwise-direct".to_string(),
         }
     }
@@ -154,6 +158,7 @@ impl ConvTactic {
         let algorithm = match alg {
             "pointwise-gemm" => ConvAlgorithm::Pointwise,
             "im2col-gemm" if pack_b => ConvAlgorithm::Im2col,
+            "winograd-f2x3" if pack_b => ConvAlgorithm::Winograd,
             _ => return None,
         };
         Some(ConvTactic {
@@ -174,6 +179,13 @@ impl ConvTactic {
             }
             ConvAlgorithm::Depthwise => g.groups == g.c_in && g.c_out == g.c_in && g.groups > 1,
             ConvAlgorithm::Im2col => true,
+            ConvAlgorithm::Winograd => {
+                g.kh == 3
+                    && g.kw == 3
+                    && g.stride == [1, 1]
+                    && g.dilation == [1, 1]
+                    && g.groups == 1
+            }
         }
     }
 
@@ -206,10 +218,15 @@ impl ConvTactic {
             out.push(ConvTactic::depthwise());
             return out;
         }
-        for algorithm in [ConvAlgorithm::Pointwise, ConvAlgorithm::Im2col] {
+        for algorithm in [
+            ConvAlgorithm::Pointwise,
+            ConvAlgorithm::Im2col,
+            ConvAlgorithm::Winograd,
+        ] {
             for blocking in Blocking::CANDIDATES {
-                // An implicit im2col B is always packed.
-                if algorithm == ConvAlgorithm::Im2col && !blocking.pack_b {
+                // An implicit im2col B is always packed, and Winograd's
+                // transformed input is only offered packed.
+                if algorithm != ConvAlgorithm::Pointwise && !blocking.pack_b {
                     continue;
                 }
                 let t = ConvTactic {
@@ -300,9 +317,12 @@ impl Conv2d {
             },
             ConvAlgorithm::Pointwise => Algo::Pointwise,
             ConvAlgorithm::Im2col => Algo::Im2col,
+            ConvAlgorithm::Winograd => Algo::Winograd(crate::winograd::WinogradWeights::new(
+                weights, g.c_out, g.c_in,
+            )),
         };
         let packed = match algo {
-            Algo::Depthwise { .. } => Vec::new(),
+            Algo::Depthwise { .. } | Algo::Winograd(_) => Vec::new(),
             _ => (0..g.groups)
                 .map(|gi| PackedA::pack(cout_g, kk, &weights[gi * cout_g * kk..], kk, 1))
                 .collect(),
@@ -340,6 +360,7 @@ impl Conv2d {
             Algo::Pointwise => "pointwise-gemm",
             Algo::Depthwise { .. } => "depthwise-direct",
             Algo::Im2col => "im2col-gemm",
+            Algo::Winograd(_) => "winograd-f2x3",
         }
     }
 
@@ -349,6 +370,9 @@ impl Conv2d {
             Algo::Depthwise { .. } => threads.max(1) * self.plane().scratch_len(),
             Algo::Pointwise => gemm::scratch_len(threads),
             Algo::Im2col => gemm::scratch_len(threads),
+            Algo::Winograd(_) => {
+                crate::winograd::scratch_len(self.g.c_in, self.g.c_out, self.oh, self.ow, threads)
+            }
         }
     }
 
@@ -418,6 +442,27 @@ impl Conv2d {
                 }
                 Algo::Depthwise { weights } => self.depthwise(pool, weights, x, res, y, scratch),
                 Algo::Im2col => self.im2col_gemm(pool, x, res, y, scratch),
+                Algo::Winograd(w) => {
+                    let shape = crate::winograd::Shape {
+                        h: g.h,
+                        w: g.w,
+                        oh: self.oh,
+                        ow: self.ow,
+                        pad_tl: [g.pads[0], g.pads[1]],
+                    };
+                    crate::winograd::run(
+                        pool,
+                        w,
+                        shape,
+                        x,
+                        &self.bias,
+                        res,
+                        self.act,
+                        y,
+                        scratch,
+                        self.tactic.blocking,
+                    )
+                }
             }
         }
     }
@@ -961,6 +1006,21 @@ mod tests {
             1,
             1,
         );
+    }
+
+    #[test]
+    fn winograd_matches_reference_on_odd_sizes_and_pads() {
+        for (hw, pads) in [
+            ((9, 11), [1, 1, 1, 1]),
+            ((7, 6), [0, 1, 1, 0]),
+            ((4, 3), [2, 2, 2, 2]),
+            ((3, 3), [0; 4]),
+        ] {
+            let g = geom(5, 7, hw, (3, 3), (1, 1), (1, 1), pads, 1);
+            let t = ConvTactic::parse("winograd-f2x3/nc256").unwrap();
+            assert!(ConvTactic::candidates(&g).contains(&t));
+            check_conv_tactic(g, 2, 2, t);
+        }
     }
 
     #[test]

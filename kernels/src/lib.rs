@@ -17,6 +17,7 @@
 //! | [`eltwise`] | broadcasting binary ops, batch-norm affine |
 //! | [`resize`] | nearest and linear resize with ONNX coordinate modes |
 //! | [`softmax`] | softmax along one axis |
+//! | [`winograd`] | Winograd F(2x2,3x3) convolution (a tactic for 3x3 layers) |
 //! | [`layout`] | strided copies: transpose, slice, concat, pad, gather |
 //! | [`error`] | the crate's error type |
 
@@ -33,6 +34,7 @@ pub mod pool;
 pub mod pooling;
 pub mod resize;
 pub mod softmax;
+pub mod winograd;
 
 pub use activation::Activation;
 pub use error::KernelError;
