@@ -12,6 +12,7 @@
 //! | [`activation`] | element-wise activations, usable as GEMM/conv epilogues |
 //! | [`gemm`] | f32 GEMM: packed weights, AVX2+FMA micro-kernel, scalar reference |
 //! | [`conv`] | 2-D convolution: 1x1 as GEMM, depthwise direct, general im2col, transposed |
+//! | [`conv_transpose`] | transposed convolution (GEMM + col2im) |
 //! | [`depthwise`] | the depthwise plane kernel (padded plane, AVX2 rows) |
 //! | [`pooling`] | max/average pooling, global average pooling, mean over axes |
 //! | [`eltwise`] | broadcasting binary ops, batch-norm affine |
@@ -23,6 +24,7 @@
 
 pub mod activation;
 pub mod conv;
+pub mod conv_transpose;
 pub mod depthwise;
 pub mod eltwise;
 pub mod error;

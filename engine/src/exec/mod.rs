@@ -1,0 +1,492 @@
+//! Prepared engines and execution contexts.
+//!
+//! [`Engine::new`] turns a validated [`Graph`] into a list of steps with
+//! packed weights, precomputed broadcast/resize tables and arena offsets.
+//! An [`ExecutionContext`] owns one arena, one scratch buffer and one thread
+//! pool, all allocated when it is created; [`ExecutionContext::run`] then
+//! allocates nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use osprey_kernels::activation::Activation;
+use osprey_kernels::conv::{Conv2d, ConvTranspose2d};
+use osprey_kernels::eltwise::{BinaryOp, Broadcast};
+use osprey_kernels::gemm::{self, PackedA};
+use osprey_kernels::layout::{PadMode, StridedView};
+use osprey_kernels::pooling::{Pool2dGeometry, PoolKind};
+use osprey_kernels::resize::Resize2d;
+use osprey_kernels::ThreadPool;
+
+use crate::error::{EngineError, Result};
+use crate::ir::{Graph, TensorId};
+use crate::plan::{plan_arena, MemoryPlan, ALIGN_FLOATS};
+
+mod prepare;
+mod step;
+
+use prepare::Builder;
+use step::run_step;
+
+/// Where an operand's data lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Operand {
+    /// `len` floats at `off` in the arena.
+    Arena { off: usize, len: usize },
+    /// A constant owned by the engine.
+    Const { idx: usize },
+}
+
+/// One strided copy of a data-movement step.
+#[derive(Clone, Debug)]
+struct CopyPart {
+    input: usize,
+    output: usize,
+    shape: Vec<usize>,
+    src: StridedView,
+    dst: StridedView,
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    Conv {
+        layer: Conv2d,
+        batch: usize,
+        residual: bool,
+    },
+    ConvTranspose {
+        layer: ConvTranspose2d,
+        batch: usize,
+    },
+    Affine {
+        batch: usize,
+        channels: usize,
+        plane: usize,
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+    },
+    Unary(Activation),
+    Binary(BinaryOp, Broadcast),
+    Copy(Vec<CopyPart>),
+    Pool(Pool2dGeometry, PoolKind),
+    GlobalAverage {
+        planes: usize,
+        len: usize,
+    },
+    ReduceMean {
+        shape: Vec<usize>,
+        reduce: Vec<bool>,
+    },
+    Resize(Resize2d),
+    /// `out = packed · view(runtime input)`, optionally computed transposed in
+    /// scratch first, plus an optional full-size addend.
+    Gemm {
+        packed: PackedA,
+        input: usize,
+        b_rs: usize,
+        b_cs: usize,
+        cols: usize,
+        transpose_out: bool,
+        bias: Option<Vec<f32>>,
+        post_add: Option<Vec<f32>>,
+    },
+    MatMulRuntime {
+        m: usize,
+        k: usize,
+        n: usize,
+    },
+    Softmax {
+        outer: usize,
+        axis: usize,
+        inner: usize,
+    },
+    Pad {
+        shape: Vec<usize>,
+        begin: Vec<usize>,
+        end: Vec<usize>,
+        mode: PadMode,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Step {
+    name: String,
+    kind: Kind,
+    ins: Vec<Operand>,
+    outs: Vec<(usize, usize)>,
+}
+
+/// Name and shape of a graph input or output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorDesc {
+    /// Name in the model.
+    pub name: String,
+    /// Static shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorDesc {
+    /// Element count.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A model prepared for execution: immutable, shareable between contexts.
+#[derive(Debug)]
+pub struct Engine {
+    inputs: Vec<(TensorDesc, usize)>,
+    outputs: Vec<(TensorDesc, Operand)>,
+    steps: Vec<Step>,
+    consts: Vec<Vec<f32>>,
+    plan: MemoryPlan,
+    node_count: usize,
+    op_histogram: BTreeMap<String, usize>,
+    constant_bytes: usize,
+}
+
+impl Engine {
+    /// Prepares a graph with default tactics: validates it, plans memory,
+    /// packs weights.
+    pub fn new(graph: Graph) -> Result<Engine> {
+        Engine::with_tactics(graph, &[])
+    }
+
+    /// As [`Engine::new`], with a tactic per node (see [`crate::tune`]);
+    /// nodes without one, or beyond the table, use the default.
+    pub fn with_tactics(graph: Graph, tactics: &[Option<String>]) -> Result<Engine> {
+        graph.validate()?;
+        let plan = plan_arena(&graph);
+        let mut b = Builder {
+            tactics,
+            g: &graph,
+            plan: &plan,
+            consts: Vec::new(),
+            const_of: BTreeMap::new(),
+        };
+        let mut steps = Vec::with_capacity(graph.nodes.len());
+        for (ni, node) in graph.nodes.iter().enumerate() {
+            if node.op.is_view() {
+                continue;
+            }
+            let kind = b.kind(ni, node).map_err(|msg| EngineError::Node {
+                node: node.name.clone(),
+                op: node.onnx_op.clone(),
+                msg,
+            })?;
+            let ins = node.inputs.iter().map(|&t| b.operand(t)).collect();
+            let outs = node
+                .outputs
+                .iter()
+                .map(|&t| {
+                    plan.range(t)
+                        .ok_or_else(|| EngineError::model("output without storage"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            steps.push(Step {
+                name: node.name.clone(),
+                kind,
+                ins,
+                outs,
+            });
+        }
+        let inputs = graph
+            .inputs
+            .iter()
+            .map(|&t| {
+                let (off, _) = plan
+                    .range(t)
+                    .ok_or_else(|| EngineError::model("input without storage"))?;
+                Ok((desc(&graph, t), off))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let outputs = graph
+            .outputs
+            .iter()
+            .map(|&t| (desc(&graph, t), b.operand(t)))
+            .collect();
+        Ok(Engine {
+            inputs,
+            outputs,
+            steps,
+            consts: b.consts,
+            plan,
+            node_count: graph.nodes.len(),
+            op_histogram: graph.op_histogram(),
+            constant_bytes: graph.constant_bytes(),
+        })
+    }
+
+    /// Graph inputs.
+    pub fn inputs(&self) -> impl Iterator<Item = &TensorDesc> {
+        self.inputs.iter().map(|(d, _)| d)
+    }
+    /// Graph outputs.
+    pub fn outputs(&self) -> impl Iterator<Item = &TensorDesc> {
+        self.outputs.iter().map(|(d, _)| d)
+    }
+    /// The arena layout.
+    pub fn memory_plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+    /// Nodes in the graph (views included).
+    pub fn node_count(&self) -> usize {
+        self.node_count
+    }
+    /// Kernel launches per inference (views excluded).
+    pub fn step_count(&self) -> usize {
+        self.steps.len()
+    }
+    /// Count of nodes per ONNX op type.
+    pub fn op_histogram(&self) -> &BTreeMap<String, usize> {
+        &self.op_histogram
+    }
+    /// Name and a short description (kernel, algorithm, shapes) of step `i`.
+    pub fn step_info(&self, i: usize) -> Option<(String, String)> {
+        let s = self.steps.get(i)?;
+        let what = match &s.kind {
+            Kind::Conv {
+                layer, residual, ..
+            } => {
+                let g = layer.geometry();
+                format!(
+                    "Conv {} {}x{} s{} g{} {}->{} @{}x{}{}",
+                    layer.tactic().name(),
+                    g.kh,
+                    g.kw,
+                    g.stride[0],
+                    g.groups,
+                    g.c_in,
+                    g.c_out,
+                    g.h,
+                    g.w,
+                    if *residual { " +residual" } else { "" }
+                )
+            }
+            Kind::ConvTranspose { .. } => "ConvTranspose gemm+col2im".into(),
+            Kind::Affine { .. } => "BatchNorm affine".into(),
+            Kind::Unary(a) => format!("Unary {a:?}"),
+            Kind::Binary(op, _) => format!("Binary {op:?}"),
+            Kind::Copy(_) => "Copy".into(),
+            Kind::Pool(..) => "Pool".into(),
+            Kind::GlobalAverage { .. } => "GlobalAveragePool".into(),
+            Kind::ReduceMean { .. } => "ReduceMean".into(),
+            Kind::Resize(_) => "Resize".into(),
+            Kind::Gemm { .. } => "Gemm".into(),
+            Kind::MatMulRuntime { .. } => "MatMul".into(),
+            Kind::Softmax { .. } => "Softmax".into(),
+            Kind::Pad { .. } => "Pad".into(),
+        };
+        Some((s.name.clone(), what))
+    }
+
+    /// Bytes of constants in the source graph.
+    pub fn constant_bytes(&self) -> usize {
+        self.constant_bytes
+    }
+
+    /// Scratch floats a context with `threads` threads needs.
+    fn scratch_floats(&self, threads: usize) -> usize {
+        self.steps
+            .iter()
+            .map(|s| match &s.kind {
+                Kind::Conv { layer, .. } => layer.scratch_len(threads),
+                Kind::ConvTranspose { layer, .. } => layer.scratch_len(threads),
+                Kind::Gemm {
+                    packed,
+                    cols,
+                    transpose_out,
+                    ..
+                } => {
+                    gemm::scratch_len(threads) + if *transpose_out { packed.m() * cols } else { 0 }
+                }
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+fn desc(g: &Graph, t: TensorId) -> TensorDesc {
+    TensorDesc {
+        name: g.tensors[t].name.clone(),
+        shape: g.tensors[t].shape.clone(),
+    }
+}
+
+/// Everything one inference needs, allocated once.
+pub struct ExecutionContext {
+    engine: Arc<Engine>,
+    arena: Vec<f32>,
+    base: usize,
+    scratch: Vec<f32>,
+    pool: ThreadPool,
+    inputs_set: Vec<bool>,
+}
+
+impl std::fmt::Debug for ExecutionContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecutionContext")
+            .field("arena_floats", &self.engine.plan.arena_floats)
+            .field("scratch_floats", &self.scratch.len())
+            .field("threads", &self.pool.threads())
+            .finish()
+    }
+}
+
+impl ExecutionContext {
+    /// Allocates the arena, scratch and a pool of `threads` threads.
+    pub fn new(engine: Arc<Engine>, threads: usize) -> ExecutionContext {
+        let pool = ThreadPool::new(threads);
+        let arena_floats = engine.plan.arena_floats;
+        let arena = vec![0.0f32; arena_floats + ALIGN_FLOATS];
+        // Start the arena on a 64-byte boundary.
+        let misalign = (arena.as_ptr() as usize / 4) % ALIGN_FLOATS;
+        let base = (ALIGN_FLOATS - misalign) % ALIGN_FLOATS;
+        let scratch = vec![0.0f32; engine.scratch_floats(pool.threads())];
+        let inputs_set = vec![false; engine.inputs.len()];
+        ExecutionContext {
+            engine,
+            arena,
+            base,
+            scratch,
+            pool,
+            inputs_set,
+        }
+    }
+
+    /// The engine this context runs.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Threads in the pool.
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// Bytes this context holds (arena + scratch).
+    pub fn allocated_bytes(&self) -> usize {
+        (self.arena.len() + self.scratch.len()) * 4
+    }
+
+    /// Copies an input in. The data must have exactly the input's element
+    /// count and be finite (NaN/Inf are rejected: they would poison every
+    /// output silently).
+    pub fn set_input(&mut self, name: &str, data: &[f32]) -> Result<()> {
+        let i = self
+            .engine
+            .inputs
+            .iter()
+            .position(|(d, _)| d.name == name)
+            .ok_or_else(|| EngineError::Input {
+                name: name.to_string(),
+                msg: format!(
+                    "no such input (the model has: {})",
+                    self.engine
+                        .inputs
+                        .iter()
+                        .map(|(d, _)| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?;
+        self.set_input_index(i, data)
+    }
+
+    /// As [`ExecutionContext::set_input`], by position.
+    pub fn set_input_index(&mut self, i: usize, data: &[f32]) -> Result<()> {
+        let (desc, off) = self
+            .engine
+            .inputs
+            .get(i)
+            .ok_or_else(|| EngineError::Input {
+                name: format!("#{i}"),
+                msg: "no such input".into(),
+            })?;
+        if data.len() != desc.numel() {
+            return Err(EngineError::Input {
+                name: desc.name.clone(),
+                msg: format!(
+                    "got {} values, shape {:?} needs {}",
+                    data.len(),
+                    desc.shape,
+                    desc.numel()
+                ),
+            });
+        }
+        if let Some(bad) = data.iter().position(|v| !v.is_finite()) {
+            return Err(EngineError::Input {
+                name: desc.name.clone(),
+                msg: format!("value {} at index {bad} is not finite", data[bad]),
+            });
+        }
+        let start = self.base + off;
+        self.arena[start..start + data.len()].copy_from_slice(data);
+        self.inputs_set[i] = true;
+        Ok(())
+    }
+
+    /// Runs every step. All inputs must have been set at least once.
+    pub fn run(&mut self) -> Result<()> {
+        self.run_inner(None)
+    }
+
+    /// Runs every step and adds each step's wall time (seconds) to
+    /// `seconds[i]`; `seconds` must have [`Engine::step_count`] entries.
+    pub fn run_profiled(&mut self, seconds: &mut [f64]) -> Result<()> {
+        if seconds.len() != self.engine.steps.len() {
+            return Err(EngineError::model(
+                "profile buffer length differs from the step count",
+            ));
+        }
+        self.run_inner(Some(seconds))
+    }
+
+    fn run_inner(&mut self, mut profile: Option<&mut [f64]>) -> Result<()> {
+        if let Some(i) = self.inputs_set.iter().position(|s| !s) {
+            return Err(EngineError::Input {
+                name: self.engine.inputs[i].0.name.clone(),
+                msg: "was never set".into(),
+            });
+        }
+        let engine = &*self.engine;
+        let arena = &mut self.arena[self.base..self.base + engine.plan.arena_floats];
+        for (i, step) in engine.steps.iter().enumerate() {
+            let t0 = profile.as_ref().map(|_| std::time::Instant::now());
+            run_step(step, arena, &engine.consts, &mut self.scratch, &self.pool).map_err(|e| {
+                match e {
+                    EngineError::Model(m) => {
+                        EngineError::Model(format!("step '{}': {m}", step.name))
+                    }
+                    other => other,
+                }
+            })?;
+            if let (Some(p), Some(t0)) = (profile.as_deref_mut(), t0) {
+                p[i] += t0.elapsed().as_secs_f64();
+            }
+        }
+        Ok(())
+    }
+
+    /// An output's data after [`ExecutionContext::run`], by position.
+    pub fn output_index(&self, i: usize) -> Option<&[f32]> {
+        let (_, op) = self.engine.outputs.get(i)?;
+        match *op {
+            Operand::Arena { off, len } => {
+                Some(&self.arena[self.base + off..self.base + off + len])
+            }
+            Operand::Const { idx } => self.engine.consts.get(idx).map(|v| v.as_slice()),
+        }
+    }
+
+    /// An output's data after [`ExecutionContext::run`], by name.
+    pub fn output(&self, name: &str) -> Option<&[f32]> {
+        let i = self
+            .engine
+            .outputs
+            .iter()
+            .position(|(d, _)| d.name == name)?;
+        self.output_index(i)
+    }
+}

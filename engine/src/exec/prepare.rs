@@ -1,0 +1,425 @@
+//! Turning graph nodes into prepared steps: packed weights, broadcast and
+//! resize tables, copy plans, tactics.
+
+use std::collections::BTreeMap;
+
+use osprey_kernels::conv::{Conv2d, ConvTactic, ConvTranspose2d, ConvTranspose2dGeometry};
+use osprey_kernels::eltwise::{self, BinaryOp, Broadcast};
+use osprey_kernels::gemm::PackedA;
+use osprey_kernels::layout::{contiguous_strides, StridedView};
+use osprey_kernels::pooling::Pool2dGeometry;
+use osprey_kernels::resize::Resize2d;
+use osprey_kernels::ThreadPool;
+
+use super::{CopyPart, Kind, Operand};
+use crate::ir::{ConstData, Graph, Op, TensorId};
+use crate::plan::MemoryPlan;
+
+pub(super) struct Builder<'a> {
+    pub(super) tactics: &'a [Option<String>],
+    pub(super) g: &'a Graph,
+    pub(super) plan: &'a MemoryPlan,
+    pub(super) consts: Vec<Vec<f32>>,
+    pub(super) const_of: BTreeMap<TensorId, usize>,
+}
+
+impl Builder<'_> {
+    pub(super) fn operand(&mut self, t: TensorId) -> Operand {
+        if let Some((off, len)) = self.plan.range(t) {
+            return Operand::Arena { off, len };
+        }
+        if let Some(&idx) = self.const_of.get(&t) {
+            return Operand::Const { idx };
+        }
+        let data = self.g.tensors[t]
+            .value
+            .as_ref()
+            .map(ConstData::to_f32)
+            .unwrap_or_default();
+        self.consts.push(data);
+        let idx = self.consts.len() - 1;
+        self.const_of.insert(t, idx);
+        Operand::Const { idx }
+    }
+
+    fn shape(&self, t: TensorId) -> &[usize] {
+        &self.g.tensors[t].shape
+    }
+
+    fn const_f32(&self, t: TensorId) -> std::result::Result<Vec<f32>, String> {
+        self.g.tensors[t]
+            .value
+            .as_ref()
+            .map(ConstData::to_f32)
+            .ok_or_else(|| format!("'{}' must be a constant", self.g.tensors[t].name))
+    }
+
+    pub(super) fn kind(
+        &mut self,
+        ni: usize,
+        node: &crate::ir::Node,
+    ) -> std::result::Result<Kind, String> {
+        let x = node.inputs.first().copied().ok_or("node without inputs")?;
+        let y = node
+            .outputs
+            .first()
+            .copied()
+            .ok_or("node without outputs")?;
+        let xs = self.shape(x).to_vec();
+        let ys = self.shape(y).to_vec();
+        Ok(match &node.op {
+            Op::Conv(a) => {
+                let w = self.const_f32(node.inputs[1])?;
+                let bias = node.inputs.get(2).map(|&b| self.const_f32(b)).transpose()?;
+                let geo = a.geometry(&xs, &ys);
+                let tactic = match self.tactics.get(ni).and_then(|t| t.as_deref()) {
+                    None => ConvTactic::default_for(&geo),
+                    Some(name) => ConvTactic::parse(name)
+                        .filter(|t| t.supports(&geo))
+                        .ok_or_else(|| {
+                            format!("tactic '{name}' is unknown or does not fit this layer")
+                        })?,
+                };
+                let layer = Conv2d::with_tactic(geo, &w, bias.as_deref(), a.activation, tactic)
+                    .map_err(|e| e.to_string())?;
+                if a.residual && node.inputs.len() != 4 {
+                    return Err("fused residual without its operand".into());
+                }
+                Kind::Conv {
+                    layer,
+                    batch: xs[0],
+                    residual: a.residual,
+                }
+            }
+            Op::ConvTranspose(a) => {
+                let w = self.const_f32(node.inputs[1])?;
+                let bias = node.inputs.get(2).map(|&b| self.const_f32(b)).transpose()?;
+                let geo = ConvTranspose2dGeometry {
+                    c_in: xs[1],
+                    h: xs[2],
+                    w: xs[3],
+                    c_out: ys[1],
+                    kh: a.kernel[0],
+                    kw: a.kernel[1],
+                    stride: a.strides,
+                    dilation: a.dilations,
+                    pads: a.pads,
+                    output_padding: a.output_padding,
+                    groups: a.groups,
+                };
+                let layer = ConvTranspose2d::new(geo, &w, bias.as_deref(), a.activation)
+                    .map_err(|e| e.to_string())?;
+                Kind::ConvTranspose {
+                    layer,
+                    batch: xs[0],
+                }
+            }
+            Op::BatchNorm { epsilon } => {
+                let p: Vec<Vec<f32>> = node.inputs[1..5]
+                    .iter()
+                    .map(|&t| self.const_f32(t))
+                    .collect::<std::result::Result<_, _>>()?;
+                let (gamma, beta, mean, var) = (&p[0], &p[1], &p[2], &p[3]);
+                let scale: Vec<f32> = gamma
+                    .iter()
+                    .zip(var)
+                    .map(|(g, v)| g / (v + epsilon).sqrt())
+                    .collect();
+                let shift: Vec<f32> = beta
+                    .iter()
+                    .zip(mean)
+                    .zip(&scale)
+                    .map(|((b, m), s)| b - m * s)
+                    .collect();
+                Kind::Affine {
+                    batch: xs[0],
+                    channels: xs[1],
+                    plane: xs[2..].iter().product(),
+                    scale,
+                    shift,
+                }
+            }
+            Op::Unary(act) => Kind::Unary(*act),
+            Op::Binary(op) => {
+                let (plan, out) =
+                    Broadcast::new(&xs, self.shape(node.inputs[1])).map_err(|e| e.to_string())?;
+                if out != ys {
+                    return Err(format!("broadcast shape {out:?} differs from {ys:?}"));
+                }
+                Kind::Binary(*op, plan)
+            }
+            Op::Concat { axis } => {
+                let st = contiguous_strides(&ys);
+                let mut offset = 0;
+                let mut parts = Vec::new();
+                for (i, &t) in node.inputs.iter().enumerate() {
+                    let s = self.shape(t).to_vec();
+                    let along = s[*axis];
+                    parts.push(CopyPart {
+                        input: i,
+                        output: 0,
+                        src: StridedView {
+                            offset: 0,
+                            strides: contiguous_strides(&s),
+                        },
+                        dst: StridedView {
+                            offset: offset * st[*axis] as usize,
+                            strides: st,
+                        },
+                        shape: s,
+                    });
+                    offset += along;
+                }
+                Kind::Copy(parts)
+            }
+            Op::Split { axis } => {
+                let st = contiguous_strides(&xs);
+                let mut offset = 0;
+                let mut parts = Vec::new();
+                for (o, &t) in node.outputs.iter().enumerate() {
+                    let s = self.shape(t).to_vec();
+                    parts.push(CopyPart {
+                        input: 0,
+                        output: o,
+                        src: StridedView {
+                            offset: offset * st[*axis] as usize,
+                            strides: st,
+                        },
+                        dst: StridedView {
+                            offset: 0,
+                            strides: contiguous_strides(&s),
+                        },
+                        shape: s.clone(),
+                    });
+                    offset += s[*axis];
+                }
+                Kind::Copy(parts)
+            }
+            Op::Slice { starts, steps } => {
+                let st = contiguous_strides(&xs);
+                let mut strides = [0isize; eltwise::MAX_RANK];
+                let mut offset = 0usize;
+                for d in 0..xs.len() {
+                    strides[d] = st[d] * steps[d];
+                    offset += starts[d] * st[d] as usize;
+                }
+                Kind::Copy(vec![CopyPart {
+                    input: 0,
+                    output: 0,
+                    src: StridedView { offset, strides },
+                    dst: StridedView {
+                        offset: 0,
+                        strides: contiguous_strides(&ys),
+                    },
+                    shape: ys.clone(),
+                }])
+            }
+            Op::Transpose { perm } => {
+                let st = contiguous_strides(&xs);
+                let mut strides = [0isize; eltwise::MAX_RANK];
+                for (d, &p) in perm.iter().enumerate() {
+                    strides[d] = st[p];
+                }
+                Kind::Copy(vec![CopyPart {
+                    input: 0,
+                    output: 0,
+                    src: StridedView { offset: 0, strides },
+                    dst: StridedView {
+                        offset: 0,
+                        strides: contiguous_strides(&ys),
+                    },
+                    shape: ys.clone(),
+                }])
+            }
+            Op::Gather { axis, indices } => {
+                let outer: usize = xs[..*axis].iter().product();
+                let inner: usize = xs[axis + 1..].iter().product();
+                let dim = xs[*axis];
+                let nidx = indices.len();
+                let parts = indices
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &i)| {
+                        let mut s_src = [0isize; eltwise::MAX_RANK];
+                        s_src[0] = (dim * inner) as isize;
+                        s_src[1] = 1;
+                        let mut s_dst = [0isize; eltwise::MAX_RANK];
+                        s_dst[0] = (nidx * inner) as isize;
+                        s_dst[1] = 1;
+                        CopyPart {
+                            input: 0,
+                            output: 0,
+                            shape: vec![outer, inner],
+                            src: StridedView {
+                                offset: i * inner,
+                                strides: s_src,
+                            },
+                            dst: StridedView {
+                                offset: k * inner,
+                                strides: s_dst,
+                            },
+                        }
+                    })
+                    .collect();
+                Kind::Copy(parts)
+            }
+            Op::Pool(a) => Kind::Pool(
+                Pool2dGeometry {
+                    planes: xs[0] * xs[1],
+                    h: xs[2],
+                    w: xs[3],
+                    oh: ys[2],
+                    ow: ys[3],
+                    kernel: a.kernel,
+                    stride: a.strides,
+                    dilation: a.dilations,
+                    pads: a.pads,
+                },
+                a.kind,
+            ),
+            Op::GlobalAveragePool => Kind::GlobalAverage {
+                planes: xs[0] * xs[1],
+                len: xs[2..].iter().product(),
+            },
+            Op::ReduceMean { axes } => Kind::ReduceMean {
+                reduce: (0..xs.len()).map(|d| axes.contains(&d)).collect(),
+                shape: xs.clone(),
+            },
+            Op::Resize {
+                mode,
+                coord,
+                scales,
+            } => Kind::Resize(Resize2d::new(
+                xs[0] * xs[1],
+                (xs[2], xs[3]),
+                (ys[2], ys[3]),
+                (scales[0], scales[1]),
+                *mode,
+                *coord,
+            )),
+            Op::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            } => {
+                let (m, n) = (ys[0], ys[1]);
+                let k = if *trans_a { xs[0] } else { xs[1] };
+                let w = self.const_f32(node.inputs[1])?;
+                let scaled: Vec<f32> = w.iter().map(|v| v * alpha).collect();
+                // packed = B'ᵀ, [n, k].
+                let packed = if *trans_b {
+                    PackedA::pack(n, k, &scaled, k, 1)
+                } else {
+                    PackedA::pack(n, k, &scaled, 1, n)
+                };
+                let (b_rs, b_cs) = if *trans_a { (m, 1) } else { (1, k) };
+                let (bias, post_add) = match node.inputs.get(2) {
+                    None => (None, None),
+                    Some(&c) => {
+                        let cv: Vec<f32> = self.const_f32(c)?.iter().map(|v| v * beta).collect();
+                        let cs = self.shape(c).to_vec();
+                        let per_col = cs.iter().rev().skip(1).all(|&d| d == 1);
+                        if cv.len() == 1 {
+                            (Some(vec![cv[0]; n]), None)
+                        } else if per_col && cv.len() == n {
+                            (Some(cv), None)
+                        } else {
+                            // Materialise beta*C broadcast to [m, n].
+                            let (bc, _) =
+                                Broadcast::new(&[m, n], &cs).map_err(|e| e.to_string())?;
+                            let zeros = vec![0.0; m * n];
+                            let mut full = vec![0.0; m * n];
+                            eltwise::binary(
+                                &ThreadPool::new(1),
+                                BinaryOp::Add,
+                                &bc,
+                                &zeros,
+                                &cv,
+                                &mut full,
+                            );
+                            (None, Some(full))
+                        }
+                    }
+                };
+                Kind::Gemm {
+                    packed,
+                    input: 0,
+                    b_rs,
+                    b_cs,
+                    cols: m,
+                    transpose_out: m > 1,
+                    bias,
+                    post_add,
+                }
+            }
+            Op::MatMul => {
+                let ws = self.shape(node.inputs[1]).to_vec();
+                let w_const = self.g.tensors[node.inputs[1]].is_const();
+                let x_const = self.g.tensors[x].is_const();
+                let k = *xs.last().ok_or("scalar operand")?;
+                if w_const && ws.len() <= 2 {
+                    let n = if ws.len() == 1 { 1 } else { ws[1] };
+                    let m = xs.iter().product::<usize>() / k.max(1);
+                    let w = self.const_f32(node.inputs[1])?;
+                    let packed = PackedA::pack(n, k, &w, 1, n);
+                    Kind::Gemm {
+                        packed,
+                        input: 0,
+                        b_rs: 1,
+                        b_cs: k,
+                        cols: m,
+                        transpose_out: m > 1,
+                        bias: None,
+                        post_add: None,
+                    }
+                } else if x_const && xs.len() == 2 && ws.len() == 2 {
+                    let a = self.const_f32(x)?;
+                    let (m, n) = (xs[0], ws[1]);
+                    let packed = PackedA::pack(m, k, &a, k, 1);
+                    Kind::Gemm {
+                        packed,
+                        input: 1,
+                        b_rs: n,
+                        b_cs: 1,
+                        cols: n,
+                        transpose_out: false,
+                        bias: None,
+                        post_add: None,
+                    }
+                } else if xs.len() == 2 && ws.len() == 2 {
+                    Kind::MatMulRuntime {
+                        m: xs[0],
+                        k,
+                        n: ws[1],
+                    }
+                } else {
+                    return Err(format!("MatMul of {xs:?} by {ws:?} is not supported"));
+                }
+            }
+            Op::Softmax { axis, legacy } => {
+                let outer: usize = xs[..*axis].iter().product();
+                if *legacy {
+                    Kind::Softmax {
+                        outer,
+                        axis: xs[*axis..].iter().product(),
+                        inner: 1,
+                    }
+                } else {
+                    Kind::Softmax {
+                        outer,
+                        axis: xs[*axis],
+                        inner: xs[axis + 1..].iter().product(),
+                    }
+                }
+            }
+            Op::Pad { mode, begin, end } => Kind::Pad {
+                shape: xs.clone(),
+                begin: begin.clone(),
+                end: end.clone(),
+                mode: *mode,
+            },
+            Op::Reshape | Op::SliceView { .. } => return Err("views have no step".into()),
+        })
+    }
+}

@@ -1,0 +1,195 @@
+//! Running one prepared step on the arena: split borrows (the output is
+//! writable, every other live tensor readable) and the kernel calls.
+
+use osprey_kernels::activation::Activation;
+use osprey_kernels::eltwise;
+use osprey_kernels::gemm::{self, Epilogue, MatRef};
+use osprey_kernels::layout;
+use osprey_kernels::pooling;
+use osprey_kernels::softmax;
+use osprey_kernels::ThreadPool;
+
+use super::{Kind, Operand, Step};
+use crate::error::{EngineError, Result};
+
+/// Read access to everything but one output range of the arena.
+struct Reader<'a> {
+    left: &'a [f32],
+    right: &'a [f32],
+    start: usize,
+    out_len: usize,
+    consts: &'a [Vec<f32>],
+}
+
+/// Splits the arena around one output range: the output is writable, every
+/// other byte readable.
+fn split_io<'a>(
+    arena: &'a mut [f32],
+    (off, len): (usize, usize),
+    consts: &'a [Vec<f32>],
+) -> Result<(Reader<'a>, &'a mut [f32])> {
+    if off + len > arena.len() {
+        return Err(EngineError::model("internal: output outside the arena"));
+    }
+    let (left, rest) = arena.split_at_mut(off);
+    let (out, right) = rest.split_at_mut(len);
+    Ok((
+        Reader {
+            left,
+            right,
+            start: off,
+            out_len: len,
+            consts,
+        },
+        out,
+    ))
+}
+
+impl<'a> Reader<'a> {
+    fn read(&self, op: Operand) -> Result<&'a [f32]> {
+        match op {
+            Operand::Const { idx } => self
+                .consts
+                .get(idx)
+                .map(|v| v.as_slice())
+                .ok_or_else(|| EngineError::model("internal: constant index")),
+            Operand::Arena { off, len } => {
+                let end_out = self.start + self.out_len;
+                if off + len <= self.start {
+                    Ok(&self.left[off..off + len])
+                } else if off >= end_out && off - end_out + len <= self.right.len() {
+                    Ok(&self.right[off - end_out..off - end_out + len])
+                } else {
+                    Err(EngineError::model(
+                        "internal: an input overlaps the output it feeds",
+                    ))
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn run_step(
+    step: &Step,
+    arena: &mut [f32],
+    consts: &[Vec<f32>],
+    scratch: &mut [f32],
+    pool: &ThreadPool,
+) -> Result<()> {
+    let first_out = *step
+        .outs
+        .first()
+        .ok_or_else(|| EngineError::model("step without output"))?;
+    let input = |k: usize| {
+        step.ins
+            .get(k)
+            .copied()
+            .ok_or_else(|| EngineError::model("missing operand"))
+    };
+    if let Kind::Copy(parts) = &step.kind {
+        for p in parts {
+            let out = *step
+                .outs
+                .get(p.output)
+                .ok_or_else(|| EngineError::model("copy output"))?;
+            let (io, dst) = split_io(arena, out, consts)?;
+            let src = io.read(input(p.input)?)?;
+            layout::copy_strided(&p.shape, src, &p.src, dst, &p.dst);
+        }
+        return Ok(());
+    }
+    let (io, y) = split_io(arena, first_out, consts)?;
+    let x = io.read(input(0)?)?;
+    match &step.kind {
+        Kind::Conv {
+            layer,
+            batch,
+            residual,
+        } => {
+            let res = if *residual {
+                Some(io.read(input(3)?)?)
+            } else {
+                None
+            };
+            layer.run_with_residual(pool, *batch, x, res, y, scratch)
+        }
+        Kind::ConvTranspose { layer, batch } => layer.run(pool, *batch, x, y, scratch),
+        Kind::Affine {
+            batch,
+            channels,
+            plane,
+            scale,
+            shift,
+        } => eltwise::channel_affine(pool, *batch, *channels, *plane, scale, shift, x, y),
+        Kind::Unary(act) => act.apply_parallel(pool, x, y),
+        Kind::Binary(op, plan) => {
+            let b = io.read(input(1)?)?;
+            eltwise::binary(pool, *op, plan, x, b, y);
+        }
+        Kind::Pool(g, kind) => pooling::pool2d(pool, g, *kind, x, y),
+        Kind::GlobalAverage { planes, len } => pooling::global_average(pool, *planes, *len, x, y),
+        Kind::ReduceMean { shape, reduce } => pooling::reduce_mean(shape, reduce, x, y),
+        Kind::Resize(r) => r.run(pool, x, y),
+        Kind::Gemm {
+            packed,
+            input: which,
+            b_rs,
+            b_cs,
+            cols,
+            transpose_out,
+            bias,
+            post_add,
+        } => {
+            let b = io.read(input(*which)?)?;
+            let view = MatRef {
+                data: b,
+                rs: *b_rs,
+                cs: *b_cs,
+            };
+            let epi = Epilogue {
+                bias: bias.as_deref(),
+                act: Activation::None,
+                accumulate: false,
+                residual: None,
+            };
+            let rows = packed.m();
+            if *transpose_out {
+                let (tmp, gs) = scratch.split_at_mut(rows * cols);
+                gemm::sgemm(pool, packed, view, *cols, tmp, *cols, epi, gs);
+                // y[c, r] = tmp[r, c]
+                for r in 0..rows {
+                    for c in 0..*cols {
+                        y[c * rows + r] = tmp[r * cols + c];
+                    }
+                }
+            } else {
+                gemm::sgemm(pool, packed, view, *cols, y, *cols, epi, scratch);
+            }
+            if let Some(add) = post_add {
+                y.iter_mut().zip(add).for_each(|(v, a)| *v += a);
+            }
+        }
+        Kind::MatMulRuntime { m, k, n } => {
+            let b = io.read(input(1)?)?;
+            for i in 0..*m {
+                let row = &mut y[i * n..(i + 1) * n];
+                row.iter_mut().for_each(|v| *v = 0.0);
+                for kk in 0..*k {
+                    let a = x[i * k + kk];
+                    row.iter_mut()
+                        .zip(&b[kk * n..(kk + 1) * n])
+                        .for_each(|(v, bv)| *v += a * bv);
+                }
+            }
+        }
+        Kind::Softmax { outer, axis, inner } => softmax::softmax(pool, *outer, *axis, *inner, x, y),
+        Kind::Pad {
+            shape,
+            begin,
+            end,
+            mode,
+        } => layout::pad(shape, begin, end, *mode, x, y),
+        Kind::Copy(_) => {}
+    }
+    Ok(())
+}
