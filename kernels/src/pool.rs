@@ -37,6 +37,8 @@ struct Shared {
     n_tasks: AtomicUsize,
     busy_workers: AtomicUsize,
     panicked: AtomicBool,
+    /// Set when the pool is dropped, so spinning workers leave at once.
+    closing: AtomicBool,
 }
 
 /// A fixed set of worker threads shared by all kernels of an execution context.
@@ -67,8 +69,18 @@ impl ThreadPool {
             n_tasks: AtomicUsize::new(0),
             busy_workers: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         });
-        let spin = crate::knobs::pool_spin();
+        // Spinning only pays when every thread has a core: oversubscribed,
+        // a spinning worker steals the core the thread it waits for needs.
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let spin = if threads <= cores {
+            crate::knobs::pool_spin()
+        } else {
+            std::time::Duration::ZERO
+        };
         let workers = (1..threads)
             .filter_map(|slot| {
                 let shared = Arc::clone(&shared);
@@ -182,7 +194,7 @@ fn worker_loop(sh: &Shared, slot: usize, spin: std::time::Duration) {
                     break 'spin;
                 }
             }
-            if start.elapsed() >= spin {
+            if start.elapsed() >= spin || sh.closing.load(Ordering::Relaxed) {
                 break;
             }
         }
@@ -216,6 +228,7 @@ fn worker_loop(sh: &Shared, slot: usize, spin: std::time::Duration) {
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::Relaxed);
         {
             let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
             st.shutdown = true;
