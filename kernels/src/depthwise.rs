@@ -269,8 +269,14 @@ unsafe fn avx2_fma_depthwise_rows(
         // Tap offsets into the padded plane, computed once (no divisions in
         // the hot loop).
         let mut offs = [0usize; MAX_TAPS];
-        for (t, o) in offs.iter_mut().enumerate().take(taps) {
-            *o = (t / g.kw) * dy * pw + tap_col(pw, split, sx, (t % g.kw) * dx).0;
+        // (Nested loops: an integer division per tap costs more than the
+        // whole convolution of a 7x7 plane.)
+        let mut t = 0;
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                offs[t] = ky * dy * pw + tap_col(pw, split, sx, kx * dx).0;
+                t += 1;
+            }
         }
         // Every output vector (8 outputs of one row; the row's last one may be
         // partial) is a "job". Jobs are computed four at a time so four
