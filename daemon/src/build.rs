@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use osprey_engine::file::{self, EngineFile, Precision};
 use osprey_engine::fingerprint::Fingerprint;
@@ -25,8 +25,15 @@ pub fn build(a: BuildArgs) -> Result<()> {
         Some(n) => n,
         None => default_threads(),
     };
+    // Fail before minutes of tuning, not after.
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!("{}: output directory does not exist", dir.display());
+        }
+    }
     let shapes = parse_shapes(&a.input_shapes)?;
-    let mut graph = import_file(&a.onnx, &shapes).with_context(|| a.onnx.display().to_string())?;
+    let mut graph =
+        import_file(&a.onnx, &shapes).map_err(|e| crate::cli::with_model_context(e, &a.onnx))?;
     let nodes_imported = graph.nodes.len();
     let passes_report = passes::optimize(&mut graph);
     let nodes_fused = graph.nodes.len();

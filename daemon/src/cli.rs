@@ -15,7 +15,12 @@ use crate::stats::LatencySummary;
 
 /// osprey — real-time inference for robots: build, run and measure engines.
 #[derive(Parser, Debug)]
-#[command(name = "osprey", version, about, long_about = None)]
+#[command(
+    name = "osprey",
+    version,
+    about = "osprey: real-time inference for robots — build, run, measure and check engines",
+    after_help = "Typical use:\n  osprey inspect --onnx model.onnx\n  osprey build --onnx model.onnx --out model.engine --timing-cache osprey-timing.json\n  osprey bench --engine model.engine\n  osprey doctor --engine model.engine"
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -232,12 +237,22 @@ fn load(model: &ModelArgs, extra_shapes: InputShapes) -> Result<Arc<Engine>> {
     for (k, v) in extra_shapes {
         shapes.entry(k).or_insert(v);
     }
-    let mut graph = import_file(onnx, &shapes).with_context(|| onnx.display().to_string())?;
+    let mut graph = import_file(onnx, &shapes).map_err(|e| with_model_context(e, onnx))?;
     if !model.no_optimize {
         osprey_engine::passes::optimize(&mut graph);
     }
-    let engine = Engine::new(graph).with_context(|| onnx.display().to_string())?;
+    let engine = Engine::new(graph).map_err(|e| with_model_context(e, onnx))?;
     Ok(Arc::new(engine))
+}
+
+/// Prefixes the model path, unless the error already names a file.
+pub fn with_model_context(e: osprey_engine::EngineError, path: &Path) -> anyhow::Error {
+    match e {
+        osprey_engine::EngineError::Io { .. } | osprey_engine::EngineError::EngineFile { .. } => {
+            e.into()
+        }
+        other => anyhow::Error::from(other).context(path.display().to_string()),
+    }
 }
 
 fn threads(model: &ModelArgs) -> Result<usize> {

@@ -43,13 +43,14 @@ pub enum EngineError {
     /// A kernel refused its parameters.
     #[error(transparent)]
     Kernel(#[from] KernelError),
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    /// A file could not be read or written. (The OS error is part of the
+    /// message, not a separate `source`, so error chains print it once.)
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: String,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// An engine file that cannot be used (corrupt, truncated, tampered,
     /// another format version, or tuned for another device).

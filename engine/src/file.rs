@@ -242,7 +242,7 @@ pub fn save(path: &Path, ef: &EngineFile) -> Result<u64> {
     let bytes = to_bytes(ef)?;
     std::fs::write(path, &bytes).map_err(|source| EngineError::Io {
         path: path.display().to_string(),
-        source,
+        error: source,
     })?;
     Ok(bytes.len() as u64)
 }
@@ -253,7 +253,7 @@ pub fn load(path: &Path, device: Option<&Fingerprint>) -> Result<EngineFile> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
         path: p.clone(),
-        source,
+        error: source,
     })?;
     from_bytes(&bytes, device, &p)
 }

@@ -137,7 +137,7 @@ pub fn read(path: &Path, convert: bool) -> Result<NpyArray> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
         path: p.clone(),
-        source,
+        error: source,
     })?;
     parse(&bytes, convert, &p)
 }
@@ -169,7 +169,7 @@ pub fn to_bytes(shape: &[usize], data: &[f32]) -> Vec<u8> {
 pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     std::fs::write(path, to_bytes(shape, data)).map_err(|source| EngineError::Io {
         path: path.display().to_string(),
-        source,
+        error: source,
     })
 }
 

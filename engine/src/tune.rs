@@ -48,7 +48,7 @@ impl TimingCache {
             }),
             Err(source) => Err(EngineError::Io {
                 path: path.display().to_string(),
-                source,
+                error: source,
             }),
             Ok(bytes) => {
                 let c: TimingCache = serde_json::from_slice(&bytes).map_err(|e| {
@@ -70,7 +70,7 @@ impl TimingCache {
     pub fn save(&self, path: &Path) -> Result<()> {
         let io = |source| EngineError::Io {
             path: path.display().to_string(),
-            source,
+            error: source,
         };
         let tmp = path.with_extension("tmp");
         let text =

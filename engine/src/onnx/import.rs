@@ -21,7 +21,7 @@ pub type InputShapes = HashMap<String, Vec<usize>>;
 pub fn import_file(path: &Path, shapes: &InputShapes) -> Result<Graph> {
     let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
         path: path.display().to_string(),
-        source,
+        error: source,
     })?;
     import(&bytes, shapes)
 }
