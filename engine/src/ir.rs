@@ -146,6 +146,28 @@ impl ConvAttrs {
             groups: self.groups,
         }
     }
+
+    /// The kernel geometry of one image of a transposed convolution, from
+    /// the NCHW input shape and the output channel count.
+    pub fn transpose_geometry(
+        &self,
+        input: &[usize],
+        c_out: usize,
+    ) -> osprey_kernels::conv::ConvTranspose2dGeometry {
+        osprey_kernels::conv::ConvTranspose2dGeometry {
+            c_in: input[1],
+            h: input[2],
+            w: input[3],
+            c_out,
+            kh: self.kernel[0],
+            kw: self.kernel[1],
+            stride: self.strides,
+            dilation: self.dilations,
+            pads: self.pads,
+            output_padding: self.output_padding,
+            groups: self.groups,
+        }
+    }
 }
 
 /// Pooling attributes, resolved (2-D).

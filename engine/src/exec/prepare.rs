@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use osprey_kernels::conv::{Conv2d, ConvTactic, ConvTranspose2d, ConvTranspose2dGeometry};
+use osprey_kernels::conv::{Conv2d, ConvTactic, ConvTranspose2d};
 use osprey_kernels::eltwise::{self, BinaryOp, Broadcast};
 use osprey_kernels::gemm::PackedA;
 use osprey_kernels::layout::{contiguous_strides, StridedView};
@@ -94,19 +94,7 @@ impl Builder<'_> {
             Op::ConvTranspose(a) => {
                 let w = self.const_f32(node.inputs[1])?;
                 let bias = node.inputs.get(2).map(|&b| self.const_f32(b)).transpose()?;
-                let geo = ConvTranspose2dGeometry {
-                    c_in: xs[1],
-                    h: xs[2],
-                    w: xs[3],
-                    c_out: ys[1],
-                    kh: a.kernel[0],
-                    kw: a.kernel[1],
-                    stride: a.strides,
-                    dilation: a.dilations,
-                    pads: a.pads,
-                    output_padding: a.output_padding,
-                    groups: a.groups,
-                };
+                let geo = a.transpose_geometry(&xs, ys[1]);
                 let layer = ConvTranspose2d::new(geo, &w, bias.as_deref(), a.activation)
                     .map_err(|e| e.to_string())?;
                 Kind::ConvTranspose {

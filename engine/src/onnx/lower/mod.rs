@@ -8,7 +8,7 @@ mod fold;
 mod spatial;
 
 use fold::{fold_concat, fold_slice, lower_constant, lower_unary, reshape_target};
-use spatial::{lower_conv, lower_resize, resolve_pads, two};
+use spatial::{lower_conv, lower_resize, pair, resolve_pads, two};
 
 use osprey_kernels::activation::Activation;
 use osprey_kernels::eltwise::{broadcast_shape, BinaryOp};
@@ -767,14 +767,8 @@ pub fn lower_node(n: &NodeProto, ids: &[Option<TensorId>], g: &Graph, opset: i64
                     .ok_or("missing kernel_shape")?,
                 "kernel_shape",
             )?;
-            let strides = two(
-                a.usizes("strides", "attribute")?.unwrap_or(vec![1, 1]),
-                "strides",
-            )?;
-            let dilations = two(
-                a.usizes("dilations", "attribute")?.unwrap_or(vec![1, 1]),
-                "dilations",
-            )?;
+            let strides = pair(&a, "strides", 1)?;
+            let dilations = pair(&a, "dilations", 1)?;
             let ceil = a.i("ceil_mode").unwrap_or(0) != 0;
             let pads = resolve_pads(&a, [x.shape[2], x.shape[3]], kernel, strides, dilations)?;
             let oh = pool_out_extent(

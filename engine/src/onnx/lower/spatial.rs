@@ -2,7 +2,6 @@
 //! resize/upsample.
 
 use osprey_kernels::activation::Activation;
-use osprey_kernels::conv::{Conv2dGeometry, ConvTranspose2dGeometry};
 use osprey_kernels::resize::{CoordMode, NearestMode, ResizeMode};
 
 use super::{node, Attrs, Ins, Lowered, R};
@@ -88,48 +87,67 @@ pub(super) fn lower_conv(a: &Attrs<'_>, ins: &Ins<'_>, transposed: bool) -> R<Lo
             w.shape
         ));
     }
-    let strides = two(
-        a.usizes("strides", "attribute")?.unwrap_or(vec![1, 1]),
-        "strides",
-    )?;
-    let dilations = two(
-        a.usizes("dilations", "attribute")?.unwrap_or(vec![1, 1]),
-        "dilations",
-    )?;
+    let strides = pair(a, "strides", 1)?;
+    let dilations = pair(a, "dilations", 1)?;
     if strides.contains(&0) || dilations.contains(&0) {
         return Err("zero stride or dilation".into());
     }
     let (n, c_in, h, wd) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
-    if !transposed {
-        let pads = resolve_pads(a, [h, wd], kernel, strides, dilations)?;
-        let c_out = w.shape[0];
-        if w.shape[1] * groups != c_in || c_out % groups != 0 {
+    // Weights: [c_out, c_in/g, kh, kw], or [c_in, c_out/g, kh, kw] transposed.
+    let (c_out, fits) = if transposed {
+        (
+            w.shape[1] * groups,
+            w.shape[0] == c_in && c_in % groups == 0,
+        )
+    } else {
+        (
+            w.shape[0],
+            w.shape[1] * groups == c_in && w.shape[0] % groups == 0,
+        )
+    };
+    if !fits {
+        return Err(format!(
+            "weights {:?} with group {groups} do not fit {c_in} input channels",
+            w.shape
+        ));
+    }
+    if let Some(b) = ins.opt(2) {
+        if b.numel() != c_out {
             return Err(format!(
-                "weights {:?} with group {groups} do not fit {c_in} input channels",
-                w.shape
+                "bias has {} values for {c_out} output channels",
+                b.numel()
             ));
         }
-        if let Some(b) = ins.opt(2) {
-            if b.numel() != c_out {
-                return Err(format!(
-                    "bias has {} values for {c_out} output channels",
-                    b.numel()
-                ));
-            }
-        }
-        let geo = Conv2dGeometry {
-            c_in,
-            h,
-            w: wd,
-            c_out,
-            kh: kernel[0],
-            kw: kernel[1],
-            stride: strides,
-            dilation: dilations,
-            pads,
-            groups,
-        };
-        let (oh, ow) = match (geo.out_h(), geo.out_w()) {
+    }
+    let output_padding = if transposed {
+        pair(a, "output_padding", 0)?
+    } else {
+        [0, 0]
+    };
+    let pads = if transposed {
+        transposed_pads(a, [h, wd], kernel, strides, dilations, output_padding)?
+    } else {
+        resolve_pads(a, [h, wd], kernel, strides, dilations)?
+    };
+    let attrs = ConvAttrs {
+        kernel,
+        strides,
+        dilations,
+        pads,
+        groups,
+        output_padding,
+        activation: Activation::None,
+        residual: false,
+    };
+    let (oh, ow) = if transposed {
+        attrs
+            .transpose_geometry(&x.shape, c_out)
+            .out_hw()
+            .filter(|&(a, b)| a > 0 && b > 0)
+            .ok_or("padding larger than the output")?
+    } else {
+        let geo = attrs.geometry(&x.shape, &[n, c_out]);
+        match (geo.out_h(), geo.out_w()) {
             (Some(oh), Some(ow)) if oh > 0 && ow > 0 => (oh, ow),
             _ => {
                 return Err(format!(
@@ -137,126 +155,68 @@ pub(super) fn lower_conv(a: &Attrs<'_>, ins: &Ins<'_>, transposed: bool) -> R<Lo
                     x.shape
                 ))
             }
-        };
-        let attrs = ConvAttrs {
-            kernel,
-            strides,
-            dilations,
-            pads,
-            groups,
-            output_padding: [0, 0],
-            activation: Activation::None,
-            residual: false,
-        };
-        node(
-            Op::Conv(attrs),
-            ins.runtime_ids(),
-            vec![vec![n, c_out, oh, ow]],
-        )
+        }
+    };
+    let op = if transposed {
+        Op::ConvTranspose(attrs)
     } else {
-        let c_out = w.shape[1] * groups;
-        if w.shape[0] != c_in || c_in % groups != 0 {
-            return Err(format!(
-                "weights {:?} with group {groups} do not fit {c_in} input channels",
-                w.shape
-            ));
+        Op::Conv(attrs)
+    };
+    node(op, ins.runtime_ids(), vec![vec![n, c_out, oh, ow]])
+}
+
+/// A 2-D attribute with a default for both dimensions (strides, dilations...).
+pub(super) fn pair(a: &Attrs<'_>, name: &str, default: usize) -> R<[usize; 2]> {
+    two(
+        a.usizes(name, "attribute")?
+            .unwrap_or(vec![default, default]),
+        name,
+    )
+}
+
+/// Pads of a transposed convolution: from `output_shape`, from `auto_pad`
+/// SAME_* (output = input × stride), or explicit.
+fn transposed_pads(
+    a: &Attrs<'_>,
+    input: [usize; 2],
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    dilations: [usize; 2],
+    output_padding: [usize; 2],
+) -> R<[usize; 4]> {
+    let auto = a.s("auto_pad").unwrap_or_else(|| "NOTSET".into());
+    // An explicit output_shape must fit the full output; SAME_* clamps at 0.
+    let (target, exact): ([usize; 2], bool) = match a.usizes("output_shape", "attribute")? {
+        Some(os) => (
+            two(
+                if os.len() == 4 { os[2..].to_vec() } else { os },
+                "output_shape",
+            )?,
+            true,
+        ),
+        None if auto == "SAME_UPPER" || auto == "SAME_LOWER" => {
+            ([input[0] * strides[0], input[1] * strides[1]], false)
         }
-        let output_padding = two(
-            a.usizes("output_padding", "attribute")?
-                .unwrap_or(vec![0, 0]),
-            "output_padding",
-        )?;
-        let pads = if let Some(os) = a.usizes("output_shape", "attribute")? {
-            let os = if os.len() == 4 {
-                vec![os[2], os[3]]
-            } else {
-                os
-            };
-            let os = two(os, "output_shape")?;
-            let mut p = [0usize; 4];
-            let upper = a.s("auto_pad").as_deref() == Some("SAME_UPPER");
-            for d in 0..2 {
-                let full = strides[d] * ([h, wd][d] - 1)
-                    + output_padding[d]
-                    + (kernel[d] - 1) * dilations[d]
-                    + 1;
-                let total = full
-                    .checked_sub(os[d])
-                    .ok_or("output_shape larger than the full output")?;
-                let (b, e) = if upper {
-                    (total / 2, total - total / 2)
-                } else {
-                    (total - total / 2, total / 2)
-                };
-                p[d] = b;
-                p[d + 2] = e;
-            }
-            p
+        None => return resolve_pads(a, input, kernel, strides, dilations),
+    };
+    let mut p = [0usize; 4];
+    for d in 0..2 {
+        let full =
+            strides[d] * (input[d] - 1) + output_padding[d] + (kernel[d] - 1) * dilations[d] + 1;
+        let total = match full.checked_sub(target[d]) {
+            Some(t) => t,
+            None if exact => return Err("output_shape larger than the full output".into()),
+            None => 0,
+        };
+        let (b, e) = if auto == "SAME_UPPER" {
+            (total / 2, total - total / 2)
         } else {
-            match a.s("auto_pad").as_deref().unwrap_or("NOTSET") {
-                "NOTSET" | "VALID" | "" => resolve_pads(a, [h, wd], kernel, strides, dilations)?,
-                other => {
-                    // SAME_*: output = input * stride.
-                    let mut p = [0usize; 4];
-                    for d in 0..2 {
-                        let full = strides[d] * ([h, wd][d] - 1)
-                            + output_padding[d]
-                            + (kernel[d] - 1) * dilations[d]
-                            + 1;
-                        let total = full.saturating_sub([h, wd][d] * strides[d]);
-                        let (b, e) = if other == "SAME_UPPER" {
-                            (total / 2, total - total / 2)
-                        } else {
-                            (total - total / 2, total / 2)
-                        };
-                        p[d] = b;
-                        p[d + 2] = e;
-                    }
-                    p
-                }
-            }
+            (total - total / 2, total / 2)
         };
-        let geo = ConvTranspose2dGeometry {
-            c_in,
-            h,
-            w: wd,
-            c_out,
-            kh: kernel[0],
-            kw: kernel[1],
-            stride: strides,
-            dilation: dilations,
-            pads,
-            output_padding,
-            groups,
-        };
-        let (oh, ow) = geo
-            .out_hw()
-            .filter(|&(a, b)| a > 0 && b > 0)
-            .ok_or("padding larger than the output")?;
-        if let Some(b) = ins.opt(2) {
-            if b.numel() != c_out {
-                return Err(format!(
-                    "bias has {} values for {c_out} output channels",
-                    b.numel()
-                ));
-            }
-        }
-        let attrs = ConvAttrs {
-            kernel,
-            strides,
-            dilations,
-            pads,
-            groups,
-            output_padding,
-            activation: Activation::None,
-            residual: false,
-        };
-        node(
-            Op::ConvTranspose(attrs),
-            ins.runtime_ids(),
-            vec![vec![n, c_out, oh, ow]],
-        )
+        p[d] = b;
+        p[d + 2] = e;
     }
+    Ok(p)
 }
 
 pub(super) fn lower_resize(a: &Attrs<'_>, ins: &Ins<'_>, op_type: &str, opset: i64) -> R<Lowered> {
