@@ -12,16 +12,10 @@ use osprey_engine::onnx::import;
 use osprey_engine::tune::{select_tactics, TimingCache};
 use osprey_engine::{passes, Engine, EngineError, ExecutionContext, Graph};
 
+/// Test data: the engine's pseudo-random stream, seed spread so small
+/// seeds give unrelated streams.
 fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    osprey_engine::tune::pseudo_random(n, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// A small MobileNet-like block: conv-bn-relu6, depthwise, project + residual.

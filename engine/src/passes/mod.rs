@@ -104,16 +104,10 @@ pub(crate) mod test_util {
     use crate::onnx::builder::ModelBuilder;
     use crate::{Engine, ExecutionContext};
 
+    /// Test data: the engine's pseudo-random stream, seed spread so small
+    /// seeds give unrelated streams.
     pub fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        crate::tune::pseudo_random(n, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 
     pub fn import(m: &ModelBuilder) -> Graph {
