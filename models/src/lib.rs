@@ -1,8 +1,13 @@
 //! # osprey-models
 //!
-//! Model families built on the engine. This crate is the home of the vision
-//! pipelines (frame formats, preprocessing, detector/classifier decode) and
-//! the LLM runtime; both arrive with their own issues. Today it only
-//! re-exports the engine so dependants can already name it.
+//! Model families built on the engine:
+//!
+//! * [`vision`]: camera frames → preprocessed input tensors → detections and
+//!   class labels (CenterNet, YOLOv5/v8, classifiers), with the model
+//!   description files that say how each model wants its pixels.
+//!
+//! The LLM runtime will live here too.
 
 pub use osprey_engine as engine;
+
+pub mod vision;

@@ -427,6 +427,26 @@ impl ExecutionContext {
         Ok(())
     }
 
+    /// The input's storage in the arena, by position, for producers that
+    /// write it in place (camera preprocessing) instead of copying a
+    /// finished tensor in. The input counts as set from now on; the caller
+    /// must write finite values (they are not checked, unlike
+    /// [`ExecutionContext::set_input`]).
+    pub fn input_mut(&mut self, i: usize) -> Result<&mut [f32]> {
+        let (desc, off) = self
+            .engine
+            .inputs
+            .get(i)
+            .ok_or_else(|| EngineError::Input {
+                name: format!("#{i}"),
+                msg: "no such input".into(),
+            })?;
+        let start = self.base + off;
+        let len = desc.numel();
+        self.inputs_set[i] = true;
+        Ok(&mut self.arena[start..start + len])
+    }
+
     /// Runs every step. All inputs must have been set at least once.
     pub fn run(&mut self) -> Result<()> {
         self.run_inner(None)

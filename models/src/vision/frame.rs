@@ -1,0 +1,748 @@
+//! Camera frames: borrowed views of raw pixel buffers, and encoded images.
+//!
+//! A [`Frame`] is validated once, when it is made (dimensions within the
+//! [`FrameLimits`], stride at least one row, buffer long enough for every
+//! row), so the preprocessing code that reads it afterwards can index
+//! without checks failing on outside data.
+//!
+//! YUV formats (NV12, YUYV) are converted with integer BT.601/BT.709
+//! coefficients (16 fractional bits); chroma is taken from the 2x2 (NV12)
+//! or 2x1 (YUYV) block the pixel belongs to (no chroma interpolation), as
+//! most camera ISPs and V4L2 consumers do.
+
+use super::VisionError;
+
+/// Pixel layouts a frame can arrive in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PixelFormat {
+    /// 3 bytes per pixel, R G B.
+    Rgb8,
+    /// 3 bytes per pixel, B G R (OpenCV's order).
+    Bgr8,
+    /// 4 bytes per pixel, R G B A (alpha ignored).
+    Rgba8,
+    /// 4 bytes per pixel, B G R A (alpha ignored).
+    Bgra8,
+    /// 1 byte per pixel, luma.
+    Gray8,
+    /// Planar Y (`stride` × height) followed by interleaved U V at half
+    /// resolution in both axes (same `stride`).
+    Nv12,
+    /// Packed 4:2:2, `Y0 U Y1 V` per two pixels.
+    Yuyv,
+}
+
+impl PixelFormat {
+    /// Every format, for help texts and tests.
+    pub const ALL: [PixelFormat; 7] = [
+        PixelFormat::Rgb8,
+        PixelFormat::Bgr8,
+        PixelFormat::Rgba8,
+        PixelFormat::Bgra8,
+        PixelFormat::Gray8,
+        PixelFormat::Nv12,
+        PixelFormat::Yuyv,
+    ];
+
+    /// Lower-case name (`rgb8`, `nv12`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            PixelFormat::Rgb8 => "rgb8",
+            PixelFormat::Bgr8 => "bgr8",
+            PixelFormat::Rgba8 => "rgba8",
+            PixelFormat::Bgra8 => "bgra8",
+            PixelFormat::Gray8 => "gray8",
+            PixelFormat::Nv12 => "nv12",
+            PixelFormat::Yuyv => "yuyv",
+        }
+    }
+
+    /// Parses a name as printed by [`PixelFormat::name`] (case-insensitive).
+    pub fn parse(s: &str) -> Result<PixelFormat, VisionError> {
+        let l = s.to_ascii_lowercase();
+        PixelFormat::ALL
+            .into_iter()
+            .find(|f| f.name() == l)
+            .ok_or_else(|| VisionError::UnknownEncoding(s.to_string()))
+    }
+
+    /// Stable wire code (used by [`parse_packet`]).
+    pub fn code(self) -> u8 {
+        match self {
+            PixelFormat::Rgb8 => 1,
+            PixelFormat::Bgr8 => 2,
+            PixelFormat::Rgba8 => 3,
+            PixelFormat::Bgra8 => 4,
+            PixelFormat::Gray8 => 5,
+            PixelFormat::Nv12 => 6,
+            PixelFormat::Yuyv => 7,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<PixelFormat> {
+        PixelFormat::ALL.into_iter().find(|f| f.code() == c)
+    }
+
+    /// Minimum bytes in one row of `width` pixels (the luma row for NV12).
+    pub fn min_stride(self, width: usize) -> Option<usize> {
+        match self {
+            PixelFormat::Rgb8 | PixelFormat::Bgr8 => width.checked_mul(3),
+            PixelFormat::Rgba8 | PixelFormat::Bgra8 => width.checked_mul(4),
+            PixelFormat::Gray8 => Some(width),
+            // The chroma row of an odd width still holds a whole U V pair.
+            PixelFormat::Nv12 => width.checked_add(1).map(|w| w & !1),
+            PixelFormat::Yuyv => width.div_ceil(2).checked_mul(4),
+        }
+    }
+
+    /// Bytes a frame of this size needs (the last row need not be padded).
+    pub fn required_len(self, width: usize, height: usize, stride: usize) -> Option<usize> {
+        let row = self.min_stride(width)?;
+        let plane = stride
+            .checked_mul(height.checked_sub(1)?)?
+            .checked_add(row)?;
+        match self {
+            PixelFormat::Nv12 => {
+                let chroma_rows = height.div_ceil(2);
+                stride
+                    .checked_mul(height)?
+                    .checked_add(stride.checked_mul(chroma_rows - 1)?)?
+                    .checked_add(row)
+            }
+            _ => Some(plane),
+        }
+    }
+}
+
+impl std::fmt::Display for PixelFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// YUV → RGB conversion matrix and range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum YuvMatrix {
+    /// BT.601, limited ("video") range: Y in 16..235. What most cameras send.
+    #[default]
+    Bt601Limited,
+    /// BT.601, full range (JPEG/JFIF).
+    Bt601Full,
+    /// BT.709, limited range (HD video).
+    Bt709Limited,
+    /// BT.709, full range.
+    Bt709Full,
+}
+
+/// Integer YUV → RGB coefficients, 16 fractional bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct YuvCoeffs {
+    y_offset: i32,
+    y: i32,
+    vr: i32,
+    ug: i32,
+    vg: i32,
+    ub: i32,
+}
+
+impl YuvMatrix {
+    /// Fixed-point coefficients for this matrix.
+    pub fn coeffs(self) -> YuvCoeffs {
+        // (kr, kb) and range define the matrix.
+        let (kr, kb, limited) = match self {
+            YuvMatrix::Bt601Limited => (0.299, 0.114, true),
+            YuvMatrix::Bt601Full => (0.299, 0.114, false),
+            YuvMatrix::Bt709Limited => (0.2126, 0.0722, true),
+            YuvMatrix::Bt709Full => (0.2126, 0.0722, false),
+        };
+        let kg = 1.0 - kr - kb;
+        let (ys, cs, y_offset) = if limited {
+            (255.0 / 219.0, 255.0 / 224.0, 16)
+        } else {
+            (1.0, 1.0, 0)
+        };
+        let q = |v: f64| (v * 65536.0).round() as i32;
+        YuvCoeffs {
+            y_offset,
+            y: q(ys),
+            vr: q(2.0 * (1.0 - kr) * cs),
+            ug: q(-2.0 * (1.0 - kb) * kb / kg * cs),
+            vg: q(-2.0 * (1.0 - kr) * kr / kg * cs),
+            ub: q(2.0 * (1.0 - kb) * cs),
+        }
+    }
+}
+
+impl YuvCoeffs {
+    /// One pixel: `(y, u, v)` → `[r, g, b]`, rounded and clamped.
+    #[inline(always)]
+    pub fn rgb(&self, y: u8, u: u8, v: u8) -> [u8; 3] {
+        let yy = (y as i32 - self.y_offset) * self.y + (1 << 15);
+        let u = u as i32 - 128;
+        let v = v as i32 - 128;
+        let c = |x: i32| (x >> 16).clamp(0, 255) as u8;
+        [
+            c(yy + self.vr * v),
+            c(yy + self.ug * u + self.vg * v),
+            c(yy + self.ub * u),
+        ]
+    }
+}
+
+/// Sizes a frame may have; anything larger is refused before any work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// Largest accepted width in pixels.
+    pub max_width: usize,
+    /// Largest accepted height in pixels.
+    pub max_height: usize,
+}
+
+impl Default for FrameLimits {
+    /// 8192 × 8192: beyond any camera on a robot, small enough that a
+    /// bogus header cannot make the daemon allocate gigabytes.
+    fn default() -> Self {
+        FrameLimits {
+            max_width: 8192,
+            max_height: 8192,
+        }
+    }
+}
+
+impl FrameLimits {
+    /// Checks `width × height` against the limits (and against zero).
+    pub fn check(&self, width: usize, height: usize) -> Result<(), VisionError> {
+        if width == 0 || height == 0 {
+            return Err(VisionError::EmptyFrame { width, height });
+        }
+        if width > self.max_width || height > self.max_height {
+            return Err(VisionError::TooLarge {
+                width,
+                height,
+                max_width: self.max_width,
+                max_height: self.max_height,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A validated, borrowed raw frame.
+#[derive(Debug, Clone, Copy)]
+pub struct Frame<'a> {
+    data: &'a [u8],
+    format: PixelFormat,
+    width: usize,
+    height: usize,
+    stride: usize,
+    yuv: YuvMatrix,
+}
+
+impl<'a> Frame<'a> {
+    /// A frame with the default limits; `stride` is bytes per row (per luma
+    /// row for NV12).
+    pub fn new(
+        data: &'a [u8],
+        format: PixelFormat,
+        width: usize,
+        height: usize,
+        stride: usize,
+    ) -> Result<Frame<'a>, VisionError> {
+        Frame::with_limits(data, format, width, height, stride, &FrameLimits::default())
+    }
+
+    /// A tightly packed frame (stride = the format's minimum).
+    pub fn packed(
+        data: &'a [u8],
+        format: PixelFormat,
+        width: usize,
+        height: usize,
+    ) -> Result<Frame<'a>, VisionError> {
+        let stride = format.min_stride(width).unwrap_or(usize::MAX);
+        Frame::new(data, format, width, height, stride)
+    }
+
+    /// A frame checked against `limits`.
+    pub fn with_limits(
+        data: &'a [u8],
+        format: PixelFormat,
+        width: usize,
+        height: usize,
+        stride: usize,
+        limits: &FrameLimits,
+    ) -> Result<Frame<'a>, VisionError> {
+        limits.check(width, height)?;
+        let min = format
+            .min_stride(width)
+            .ok_or(VisionError::EmptyFrame { width, height })?;
+        if stride < min {
+            return Err(VisionError::StrideTooSmall {
+                format,
+                width,
+                stride,
+                min,
+            });
+        }
+        let need = format
+            .required_len(width, height, stride)
+            .ok_or(VisionError::EmptyFrame { width, height })?;
+        if data.len() < need {
+            return Err(VisionError::BufferTooShort {
+                format,
+                width,
+                height,
+                stride,
+                need,
+                got: data.len(),
+            });
+        }
+        Ok(Frame {
+            data,
+            format,
+            width,
+            height,
+            stride,
+            yuv: YuvMatrix::default(),
+        })
+    }
+
+    /// Sets the YUV matrix (ignored for RGB and gray formats).
+    pub fn with_yuv(mut self, m: YuvMatrix) -> Frame<'a> {
+        self.yuv = m;
+        self
+    }
+
+    /// Width in pixels.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+    /// Height in pixels.
+    pub fn height(&self) -> usize {
+        self.height
+    }
+    /// Pixel format.
+    pub fn format(&self) -> PixelFormat {
+        self.format
+    }
+    /// Bytes per row.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+    /// YUV matrix used for NV12/YUYV.
+    pub fn yuv(&self) -> YuvMatrix {
+        self.yuv
+    }
+
+    /// Row `y` of an RGB8 frame, borrowed (no conversion needed), else `None`.
+    pub fn rgb_row(&self, y: usize) -> Option<&'a [u8]> {
+        if self.format != PixelFormat::Rgb8 || y >= self.height {
+            return None;
+        }
+        let s = y * self.stride;
+        self.data.get(s..s + 3 * self.width)
+    }
+
+    /// Converts row `y` to packed RGB8 into `out` (at least `3 × width`
+    /// bytes). Rows past the end are clamped to the last row.
+    pub fn row_to_rgb(&self, y: usize, out: &mut [u8]) {
+        let y = y.min(self.height - 1);
+        let w = self.width;
+        let out = &mut out[..3 * w];
+        let row = &self.data[y * self.stride..];
+        match self.format {
+            PixelFormat::Rgb8 => out.copy_from_slice(&row[..3 * w]),
+            PixelFormat::Bgr8 => {
+                for (o, i) in out.chunks_exact_mut(3).zip(row.chunks_exact(3)) {
+                    o[0] = i[2];
+                    o[1] = i[1];
+                    o[2] = i[0];
+                }
+            }
+            PixelFormat::Rgba8 => {
+                for (o, i) in out.chunks_exact_mut(3).zip(row.chunks_exact(4)) {
+                    o.copy_from_slice(&i[..3]);
+                }
+            }
+            PixelFormat::Bgra8 => {
+                for (o, i) in out.chunks_exact_mut(3).zip(row.chunks_exact(4)) {
+                    o[0] = i[2];
+                    o[1] = i[1];
+                    o[2] = i[0];
+                }
+            }
+            PixelFormat::Gray8 => {
+                for (o, &g) in out.chunks_exact_mut(3).zip(&row[..w]) {
+                    o.fill(g);
+                }
+            }
+            PixelFormat::Nv12 => {
+                let k = self.yuv.coeffs();
+                let luma = &row[..w];
+                let uv_start = self.stride * self.height + (y / 2) * self.stride;
+                let uv = &self.data[uv_start..uv_start + (w + 1) / 2 * 2];
+                nv12_row(&k, luma, uv, out);
+            }
+            PixelFormat::Yuyv => {
+                let k = self.yuv.coeffs();
+                let packed = &row[..w.div_ceil(2) * 4];
+                for (x, o) in out.chunks_exact_mut(3).enumerate() {
+                    let q = &packed[(x / 2) * 4..(x / 2) * 4 + 4];
+                    let yv = if x % 2 == 0 { q[0] } else { q[2] };
+                    o.copy_from_slice(&k.rgb(yv, q[1], q[3]));
+                }
+            }
+        }
+    }
+
+    /// The RGB value of one pixel, computed the plain way (reference for
+    /// tests; [`Frame::row_to_rgb`] is the fast path).
+    pub fn pixel_rgb(&self, x: usize, y: usize) -> [u8; 3] {
+        let d = self.data;
+        let s = self.stride;
+        match self.format {
+            PixelFormat::Rgb8 => [d[y * s + 3 * x], d[y * s + 3 * x + 1], d[y * s + 3 * x + 2]],
+            PixelFormat::Bgr8 => [d[y * s + 3 * x + 2], d[y * s + 3 * x + 1], d[y * s + 3 * x]],
+            PixelFormat::Rgba8 => [d[y * s + 4 * x], d[y * s + 4 * x + 1], d[y * s + 4 * x + 2]],
+            PixelFormat::Bgra8 => [d[y * s + 4 * x + 2], d[y * s + 4 * x + 1], d[y * s + 4 * x]],
+            PixelFormat::Gray8 => [d[y * s + x]; 3],
+            PixelFormat::Nv12 => {
+                let uv = s * self.height + (y / 2) * s + (x / 2) * 2;
+                self.yuv.coeffs().rgb(d[y * s + x], d[uv], d[uv + 1])
+            }
+            PixelFormat::Yuyv => {
+                let q = y * s + (x / 2) * 4;
+                let yv = d[q + 2 * (x % 2)];
+                self.yuv.coeffs().rgb(yv, d[q + 1], d[q + 3])
+            }
+        }
+    }
+}
+
+/// One NV12 row: pairs of pixels share a U V pair. Written so the compiler
+/// vectorises the arithmetic (fixed-size chunks, no per-pixel branches).
+fn nv12_row(k: &YuvCoeffs, luma: &[u8], uv: &[u8], out: &mut [u8]) {
+    let pairs = luma.len() / 2;
+    let (out_pairs, out_tail) = out.split_at_mut(pairs * 6);
+    for ((o, l), c) in out_pairs
+        .chunks_exact_mut(6)
+        .zip(luma.chunks_exact(2))
+        .zip(uv.chunks_exact(2))
+    {
+        let u = c[0] as i32 - 128;
+        let v = c[1] as i32 - 128;
+        let r = k.vr * v;
+        let g = k.ug * u + k.vg * v;
+        let b = k.ub * u;
+        for i in 0..2 {
+            let yy = (l[i] as i32 - k.y_offset) * k.y + (1 << 15);
+            o[3 * i] = ((yy + r) >> 16).clamp(0, 255) as u8;
+            o[3 * i + 1] = ((yy + g) >> 16).clamp(0, 255) as u8;
+            o[3 * i + 2] = ((yy + b) >> 16).clamp(0, 255) as u8;
+        }
+    }
+    if luma.len() % 2 == 1 {
+        let x = luma.len() - 1;
+        out_tail[..3].copy_from_slice(&k.rgb(luma[x], uv[x], uv[x + 1]));
+    }
+}
+
+/// An owned decoded image (RGB8), e.g. from a JPEG or PNG file.
+#[derive(Debug, Clone)]
+pub struct RgbImage {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Packed RGB8 pixels, `3 × width × height` bytes.
+    pub data: Vec<u8>,
+}
+
+impl RgbImage {
+    /// A borrowed frame view of this image.
+    pub fn frame(&self) -> Frame<'_> {
+        Frame {
+            data: &self.data,
+            format: PixelFormat::Rgb8,
+            width: self.width,
+            height: self.height,
+            stride: 3 * self.width,
+            yuv: YuvMatrix::default(),
+        }
+    }
+}
+
+/// Decodes an encoded image (JPEG or PNG, detected from its bytes) to RGB8,
+/// dropping alpha, applying no EXIF rotation or colour management (as the
+/// reference pipeline does). Dimensions are checked against `limits`
+/// before pixels are decoded.
+pub fn decode_image(bytes: &[u8], limits: &FrameLimits) -> Result<RgbImage, VisionError> {
+    use image::ImageFormat;
+    let format = image::guess_format(bytes).map_err(|_| {
+        VisionError::UnknownEncoding(format!(
+            "not a JPEG or PNG (starts with {:02x?})",
+            &bytes[..bytes.len().min(4)]
+        ))
+    })?;
+    if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png) {
+        return Err(VisionError::UnknownEncoding(format!(
+            "{format:?} images are not supported (JPEG and PNG are)"
+        )));
+    }
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(limits.max_width.min(u32::MAX as usize) as u32);
+    l.max_image_height = Some(limits.max_height.min(u32::MAX as usize) as u32);
+    reader.limits(l);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => VisionError::TooLarge {
+            width: 0,
+            height: 0,
+            max_width: limits.max_width,
+            max_height: limits.max_height,
+        },
+        other => VisionError::Decode(other.to_string()),
+    })?;
+    let rgb = img.into_rgb8();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    limits.check(w, h)?;
+    Ok(RgbImage {
+        width: w,
+        height: h,
+        data: rgb.into_raw(),
+    })
+}
+
+/// Reads and decodes an image file (see [`decode_image`]).
+pub fn read_image(path: &std::path::Path, limits: &FrameLimits) -> Result<RgbImage, VisionError> {
+    let bytes = std::fs::read(path).map_err(|e| VisionError::Io {
+        path: path.display().to_string(),
+        error: e.to_string(),
+    })?;
+    decode_image(&bytes, limits)
+}
+
+/// Size of the [`parse_packet`] header in bytes.
+pub const PACKET_HEADER_LEN: usize = 16;
+/// Magic bytes that start a frame packet.
+pub const PACKET_MAGIC: [u8; 4] = *b"OSPF";
+
+/// A frame packet's header, as written by [`write_packet_header`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacketHeader {
+    /// Pixel format.
+    pub format: PixelFormat,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Bytes per row; 0 means tightly packed.
+    pub stride: u32,
+}
+
+/// Writes the 16-byte little-endian header: `b"OSPF"`, format code (u8),
+/// 3 reserved zero bytes, width (u16), height (u16), stride (u32).
+pub fn write_packet_header(h: &PacketHeader) -> [u8; PACKET_HEADER_LEN] {
+    let mut out = [0u8; PACKET_HEADER_LEN];
+    out[..4].copy_from_slice(&PACKET_MAGIC);
+    out[4] = h.format.code();
+    out[8..10].copy_from_slice(&(h.width.min(u16::MAX as u32) as u16).to_le_bytes());
+    out[10..12].copy_from_slice(&(h.height.min(u16::MAX as u32) as u16).to_le_bytes());
+    out[12..16].copy_from_slice(&h.stride.to_le_bytes());
+    out
+}
+
+/// The fuzz-friendly entry point: parses a frame packet (16-byte header,
+/// then pixels) from untrusted bytes into a validated [`Frame`]. Never
+/// panics; every malformed input is a typed error.
+pub fn parse_packet<'a>(bytes: &'a [u8], limits: &FrameLimits) -> Result<Frame<'a>, VisionError> {
+    let Some((head, pixels)) = bytes.split_first_chunk::<PACKET_HEADER_LEN>() else {
+        return Err(VisionError::BadPacket(format!(
+            "{} bytes, shorter than the {PACKET_HEADER_LEN}-byte header",
+            bytes.len()
+        )));
+    };
+    if head[..4] != PACKET_MAGIC {
+        return Err(VisionError::BadPacket(format!(
+            "bad magic {:02x?} (expected \"OSPF\")",
+            &head[..4]
+        )));
+    }
+    let format = PixelFormat::from_code(head[4])
+        .ok_or_else(|| VisionError::UnknownEncoding(format!("pixel format code {}", head[4])))?;
+    let width = u16::from_le_bytes([head[8], head[9]]) as usize;
+    let height = u16::from_le_bytes([head[10], head[11]]) as usize;
+    let stride = u32::from_le_bytes([head[12], head[13], head[14], head[15]]) as usize;
+    limits.check(width, height)?;
+    let stride = if stride == 0 {
+        format
+            .min_stride(width)
+            .ok_or(VisionError::EmptyFrame { width, height })?
+    } else {
+        stride
+    };
+    Frame::with_limits(pixels, format, width, height, stride, limits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn bt601_limited_reference_points() {
+        let k = YuvMatrix::Bt601Limited.coeffs();
+        assert_eq!(k.rgb(16, 128, 128), [0, 0, 0]);
+        assert_eq!(k.rgb(235, 128, 128), [255, 255, 255]);
+        // 75% red bar of the SMPTE pattern in BT.601: Y=81 U=90 V=240.
+        let [r, g, b] = k.rgb(81, 90, 240);
+        assert!(r >= 250 && g <= 3 && b <= 3, "{r} {g} {b}");
+        let f = YuvMatrix::Bt601Full.coeffs();
+        assert_eq!(f.rgb(128, 128, 128), [128, 128, 128]);
+    }
+
+    #[test]
+    fn bad_frames_are_typed_errors() {
+        let buf = vec![0u8; 100];
+        assert!(matches!(
+            Frame::new(&buf, PixelFormat::Rgb8, 0, 4, 12),
+            Err(VisionError::EmptyFrame { .. })
+        ));
+        assert!(matches!(
+            Frame::new(&buf, PixelFormat::Rgb8, 4, 4, 11),
+            Err(VisionError::StrideTooSmall { .. })
+        ));
+        assert!(matches!(
+            Frame::new(&buf, PixelFormat::Rgb8, 8, 8, 24),
+            Err(VisionError::BufferTooShort { .. })
+        ));
+        assert!(matches!(
+            Frame::new(&buf, PixelFormat::Gray8, 9000, 1, 9000),
+            Err(VisionError::TooLarge { .. })
+        ));
+        let small = FrameLimits {
+            max_width: 4,
+            max_height: 4,
+        };
+        assert!(Frame::with_limits(&buf, PixelFormat::Gray8, 5, 1, 5, &small).is_err());
+        // NV12 needs the chroma plane too: 4x4 luma (16) + 2 chroma rows (8).
+        assert!(Frame::new(&buf[..23], PixelFormat::Nv12, 4, 4, 4).is_err());
+        assert!(Frame::new(&buf[..24], PixelFormat::Nv12, 4, 4, 4).is_ok());
+        assert!(matches!(
+            PixelFormat::parse("h264"),
+            Err(VisionError::UnknownEncoding(_))
+        ));
+    }
+
+    #[test]
+    fn truncated_and_unknown_images_are_errors() {
+        let mut png = Vec::new();
+        let img = image::RgbImage::from_pixel(8, 6, image::Rgb([10, 20, 30]));
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let ok = decode_image(&png, &FrameLimits::default()).unwrap();
+        assert_eq!((ok.width, ok.height), (8, 6));
+        assert_eq!(&ok.data[..3], &[10, 20, 30]);
+        assert!(matches!(
+            decode_image(&png[..png.len() / 2], &FrameLimits::default()),
+            Err(VisionError::Decode(_))
+        ));
+        assert!(matches!(
+            decode_image(b"GIF89a....", &FrameLimits::default()),
+            Err(VisionError::UnknownEncoding(_))
+        ));
+        assert!(matches!(
+            decode_image(b"", &FrameLimits::default()),
+            Err(VisionError::UnknownEncoding(_))
+        ));
+        let tiny = FrameLimits {
+            max_width: 4,
+            max_height: 4,
+        };
+        assert!(matches!(
+            decode_image(&png, &tiny),
+            Err(VisionError::TooLarge { .. })
+        ));
+        let mut jpg = Vec::new();
+        let big = image::RgbImage::from_pixel(64, 48, image::Rgb([200, 100, 50]));
+        big.write_to(
+            &mut std::io::Cursor::new(&mut jpg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+        assert!(decode_image(&jpg, &FrameLimits::default()).is_ok());
+        assert!(decode_image(&jpg[..jpg.len() / 3], &FrameLimits::default()).is_err());
+    }
+
+    fn any_frame() -> impl Strategy<Value = (PixelFormat, usize, usize, usize, Vec<u8>)> {
+        (0usize..7, 1usize..9, 1usize..7, 0usize..5).prop_flat_map(|(f, w, h, pad)| {
+            let format = PixelFormat::ALL[f];
+            let stride = format.min_stride(w).unwrap() + pad;
+            let len = format.required_len(w, h, stride).unwrap();
+            (
+                Just(format),
+                Just(w),
+                Just(h),
+                Just(stride),
+                proptest::collection::vec(any::<u8>(), len),
+            )
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn row_conversion_matches_per_pixel_reference((format, w, h, stride, data) in any_frame()) {
+            for m in [YuvMatrix::Bt601Limited, YuvMatrix::Bt709Full] {
+                let f = Frame::new(&data, format, w, h, stride).unwrap().with_yuv(m);
+                let mut row = vec![0u8; 3 * w];
+                for y in 0..h {
+                    f.row_to_rgb(y, &mut row);
+                    for x in 0..w {
+                        prop_assert_eq!(&row[3 * x..3 * x + 3], &f.pixel_rgb(x, y)[..]);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn packets_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = parse_packet(&bytes, &FrameLimits::default());
+        }
+
+        #[test]
+        fn packets_with_valid_header_and_random_sizes(
+            code in 0u8..9, w in 0u16..20, h in 0u16..20, stride in 0u32..80, len in 0usize..1500
+        ) {
+            let mut bytes = vec![0u8; PACKET_HEADER_LEN + len];
+            bytes[..4].copy_from_slice(&PACKET_MAGIC);
+            bytes[4] = code;
+            bytes[8..10].copy_from_slice(&w.to_le_bytes());
+            bytes[10..12].copy_from_slice(&h.to_le_bytes());
+            bytes[12..16].copy_from_slice(&stride.to_le_bytes());
+            if let Ok(f) = parse_packet(&bytes, &FrameLimits::default()) {
+                // Every row of a parsed frame is readable.
+                let mut row = vec![0u8; 3 * f.width()];
+                for y in 0..f.height() {
+                    f.row_to_rgb(y, &mut row);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packet_roundtrip() {
+        let h = PacketHeader {
+            format: PixelFormat::Nv12,
+            width: 4,
+            height: 2,
+            stride: 0,
+        };
+        let mut bytes = write_packet_header(&h).to_vec();
+        bytes.extend_from_slice(&[16u8; 12]);
+        let f = parse_packet(&bytes, &FrameLimits::default()).unwrap();
+        assert_eq!(
+            (f.format(), f.width(), f.height(), f.stride()),
+            (PixelFormat::Nv12, 4, 2, 4)
+        );
+        assert!(parse_packet(&bytes[..bytes.len() - 1], &FrameLimits::default()).is_err());
+    }
+}
