@@ -379,7 +379,7 @@ impl<'a> Frame<'a> {
                 let k = self.yuv.coeffs();
                 let luma = &row[..w];
                 let uv_start = self.stride * self.height + (y / 2) * self.stride;
-                let uv = &self.data[uv_start..uv_start + (w + 1) / 2 * 2];
+                let uv = &self.data[uv_start..uv_start + w.div_ceil(2) * 2];
                 nv12_row(&k, luma, uv, out);
             }
             PixelFormat::Yuyv => {
