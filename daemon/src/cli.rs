@@ -19,7 +19,7 @@ use crate::stats::LatencySummary;
     name = "osprey",
     version,
     about = "osprey: real-time inference for robots — build, run, measure and check engines",
-    after_help = "Typical use:\n  osprey inspect --onnx model.onnx\n  osprey build --onnx model.onnx --out model.engine --timing-cache osprey-timing.json\n  osprey bench --engine model.engine\n  osprey doctor --engine model.engine"
+    after_help = "Typical use:\n  osprey inspect --onnx model.onnx\n  osprey build --onnx model.onnx --out model.engine --timing-cache osprey-timing.json\n  osprey bench --engine model.engine\n  osprey detect --onnx models/zoo/centernet_mbv3_coco_512.onnx --model-desc models/zoo/centernet_mbv3_coco_512.toml --image dog.jpg --draw dog-boxes.png\n  osprey doctor --engine model.engine"
 )]
 pub struct Cli {
     /// What to do.
@@ -39,6 +39,11 @@ pub enum Command {
     /// Optimise a model, time kernel tactics on this device, and write one
     /// engine file that `run`, `bench` and `inspect` load with `--engine`.
     Build(BuildArgs),
+    /// Detect objects in an image: labelled boxes in image pixels, per-stage
+    /// latency, optionally drawn onto a copy of the image.
+    Detect(crate::vision::DetectArgs),
+    /// Classify an image: the most probable labels, per-stage latency.
+    Classify(crate::vision::ClassifyArgs),
     /// Check this machine for real-time deployment: GPU and driver, NVRTC,
     /// memlock limit, CPU governor, real-time scheduling, zenoh reachability,
     /// engine/device match. Exits 1 if a check fails.
@@ -162,6 +167,8 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect(a),
         Command::Build(a) => crate::build::build(a),
         Command::Doctor(a) => crate::doctor::doctor(a),
+        Command::Detect(a) => crate::vision::detect(a),
+        Command::Classify(a) => crate::vision::classify(a),
     }
 }
 
@@ -204,7 +211,9 @@ pub fn model_name(model: &ModelArgs) -> String {
         .unwrap_or_default()
 }
 
-fn load(model: &ModelArgs, extra_shapes: InputShapes) -> Result<Arc<Engine>> {
+/// Loads `--engine` or imports (and optimises) `--onnx`; `extra_shapes`
+/// fixes dynamic input dimensions (checked against an engine's own).
+pub fn load_engine(model: &ModelArgs, extra_shapes: InputShapes) -> Result<Arc<Engine>> {
     if let Some(path) = &model.engine {
         if !model.input_shapes.is_empty() {
             bail!("--input-shape does not apply to an engine: its shapes were fixed by `osprey build`");
@@ -255,7 +264,8 @@ pub fn with_model_context(e: osprey_engine::EngineError, path: &Path) -> anyhow:
     }
 }
 
-fn threads(model: &ModelArgs) -> Result<usize> {
+/// `--threads`, or all cores.
+pub fn threads(model: &ModelArgs) -> Result<usize> {
     match model.threads {
         Some(0) => bail!("--threads must be at least 1"),
         Some(n) => Ok(n),
@@ -279,7 +289,7 @@ fn run(a: RunArgs) -> Result<()> {
         shapes.insert(name.to_string(), arr.shape.clone());
         arrays.push((name.to_string(), arr));
     }
-    let engine = load(&a.model, shapes)?;
+    let engine = load_engine(&a.model, shapes)?;
     for d in engine.inputs() {
         if !arrays.iter().any(|(n, _)| n == &d.name) {
             bail!(
@@ -310,7 +320,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
-    let engine = load(&a.model, HashMap::new())?;
+    let engine = load_engine(&a.model, HashMap::new())?;
     let threads = threads(&a.model)?;
     let mut ctx = ExecutionContext::new(engine.clone(), threads);
     let inputs: Vec<(String, Vec<f32>)> = engine
@@ -451,7 +461,7 @@ pub fn human_bytes(b: usize) -> String {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let engine = load(&a.model, HashMap::new())?;
+    let engine = load_engine(&a.model, HashMap::new())?;
     let plan = engine.memory_plan();
     let ins: Vec<_> = engine
         .inputs()

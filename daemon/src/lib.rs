@@ -6,12 +6,14 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`cli`] | the `osprey` subcommands: `run`, `bench`, `inspect`, `build` |
+//! | [`cli`] | the `osprey` subcommands: `run`, `bench`, `inspect`, `build`, `detect`, `classify` |
 //! | [`doctor`] | `osprey doctor`: deployment checks with fixes |
 //! | [`build`] | `osprey build`: optimise, tune, write the engine file, report |
 //! | [`stats`] | latency statistics (trtexec-style summaries) |
+//! | [`vision`] | `osprey detect` / `osprey classify`: images to boxes and labels |
 
 pub mod build;
 pub mod cli;
 pub mod doctor;
 pub mod stats;
+pub mod vision;

@@ -10,6 +10,8 @@
 //! or 2x1 (YUYV) block the pixel belongs to (no chroma interpolation), as
 //! most camera ISPs and V4L2 consumers do.
 
+use osprey_kernels::color;
+
 use super::VisionError;
 
 /// Pixel layouts a frame can arrive in.
@@ -134,16 +136,7 @@ pub enum YuvMatrix {
     Bt709Full,
 }
 
-/// Integer YUV → RGB coefficients, 16 fractional bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct YuvCoeffs {
-    y_offset: i32,
-    y: i32,
-    vr: i32,
-    ug: i32,
-    vg: i32,
-    ub: i32,
-}
+pub use osprey_kernels::color::YuvCoeffs;
 
 impl YuvMatrix {
     /// Fixed-point coefficients for this matrix.
@@ -170,22 +163,6 @@ impl YuvMatrix {
             vg: q(-2.0 * (1.0 - kr) * kr / kg * cs),
             ub: q(2.0 * (1.0 - kb) * cs),
         }
-    }
-}
-
-impl YuvCoeffs {
-    /// One pixel: `(y, u, v)` → `[r, g, b]`, rounded and clamped.
-    #[inline(always)]
-    pub fn rgb(&self, y: u8, u: u8, v: u8) -> [u8; 3] {
-        let yy = (y as i32 - self.y_offset) * self.y + (1 << 15);
-        let u = u as i32 - 128;
-        let v = v as i32 - 128;
-        let c = |x: i32| (x >> 16).clamp(0, 255) as u8;
-        [
-            c(yy + self.vr * v),
-            c(yy + self.ug * u + self.vg * v),
-            c(yy + self.ub * u),
-        ]
     }
 }
 
@@ -394,6 +371,74 @@ impl<'a> Frame<'a> {
         }
     }
 
+    /// Converts row `y` to planar R, G, B (each at least `width` bytes),
+    /// using `scratch` (made for at least this width) for YUV formats. Rows
+    /// past the end are clamped to the last row.
+    pub fn row_to_planar(&self, y: usize, planes: [&mut [u8]; 3], scratch: &mut RowScratch) {
+        let y = y.min(self.height - 1);
+        let w = self.width;
+        let [r, g, b] = planes;
+        let (r, g, b) = (&mut r[..w], &mut g[..w], &mut b[..w]);
+        let row = &self.data[y * self.stride..];
+        let deinterleave =
+            |bpp: usize, ro: usize, bo: usize, r: &mut [u8], g: &mut [u8], b: &mut [u8]| {
+                for (((p, r), g), b) in row
+                    .chunks_exact(bpp)
+                    .zip(r.iter_mut())
+                    .zip(g.iter_mut())
+                    .zip(b.iter_mut())
+                {
+                    *r = p[ro];
+                    *g = p[1];
+                    *b = p[bo];
+                }
+            };
+        match self.format {
+            PixelFormat::Rgb8 => deinterleave(3, 0, 2, r, g, b),
+            PixelFormat::Bgr8 => deinterleave(3, 2, 0, r, g, b),
+            PixelFormat::Rgba8 => deinterleave(4, 0, 2, r, g, b),
+            PixelFormat::Bgra8 => deinterleave(4, 2, 0, r, g, b),
+            PixelFormat::Gray8 => {
+                r.copy_from_slice(&row[..w]);
+                g.copy_from_slice(&row[..w]);
+                b.copy_from_slice(&row[..w]);
+            }
+            PixelFormat::Nv12 => {
+                let uv_start = self.stride * self.height + (y / 2) * self.stride;
+                let uv = &self.data[uv_start..uv_start + w.div_ceil(2) * 2];
+                let (cu, cv) = (&mut scratch.u[..w], &mut scratch.v[..w]);
+                color::expand_nv12_chroma(uv, cu, cv);
+                color::yuv_to_rgb_planar(&self.yuv.coeffs(), &row[..w], cu, cv, r, g, b);
+            }
+            PixelFormat::Yuyv => {
+                let packed = &row[..w.div_ceil(2) * 4];
+                let (l, cu, cv) = (
+                    &mut scratch.y[..w],
+                    &mut scratch.u[..w],
+                    &mut scratch.v[..w],
+                );
+                for (((q, l2), u2), v2) in packed
+                    .chunks_exact(4)
+                    .zip(l.chunks_mut(2))
+                    .zip(cu.chunks_mut(2))
+                    .zip(cv.chunks_mut(2))
+                {
+                    for (i, ((l, u), v)) in l2
+                        .iter_mut()
+                        .zip(u2.iter_mut())
+                        .zip(v2.iter_mut())
+                        .enumerate()
+                    {
+                        *l = q[2 * i];
+                        *u = q[1];
+                        *v = q[3];
+                    }
+                }
+                color::yuv_to_rgb_planar(&self.yuv.coeffs(), l, cu, cv, r, g, b);
+            }
+        }
+    }
+
     /// The RGB value of one pixel, computed the plain way (reference for
     /// tests; [`Frame::row_to_rgb`] is the fast path).
     pub fn pixel_rgb(&self, x: usize, y: usize) -> [u8; 3] {
@@ -443,6 +488,26 @@ fn nv12_row(k: &YuvCoeffs, luma: &[u8], uv: &[u8], out: &mut [u8]) {
     if luma.len() % 2 == 1 {
         let x = luma.len() - 1;
         out_tail[..3].copy_from_slice(&k.rgb(luma[x], uv[x], uv[x + 1]));
+    }
+}
+
+/// Scratch rows for [`Frame::row_to_planar`] (luma and per-pixel chroma of
+/// packed YUV formats).
+#[derive(Debug, Clone, Default)]
+pub struct RowScratch {
+    y: Vec<u8>,
+    u: Vec<u8>,
+    v: Vec<u8>,
+}
+
+impl RowScratch {
+    /// Scratch for rows of `width` pixels.
+    pub fn new(width: usize) -> RowScratch {
+        RowScratch {
+            y: vec![0; width],
+            u: vec![0; width],
+            v: vec![0; width],
+        }
     }
 }
 
@@ -519,6 +584,103 @@ pub fn read_image(path: &std::path::Path, limits: &FrameLimits) -> Result<RgbIma
         error: e.to_string(),
     })?;
     decode_image(&bytes, limits)
+}
+
+/// Encodes an RGB image into a tightly packed raw `format` (what a camera
+/// would deliver): the inverse of the conversions [`Frame`] reads, with
+/// chroma averaged over each 2×2 (NV12) or 2×1 (YUYV) block. For tests,
+/// benchmarks and `osprey detect --frame-format`.
+pub fn encode_rgb(img: &RgbImage, format: PixelFormat, m: YuvMatrix) -> Vec<u8> {
+    let (w, h) = (img.width, img.height);
+    let px = |x: usize, y: usize| {
+        let i = 3 * (y * w + x);
+        [img.data[i], img.data[i + 1], img.data[i + 2]]
+    };
+    let (kr, kb, limited) = match m {
+        YuvMatrix::Bt601Limited => (0.299, 0.114, true),
+        YuvMatrix::Bt601Full => (0.299, 0.114, false),
+        YuvMatrix::Bt709Limited => (0.2126, 0.0722, true),
+        YuvMatrix::Bt709Full => (0.2126, 0.0722, false),
+    };
+    let kg = 1.0 - kr - kb;
+    let (ys, yo, cs) = if limited {
+        (219.0, 16.0, 224.0)
+    } else {
+        (255.0, 0.0, 255.0)
+    };
+    let q = |v: f64| v.round().clamp(0.0, 255.0) as u8;
+    let luma = |p: [u8; 3]| {
+        let (r, g, b) = (
+            p[0] as f64 / 255.0,
+            p[1] as f64 / 255.0,
+            p[2] as f64 / 255.0,
+        );
+        kr * r + kg * g + kb * b
+    };
+    let y_of = |p: [u8; 3]| q(yo + ys * luma(p));
+    // Chroma of the mean colour of a block of pixels.
+    let uv_of = |ps: &[[u8; 3]]| {
+        let n = ps.len() as f64;
+        let mean: [u8; 3] =
+            std::array::from_fn(|c| q(ps.iter().map(|p| p[c] as f64).sum::<f64>() / n));
+        let l = luma(mean);
+        let u = (mean[2] as f64 / 255.0 - l) / (2.0 * (1.0 - kb));
+        let v = (mean[0] as f64 / 255.0 - l) / (2.0 * (1.0 - kr));
+        (q(128.0 + cs * u), q(128.0 + cs * v))
+    };
+    let mut out = Vec::new();
+    match format {
+        PixelFormat::Rgb8 => out.extend_from_slice(&img.data),
+        PixelFormat::Bgr8 => out.extend(img.data.chunks_exact(3).flat_map(|p| [p[2], p[1], p[0]])),
+        PixelFormat::Rgba8 => out.extend(
+            img.data
+                .chunks_exact(3)
+                .flat_map(|p| [p[0], p[1], p[2], 255]),
+        ),
+        PixelFormat::Bgra8 => out.extend(
+            img.data
+                .chunks_exact(3)
+                .flat_map(|p| [p[2], p[1], p[0], 255]),
+        ),
+        PixelFormat::Gray8 => out.extend(
+            img.data
+                .chunks_exact(3)
+                .map(|p| q(255.0 * luma([p[0], p[1], p[2]]))),
+        ),
+        PixelFormat::Nv12 => {
+            let cw = w.div_ceil(2);
+            for y in 0..h {
+                // Rows are `min_stride` bytes: an odd width pads one byte.
+                out.extend((0..2 * cw).map(|x| y_of(px(x.min(w - 1), y))));
+            }
+            for cy in 0..h.div_ceil(2) {
+                for cx in 0..cw {
+                    let mut block = [[0u8; 3]; 4];
+                    let mut n = 0;
+                    for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                        let (x, y) = (2 * cx + dx, 2 * cy + dy);
+                        if x < w && y < h {
+                            block[n] = px(x, y);
+                            n += 1;
+                        }
+                    }
+                    let (u, v) = uv_of(&block[..n]);
+                    out.extend([u, v]);
+                }
+            }
+        }
+        PixelFormat::Yuyv => {
+            for y in 0..h {
+                for cx in 0..w.div_ceil(2) {
+                    let a = px(2 * cx, y);
+                    let b = if 2 * cx + 1 < w { px(2 * cx + 1, y) } else { a };
+                    let (u, v) = uv_of(&[a, b]);
+                    out.extend([y_of(a), u, y_of(b), v]);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Size of the [`parse_packet`] header in bytes.
@@ -704,6 +866,19 @@ mod tests {
         }
 
         #[test]
+        fn planar_rows_match_per_pixel_reference((format, w, h, stride, data) in any_frame()) {
+            let f = Frame::new(&data, format, w, h, stride).unwrap().with_yuv(YuvMatrix::Bt709Limited);
+            let (mut r, mut g, mut b) = (vec![0u8; w], vec![0u8; w], vec![0u8; w]);
+            let mut scratch = RowScratch::new(w);
+            for y in 0..h {
+                f.row_to_planar(y, [&mut r, &mut g, &mut b], &mut scratch);
+                for x in 0..w {
+                    prop_assert_eq!([r[x], g[x], b[x]], f.pixel_rgb(x, y), "x {} y {}", x, y);
+                }
+            }
+        }
+
+        #[test]
         fn packets_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = parse_packet(&bytes, &FrameLimits::default());
         }
@@ -724,6 +899,48 @@ mod tests {
                 for y in 0..f.height() {
                     f.row_to_rgb(y, &mut row);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn encoded_frames_decode_back_close_to_the_image() {
+        // A smooth gradient: chroma subsampling loses little.
+        let (w, h) = (37, 21);
+        let data: Vec<u8> = (0..w * h)
+            .flat_map(|i| {
+                let (x, y) = (i % w, i / w);
+                [(x * 6) as u8, (y * 11) as u8, (128 + x - y) as u8]
+            })
+            .collect();
+        let img = RgbImage {
+            width: w,
+            height: h,
+            data,
+        };
+        for format in PixelFormat::ALL {
+            for m in [YuvMatrix::Bt601Limited, YuvMatrix::Bt709Full] {
+                let raw = encode_rgb(&img, format, m);
+                let f = Frame::packed(&raw, format, w, h).unwrap().with_yuv(m);
+                let mut worst = 0i32;
+                for y in 0..h {
+                    for x in 0..w {
+                        let got = f.pixel_rgb(x, y);
+                        let want = &img.data[3 * (y * w + x)..3 * (y * w + x) + 3];
+                        if format == PixelFormat::Gray8 {
+                            continue;
+                        }
+                        for c in 0..3 {
+                            worst = worst.max((got[c] as i32 - want[c] as i32).abs());
+                        }
+                    }
+                }
+                let tol = if matches!(format, PixelFormat::Nv12 | PixelFormat::Yuyv) {
+                    12
+                } else {
+                    0
+                };
+                assert!(worst <= tol, "{format} {m:?}: off by {worst}");
             }
         }
     }

@@ -20,7 +20,8 @@ pub mod resize;
 pub use decode::{ClassScore, Detection};
 pub use desc::ModelDesc;
 pub use frame::{
-    decode_image, parse_packet, read_image, Frame, FrameLimits, PixelFormat, RgbImage, YuvMatrix,
+    decode_image, encode_rgb, parse_packet, read_image, Frame, FrameLimits, PixelFormat, RgbImage,
+    YuvMatrix,
 };
 pub use pipeline::{Classifier, Detector, StageTimes};
 pub use preprocess::{ImageTransform, PreprocessSpec, Preprocessor};

@@ -8,8 +8,8 @@
 
 use serde::Deserialize;
 
-use super::frame::Frame;
-use super::resize::{Filter, LinearTaps, PillowTaps};
+use super::frame::{Frame, RowScratch};
+use super::resize::{Filter, LinearTaps, PillowTaps, PILLOW_BITS};
 use super::VisionError;
 
 /// How the frame is fitted into the model's input size.
@@ -123,7 +123,11 @@ pub struct Preprocessor {
     b: [f32; 3],
     src_channel: [usize; 3],
     geometry: Option<Geometry>,
-    row_rgb: Vec<u8>,
+    /// One source row as planar R, G, B (`3 × src width`), and chroma scratch.
+    planes: Vec<u8>,
+    scratch: RowScratch,
+    /// Pillow vertical accumulators (`new width`).
+    acc: Vec<i32>,
     hrows: [Vec<f32>; 2],
     tags: [usize; 2],
     inter: Vec<u8>,
@@ -161,7 +165,9 @@ impl Preprocessor {
             b,
             src_channel,
             geometry: None,
-            row_rgb: Vec::new(),
+            planes: Vec::new(),
+            scratch: RowScratch::default(),
+            acc: Vec::new(),
             hrows: [Vec::new(), Vec::new()],
             tags: [usize::MAX; 2],
             inter: Vec::new(),
@@ -215,13 +221,15 @@ impl Preprocessor {
             }
             f => Taps::Linear(LinearTaps::new(f, w, new_w), LinearTaps::new(f, h, new_h)),
         };
-        self.row_rgb = vec![0; 3 * w];
+        self.planes = vec![0; 3 * (w + 1)];
+        self.scratch = RowScratch::new(w);
+        self.acc = vec![0; new_w];
         self.hrows = [vec![0.0; 3 * new_w], vec![0.0; 3 * new_w]];
         self.tags = [usize::MAX; 2];
         self.inter = match &taps {
             Taps::Pillow(_, v) => {
                 let rows = pillow_rows(v, h);
-                vec![0; rows.len() * 3 * new_w]
+                vec![0; 3 * rows.len() * new_w]
             }
             Taps::Linear(..) => Vec::new(),
         };
@@ -286,28 +294,72 @@ impl Preprocessor {
         }
     }
 
+    /// Source row `r` as planar R, G, B in `self.planes`.
+    fn load_planes(&mut self, frame: &Frame, r: usize) {
+        let w = frame.width();
+        let (rp, rest) = self.planes.split_at_mut(w + 1);
+        let (gp, bp) = rest.split_at_mut(w + 1);
+        frame.row_to_planar(
+            r,
+            [&mut rp[..w], &mut gp[..w], &mut bp[..w]],
+            &mut self.scratch,
+        );
+    }
+
     /// Horizontally interpolated source row `r` into slot `slot` (planar
     /// R, G, B planes of `new_w`).
     fn load_hrow(&mut self, frame: &Frame, ht: &LinearTaps, r: usize, slot: usize) {
         let new_w = ht.i0.len();
-        let row: &[u8] = match frame.rgb_row(r) {
-            Some(row) => row,
-            None => {
-                frame.row_to_rgb(r, &mut self.row_rgb);
-                &self.row_rgb
-            }
-        };
         let dst = &mut self.hrows[slot];
         let (rp, rest) = dst.split_at_mut(new_w);
         let (gp, bp) = rest.split_at_mut(new_w);
-        for x in 0..new_w {
-            let (i0, i1, fx) = (3 * ht.i0[x] as usize, 3 * ht.i1[x] as usize, ht.f[x]);
-            let l = &row[i0..i0 + 3];
-            let rr = &row[i1..i1 + 3];
-            let lerp = |a: u8, b: u8| a as f32 + (b as f32 - a as f32) * fx;
-            rp[x] = lerp(l[0], rr[0]);
-            gp[x] = lerp(l[1], rr[1]);
-            bp[x] = lerp(l[2], rr[2]);
+        let taps = ht.i0.iter().zip(&ht.i1).zip(&ht.f);
+        let lerp = |a: u8, b: u8, f: f32| a as f32 + (b as f32 - a as f32) * f;
+        if let Some(row) = frame.rgb_row(r) {
+            // Decoded images: gather straight from the interleaved row. The
+            // second tap is the next pixel or (with weight 0, or at the
+            // clamped edge) the same one, so one 6-byte window serves both.
+            for (((&i0, &i1), &f), ((ro, go), bo)) in
+                taps.zip(rp.iter_mut().zip(gp.iter_mut()).zip(bp.iter_mut()))
+            {
+                let a = 3 * i0 as usize;
+                let (p, q) = match row.get(a..a + 6) {
+                    Some(win) if i1 == i0 + 1 => (&win[..3], &win[3..]),
+                    _ => (&row[a..a + 3], &row[3 * i1 as usize..3 * i1 as usize + 3]),
+                };
+                *ro = lerp(p[0], q[0], f);
+                *go = lerp(p[1], q[1], f);
+                *bo = lerp(p[2], q[2], f);
+            }
+        } else {
+            // Other formats: convert the row to planes (vectorised), each
+            // padded with a copy of its last pixel, then gather pairs.
+            let w = frame.width();
+            let stride = w + 1;
+            let (rp_src, rest) = self.planes.split_at_mut(stride);
+            let (gp_src, bp_src) = rest.split_at_mut(stride);
+            frame.row_to_planar(
+                r,
+                [&mut rp_src[..w], &mut gp_src[..w], &mut bp_src[..w]],
+                &mut self.scratch,
+            );
+            for plane in [&mut *rp_src, &mut *gp_src, &mut *bp_src] {
+                plane[w] = plane[w - 1];
+            }
+            let (rs, gs, bs) = (&*rp_src, &*gp_src, &*bp_src);
+            for ((&i0, &f), ((ro, go), bo)) in ht
+                .i0
+                .iter()
+                .zip(&ht.f)
+                .zip(rp.iter_mut().zip(gp.iter_mut()).zip(bp.iter_mut()))
+            {
+                // i1 is i0 + 1, or i0 with the padding equal to it.
+                let a = i0 as usize;
+                let (rr, gg, bb) = (&rs[a..a + 2], &gs[a..a + 2], &bs[a..a + 2]);
+                *ro = lerp(rr[0], rr[1], f);
+                *go = lerp(gg[0], gg[1], f);
+                *bo = lerp(bb[0], bb[1], f);
+            }
         }
         self.tags[slot] = r;
     }
@@ -382,46 +434,71 @@ impl Preprocessor {
         let (ow, oh) = (self.spec.width, self.spec.height);
         let nw = g.new_w;
         let rows = pillow_rows(vt, h);
-        let row_len = 3 * nw;
-        // Horizontal pass (skipped when the width does not change).
-        for (i, r) in rows.clone().enumerate() {
-            let dst = &mut self.inter[i * row_len..(i + 1) * row_len];
-            let src: &[u8] = match frame.rgb_row(r) {
-                Some(row) => row,
-                None => {
-                    frame.row_to_rgb(r, &mut self.row_rgb);
-                    &self.row_rgb
+        let n_rows = rows.len();
+        let first = rows.start;
+        // Horizontal pass (a copy when the width does not change) into the
+        // planar u8 intermediate: inter[(c · n_rows + i) · nw + x].
+        for (i, r) in rows.enumerate() {
+            self.load_planes(frame, r);
+            for c in 0..3 {
+                let src = &self.planes[c * (w + 1)..c * (w + 1) + w];
+                let dst = &mut self.inter[(c * n_rows + i) * nw..(c * n_rows + i + 1) * nw];
+                if nw == w {
+                    dst.copy_from_slice(src);
+                    continue;
                 }
-            };
-            if nw == w {
-                dst.copy_from_slice(&src[..row_len]);
-            } else {
-                for x in 0..nw {
-                    for c in 0..3 {
-                        dst[3 * x + c] = ht.apply(x, |j| src[3 * j + c]);
+                for (x, d) in dst.iter_mut().enumerate() {
+                    let s0 = ht.start[x] as usize;
+                    let n = ht.len[x] as usize;
+                    let k = &ht.k[x * ht.width..x * ht.width + n];
+                    let mut acc: i32 = 1 << (PILLOW_BITS - 1);
+                    for (kj, p) in k.iter().zip(&src[s0..s0 + n]) {
+                        acc += kj * *p as i32;
                     }
+                    *d = (acc >> PILLOW_BITS).clamp(0, 255) as u8;
                 }
             }
         }
-        // Vertical pass (skipped when the height does not change), then
-        // normalise into the tensor.
-        let first = rows.start;
+        // Vertical pass (skipped when the height does not change), a whole
+        // output row at a time, then normalise into the tensor.
         for y in 0..g.new_h {
             let oy = g.pad_y + y;
-            for x in 0..nw {
-                let mut px = [0u8; 3];
-                for (c, p) in px.iter_mut().enumerate() {
-                    *p = if g.new_h == h {
-                        self.inter[(y - first) * row_len + 3 * x + c]
-                    } else {
-                        vt.apply(y, |r| self.inter[(r - first) * row_len + 3 * x + c])
-                    };
+            for c in 0..3 {
+                let sc = self.src_channel[c];
+                let plane = &self.inter[sc * n_rows * nw..(sc + 1) * n_rows * nw];
+                let acc = &mut self.acc[..nw];
+                if g.new_h == h {
+                    let row = &plane[(y - first) * nw..(y - first + 1) * nw];
+                    for (a, p) in acc.iter_mut().zip(row) {
+                        *a = *p as i32;
+                    }
+                } else {
+                    acc.fill(1 << (PILLOW_BITS - 1));
+                    let s0 = vt.start[y] as usize;
+                    let n = vt.len[y] as usize;
+                    for (t, &kt) in vt.k[y * vt.width..y * vt.width + n].iter().enumerate() {
+                        let row = &plane[(s0 + t - first) * nw..(s0 + t - first + 1) * nw];
+                        for (a, p) in acc.iter_mut().zip(row) {
+                            *a += kt * *p as i32;
+                        }
+                    }
+                    for a in acc.iter_mut() {
+                        *a = (*a >> PILLOW_BITS).clamp(0, 255);
+                    }
                 }
-                for c in 0..3 {
-                    let v = px[self.src_channel[c]] as f32 * self.a[c] + self.b[c];
-                    match self.spec.layout {
-                        Layout::Nchw => out[(c * oh + oy) * ow + g.pad_x + x] = v,
-                        Layout::Nhwc => out[(oy * ow + g.pad_x + x) * 3 + c] = v,
+                let (ca, cb) = (self.a[c], self.b[c]);
+                match self.spec.layout {
+                    Layout::Nchw => {
+                        let start = (c * oh + oy) * ow + g.pad_x;
+                        for (o, a) in out[start..start + nw].iter_mut().zip(acc.iter()) {
+                            *o = *a as f32 * ca + cb;
+                        }
+                    }
+                    Layout::Nhwc => {
+                        let start = (oy * ow + g.pad_x) * 3;
+                        for (x, a) in acc.iter().enumerate() {
+                            out[start + 3 * x + c] = *a as f32 * ca + cb;
+                        }
                     }
                 }
             }
