@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use osprey_models::vision::desc::ModelDesc;
+use osprey_models::vision::desc::{ModelDesc, ModelKind};
 use osprey_models::vision::pipeline::label_of;
 use osprey_models::vision::{
     draw, encode_rgb, read_image, Classifier, Detector, Frame, FrameLimits, PixelFormat, RgbImage,
@@ -187,6 +187,13 @@ fn timed<T>(
 pub fn detect(a: DetectArgs) -> Result<()> {
     let c = &a.common;
     let l = Loaded::new(c)?;
+    if l.desc.kind != ModelKind::Detector {
+        bail!(
+            "{}: '{}' is a classifier, not a detector (use `osprey classify`)",
+            c.model_desc.display(),
+            l.desc.name
+        );
+    }
     let engine = load_engine(&c.model, l.shapes())?;
     let mut det = Detector::new(engine, l.desc.clone(), threads(&c.model)?)
         .with_context(|| c.model_desc.display().to_string())?;
@@ -256,6 +263,13 @@ pub fn detect(a: DetectArgs) -> Result<()> {
 pub fn classify(a: ClassifyArgs) -> Result<()> {
     let c = &a.common;
     let l = Loaded::new(c)?;
+    if l.desc.kind != ModelKind::Classifier {
+        bail!(
+            "{}: '{}' is a detector, not a classifier (use `osprey detect`)",
+            c.model_desc.display(),
+            l.desc.name
+        );
+    }
     let k = a.top.or(l.desc.decode.top).unwrap_or(5);
     if k == 0 {
         bail!("--top must be at least 1");

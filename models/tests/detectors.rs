@@ -150,10 +150,11 @@ fn centernet_pipeline_maps_peaks_to_source_pixels() {
     let dir = labels_dir("cn", 2);
     let (c, h, w) = (2, 8, 8);
     let mut heat = vec![0.0f32; c * h * w];
-    heat[(0 * h + 2) * w + 3] = 0.9; // class 0 at cell (3, 2)
-    heat[(0 * h + 2) * w + 4] = 0.5; // its neighbour: not a peak
-    heat[(1 * h + 6) * w + 6] = 0.4; // class 1 at (6, 6)
-    heat[(1 * h + 0) * w + 0] = 0.2; // not > 0.2
+    let at = |ch: usize, y: usize, x: usize| (ch * h + y) * w + x;
+    heat[at(0, 2, 3)] = 0.9; // class 0 at cell (3, 2)
+    heat[at(0, 2, 4)] = 0.5; // its neighbour: not a peak
+    heat[at(1, 6, 6)] = 0.4; // class 1 at (6, 6)
+    heat[at(1, 0, 0)] = 0.2; // not > 0.2
     let mut wh = vec![1.0f32; 4 * h * w];
     for (k, v) in [2.0, 3.0, 4.0, 5.0].iter().enumerate() {
         wh[(k * h + 2) * w + 3] = *v;

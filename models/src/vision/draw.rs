@@ -125,7 +125,7 @@ pub fn text_width(text: &str, scale: i64) -> i64 {
 pub fn draw_detections(img: &mut RgbImage, dets: &[Detection], labels: &[String]) {
     let short = img.width.min(img.height) as i64;
     let thick = (short / 250).max(2);
-    let scale = (short / 320).max(1);
+    let scale = ((short + 160) / 320).max(1);
     for d in dets {
         let b = d.bbox();
         if b.iter().any(|v| !v.is_finite()) {
