@@ -106,24 +106,119 @@ fn yuv_to_rgb_planar_portable(
 
 /// NV12 chroma row (interleaved U V, one pair per two pixels) → one U and
 /// one V per pixel for `cu.len()` pixels.
+/// A pair missing from a too-short `uv` reads as neutral chroma (128).
 pub fn expand_nv12_chroma(uv: &[u8], cu: &mut [u8], cv: &mut [u8]) {
-    let n = cu.len().min(cv.len()).min(uv.len());
-    let pairs = n / 2;
-    for ((pair, u2), v2) in uv
-        .chunks_exact(2)
-        .zip(cu.chunks_exact_mut(2))
-        .zip(cv.chunks_exact_mut(2))
-        .take(pairs)
-    {
-        u2[0] = pair[0];
-        u2[1] = pair[0];
-        v2[0] = pair[1];
-        v2[1] = pair[1];
+    let n = cu.len().min(cv.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+        // SAFETY: AVX2 is present when this tier is active; the function
+        // checks its block count against every slice's length.
+        done = unsafe { expand_nv12_chroma_avx2(uv, &mut cu[..n], &mut cv[..n]) };
     }
-    if n % 2 == 1 && uv.len() > n {
-        cu[n - 1] = uv[n - 1];
-        cv[n - 1] = uv[n];
+    expand_nv12_chroma_scalar(
+        &uv[done.min(uv.len())..],
+        &mut cu[done..n],
+        &mut cv[done..n],
+    );
+}
+
+/// The reference: pixel `x` takes the pair at `x & !1`.
+fn expand_nv12_chroma_scalar(uv: &[u8], cu: &mut [u8], cv: &mut [u8]) {
+    for (x, (u, v)) in cu.iter_mut().zip(cv.iter_mut()).enumerate() {
+        *u = uv.get(x & !1).copied().unwrap_or(128);
+        *v = uv.get(x | 1).copied().unwrap_or(128);
     }
+}
+
+/// Whole blocks of 16 pixels; returns how many pixels it wrote (even).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn expand_nv12_chroma_avx2(uv: &[u8], cu: &mut [u8], cv: &mut [u8]) -> usize {
+    use std::arch::x86_64::*;
+    let n = uv.len().min(cu.len()).min(cv.len());
+    let blocks = n / 16;
+    let su = _mm_setr_epi8(0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14);
+    let sv = _mm_setr_epi8(1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15);
+    for b in 0..blocks {
+        let o = 16 * b;
+        // SAFETY: o + 16 <= n <= every slice's length; unaligned loads
+        // and stores are allowed by loadu/storeu.
+        unsafe {
+            let v = _mm_loadu_si128(uv.as_ptr().add(o) as *const __m128i);
+            _mm_storeu_si128(
+                cu.as_mut_ptr().add(o) as *mut __m128i,
+                _mm_shuffle_epi8(v, su),
+            );
+            _mm_storeu_si128(
+                cv.as_mut_ptr().add(o) as *mut __m128i,
+                _mm_shuffle_epi8(v, sv),
+            );
+        }
+    }
+    16 * blocks
+}
+
+/// Two-tap interpolation gathered from a u8 row: `out[x] = a + (b − a)·f[x]`
+/// with `a = src[idx[x]]`, `b = src[idx[x] + 1]`, in f32, multiply then add
+/// (no fused multiply-add, so every tier gives the same bits).
+///
+/// `src` must hold at least `max(idx) + 2` bytes; with `max(idx) + 4` or
+/// more the AVX2 tier gathers eight outputs at a time.
+pub fn lerp_gather_u8(src: &[u8], idx: &[u32], f: &[f32], out: &mut [f32]) {
+    let n = idx.len().min(f.len()).min(out.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+        // SAFETY: AVX2 is present when this tier is active; the function
+        // checks every index against `src.len() - 4` before gathering.
+        done = unsafe { lerp_gather_u8_avx2(src, &idx[..n], &f[..n], &mut out[..n]) };
+    }
+    lerp_gather_u8_scalar(src, &idx[done..n], &f[done..n], &mut out[done..n]);
+}
+
+/// The reference.
+fn lerp_gather_u8_scalar(src: &[u8], idx: &[u32], f: &[f32], out: &mut [f32]) {
+    for ((&i, &f), o) in idx.iter().zip(f).zip(out.iter_mut()) {
+        let p = &src[i as usize..i as usize + 2];
+        let (a, b) = (p[0] as f32, p[1] as f32);
+        *o = a + (b - a) * f;
+    }
+}
+
+/// Whole blocks of 8 whose indices all allow a 4-byte read; returns how
+/// many outputs it wrote (a prefix: indices are expected to be sorted, as
+/// resize taps are, and it stops at the first block that is not safe).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn lerp_gather_u8_avx2(src: &[u8], idx: &[u32], f: &[f32], out: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    if src.len() < 4 || src.len() > i32::MAX as usize {
+        return 0;
+    }
+    let limit = (src.len() - 4) as u32;
+    let n = idx.len().min(f.len()).min(out.len());
+    let mask = _mm256_set1_epi32(0xff);
+    let mut x = 0;
+    while x + 8 <= n {
+        let block = &idx[x..x + 8];
+        if block.iter().any(|&i| i > limit) {
+            break;
+        }
+        // SAFETY: every index is ≤ len − 4, so each 4-byte gather stays in
+        // `src`; x + 8 ≤ n bounds the loads and the store.
+        unsafe {
+            let vi = _mm256_loadu_si256(block.as_ptr() as *const __m256i);
+            let g = _mm256_i32gather_epi32::<1>(src.as_ptr() as *const i32, vi);
+            let a = _mm256_cvtepi32_ps(_mm256_and_si256(g, mask));
+            let b = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32::<8>(g), mask));
+            let fv = _mm256_loadu_ps(f.as_ptr().add(x));
+            let v = _mm256_add_ps(a, _mm256_mul_ps(_mm256_sub_ps(b, a), fv));
+            _mm256_storeu_ps(out.as_mut_ptr().add(x), v);
+        }
+        x += 8;
+    }
+    x
 }
 
 #[cfg(test)]
@@ -151,6 +246,21 @@ mod tests {
             for i in 0..n {
                 prop_assert_eq!([r[i], g[i], b[i]], k.rgb(l[i], u[i], v[i]));
             }
+        }
+
+        #[test]
+        fn gather_lerp_matches_reference(
+            src in proptest::collection::vec(any::<u8>(), 2..90),
+            picks in proptest::collection::vec((any::<u32>(), 0.0f32..1.0), 0..60),
+        ) {
+            let mut idx: Vec<u32> = picks.iter().map(|p| p.0 % (src.len() as u32 - 1)).collect();
+            idx.sort();
+            let f: Vec<f32> = picks.iter().map(|p| p.1).collect();
+            let mut got = vec![0.0; idx.len()];
+            lerp_gather_u8(&src, &idx, &f, &mut got);
+            let mut want = vec![0.0; idx.len()];
+            lerp_gather_u8_scalar(&src, &idx, &f, &mut want);
+            prop_assert_eq!(got, want);
         }
 
         #[test]

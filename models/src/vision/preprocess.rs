@@ -8,9 +8,15 @@
 
 use serde::Deserialize;
 
+use osprey_kernels::color;
+
 use super::frame::{Frame, RowScratch};
 use super::resize::{Filter, LinearTaps, PillowTaps, PILLOW_BITS};
 use super::VisionError;
+
+/// Bytes after each converted plane row, repeating its last pixel, so the
+/// gather kernels may read a whole 4-byte word at any tap.
+const PLANE_PAD: usize = 4;
 
 /// How the frame is fitted into the model's input size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -221,7 +227,7 @@ impl Preprocessor {
             }
             f => Taps::Linear(LinearTaps::new(f, w, new_w), LinearTaps::new(f, h, new_h)),
         };
-        self.planes = vec![0; 3 * (w + 1)];
+        self.planes = vec![0; 3 * (w + PLANE_PAD)];
         self.scratch = RowScratch::new(w);
         self.acc = vec![0; new_w];
         self.hrows = [vec![0.0; 3 * new_w], vec![0.0; 3 * new_w]];
@@ -297,8 +303,8 @@ impl Preprocessor {
     /// Source row `r` as planar R, G, B in `self.planes`.
     fn load_planes(&mut self, frame: &Frame, r: usize) {
         let w = frame.width();
-        let (rp, rest) = self.planes.split_at_mut(w + 1);
-        let (gp, bp) = rest.split_at_mut(w + 1);
+        let (rp, rest) = self.planes.split_at_mut(w + PLANE_PAD);
+        let (gp, bp) = rest.split_at_mut(w + PLANE_PAD);
         frame.row_to_planar(
             r,
             [&mut rp[..w], &mut gp[..w], &mut bp[..w]],
@@ -333,9 +339,10 @@ impl Preprocessor {
             }
         } else {
             // Other formats: convert the row to planes (vectorised), each
-            // padded with a copy of its last pixel, then gather pairs.
+            // padded with copies of its last pixel, then gather pairs: the
+            // second tap is i0 + 1, or i0 itself where the padding repeats it.
             let w = frame.width();
-            let stride = w + 1;
+            let stride = w + PLANE_PAD;
             let (rp_src, rest) = self.planes.split_at_mut(stride);
             let (gp_src, bp_src) = rest.split_at_mut(stride);
             frame.row_to_planar(
@@ -344,22 +351,12 @@ impl Preprocessor {
                 &mut self.scratch,
             );
             for plane in [&mut *rp_src, &mut *gp_src, &mut *bp_src] {
-                plane[w] = plane[w - 1];
+                let last = plane[w - 1];
+                plane[w..].fill(last);
             }
-            let (rs, gs, bs) = (&*rp_src, &*gp_src, &*bp_src);
-            for ((&i0, &f), ((ro, go), bo)) in ht
-                .i0
-                .iter()
-                .zip(&ht.f)
-                .zip(rp.iter_mut().zip(gp.iter_mut()).zip(bp.iter_mut()))
-            {
-                // i1 is i0 + 1, or i0 with the padding equal to it.
-                let a = i0 as usize;
-                let (rr, gg, bb) = (&rs[a..a + 2], &gs[a..a + 2], &bs[a..a + 2]);
-                *ro = lerp(rr[0], rr[1], f);
-                *go = lerp(gg[0], gg[1], f);
-                *bo = lerp(bb[0], bb[1], f);
-            }
+            color::lerp_gather_u8(rp_src, &ht.i0, &ht.f, rp);
+            color::lerp_gather_u8(gp_src, &ht.i0, &ht.f, gp);
+            color::lerp_gather_u8(bp_src, &ht.i0, &ht.f, bp);
         }
         self.tags[slot] = r;
     }
@@ -441,7 +438,7 @@ impl Preprocessor {
         for (i, r) in rows.enumerate() {
             self.load_planes(frame, r);
             for c in 0..3 {
-                let src = &self.planes[c * (w + 1)..c * (w + 1) + w];
+                let src = &self.planes[c * (w + PLANE_PAD)..c * (w + PLANE_PAD) + w];
                 let dst = &mut self.inter[(c * n_rows + i) * nw..(c * n_rows + i + 1) * nw];
                 if nw == w {
                     dst.copy_from_slice(src);
