@@ -336,3 +336,97 @@ fn bad_images_and_descriptions_fail_with_one_line() {
     ]);
     assert_one_line_error(&out, "not a detector");
 }
+
+/// A YOLOv8-style model whose head is a constant (plus 0 × the image
+/// mean, so the image really flows through): two anchors, two classes.
+fn write_yolo_model(dir: &Path) -> (PathBuf, PathBuf) {
+    use osprey_engine::onnx::builder::{attr_i, attr_ints, ModelBuilder};
+    let mut m = ModelBuilder::new(13);
+    m.input("images", &[1, 3, 32, 32]);
+    m.node(
+        "ReduceMean",
+        &["images"],
+        &["mean"],
+        vec![attr_ints("axes", &[1, 2, 3]), attr_i("keepdims", 1)],
+    );
+    m.init_f32("zero", &[1], &[0.0]);
+    m.node("Mul", &["mean", "zero"], &["nothing"], vec![]);
+    m.init_i64("shape", &[3], &[1, 1, 1]);
+    m.node("Reshape", &["nothing", "shape"], &["flat"], vec![]);
+    // [1, 6, 2], channel-major: row k holds attribute k of both anchors.
+    // Anchor 0: (cx 8, cy 8, w 4, h 10), p = (0.9, 0.2) → cone.
+    // Anchor 1: (cx 20, cy 12, w 6, h 4), p = (0.1, 0.6) → forklift.
+    let head = [
+        8.0, 20.0, 8.0, 12.0, 4.0, 6.0, 10.0, 4.0, 0.9, 0.1, 0.2, 0.6,
+    ];
+    m.init_f32("head", &[1, 6, 2], &head);
+    m.node("Add", &["head", "flat"], &["output0"], vec![]);
+    m.output("output0");
+    let onnx = dir.join("yolo.onnx");
+    std::fs::write(&onnx, m.to_bytes()).unwrap();
+    std::fs::write(dir.join("labels.txt"), "cone\nforklift\n").unwrap();
+    let desc = dir.join("yolo.toml");
+    std::fs::write(
+        &desc,
+        "kind = \"detector\"\ndecoder = \"yolov8\"\nlabels = \"labels.txt\"\n[input]\nname = \"images\"\nwidth = 32\nheight = 32\n[preprocess]\nresize = \"letterbox\"\nfilter = \"bilinear\"\nscale = 0.00392156862745098\n",
+    )
+    .unwrap();
+    (onnx, desc)
+}
+
+#[test]
+fn detect_with_an_engine_file_equals_detect_from_onnx() {
+    let dir = tmp("yolo");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (onnx, desc) = write_yolo_model(&dir);
+    let engine = dir.join("yolo.engine");
+    let out = run(&[
+        "build",
+        "--onnx",
+        onnx.to_str().unwrap(),
+        "--out",
+        engine.to_str().unwrap(),
+        "--threads",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = dir.join("frame.png");
+    synthetic_png(&img); // 96×64 → letterbox scale 3, pad_y 2.67 → 5 rows
+    let mut results = Vec::new();
+    for (flag, model) in [("--onnx", &onnx), ("--engine", &engine)] {
+        let out = run(&[
+            "detect",
+            flag,
+            model.to_str().unwrap(),
+            "--model-desc",
+            desc.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--json",
+        ]);
+        let v = ok_json(&out);
+        results.push(v["detections"].clone());
+    }
+    assert_eq!(results[0], results[1]);
+    let d = results[0].as_array().unwrap();
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert_eq!(d[0]["label"], "cone");
+    assert_eq!(d[1]["label"], "forklift");
+    // Anchor 0 is x 6..10, y 3..13 in the 32×32 input; 96×64 letterboxed
+    // is 32×21 at pad_y 5: x·3 → 18..30, (y − 5)·64/21 → −6.1 (clipped to
+    // 0)..24.38.
+    let b: Vec<f64> = d[0]["box"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let want = [18.0, 0.0, 30.0, (13.0 - 5.0) * 64.0 / 21.0];
+    for (g, w) in b.iter().zip(want) {
+        assert!((g - w).abs() < 1e-3, "{b:?} vs {want:?}");
+    }
+}
