@@ -35,6 +35,7 @@ pub mod knobs;
 pub mod layout;
 pub mod pool;
 pub mod pooling;
+pub mod quant;
 pub mod resize;
 pub mod softmax;
 pub mod winograd;

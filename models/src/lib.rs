@@ -6,8 +6,10 @@
 //!   class labels (CenterNet, YOLOv5/v8, classifiers), with the model
 //!   description files that say how each model wants its pixels.
 //!
-//! The LLM runtime will live here too.
+//! * [`llm`]: the onboard assistant — GGUF Llama-family models run on their
+//!   quantized weights, tokenizer, paged KV cache, sampling.
 
 pub use osprey_engine as engine;
 
+pub mod llm;
 pub mod vision;

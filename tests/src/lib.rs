@@ -37,3 +37,31 @@ pub fn max_abs_and_range(got: &[f32], want: &[f32]) -> (f32, f32) {
 
 /// `NAME` → file-name form used by the references and `osprey run`.
 pub use osprey_engine::npy::sanitize_name as sanitize;
+
+/// The assistant LLM (`OSPREY_LLM_MODEL`, else the cache that
+/// `scripts/fetch-llm.sh` fills), or `None` — after a visible SKIP line.
+pub fn llm_model(test: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("OSPREY_LLM_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("OSPREY_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("osprey"))
+                })
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/osprey"))
+                })
+                .unwrap_or_default();
+            cache.join("llm/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!(
+            "SKIPPED {test}: LLM not found at {} (run scripts/fetch-llm.sh or set OSPREY_LLM_MODEL)",
+            path.display()
+        );
+        None
+    }
+}

@@ -1,0 +1,774 @@
+//! Quantized weight formats (GGML block layouts) and the products that run
+//! on them directly: no dequantized copy of a weight matrix is ever made.
+//!
+//! | type | elements / block | bytes / block | value |
+//! |---|---|---|---|
+//! | F32 | 1 | 4 | as is |
+//! | F16, BF16 | 1 | 2 | widened |
+//! | Q8_0 | 32 | 34 | `d · q`, `d` f16, `q` i8 |
+//! | Q4_0 | 32 | 18 | `d · (q − 8)`, nibbles: low = element j, high = j + 16 |
+//! | Q4_1 | 32 | 20 | `d · q + m`, `d`, `m` f16 |
+//! | Q4_K | 256 | 144 | 8 sub-blocks, 6-bit scales and mins |
+//! | Q6_K | 256 | 210 | 16 sub-blocks, 6-bit values, i8 scales |
+//!
+//! [`dequantize`] is the scalar reference every fast path is tested
+//! against; [`dot`] is one row times an f32 vector (AVX2 for Q4_0, Q4_1,
+//! Q8_0 and F32; other types dequantize one block at a time on the stack);
+//! [`matmul`] runs many rows against one or several vectors on the pool.
+
+use half::{bf16, f16};
+
+use crate::pool::{SyncPtr, ThreadPool};
+
+/// A weight storage type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
+pub enum QuantType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// 8-bit, one f16 scale per 32.
+    Q8_0,
+    /// 4-bit, one f16 scale per 32.
+    Q4_0,
+    /// 4-bit, f16 scale and minimum per 32.
+    Q4_1,
+    /// 4-bit k-quant, 256 per super-block.
+    Q4_K,
+    /// 6-bit k-quant, 256 per super-block.
+    Q6_K,
+}
+
+impl QuantType {
+    /// From the GGML type id used in GGUF files.
+    pub fn from_ggml(id: u32) -> Option<QuantType> {
+        Some(match id {
+            0 => QuantType::F32,
+            1 => QuantType::F16,
+            2 => QuantType::Q4_0,
+            3 => QuantType::Q4_1,
+            8 => QuantType::Q8_0,
+            12 => QuantType::Q4_K,
+            14 => QuantType::Q6_K,
+            30 => QuantType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// The GGML type id.
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            QuantType::F32 => 0,
+            QuantType::F16 => 1,
+            QuantType::Q4_0 => 2,
+            QuantType::Q4_1 => 3,
+            QuantType::Q8_0 => 8,
+            QuantType::Q4_K => 12,
+            QuantType::Q6_K => 14,
+            QuantType::BF16 => 30,
+        }
+    }
+
+    /// Elements per block.
+    pub fn block_elems(self) -> usize {
+        match self {
+            QuantType::F32 | QuantType::F16 | QuantType::BF16 => 1,
+            QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 => 32,
+            QuantType::Q4_K | QuantType::Q6_K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantType::F32 => 4,
+            QuantType::F16 | QuantType::BF16 => 2,
+            QuantType::Q8_0 => 34,
+            QuantType::Q4_0 => 18,
+            QuantType::Q4_1 => 20,
+            QuantType::Q4_K => 144,
+            QuantType::Q6_K => 210,
+        }
+    }
+
+    /// Bytes of a row of `n` elements (`n` a multiple of the block).
+    pub fn row_bytes(self, n: usize) -> usize {
+        n / self.block_elems() * self.block_bytes()
+    }
+}
+
+#[inline(always)]
+fn h(b: &[u8], i: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// Q4_K scale and min of sub-block `j` (6 bits each, packed in 12 bytes).
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Dequantizes one block into `out` (`block_elems` values).
+fn dequantize_block(ty: QuantType, b: &[u8], out: &mut [f32]) {
+    match ty {
+        QuantType::F32 => out[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        QuantType::F16 => out[0] = h(b, 0),
+        QuantType::BF16 => out[0] = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+        QuantType::Q8_0 => {
+            let d = h(b, 0);
+            for j in 0..32 {
+                out[j] = d * (b[2 + j] as i8) as f32;
+            }
+        }
+        QuantType::Q4_0 => {
+            let d = h(b, 0);
+            for j in 0..16 {
+                out[j] = d * ((b[2 + j] & 0xF) as i32 - 8) as f32;
+                out[j + 16] = d * ((b[2 + j] >> 4) as i32 - 8) as f32;
+            }
+        }
+        QuantType::Q4_1 => {
+            let (d, m) = (h(b, 0), h(b, 2));
+            for j in 0..16 {
+                out[j] = d * (b[4 + j] & 0xF) as f32 + m;
+                out[j + 16] = d * (b[4 + j] >> 4) as f32 + m;
+            }
+        }
+        QuantType::Q4_K => {
+            let (d, dmin) = (h(b, 0), h(b, 2));
+            let scales = &b[4..16];
+            let qs = &b[16..144];
+            for (g, chunk) in (0..4).map(|g| (g, &qs[32 * g..32 * g + 32])) {
+                let (s1, m1) = scale_min_k4(2 * g, scales);
+                let (s2, m2) = scale_min_k4(2 * g + 1, scales);
+                let (d1, mm1) = (d * s1 as f32, dmin * m1 as f32);
+                let (d2, mm2) = (d * s2 as f32, dmin * m2 as f32);
+                for l in 0..32 {
+                    out[64 * g + l] = d1 * (chunk[l] & 0xF) as f32 - mm1;
+                    out[64 * g + 32 + l] = d2 * (chunk[l] >> 4) as f32 - mm2;
+                }
+            }
+        }
+        QuantType::Q6_K => {
+            let ql = &b[0..128];
+            let qh = &b[128..192];
+            let sc = &b[192..208];
+            let d = h(b, 208);
+            for half in 0..2 {
+                let (ql, qh, sc) = (&ql[64 * half..], &qh[32 * half..], &sc[8 * half..]);
+                let y = &mut out[128 * half..128 * half + 128];
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                    let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                    y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                    y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                    y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                    y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Dequantizes a row: `bytes` holds `out.len() / block_elems` blocks.
+/// The scalar reference for every product below.
+pub fn dequantize(ty: QuantType, bytes: &[u8], out: &mut [f32]) {
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    for (o, b) in out.chunks_exact_mut(be).zip(bytes.chunks_exact(bb)) {
+        dequantize_block(ty, b, o);
+    }
+}
+
+/// Quantizes `x` to Q8_0 / Q4_0 / Q4_1 as GGML does (for tests, tools and
+/// the KV cache); other types are not produced here.
+pub fn quantize(ty: QuantType, x: &[f32]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(ty.row_bytes(x.len()));
+    match ty {
+        QuantType::F32 => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        QuantType::F16 => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes())),
+        QuantType::Q8_0 => {
+            for b in x.chunks_exact(32) {
+                let amax = b.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+        }
+        QuantType::Q4_0 => {
+            for b in x.chunks_exact(32) {
+                let max = b
+                    .iter()
+                    .fold(0.0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+                for j in 0..16 {
+                    let q0 = ((b[j] * id + 8.5) as i32).clamp(0, 15) as u8;
+                    let q1 = ((b[j + 16] * id + 8.5) as i32).clamp(0, 15) as u8;
+                    out.push(q0 | (q1 << 4));
+                }
+            }
+        }
+        QuantType::Q4_1 => {
+            for b in x.chunks_exact(32) {
+                let min = b.iter().cloned().fold(f32::INFINITY, f32::min);
+                let max = b.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+                out.extend_from_slice(&f16::from_f32(min).to_bits().to_le_bytes());
+                for j in 0..16 {
+                    let q0 = (((b[j] - min) * id + 0.5) as i32).clamp(0, 15) as u8;
+                    let q1 = (((b[j + 16] - min) * id + 0.5) as i32).clamp(0, 15) as u8;
+                    out.push(q0 | (q1 << 4));
+                }
+            }
+        }
+        _ => return None,
+    }
+    Some(out)
+}
+
+/// One row (`x.len()` elements, quantized in `row`) times `x`.
+pub fn dot(ty: QuantType, row: &[u8], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx2Fma
+        && matches!(
+            ty,
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q8_0 | QuantType::F32
+        )
+    {
+        // SAFETY: AVX2 and FMA are present when this tier is active; the
+        // function reads only whole blocks within `row` and `x`.
+        return unsafe { dot_avx2(ty, row, x) };
+    }
+    dot_portable(ty, row, x)
+}
+
+/// Portable product: one block dequantized on the stack at a time.
+pub fn dot_portable(ty: QuantType, row: &[u8], x: &[f32]) -> f32 {
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    let mut buf = [0.0f32; 256];
+    let mut acc = 0.0f32;
+    for (b, xs) in row.chunks_exact(bb).zip(x.chunks_exact(be)) {
+        dequantize_block(ty, b, &mut buf[..be]);
+        let mut s = 0.0f32;
+        for (w, v) in buf[..be].iter().zip(xs) {
+            s += w * v;
+        }
+        acc += s;
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(ty: QuantType, row: &[u8], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    let blocks = (row.len() / bb).min(x.len() / be);
+    let mut acc = _mm256_setzero_ps();
+    // Eight nibbles or bytes → eight f32 lanes.
+    #[inline(always)]
+    unsafe fn lanes(p: *const u8) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable bytes at `p`.
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
+    }
+    match ty {
+        QuantType::F32 => {
+            let n = blocks;
+            let mut i = 0;
+            while i + 8 <= n {
+                // SAFETY: i + 8 ≤ n ≤ both lengths (F32 rows are 4 bytes each).
+                unsafe {
+                    let w = _mm256_loadu_ps(row.as_ptr().add(4 * i) as *const f32);
+                    acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.as_ptr().add(i)), acc);
+                }
+                i += 8;
+            }
+            let mut tail = 0.0;
+            for j in i..n {
+                let w = f32::from_le_bytes([
+                    row[4 * j],
+                    row[4 * j + 1],
+                    row[4 * j + 2],
+                    row[4 * j + 3],
+                ]);
+                tail += w * x[j];
+            }
+            // SAFETY: AVX2 is enabled in this function.
+            return unsafe { hsum(acc) } + tail;
+        }
+        QuantType::Q8_0 => {
+            for k in 0..blocks {
+                let b = &row[k * bb..(k + 1) * bb];
+                let xs = &x[k * 32..k * 32 + 32];
+                let d = _mm256_set1_ps(h(b, 0));
+                let mut s = _mm256_setzero_ps();
+                for g in 0..4 {
+                    // SAFETY: block bytes 2..34 and x[k·32..k·32+32] are in bounds.
+                    unsafe {
+                        let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                            b.as_ptr().add(2 + 8 * g) as *const __m128i,
+                        )));
+                        s = _mm256_fmadd_ps(q, _mm256_loadu_ps(xs.as_ptr().add(8 * g)), s);
+                    }
+                }
+                acc = _mm256_fmadd_ps(d, s, acc);
+            }
+        }
+        QuantType::Q4_0 | QuantType::Q4_1 => {
+            let (qoff, q4_1) = if ty == QuantType::Q4_1 {
+                (4, true)
+            } else {
+                (2, false)
+            };
+            let mask = _mm_set1_epi8(0x0f);
+            let mut tail = 0.0f32;
+            for k in 0..blocks {
+                let b = &row[k * bb..(k + 1) * bb];
+                let xs = &x[k * 32..k * 32 + 32];
+                // SAFETY: 16 nibble bytes at qoff..qoff+16 < bb, 32 x values.
+                unsafe {
+                    let raw = _mm_loadu_si128(b.as_ptr().add(qoff) as *const __m128i);
+                    let lo = _mm_and_si128(raw, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
+                    let mut buf = [0u8; 32];
+                    _mm_storeu_si128(buf.as_mut_ptr() as *mut __m128i, lo);
+                    _mm_storeu_si128(buf.as_mut_ptr().add(16) as *mut __m128i, hi);
+                    let mut s = _mm256_setzero_ps();
+                    let mut sx = _mm256_setzero_ps();
+                    for g in 0..4 {
+                        let xv = _mm256_loadu_ps(xs.as_ptr().add(8 * g));
+                        s = _mm256_fmadd_ps(lanes(buf.as_ptr().add(8 * g)), xv, s);
+                        sx = _mm256_add_ps(sx, xv);
+                    }
+                    let d = h(b, 0);
+                    if q4_1 {
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+                        tail += h(b, 2) * hsum(sx);
+                    } else {
+                        // d·(q − 8)·x = d·q·x − 8·d·x
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+                        tail -= 8.0 * d * hsum(sx);
+                    }
+                }
+            }
+            // SAFETY: AVX2 is enabled in this function.
+            return unsafe { hsum(acc) } + tail;
+        }
+        _ => return dot_portable(ty, row, x),
+    }
+    // SAFETY: AVX2 is enabled in this function.
+    unsafe { hsum(acc) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps::<1>(v);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+/// `y[t][r] = dot(row r of w, x[t])` for `t` in `0..tokens`: `w` holds
+/// `rows` rows of `cols` elements of type `ty`; `x` is `tokens × cols`,
+/// `y` is `tokens × rows`. Rows are split over the pool; each weight row
+/// is read once for all tokens.
+pub fn matmul(
+    ty: QuantType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    y: &mut [f32],
+    pool: &ThreadPool,
+) {
+    let rb = ty.row_bytes(cols);
+    assert!(w.len() >= rows * rb && x.len() >= tokens * cols && y.len() >= tokens * rows);
+    let chunk = 16usize;
+    let tasks = rows.div_ceil(chunk);
+    let out = SyncPtr::new(y);
+    pool.run(tasks, &|task, _| {
+        let r0 = task * chunk;
+        let r1 = (r0 + chunk).min(rows);
+        for r in r0..r1 {
+            let row = &w[r * rb..(r + 1) * rb];
+            for t in 0..tokens {
+                let v = dot(ty, row, &x[t * cols..(t + 1) * cols]);
+                // SAFETY: each (t, r) is written by exactly one task (rows
+                // are partitioned) and t·rows + r < y.len() (asserted above).
+                unsafe { *out.add(t * rows + r) = v };
+            }
+        }
+    });
+}
+
+/// Activations quantized to 8 bits per 32-value block, as llama.cpp's
+/// `Q8_1` does before products with 4/8-bit weights: `d = max|x| / 127`
+/// (rounded to f16), `q = round(x / d)`, `s = d · Σq` (rounded to f16).
+/// Products against Q4_0 / Q4_1 / Q8_0 weights then run in integers.
+#[derive(Debug, Clone, Default)]
+pub struct Q8Act {
+    cols: usize,
+    rows: usize,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    q: Vec<i8>,
+}
+
+impl Q8Act {
+    /// Room for `rows × cols` values (`cols` a multiple of 32).
+    pub fn with_capacity(rows: usize, cols: usize) -> Q8Act {
+        let blocks = rows * cols / 32;
+        Q8Act {
+            cols,
+            rows: 0,
+            d: Vec::with_capacity(blocks),
+            s: Vec::with_capacity(blocks),
+            q: Vec::with_capacity(rows * cols),
+        }
+    }
+
+    /// Quantizes `rows` rows of `cols` values from `x` (reusing the
+    /// buffers: no allocation within the capacity).
+    pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
+        self.cols = cols;
+        self.rows = rows;
+        self.d.clear();
+        self.s.clear();
+        self.q.clear();
+        for b in x[..rows * cols].chunks_exact(32) {
+            let amax = b.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for v in b {
+                let q = (v * id).round() as i32;
+                sum += q;
+                self.q.push(q as i8);
+            }
+            self.d.push(f16::from_f32(d).to_f32());
+            self.s.push(f16::from_f32(sum as f32 * d).to_f32());
+        }
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Whether `ty` has an integer product with [`Q8Act`] activations.
+pub fn has_q8_product(ty: QuantType) -> bool {
+    matches!(ty, QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q8_0)
+}
+
+/// One weight row times activation row `t` of `xq`, in integers per block
+/// (the scalar reference of [`dot_q8`]).
+pub fn dot_q8_portable(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
+    let nb = xq.cols / 32;
+    let bb = ty.block_bytes();
+    let mut acc = 0.0f32;
+    for k in 0..nb {
+        let b = &row[k * bb..(k + 1) * bb];
+        let xi = t * nb + k;
+        let q = &xq.q[xi * 32..xi * 32 + 32];
+        let (dx, sx) = (xq.d[xi], xq.s[xi]);
+        match ty {
+            QuantType::Q8_0 => {
+                let sumi: i32 = (0..32).map(|j| (b[2 + j] as i8) as i32 * q[j] as i32).sum();
+                acc += h(b, 0) * dx * sumi as f32;
+            }
+            QuantType::Q4_0 => {
+                let sumi: i32 = (0..16)
+                    .map(|j| {
+                        ((b[2 + j] & 0xF) as i32 - 8) * q[j] as i32
+                            + ((b[2 + j] >> 4) as i32 - 8) * q[j + 16] as i32
+                    })
+                    .sum();
+                acc += h(b, 0) * dx * sumi as f32;
+            }
+            QuantType::Q4_1 => {
+                let sumi: i32 = (0..16)
+                    .map(|j| {
+                        (b[4 + j] & 0xF) as i32 * q[j] as i32
+                            + (b[4 + j] >> 4) as i32 * q[j + 16] as i32
+                    })
+                    .sum();
+                acc += h(b, 0) * dx * sumi as f32 + h(b, 2) * sx;
+            }
+            _ => {}
+        }
+    }
+    acc
+}
+
+/// [`dot_q8_portable`], eight-way integer SIMD where the CPU has it.
+pub fn dot_q8(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+        // SAFETY: AVX2/FMA are present when this tier is active; the
+        // function reads whole blocks of `row` and of row `t` of `xq`.
+        return unsafe { dot_q8_avx2(ty, row, xq, t) };
+    }
+    dot_q8_portable(ty, row, xq, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q8_avx2(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = xq.cols / 32;
+    let bb = ty.block_bytes();
+    assert!(row.len() >= nb * bb && xq.q.len() >= (t + 1) * nb * 32);
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(0x0f);
+    let eight = _mm256_set1_epi8(8);
+    let mut acc = _mm256_setzero_ps();
+    let mut tail = 0.0f32;
+    for k in 0..nb {
+        let b = &row[k * bb..(k + 1) * bb];
+        let xi = t * nb + k;
+        // SAFETY: the assert above bounds the block reads (32 i8 of x,
+        // 16 or 32 weight bytes inside the block).
+        unsafe {
+            let xv = _mm256_loadu_si256(xq.q.as_ptr().add(xi * 32) as *const __m256i);
+            let (w_u8, x_s8, scale) = match ty {
+                QuantType::Q8_0 => {
+                    let w = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
+                    // |w| · sign(x, w): unsigned × signed for maddubs.
+                    (_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w), h(b, 0))
+                }
+                _ => {
+                    let off = if ty == QuantType::Q4_1 { 4 } else { 2 };
+                    let raw = _mm_loadu_si128(b.as_ptr().add(off) as *const __m128i);
+                    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw);
+                    let nib = _mm256_and_si256(both, low);
+                    if ty == QuantType::Q4_0 {
+                        let w = _mm256_sub_epi8(nib, eight);
+                        (_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w), h(b, 0))
+                    } else {
+                        tail += h(b, 2) * xq.s[xi];
+                        (nib, xv, h(b, 0))
+                    }
+                }
+            };
+            let p16 = _mm256_maddubs_epi16(w_u8, x_s8);
+            let p32 = _mm256_madd_epi16(p16, ones);
+            let d = _mm256_set1_ps(scale * xq.d[xi]);
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc);
+        }
+    }
+    // SAFETY: AVX2 is enabled in this function.
+    unsafe { hsum(acc) + tail }
+}
+
+/// As [`matmul`], against activations already quantized to [`Q8Act`]
+/// (`ty` must satisfy [`has_q8_product`]).
+pub fn matmul_q8(
+    ty: QuantType,
+    w: &[u8],
+    rows: usize,
+    xq: &Q8Act,
+    y: &mut [f32],
+    pool: &ThreadPool,
+) {
+    let rb = ty.row_bytes(xq.cols);
+    let tokens = xq.rows;
+    assert!(has_q8_product(ty) && w.len() >= rows * rb && y.len() >= tokens * rows);
+    let chunk = 16usize;
+    let tasks = rows.div_ceil(chunk);
+    let out = SyncPtr::new(y);
+    pool.run(tasks, &|task, _| {
+        let r0 = task * chunk;
+        let r1 = (r0 + chunk).min(rows);
+        for r in r0..r1 {
+            let row = &w[r * rb..(r + 1) * rb];
+            for t in 0..tokens {
+                let v = dot_q8(ty, row, xq, t);
+                // SAFETY: each (t, r) is written by exactly one task and
+                // t·rows + r < y.len() (asserted above).
+                unsafe { *out.add(t * rows + r) = v };
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference_dot(ty: QuantType, row: &[u8], x: &[f32]) -> f64 {
+        let mut w = vec![0.0; x.len()];
+        dequantize(ty, row, &mut w);
+        w.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum()
+    }
+
+    #[test]
+    fn quantize_roundtrip_is_close() {
+        let x = data(256, 1);
+        for (ty, tol) in [
+            (QuantType::Q8_0, 0.01),
+            (QuantType::Q4_0, 0.15),
+            (QuantType::Q4_1, 0.08),
+            (QuantType::F16, 1e-3),
+        ] {
+            let q = quantize(ty, &x).unwrap();
+            assert_eq!(q.len(), ty.row_bytes(256));
+            let mut back = vec![0.0; 256];
+            dequantize(ty, &q, &mut back);
+            let err = x
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(err < tol, "{ty:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn k_quants_decode_a_hand_made_block() {
+        // Q4_K: d = 1, dmin = 0.5, sub-block 0 scale 2 min 3, nibbles 5/7.
+        let mut b = vec![0u8; 144];
+        b[0..2].copy_from_slice(&f16::from_f32(1.0).to_bits().to_le_bytes());
+        b[2..4].copy_from_slice(&f16::from_f32(0.5).to_bits().to_le_bytes());
+        b[4] = 2; // scale of sub-block 0
+        b[8] = 3; // min of sub-block 0
+        b[16] = 5 | (7 << 4);
+        let mut out = vec![0.0; 256];
+        dequantize(QuantType::Q4_K, &b, &mut out);
+        assert_eq!(out[0], 2.0 * 5.0 - 0.5 * 3.0);
+        assert_eq!(out[32], 0.0); // sub-block 1: scale 0, min 0
+                                  // Q6_K: d = 0.25, scale[0] = -2, first value 6 bits = 40 → (40 − 32).
+        let mut b = vec![0u8; 210];
+        b[0] = 40 & 0xF;
+        b[128] = (40 >> 4) & 3;
+        b[192] = (-2i8) as u8;
+        b[208..210].copy_from_slice(&f16::from_f32(0.25).to_bits().to_le_bytes());
+        dequantize(QuantType::Q6_K, &b, &mut out);
+        assert_eq!(out[0], 0.25 * -2.0 * 8.0);
+        assert_eq!(out[1], 0.25 * -2.0 * -32.0); // all-zero bits decode to −32
+    }
+
+    proptest! {
+        #[test]
+        fn dot_matches_dequantized_reference(blocks in 1usize..9, seed in any::<u64>(), t in 0usize..8) {
+            let ty = [QuantType::F32, QuantType::F16, QuantType::BF16, QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1, QuantType::Q4_K, QuantType::Q6_K][t];
+            let n = blocks * 256;
+            let x = data(n, seed);
+            let row: Vec<u8> = match quantize(ty, &data(n, seed ^ 7)) {
+                Some(r) => r,
+                None => {
+                    // Random bytes with a small, finite f16 scale where it lives.
+                    let mut r: Vec<u8> = data(ty.row_bytes(n), seed ^ 9).iter().map(|v| (v * 127.0) as i8 as u8).collect();
+                    let bb = ty.block_bytes();
+                    let at = if ty == QuantType::Q6_K { 208 } else { 0 };
+                    for b in r.chunks_exact_mut(bb) {
+                        b[at..at + 2].copy_from_slice(&f16::from_f32(0.01).to_bits().to_le_bytes());
+                        if ty == QuantType::Q4_K {
+                            b[2..4].copy_from_slice(&f16::from_f32(0.02).to_bits().to_le_bytes());
+                        }
+                        if ty == QuantType::BF16 {
+                            // keep bf16 values finite: zero the exponent's top bit
+                            for p in b.chunks_exact_mut(2) { p[1] &= 0x3f; }
+                        }
+                    }
+                    r
+                }
+            };
+            let want = reference_dot(ty, &row, &x);
+            let got = dot(ty, &row, &x) as f64;
+            let scale: f64 = {
+                let mut w = vec![0.0; n];
+                dequantize(ty, &row, &mut w);
+                w.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>()
+            };
+            prop_assert!((got - want).abs() <= 1e-5 * scale.max(1.0), "{:?}: {} vs {}", ty, got, want);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn q8_products_match_reference(blocks in 1usize..6, seed in any::<u64>(), t in 0usize..3) {
+            let ty = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1][t];
+            let n = blocks * 32;
+            let w = quantize(ty, &data(n, seed)).unwrap();
+            let mut xq = Q8Act::with_capacity(2, n);
+            xq.quantize(&data(2 * n, seed ^ 5), 2, n);
+            for r in 0..2 {
+                let want = dot_q8_portable(ty, &w, &xq, r);
+                let got = dot_q8(ty, &w, &xq, r);
+                prop_assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{:?}: {} vs {}", ty, got, want);
+                // And close to the float product of the dequantized values.
+                let mut wf = vec![0.0; n];
+                dequantize(ty, &w, &mut wf);
+                let xs = &data(2 * n, seed ^ 5)[r * n..(r + 1) * n];
+                let exact: f32 = wf.iter().zip(xs).map(|(a, b)| a * b).sum();
+                let mag: f32 = wf.iter().zip(xs).map(|(a, b)| (a * b).abs()).sum();
+                prop_assert!((got - exact).abs() <= 0.02 * mag.max(1e-3), "{:?}: {} vs exact {}", ty, got, exact);
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_per_row_dots() {
+        let (rows, cols, tokens) = (37, 64, 3);
+        let w = quantize(QuantType::Q4_1, &data(rows * cols, 3)).unwrap();
+        let x = data(tokens * cols, 4);
+        for threads in [1, 3] {
+            let pool = ThreadPool::new(threads);
+            let mut y = vec![0.0; tokens * rows];
+            matmul(QuantType::Q4_1, &w, rows, cols, &x, tokens, &mut y, &pool);
+            let rb = QuantType::Q4_1.row_bytes(cols);
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let want = dot_portable(
+                        QuantType::Q4_1,
+                        &w[r * rb..(r + 1) * rb],
+                        &x[t * cols..(t + 1) * cols],
+                    );
+                    assert!((y[t * rows + r] - want).abs() < 1e-4);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Paged KV cache: one preallocated pool of fixed-size blocks, sized from a
+//! memory budget in bytes; each sequence owns a block table. Growing a
+//! sequence takes blocks from the free list — never an allocation — and a
+//! sequence that would exceed the budget gets [`LlmError::KvFull`].
+//!
+//! Layout of one block: `[layer][K or V][slot][kv_dim]` f32, so a block
+//! holds `block_tokens` positions of every layer.
+
+use super::LlmError;
+
+/// The block pool.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: usize,
+    kv_dim: usize,
+    block_tokens: usize,
+    n_blocks: usize,
+    budget_bytes: usize,
+    data: Vec<f32>,
+    free: Vec<u32>,
+}
+
+/// One sequence's block table and length.
+#[derive(Debug, Clone)]
+pub struct SeqKv {
+    blocks: Vec<u32>,
+    len: usize,
+}
+
+impl SeqKv {
+    /// Positions stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// No positions stored.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Blocks held.
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+impl KvCache {
+    /// A pool of as many blocks as `budget_bytes` holds (at least one).
+    pub fn new(
+        layers: usize,
+        kv_dim: usize,
+        block_tokens: usize,
+        budget_bytes: usize,
+    ) -> Result<KvCache, LlmError> {
+        let block_tokens = block_tokens.max(1);
+        let block_floats = layers * 2 * block_tokens * kv_dim;
+        let block_bytes = block_floats * 4;
+        let n_blocks = budget_bytes.checked_div(block_bytes).unwrap_or(0);
+        if n_blocks == 0 {
+            return Err(LlmError::Request(format!(
+                "KV budget of {budget_bytes} bytes is below one block ({block_bytes} bytes: {block_tokens} tokens x {layers} layers x K,V x {kv_dim})"
+            )));
+        }
+        Ok(KvCache {
+            layers,
+            kv_dim,
+            block_tokens,
+            n_blocks,
+            budget_bytes,
+            data: vec![0.0; n_blocks * block_floats],
+            free: (0..n_blocks as u32).rev().collect(),
+        })
+    }
+
+    /// Tokens per block.
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+
+    /// Blocks in the pool.
+    pub fn capacity_blocks(&self) -> usize {
+        self.n_blocks
+    }
+
+    /// Blocks not held by any sequence.
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Bytes of one block.
+    pub fn block_bytes(&self) -> usize {
+        self.layers * 2 * self.block_tokens * self.kv_dim * 4
+    }
+
+    /// Bytes the pool holds.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// A new, empty sequence whose table can grow to `max_tokens` without
+    /// allocating.
+    pub fn new_seq(&self, max_tokens: usize) -> SeqKv {
+        SeqKv {
+            blocks: Vec::with_capacity(max_tokens.div_ceil(self.block_tokens).min(self.n_blocks)),
+            len: 0,
+        }
+    }
+
+    /// Makes room for `extra` more positions in `seq` (blocks from the free
+    /// list); on failure nothing changes.
+    pub fn reserve(&mut self, seq: &mut SeqKv, extra: usize) -> Result<(), LlmError> {
+        let need_blocks = (seq.len + extra).div_ceil(self.block_tokens);
+        let need = need_blocks.saturating_sub(seq.blocks.len());
+        if need > self.free.len() {
+            return Err(LlmError::KvFull {
+                need,
+                free: self.free.len(),
+                block_tokens: self.block_tokens,
+                budget_bytes: self.budget_bytes,
+            });
+        }
+        for _ in 0..need {
+            if let Some(b) = self.free.pop() {
+                seq.blocks.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks `n` reserved positions as written.
+    pub fn advance(&mut self, seq: &mut SeqKv, n: usize) {
+        seq.len = (seq.len + n).min(seq.blocks.len() * self.block_tokens);
+    }
+
+    /// Forgets positions from `len` on (speculative rollback); blocks past
+    /// the new end go back to the pool.
+    pub fn truncate(&mut self, seq: &mut SeqKv, len: usize) {
+        seq.len = seq.len.min(len);
+        let keep = seq.len.div_ceil(self.block_tokens);
+        while seq.blocks.len() > keep {
+            if let Some(b) = seq.blocks.pop() {
+                self.free.push(b);
+            }
+        }
+    }
+
+    /// Returns every block of `seq` to the pool.
+    pub fn release(&mut self, seq: &mut SeqKv) {
+        self.truncate(seq, 0);
+    }
+
+    fn offset(&self, seq: &SeqKv, layer: usize, which: usize, pos: usize) -> usize {
+        let block = seq.blocks[pos / self.block_tokens] as usize;
+        let slot = pos % self.block_tokens;
+        (((block * self.layers + layer) * 2 + which) * self.block_tokens + slot) * self.kv_dim
+    }
+
+    /// K of `pos` (a reserved position) in `layer`.
+    pub fn k(&self, seq: &SeqKv, layer: usize, pos: usize) -> &[f32] {
+        let o = self.offset(seq, layer, 0, pos);
+        &self.data[o..o + self.kv_dim]
+    }
+
+    /// V of `pos` in `layer`.
+    pub fn v(&self, seq: &SeqKv, layer: usize, pos: usize) -> &[f32] {
+        let o = self.offset(seq, layer, 1, pos);
+        &self.data[o..o + self.kv_dim]
+    }
+
+    /// Writes K and V of `pos` in `layer`.
+    pub fn write(&mut self, seq: &SeqKv, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let o = self.offset(seq, layer, 0, pos);
+        self.data[o..o + self.kv_dim].copy_from_slice(k);
+        let o = self.offset(seq, layer, 1, pos);
+        self.data[o..o + self.kv_dim].copy_from_slice(v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_come_from_the_budget_and_go_back() {
+        // 2 layers × K,V × 4 tokens × 8 floats × 4 bytes = 512 bytes a block.
+        let mut kv = KvCache::new(2, 8, 4, 512 * 3 + 100).unwrap();
+        assert_eq!(kv.capacity_blocks(), 3);
+        let mut a = kv.new_seq(100);
+        let mut b = kv.new_seq(100);
+        kv.reserve(&mut a, 6).unwrap(); // 2 blocks
+        kv.advance(&mut a, 6);
+        assert_eq!((a.len(), a.blocks(), kv.free_blocks()), (6, 2, 1));
+        let e = kv.reserve(&mut b, 5).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                LlmError::KvFull {
+                    need: 2,
+                    free: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(b.blocks(), 0, "a failed reserve takes nothing");
+        // Writes land in the sequence's own blocks.
+        for p in 0..6 {
+            kv.write(&a, 1, p, &[p as f32; 8], &[-(p as f32); 8]);
+        }
+        kv.reserve(&mut b, 4).unwrap();
+        kv.advance(&mut b, 4);
+        kv.write(&b, 1, 0, &[99.0; 8], &[98.0; 8]);
+        for p in 0..6 {
+            assert_eq!(kv.k(&a, 1, p)[0], p as f32);
+            assert_eq!(kv.v(&a, 1, p)[3], -(p as f32));
+        }
+        kv.truncate(&mut a, 3);
+        assert_eq!((a.len(), a.blocks(), kv.free_blocks()), (3, 1, 1));
+        kv.release(&mut a);
+        kv.release(&mut b);
+        assert_eq!(kv.free_blocks(), 3);
+        assert!(KvCache::new(2, 8, 4, 100).is_err());
+    }
+}

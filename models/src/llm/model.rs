@@ -1,0 +1,674 @@
+//! Llama-family decoder driven by GGUF metadata: RMSNorm, RoPE (base from
+//! metadata, adjacent-pair rotation as GGUF's Llama layout expects),
+//! grouped-query attention over the paged KV cache, SwiGLU MLP, optional
+//! q/k/v biases (Qwen2), tied or separate output embeddings. Weights stay
+//! quantized in the memory map; every product runs on the blocks.
+//!
+//! One forward pass takes a *batch of rows*: each row is one token of one
+//! sequence. A prompt is many rows of one sequence (prefill); a decode step
+//! is one row per active sequence (in-flight batching); speculative
+//! verification is several rows of one sequence. Weight rows are read once
+//! per pass for all rows.
+
+use std::path::Path;
+
+use osprey_kernels::pool::ThreadPool;
+use osprey_kernels::quant::{self, QuantType};
+
+use super::gguf::{Gguf, TensorInfo, Value};
+use super::kv::{KvCache, SeqKv};
+use super::tokenizer::Tokenizer;
+use super::LlmError;
+
+/// Hyper-parameters, from `<arch>.*` metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `general.architecture` (llama, qwen2, ...).
+    pub arch: String,
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// Embedding width.
+    pub dim: usize,
+    /// MLP hidden width.
+    pub ffn: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Dimensions rotated by RoPE (≤ head_dim).
+    pub rope_dim: usize,
+    /// RoPE frequency base.
+    pub rope_base: f64,
+    /// Linear RoPE scaling factor (1 = none).
+    pub rope_scale: f64,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Trained context length.
+    pub context: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+}
+
+impl Config {
+    /// Width of K (and V) per position.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+/// A weight matrix in the file: `rows` outputs × `cols` inputs.
+#[derive(Debug, Clone)]
+struct Mat {
+    ty: QuantType,
+    t: TensorInfo,
+    rows: usize,
+    cols: usize,
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Mat,
+    wk: Mat,
+    wv: Mat,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    wo: Mat,
+    ffn_norm: Vec<f32>,
+    gate: Mat,
+    up: Mat,
+    down: Mat,
+}
+
+/// A loaded model: metadata, tokenizer and weights (mapped, not copied).
+#[derive(Debug)]
+pub struct Model {
+    gguf: Gguf,
+    /// Hyper-parameters.
+    pub cfg: Config,
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    embd: Mat,
+    layers: Vec<Layer>,
+    out_norm: Vec<f32>,
+    output: Mat,
+    inv_freq: Vec<f64>,
+    /// Quantize activations to 8 bits for 4/8-bit weights and multiply in
+    /// integers, as llama.cpp does (faster, noisier: logits move by up to
+    /// ~0.5 on SmolLM2). Off by default: products are exact f32 on the
+    /// dequantized blocks.
+    pub int8_activations: bool,
+}
+
+/// Most sequences one pass may serve.
+pub const MAX_SEQS: usize = 256;
+
+/// Which logits a pass produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// One row per sequence: after its last token in the batch.
+    LastPerSeq,
+    /// One row per batch row (teacher forcing, speculative verification).
+    All,
+}
+
+/// Activation buffers for up to `max_rows` rows, allocated once.
+#[derive(Debug)]
+pub struct Scratch {
+    max_rows: usize,
+    x: Vec<f32>,
+    xb: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    scores: Vec<f32>,
+    last: Vec<f32>,
+    logit_rows: Vec<usize>,
+    /// Activations quantized for integer products.
+    xq: quant::Q8Act,
+    /// Per-sequence row counts, first positions, running positions.
+    counts: Vec<usize>,
+    first: Vec<usize>,
+    pos: Vec<usize>,
+    /// Logits of the last pass: `rows × vocab`, in the order of
+    /// [`Scratch::logit_rows`] (batch row indices).
+    pub logits: Vec<f32>,
+}
+
+impl Scratch {
+    /// Logits of output `i` of the last pass.
+    pub fn logits_row(&self, i: usize, vocab: usize) -> &[f32] {
+        &self.logits[i * vocab..(i + 1) * vocab]
+    }
+
+    /// Batch rows the last pass produced logits for.
+    pub fn logit_rows(&self) -> &[usize] {
+        &self.logit_rows
+    }
+
+    /// Most rows one pass takes.
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+}
+
+fn f32_vec(g: &Gguf, t: &TensorInfo) -> Vec<f32> {
+    let mut v = vec![0.0; t.numel() as usize];
+    quant::dequantize(t.ty, g.data(t), &mut v);
+    v
+}
+
+impl Model {
+    /// Loads a GGUF model file.
+    pub fn load(path: &Path) -> Result<Model, LlmError> {
+        let gguf = Gguf::open(path)?;
+        Model::from_gguf(gguf)
+    }
+
+    /// Builds the model from a parsed file.
+    pub fn from_gguf(gguf: Gguf) -> Result<Model, LlmError> {
+        let arch = gguf.get_str("general.architecture")?.to_string();
+        if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
+            return Err(LlmError::Model(format!(
+                "architecture '{arch}' is not supported (llama, qwen2, mistral are)"
+            )));
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let u = |k: &str| -> Result<usize, LlmError> {
+            let v = gguf.get_u64(&key(k))?;
+            usize::try_from(v)
+                .ok()
+                .filter(|&v| v > 0 && v < (1 << 24))
+                .ok_or_else(|| LlmError::Model(format!("{} = {v} is out of range", key(k))))
+        };
+        let n_layers = u("block_count")?;
+        let dim = u("embedding_length")?;
+        let ffn = u("feed_forward_length")?;
+        let n_heads = u("attention.head_count")?;
+        let n_kv_heads = match gguf.get(&key("attention.head_count_kv")) {
+            Some(_) => u("attention.head_count_kv")?,
+            None => n_heads,
+        };
+        if dim % n_heads != 0 || n_heads % n_kv_heads != 0 {
+            return Err(LlmError::Model(format!(
+                "{dim} wide with {n_heads} heads and {n_kv_heads} KV heads does not divide"
+            )));
+        }
+        let head_dim = dim / n_heads;
+        let rope_dim = gguf
+            .get(&key("rope.dimension_count"))
+            .and_then(Value::as_u64)
+            .map_or(head_dim, |v| v as usize);
+        if rope_dim > head_dim || rope_dim % 2 != 0 {
+            return Err(LlmError::Model(format!(
+                "rope dimension {rope_dim} does not fit head {head_dim}"
+            )));
+        }
+        let rope_base = gguf
+            .get(&key("rope.freq_base"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0);
+        let rope_scale = match gguf.get(&key("rope.scaling.type")).and_then(Value::as_str) {
+            Some("linear") => gguf
+                .get(&key("rope.scaling.factor"))
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0),
+            Some("none") | None => 1.0,
+            Some(other) => {
+                return Err(LlmError::Model(format!(
+                    "rope scaling '{other}' is not supported (linear is)"
+                )))
+            }
+        };
+        let eps = gguf
+            .get(&key("attention.layer_norm_rms_epsilon"))
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-5) as f32;
+        let context = u("context_length")?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let vocab = tokenizer.vocab_size();
+        let tensor = |name: &str| {
+            gguf.tensor(name)
+                .cloned()
+                .ok_or_else(|| LlmError::Model(format!("tensor '{name}' missing")))
+        };
+        let mat = |name: &str, rows: usize, cols: usize| -> Result<Mat, LlmError> {
+            let t = tensor(name)?;
+            if t.dims != [cols as u64, rows as u64] {
+                return Err(LlmError::Model(format!(
+                    "tensor '{name}' is {:?}, expected [{cols}, {rows}]",
+                    t.dims
+                )));
+            }
+            Ok(Mat {
+                ty: t.ty,
+                t,
+                rows,
+                cols,
+            })
+        };
+        let vec_of = |name: &str, n: usize| -> Result<Vec<f32>, LlmError> {
+            let t = tensor(name)?;
+            if t.numel() != n as u64 {
+                return Err(LlmError::Model(format!(
+                    "tensor '{name}' has {} values, expected {n}",
+                    t.numel()
+                )));
+            }
+            Ok(f32_vec(&gguf, &t))
+        };
+        let opt_vec = |name: &str, n: usize| -> Result<Option<Vec<f32>>, LlmError> {
+            match gguf.tensor(name) {
+                Some(_) => vec_of(name, n).map(Some),
+                None => Ok(None),
+            }
+        };
+        let kv_dim = n_kv_heads * head_dim;
+        let mut layers = Vec::with_capacity(n_layers);
+        for l in 0..n_layers {
+            let p = |s: &str| format!("blk.{l}.{s}");
+            layers.push(Layer {
+                attn_norm: vec_of(&p("attn_norm.weight"), dim)?,
+                wq: mat(&p("attn_q.weight"), dim, dim)?,
+                wk: mat(&p("attn_k.weight"), kv_dim, dim)?,
+                wv: mat(&p("attn_v.weight"), kv_dim, dim)?,
+                bq: opt_vec(&p("attn_q.bias"), dim)?,
+                bk: opt_vec(&p("attn_k.bias"), kv_dim)?,
+                bv: opt_vec(&p("attn_v.bias"), kv_dim)?,
+                wo: mat(&p("attn_output.weight"), dim, dim)?,
+                ffn_norm: vec_of(&p("ffn_norm.weight"), dim)?,
+                gate: mat(&p("ffn_gate.weight"), ffn, dim)?,
+                up: mat(&p("ffn_up.weight"), ffn, dim)?,
+                down: mat(&p("ffn_down.weight"), dim, ffn)?,
+            });
+        }
+        let embd = mat("token_embd.weight", vocab, dim)?;
+        let output = match gguf.tensor("output.weight") {
+            Some(_) => mat("output.weight", vocab, dim)?,
+            None => embd.clone(),
+        };
+        let out_norm = vec_of("output_norm.weight", dim)?;
+        let inv_freq = (0..rope_dim / 2)
+            .map(|i| rope_base.powf(-2.0 * i as f64 / rope_dim as f64) / rope_scale)
+            .collect();
+        let cfg = Config {
+            arch,
+            n_layers,
+            dim,
+            ffn,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rope_dim,
+            rope_base,
+            rope_scale,
+            eps,
+            context,
+            vocab,
+        };
+        Ok(Model {
+            gguf,
+            cfg,
+            tokenizer,
+            embd,
+            layers,
+            out_norm,
+            output,
+            inv_freq,
+            int8_activations: false,
+        })
+    }
+
+    /// Bytes of weights one decode step reads (every matrix once, the
+    /// embedding row aside): the memory-bandwidth bound's numerator.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let m = |m: &Mat| m.t.bytes;
+        self.layers
+            .iter()
+            .map(|l| m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo) + m(&l.gate) + m(&l.up) + m(&l.down))
+            .sum::<usize>()
+            + m(&self.output)
+    }
+
+    /// Buffers for passes of up to `max_rows` rows (`all_logits`: room for
+    /// logits of every row).
+    pub fn scratch(&self, max_rows: usize, all_logits: bool) -> Scratch {
+        let c = &self.cfg;
+        let r = max_rows.max(1);
+        Scratch {
+            max_rows: r,
+            x: vec![0.0; r * c.dim],
+            xb: vec![0.0; r * c.dim],
+            q: vec![0.0; r * c.dim],
+            k: vec![0.0; r * c.kv_dim()],
+            v: vec![0.0; r * c.kv_dim()],
+            att: vec![0.0; r * c.dim],
+            o: vec![0.0; r * c.dim],
+            g: vec![0.0; r * c.ffn],
+            u: vec![0.0; r * c.ffn],
+            scores: vec![0.0; c.context],
+            last: vec![0.0; r * c.dim],
+            logit_rows: Vec::with_capacity(r),
+            xq: quant::Q8Act::with_capacity(r, c.dim.max(c.ffn)),
+            counts: Vec::with_capacity(MAX_SEQS),
+            first: Vec::with_capacity(MAX_SEQS),
+            pos: Vec::with_capacity(MAX_SEQS),
+            logits: vec![0.0; if all_logits { r } else { r.min(64) } * c.vocab],
+        }
+    }
+
+    /// `y = x · mᵀ` for `rows` rows of `x`. 4/8-bit weights multiply
+    /// activations quantized to 8 bits (as llama.cpp does), in integers;
+    /// `xq` caches that quantization: pass `fresh = false` to reuse the
+    /// previous call's when `x` is the same.
+    fn matmul(
+        &self,
+        m: &Mat,
+        x: &[f32],
+        rows: usize,
+        y: &mut [f32],
+        xq: &mut quant::Q8Act,
+        fresh: bool,
+        pool: &ThreadPool,
+    ) {
+        let w = self.gguf.data(&m.t);
+        if self.int8_activations && quant::has_q8_product(m.ty) && m.cols % 32 == 0 {
+            if fresh || xq.rows() != rows {
+                xq.quantize(x, rows, m.cols);
+            }
+            quant::matmul_q8(m.ty, w, m.rows, xq, y, pool);
+        } else {
+            quant::matmul(m.ty, w, m.rows, m.cols, x, rows, y, pool);
+        }
+    }
+
+    fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let ss: f64 = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len() as f64;
+        let scale = (1.0 / (ss + eps as f64).sqrt()) as f32;
+        for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+            *o = v * scale * g;
+        }
+    }
+
+    fn rope(&self, v: &mut [f32], heads: usize, pos: usize) {
+        let hd = self.cfg.head_dim;
+        for h in 0..heads {
+            let head = &mut v[h * hd..(h + 1) * hd];
+            for (i, &f) in self.inv_freq.iter().enumerate() {
+                let (s, c) = (pos as f64 * f).sin_cos();
+                let (s, c) = (s as f32, c as f32);
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * c - b * s;
+                head[2 * i + 1] = a * s + b * c;
+            }
+        }
+    }
+
+    /// One forward pass over `batch` rows: `(sequence index into seqs,
+    /// token)`. Rows of one sequence must be in position order; each
+    /// sequence's new tokens go after what it already holds. Afterwards
+    /// the sequences hold the new positions, and `scratch.logits` the
+    /// requested logits (row order of `scratch.logit_rows()`).
+    pub fn forward(
+        &self,
+        kv: &mut KvCache,
+        seqs: &mut [&mut SeqKv],
+        batch: &[(usize, u32)],
+        logits: Logits,
+        scratch: &mut Scratch,
+        pool: &ThreadPool,
+    ) -> Result<(), LlmError> {
+        let c = &self.cfg;
+        let n = batch.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if n > scratch.max_rows {
+            return Err(LlmError::Request(format!(
+                "{n} rows exceed the pass limit of {}",
+                scratch.max_rows
+            )));
+        }
+        // Positions, context and KV room for every sequence first: a
+        // failure leaves everything untouched.
+        if seqs.len() > MAX_SEQS {
+            return Err(LlmError::Request(format!(
+                "{} sequences exceed the batch limit of {MAX_SEQS}",
+                seqs.len()
+            )));
+        }
+        scratch.counts.clear();
+        scratch.counts.resize(seqs.len(), 0);
+        for &(s, tok) in batch {
+            if s >= seqs.len() {
+                return Err(LlmError::Request(format!(
+                    "row names sequence {s}, there are {}",
+                    seqs.len()
+                )));
+            }
+            if tok as usize >= c.vocab {
+                return Err(LlmError::Request(format!(
+                    "token {tok} is outside the vocabulary ({})",
+                    c.vocab
+                )));
+            }
+            scratch.counts[s] += 1;
+        }
+        let mut blocks_needed = 0;
+        for (s, &cnt) in scratch.counts.iter().enumerate() {
+            let total = seqs[s].len() + cnt;
+            if total > c.context {
+                return Err(LlmError::ContextFull {
+                    tokens: total,
+                    context: c.context,
+                });
+            }
+            blocks_needed += total
+                .div_ceil(kv.block_tokens())
+                .saturating_sub(seqs[s].blocks());
+        }
+        if blocks_needed > kv.free_blocks() {
+            return Err(LlmError::KvFull {
+                need: blocks_needed,
+                free: kv.free_blocks(),
+                block_tokens: kv.block_tokens(),
+                budget_bytes: kv.capacity_blocks() * kv.block_bytes(),
+            });
+        }
+        for (s, &cnt) in scratch.counts.iter().enumerate() {
+            kv.reserve(seqs[s], cnt)?;
+        }
+        let (dim, kvd, hd, ffn) = (c.dim, c.kv_dim(), c.head_dim, c.ffn);
+        let group = c.n_heads / c.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        scratch.first.clear();
+        scratch.first.extend(seqs.iter().map(|s| s.len()));
+        let er = self.embd.ty.row_bytes(dim);
+        let edata = self.gguf.data(&self.embd.t);
+        for (r, &(_, tok)) in batch.iter().enumerate() {
+            let t = tok as usize;
+            quant::dequantize(
+                self.embd.ty,
+                &edata[t * er..(t + 1) * er],
+                &mut scratch.x[r * dim..(r + 1) * dim],
+            );
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            for r in 0..n {
+                Self::rmsnorm(
+                    &scratch.x[r * dim..(r + 1) * dim],
+                    &layer.attn_norm,
+                    c.eps,
+                    &mut scratch.xb[r * dim..(r + 1) * dim],
+                );
+            }
+            let xq = &mut scratch.xq;
+            self.matmul(&layer.wq, &scratch.xb, n, &mut scratch.q, xq, true, pool);
+            self.matmul(&layer.wk, &scratch.xb, n, &mut scratch.k, xq, false, pool);
+            self.matmul(&layer.wv, &scratch.xb, n, &mut scratch.v, xq, false, pool);
+            for (buf, bias, w) in [
+                (&mut scratch.q, &layer.bq, dim),
+                (&mut scratch.k, &layer.bk, kvd),
+                (&mut scratch.v, &layer.bv, kvd),
+            ] {
+                if let Some(b) = bias {
+                    for row in buf[..n * w].chunks_exact_mut(w) {
+                        for (x, bb) in row.iter_mut().zip(b) {
+                            *x += bb;
+                        }
+                    }
+                }
+            }
+            // RoPE and K/V into the cache.
+            scratch.pos.clear();
+            scratch.pos.extend_from_slice(&scratch.first);
+            for (r, &(s, _)) in batch.iter().enumerate() {
+                let pos = scratch.pos[s];
+                scratch.pos[s] += 1;
+                self.rope(&mut scratch.q[r * dim..(r + 1) * dim], c.n_heads, pos);
+                self.rope(&mut scratch.k[r * kvd..(r + 1) * kvd], c.n_kv_heads, pos);
+                kv.write(
+                    seqs[s],
+                    l,
+                    pos,
+                    &scratch.k[r * kvd..(r + 1) * kvd],
+                    &scratch.v[r * kvd..(r + 1) * kvd],
+                );
+            }
+            // Attention, causal per sequence.
+            scratch.pos.clear();
+            scratch.pos.extend_from_slice(&scratch.first);
+            for (r, &(s, _)) in batch.iter().enumerate() {
+                let pos = scratch.pos[s];
+                scratch.pos[s] += 1;
+                let seq = &*seqs[s];
+                for h in 0..c.n_heads {
+                    let kh = h / group;
+                    let q = &scratch.q[r * dim + h * hd..r * dim + (h + 1) * hd];
+                    let scores = &mut scratch.scores[..=pos];
+                    let mut m = f32::NEG_INFINITY;
+                    for (j, sc) in scores.iter_mut().enumerate() {
+                        let k = &kv.k(seq, l, j)[kh * hd..(kh + 1) * hd];
+                        let d: f32 = q.iter().zip(k).map(|(a, b)| a * b).sum();
+                        *sc = d * scale;
+                        m = m.max(*sc);
+                    }
+                    let mut sum = 0.0f32;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - m).exp();
+                        sum += *sc;
+                    }
+                    let out = &mut scratch.att[r * dim + h * hd..r * dim + (h + 1) * hd];
+                    out.fill(0.0);
+                    for (j, &p) in scores.iter().enumerate() {
+                        let v = &kv.v(seq, l, j)[kh * hd..(kh + 1) * hd];
+                        let w = p / sum;
+                        for (o, vv) in out.iter_mut().zip(v) {
+                            *o += w * vv;
+                        }
+                    }
+                }
+            }
+            self.matmul(
+                &layer.wo,
+                &scratch.att,
+                n,
+                &mut scratch.o,
+                &mut scratch.xq,
+                true,
+                pool,
+            );
+            for (x, o) in scratch.x[..n * dim].iter_mut().zip(&scratch.o) {
+                *x += o;
+            }
+            for r in 0..n {
+                Self::rmsnorm(
+                    &scratch.x[r * dim..(r + 1) * dim],
+                    &layer.ffn_norm,
+                    c.eps,
+                    &mut scratch.xb[r * dim..(r + 1) * dim],
+                );
+            }
+            self.matmul(
+                &layer.gate,
+                &scratch.xb,
+                n,
+                &mut scratch.g,
+                &mut scratch.xq,
+                true,
+                pool,
+            );
+            self.matmul(
+                &layer.up,
+                &scratch.xb,
+                n,
+                &mut scratch.u,
+                &mut scratch.xq,
+                false,
+                pool,
+            );
+            for (g, u) in scratch.g[..n * ffn].iter_mut().zip(&scratch.u) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            self.matmul(
+                &layer.down,
+                &scratch.g,
+                n,
+                &mut scratch.o,
+                &mut scratch.xq,
+                true,
+                pool,
+            );
+            for (x, o) in scratch.x[..n * dim].iter_mut().zip(&scratch.o) {
+                *x += o;
+            }
+        }
+        for (s, &cnt) in scratch.counts.iter().enumerate() {
+            kv.advance(seqs[s], cnt);
+        }
+        // Which rows get logits.
+        scratch.logit_rows.clear();
+        match logits {
+            Logits::All => scratch.logit_rows.extend(0..n),
+            Logits::LastPerSeq => {
+                for s in 0..seqs.len() {
+                    if let Some(r) = batch.iter().rposition(|&(q, _)| q == s) {
+                        scratch.logit_rows.push(r);
+                    }
+                }
+            }
+        }
+        let m = scratch.logit_rows.len();
+        if m * c.vocab > scratch.logits.len() {
+            return Err(LlmError::Request(format!(
+                "logits for {m} rows do not fit the scratch (made for {})",
+                scratch.logits.len() / c.vocab
+            )));
+        }
+        for (i, &r) in scratch.logit_rows.iter().enumerate() {
+            Self::rmsnorm(
+                &scratch.x[r * dim..(r + 1) * dim],
+                &self.out_norm,
+                c.eps,
+                &mut scratch.last[i * dim..(i + 1) * dim],
+            );
+        }
+        self.matmul(
+            &self.output,
+            &scratch.last,
+            m,
+            &mut scratch.logits,
+            &mut scratch.xq,
+            true,
+            pool,
+        );
+        Ok(())
+    }
+}
