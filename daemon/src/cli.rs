@@ -19,7 +19,7 @@ use crate::stats::LatencySummary;
     name = "osprey",
     version,
     about = "osprey: real-time inference for robots — build, run, measure and check engines",
-    after_help = "Typical use:\n  osprey inspect --onnx model.onnx\n  osprey build --onnx model.onnx --out model.engine --timing-cache osprey-timing.json\n  osprey bench --engine model.engine\n  osprey detect --onnx models/zoo/centernet_mbv3_coco_512.onnx --model-desc models/zoo/centernet_mbv3_coco_512.toml --image dog.jpg --draw dog-boxes.png\n  osprey doctor --engine model.engine"
+    after_help = "Typical use:\n  osprey inspect --onnx model.onnx\n  osprey build --onnx model.onnx --out model.engine --timing-cache osprey-timing.json\n  osprey bench --engine model.engine\n  osprey detect --onnx models/zoo/centernet_mbv3_coco_512.onnx --model-desc models/zoo/centernet_mbv3_coco_512.toml --image dog.jpg --draw dog-boxes.png\n  osprey chat --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt \"How do I reset the lidar?\"\n  osprey doctor --engine model.engine"
 )]
 pub struct Cli {
     /// What to do.
@@ -44,6 +44,12 @@ pub enum Command {
     Detect(crate::vision::DetectArgs),
     /// Classify an image: the most probable labels, per-stage latency.
     Classify(crate::vision::ClassifyArgs),
+    /// Talk to the onboard assistant (a GGUF Llama-family model): one
+    /// question with --prompt, or an interactive session that streams.
+    Chat(crate::chat::ChatArgs),
+    /// Print the token ids of a text as a JSON array (no BOS; special
+    /// tokens such as <|im_start|> are single tokens).
+    Tokenize(crate::chat::TokenizeArgs),
     /// Check this machine for real-time deployment: GPU and driver, NVRTC,
     /// memlock limit, CPU governor, real-time scheduling, zenoh reachability,
     /// engine/device match. Exits 1 if a check fails.
@@ -169,6 +175,8 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Doctor(a) => crate::doctor::doctor(a),
         Command::Detect(a) => crate::vision::detect(a),
         Command::Classify(a) => crate::vision::classify(a),
+        Command::Chat(a) => crate::chat::chat(a),
+        Command::Tokenize(a) => crate::chat::tokenize(a),
     }
 }
 

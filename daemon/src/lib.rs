@@ -10,9 +10,11 @@
 //! | [`doctor`] | `osprey doctor`: deployment checks with fixes |
 //! | [`build`] | `osprey build`: optimise, tune, write the engine file, report |
 //! | [`stats`] | latency statistics (trtexec-style summaries) |
+//! | [`chat`] | `osprey chat` / `osprey tokenize`: the onboard assistant |
 //! | [`vision`] | `osprey detect` / `osprey classify`: images to boxes and labels |
 
 pub mod build;
+pub mod chat;
 pub mod cli;
 pub mod doctor;
 pub mod stats;

@@ -393,10 +393,115 @@ unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// Longest row [`matmul`] dequantizes into its stack buffer; longer rows
+/// use the block-at-a-time product.
+const ROW_BUF: usize = 8192;
+
+/// Dequantizes one row, SIMD for the 4/8-bit types (same values as
+/// [`dequantize`], which it falls back to).
+pub fn dequantize_row(ty: QuantType, row: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx2Fma
+        && matches!(ty, QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q8_0)
+    {
+        // SAFETY: AVX2 is present when this tier is active; whole blocks
+        // of `row` and `out` only.
+        unsafe { dequantize_row_avx2(ty, row, out) };
+        return;
+    }
+    dequantize(ty, row, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dequantize_row_avx2(ty: QuantType, row: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let bb = ty.block_bytes();
+    let blocks = (row.len() / bb).min(out.len() / 32);
+    let mask = _mm_set1_epi8(0x0f);
+    for k in 0..blocks {
+        let b = &row[k * bb..(k + 1) * bb];
+        let o = &mut out[k * 32..k * 32 + 32];
+        let d = _mm256_set1_ps(h(b, 0));
+        // SAFETY: 16 or 32 quant bytes inside the block, 32 outputs.
+        unsafe {
+            match ty {
+                QuantType::Q8_0 => {
+                    for g in 0..4 {
+                        let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                            b.as_ptr().add(2 + 8 * g) as *const __m128i,
+                        )));
+                        _mm256_storeu_ps(o.as_mut_ptr().add(8 * g), _mm256_mul_ps(d, q));
+                    }
+                }
+                _ => {
+                    let off = if ty == QuantType::Q4_1 { 4 } else { 2 };
+                    let m = _mm256_set1_ps(if ty == QuantType::Q4_1 { h(b, 2) } else { 0.0 });
+                    let raw = _mm_loadu_si128(b.as_ptr().add(off) as *const __m128i);
+                    let lo = _mm_and_si128(raw, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
+                    for (g, half) in [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half));
+                        // Q4_1: d·q + m. Q4_0: d·(q − 8) = d·q − 8d, exact
+                        // for the small integers and f16-derived scales.
+                        let v = if ty == QuantType::Q4_1 {
+                            _mm256_add_ps(_mm256_mul_ps(d, q), m)
+                        } else {
+                            _mm256_mul_ps(d, _mm256_sub_ps(q, _mm256_set1_ps(8.0)))
+                        };
+                        _mm256_storeu_ps(o.as_mut_ptr().add(8 * g), v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `Σ a·b` over f32 slices, eight lanes and four accumulators where AVX2 is.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+        // SAFETY: AVX2/FMA present; reads stay within the shorter slice.
+        return unsafe { dot_f32_avx2(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, ac) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 32 ≤ n bounds every load.
+            unsafe {
+                let x = _mm256_loadu_ps(a.as_ptr().add(i + 8 * j));
+                let y = _mm256_loadu_ps(b.as_ptr().add(i + 8 * j));
+                *ac = _mm256_fmadd_ps(x, y, *ac);
+            }
+        }
+        i += 32;
+    }
+    let mut tail = 0.0;
+    for j in i..n {
+        tail += a[j] * b[j];
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    // SAFETY: AVX2 is enabled in this function.
+    unsafe { hsum(s) + tail }
+}
+
 /// `y[t][r] = dot(row r of w, x[t])` for `t` in `0..tokens`: `w` holds
 /// `rows` rows of `cols` elements of type `ty`; `x` is `tokens × cols`,
 /// `y` is `tokens × rows`. Rows are split over the pool; each weight row
-/// is read once for all tokens.
+/// is dequantized once (into a stack buffer) for all tokens, so prompt
+/// processing costs one unpack per weight, not one per weight and token.
 pub fn matmul(
     ty: QuantType,
     w: &[u8],
@@ -415,13 +520,24 @@ pub fn matmul(
     pool.run(tasks, &|task, _| {
         let r0 = task * chunk;
         let r1 = (r0 + chunk).min(rows);
+        let mut buf = [0.0f32; ROW_BUF];
         for r in r0..r1 {
             let row = &w[r * rb..(r + 1) * rb];
-            for t in 0..tokens {
-                let v = dot(ty, row, &x[t * cols..(t + 1) * cols]);
-                // SAFETY: each (t, r) is written by exactly one task (rows
-                // are partitioned) and t·rows + r < y.len() (asserted above).
-                unsafe { *out.add(t * rows + r) = v };
+            if cols <= ROW_BUF && (tokens > 1 || ty != QuantType::F32) {
+                let wf = &mut buf[..cols];
+                dequantize_row(ty, row, wf);
+                for t in 0..tokens {
+                    let v = dot_f32(wf, &x[t * cols..(t + 1) * cols]);
+                    // SAFETY: each (t, r) is written by exactly one task (rows
+                    // are partitioned) and t·rows + r < y.len() (asserted above).
+                    unsafe { *out.add(t * rows + r) = v };
+                }
+            } else {
+                for t in 0..tokens {
+                    let v = dot(ty, row, &x[t * cols..(t + 1) * cols]);
+                    // SAFETY: as above.
+                    unsafe { *out.add(t * rows + r) = v };
+                }
             }
         }
     });
@@ -746,6 +862,18 @@ mod tests {
                 let mag: f32 = wf.iter().zip(xs).map(|(a, b)| (a * b).abs()).sum();
                 prop_assert!((got - exact).abs() <= 0.02 * mag.max(1e-3), "{:?}: {} vs exact {}", ty, got, exact);
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn fast_row_dequantization_matches_reference(blocks in 1usize..5, seed in any::<u64>(), t in 0usize..3) {
+            let ty = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1][t];
+            let q = quantize(ty, &data(blocks * 32, seed)).unwrap();
+            let (mut a, mut b) = (vec![0.0; blocks * 32], vec![0.0; blocks * 32]);
+            dequantize(ty, &q, &mut a);
+            dequantize_row(ty, &q, &mut b);
+            prop_assert_eq!(a, b);
         }
     }
 

@@ -8,6 +8,41 @@
 
 use super::LlmError;
 
+/// A set of sequences a forward pass serves, by index (lets callers pass
+/// their own storage without building a vector of references).
+pub trait SeqSet {
+    /// Sequences in the set.
+    fn count(&self) -> usize;
+    /// Sequence `i`.
+    fn seq(&self, i: usize) -> &SeqKv;
+    /// Sequence `i`, mutably.
+    fn seq_mut(&mut self, i: usize) -> &mut SeqKv;
+}
+
+impl SeqSet for [&mut SeqKv] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn seq(&self, i: usize) -> &SeqKv {
+        self[i]
+    }
+    fn seq_mut(&mut self, i: usize) -> &mut SeqKv {
+        self[i]
+    }
+}
+
+impl<const N: usize> SeqSet for [&mut SeqKv; N] {
+    fn count(&self) -> usize {
+        N
+    }
+    fn seq(&self, i: usize) -> &SeqKv {
+        self[i]
+    }
+    fn seq_mut(&mut self, i: usize) -> &mut SeqKv {
+        self[i]
+    }
+}
+
 /// The block pool.
 #[derive(Debug)]
 pub struct KvCache {
@@ -28,6 +63,14 @@ pub struct SeqKv {
 }
 
 impl SeqKv {
+    /// A table holding nothing (no allocation).
+    pub const fn empty() -> SeqKv {
+        SeqKv {
+            blocks: Vec::new(),
+            len: 0,
+        }
+    }
+
     /// Positions stored.
     pub fn len(&self) -> usize {
         self.len

@@ -8,11 +8,16 @@
 //! * [`model`]: hyper-parameters from metadata, weights, the forward pass.
 //! * [`kv`]: the paged KV cache.
 //! * [`sample`]: greedy / temperature / top-k / top-p / repetition penalty.
+//! * [`runtime`]: the step API (prefill, batched decode steps, cancel) and
+//!   speculative decoding by prompt lookup.
 
 pub mod gguf;
 pub mod kv;
 pub mod model;
+pub mod runtime;
 pub mod sample;
+#[doc(hidden)]
+pub mod testing;
 pub mod tokenizer;
 
 /// Everything that can go wrong loading or running the LLM.

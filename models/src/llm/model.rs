@@ -16,7 +16,7 @@ use osprey_kernels::pool::ThreadPool;
 use osprey_kernels::quant::{self, QuantType};
 
 use super::gguf::{Gguf, TensorInfo, Value};
-use super::kv::{KvCache, SeqKv};
+use super::kv::{KvCache, SeqSet};
 use super::tokenizer::Tokenizer;
 use super::LlmError;
 
@@ -416,10 +416,10 @@ impl Model {
     /// sequence's new tokens go after what it already holds. Afterwards
     /// the sequences hold the new positions, and `scratch.logits` the
     /// requested logits (row order of `scratch.logit_rows()`).
-    pub fn forward(
+    pub fn forward<S: SeqSet + ?Sized>(
         &self,
         kv: &mut KvCache,
-        seqs: &mut [&mut SeqKv],
+        seqs: &mut S,
         batch: &[(usize, u32)],
         logits: Logits,
         scratch: &mut Scratch,
@@ -438,19 +438,19 @@ impl Model {
         }
         // Positions, context and KV room for every sequence first: a
         // failure leaves everything untouched.
-        if seqs.len() > MAX_SEQS {
+        if seqs.count() > MAX_SEQS {
             return Err(LlmError::Request(format!(
                 "{} sequences exceed the batch limit of {MAX_SEQS}",
-                seqs.len()
+                seqs.count()
             )));
         }
         scratch.counts.clear();
-        scratch.counts.resize(seqs.len(), 0);
+        scratch.counts.resize(seqs.count(), 0);
         for &(s, tok) in batch {
-            if s >= seqs.len() {
+            if s >= seqs.count() {
                 return Err(LlmError::Request(format!(
                     "row names sequence {s}, there are {}",
-                    seqs.len()
+                    seqs.count()
                 )));
             }
             if tok as usize >= c.vocab {
@@ -463,7 +463,7 @@ impl Model {
         }
         let mut blocks_needed = 0;
         for (s, &cnt) in scratch.counts.iter().enumerate() {
-            let total = seqs[s].len() + cnt;
+            let total = seqs.seq(s).len() + cnt;
             if total > c.context {
                 return Err(LlmError::ContextFull {
                     tokens: total,
@@ -472,7 +472,7 @@ impl Model {
             }
             blocks_needed += total
                 .div_ceil(kv.block_tokens())
-                .saturating_sub(seqs[s].blocks());
+                .saturating_sub(seqs.seq(s).blocks());
         }
         if blocks_needed > kv.free_blocks() {
             return Err(LlmError::KvFull {
@@ -483,13 +483,15 @@ impl Model {
             });
         }
         for (s, &cnt) in scratch.counts.iter().enumerate() {
-            kv.reserve(seqs[s], cnt)?;
+            kv.reserve(seqs.seq_mut(s), cnt)?;
         }
         let (dim, kvd, hd, ffn) = (c.dim, c.kv_dim(), c.head_dim, c.ffn);
         let group = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         scratch.first.clear();
-        scratch.first.extend(seqs.iter().map(|s| s.len()));
+        scratch
+            .first
+            .extend((0..seqs.count()).map(|i| seqs.seq(i).len()));
         let er = self.embd.ty.row_bytes(dim);
         let edata = self.gguf.data(&self.embd.t);
         for (r, &(_, tok)) in batch.iter().enumerate() {
@@ -535,7 +537,7 @@ impl Model {
                 self.rope(&mut scratch.q[r * dim..(r + 1) * dim], c.n_heads, pos);
                 self.rope(&mut scratch.k[r * kvd..(r + 1) * kvd], c.n_kv_heads, pos);
                 kv.write(
-                    seqs[s],
+                    seqs.seq(s),
                     l,
                     pos,
                     &scratch.k[r * kvd..(r + 1) * kvd],
@@ -548,7 +550,7 @@ impl Model {
             for (r, &(s, _)) in batch.iter().enumerate() {
                 let pos = scratch.pos[s];
                 scratch.pos[s] += 1;
-                let seq = &*seqs[s];
+                let seq = seqs.seq(s);
                 for h in 0..c.n_heads {
                     let kh = h / group;
                     let q = &scratch.q[r * dim + h * hd..r * dim + (h + 1) * hd];
@@ -631,14 +633,14 @@ impl Model {
             }
         }
         for (s, &cnt) in scratch.counts.iter().enumerate() {
-            kv.advance(seqs[s], cnt);
+            kv.advance(seqs.seq_mut(s), cnt);
         }
         // Which rows get logits.
         scratch.logit_rows.clear();
         match logits {
             Logits::All => scratch.logit_rows.extend(0..n),
             Logits::LastPerSeq => {
-                for s in 0..seqs.len() {
+                for s in 0..seqs.count() {
                     if let Some(r) = batch.iter().rposition(|&(q, _)| q == s) {
                         scratch.logit_rows.push(r);
                     }

@@ -297,8 +297,9 @@ mod tests {
         let e = "é€😀".as_bytes();
         assert_eq!(d.push(&e[..1]), "");
         assert_eq!(d.push(&e[1..3]), "é");
-        assert_eq!(d.push(&e[3..5]), "");
-        assert_eq!(d.push(&e[5..]), "€😀");
+        assert_eq!(d.push(&e[3..5]), "€");
+        assert_eq!(d.push(&e[5..7]), "");
+        assert_eq!(d.push(&e[7..]), "😀");
         assert_eq!(d.push(&[0xff, b'a']), "\u{fffd}a");
         assert_eq!(d.push(&[0xe2]), "");
         assert_eq!(d.finish(), "\u{fffd}");

@@ -1,0 +1,185 @@
+//! The LLM runtime on a tiny Llama built in code (random Q4_1 / Q8_0 /
+//! F32 weights, byte-level vocabulary): batched decoding equals decoding
+//! alone, speculative greedy equals plain greedy, the KV budget and the
+//! context window give typed errors, cancellation frees blocks, and the
+//! model survives hostile GGUF variations.
+
+use std::sync::Arc;
+
+use osprey_models::llm::gguf::Gguf;
+use osprey_models::llm::model::Model;
+use osprey_models::llm::runtime::{GenOptions, Runtime, StopReason};
+use osprey_models::llm::testing::{tiny_gguf, CONTEXT, DIM, HEADS, KV_HEADS, LAYERS};
+use osprey_models::llm::LlmError;
+
+fn model() -> Arc<Model> {
+    Arc::new(Model::from_gguf(Gguf::from_bytes(tiny_gguf(CONTEXT)).unwrap()).unwrap())
+}
+
+fn greedy(max_tokens: usize) -> GenOptions {
+    GenOptions {
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+fn run_alone(m: &Arc<Model>, prompt: &[u32], opts: GenOptions) -> Vec<u32> {
+    let mut rt = Runtime::new(m.clone(), 1 << 20, 2, 16).unwrap();
+    let id = rt.add(prompt, opts).unwrap();
+    rt.prefill(id).unwrap();
+    while rt.done(id).is_none() {
+        rt.step().unwrap();
+    }
+    rt.finish(id).unwrap().0
+}
+
+#[test]
+fn batched_decoding_equals_decoding_alone() {
+    let m = model();
+    let prompts: Vec<Vec<u32>> = ["robot arm", "lidar", "a much longer prompt about wheels"]
+        .iter()
+        .map(|p| m.tokenizer.encode(p, false).unwrap())
+        .collect();
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run_alone(&m, p, greedy(12)))
+        .collect();
+    let mut rt = Runtime::new(m.clone(), 1 << 20, 2, 16).unwrap();
+    let ids: Vec<_> = prompts
+        .iter()
+        .map(|p| rt.add(p, greedy(12)).unwrap())
+        .collect();
+    for &id in &ids {
+        rt.prefill(id).unwrap();
+    }
+    let mut steps = 0;
+    while ids.iter().any(|&id| rt.done(id).is_none()) {
+        assert!(rt.step().unwrap() > 0);
+        steps += 1;
+    }
+    assert!(steps <= 12, "all three advance together: {steps} steps");
+    for (k, &id) in ids.iter().enumerate() {
+        let (toks, _, stats, why) = rt.finish(id).unwrap();
+        assert_eq!(toks, alone[k], "sequence {k}");
+        assert_eq!(
+            (stats.generated_tokens, why),
+            (12, Some(StopReason::MaxTokens))
+        );
+    }
+    assert_eq!(rt.kv().free_blocks(), rt.kv().capacity_blocks());
+}
+
+#[test]
+fn speculative_greedy_is_identical_to_plain_greedy() {
+    let m = model();
+    // Repetitive prompts give prompt lookup something to find.
+    for text in ["abcabcabcabcabc", "the cat the cat the cat", "xyz"] {
+        let p = m.tokenizer.encode(text, false).unwrap();
+        let plain = run_alone(&m, &p, greedy(30));
+        let mut rt = Runtime::new(m.clone(), 1 << 20, 2, 16).unwrap();
+        let id = rt
+            .add(
+                &p,
+                GenOptions {
+                    speculative: true,
+                    ..greedy(30)
+                },
+            )
+            .unwrap();
+        rt.prefill(id).unwrap();
+        while rt.done(id).is_none() {
+            rt.step().unwrap();
+        }
+        let (spec, _, stats, _) = rt.finish(id).unwrap();
+        assert_eq!(spec, plain, "{text:?}");
+        assert!(stats.accepted <= stats.drafted);
+        assert_eq!(rt.kv().free_blocks(), rt.kv().capacity_blocks());
+    }
+}
+
+#[test]
+fn kv_budget_and_context_give_typed_errors_and_nothing_leaks() {
+    let m = model();
+    let kvd = DIM / HEADS as usize * KV_HEADS as usize;
+    let block = LAYERS * 2 * 16 * kvd * 4;
+    // Two blocks: 32 positions.
+    let mut rt = Runtime::new(m.clone(), 2 * block, 1, 16).unwrap();
+    let long: Vec<u32> = (0..40).map(|i| (i % 200) as u32).collect();
+    let id = rt.add(&long, greedy(4)).unwrap();
+    let e = rt.prefill(id).unwrap_err();
+    assert!(matches!(e, LlmError::KvFull { .. }), "{e}");
+    assert_eq!(
+        rt.kv().free_blocks(),
+        2,
+        "a failed prefill returns its blocks"
+    );
+    // The runtime keeps serving.
+    let short = run_short(&mut rt);
+    assert_eq!(short, 4);
+    // Longer than the context window.
+    let too_long: Vec<u32> = vec![65; CONTEXT as usize];
+    assert!(matches!(
+        rt.add(&too_long, greedy(1)),
+        Err(LlmError::ContextFull { .. })
+    ));
+    // Generation stops at the window instead of failing.
+    let mut big = Runtime::new(m.clone(), 1 << 20, 1, 16).unwrap();
+    let p: Vec<u32> = vec![66; CONTEXT as usize - 5];
+    let id = big.add(&p, greedy(100)).unwrap();
+    big.prefill(id).unwrap();
+    while big.done(id).is_none() {
+        big.step().unwrap();
+    }
+    assert_eq!(big.done(id), Some(StopReason::Context));
+    // Bad requests.
+    assert!(rt.add(&[], greedy(1)).is_err());
+    assert!(rt.add(&[9999], greedy(1)).is_err());
+    assert!(rt.prefill(77).is_err());
+}
+
+fn run_short(rt: &mut Runtime) -> usize {
+    let id = rt.add(&[65, 66, 67], greedy(4)).unwrap();
+    rt.prefill(id).unwrap();
+    while rt.done(id).is_none() {
+        rt.step().unwrap();
+    }
+    rt.finish(id).unwrap().2.generated_tokens
+}
+
+#[test]
+fn cancel_between_steps_frees_the_blocks() {
+    let m = model();
+    let mut rt = Runtime::new(m, 1 << 20, 1, 16).unwrap();
+    let id = rt.add(&[65; 20], greedy(50)).unwrap();
+    rt.prefill(id).unwrap();
+    rt.step().unwrap();
+    assert!(rt.kv().free_blocks() < rt.kv().capacity_blocks());
+    rt.cancel(id).unwrap();
+    assert_eq!(rt.done(id), Some(StopReason::Cancelled));
+    assert_eq!(rt.step().unwrap(), 0);
+    assert_eq!(rt.kv().free_blocks(), rt.kv().capacity_blocks());
+}
+
+#[test]
+fn hostile_model_files_are_errors() {
+    let good = tiny_gguf(CONTEXT);
+    assert!(Model::from_gguf(Gguf::from_bytes(good.clone()).unwrap()).is_ok());
+    // Every truncation is an error, never a panic.
+    for cut in (0..good.len()).step_by(997) {
+        assert!(
+            Gguf::from_bytes(good[..cut].to_vec()).is_err(),
+            "cut at {cut}"
+        );
+    }
+    // Wrong architecture.
+    let text = String::from_utf8_lossy(&good).to_string();
+    assert!(text.contains("llama"));
+    let mut bad = good.clone();
+    let at = bad.windows(5).position(|w| w == b"llama").unwrap();
+    bad[at..at + 5].copy_from_slice(b"bloom");
+    let e = Model::from_gguf(Gguf::from_bytes(bad).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bloom"), "{e}");
+}
