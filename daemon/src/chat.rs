@@ -210,6 +210,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
                 "ttft_ms": stats.ttft_ms,
                 "prefill_tok_s": stats.prefill_tok_s,
                 "decode_tok_s": stats.decode_tok_s,
+                "weight_bytes_per_token": model.weight_bytes_per_token(),
             });
             if a.speculative {
                 v["drafted_tokens"] = json!(stats.drafted);

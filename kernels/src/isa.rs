@@ -14,7 +14,7 @@ pub enum Isa {
     Scalar,
     /// aarch64 Advanced SIMD (baseline on aarch64).
     Neon,
-    /// x86-64 AVX2 with FMA3.
+    /// x86-64 AVX2 with FMA3 and F16C.
     Avx2Fma,
 }
 
@@ -33,7 +33,10 @@ impl Isa {
 pub fn detect() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        // F16C comes with every AVX2 CPU; the tier relies on it too.
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
         {
             return Isa::Avx2Fma;
         }

@@ -23,6 +23,7 @@
 //! | [`error`] | the crate's error type |
 
 pub mod activation;
+pub mod attention;
 pub mod color;
 pub mod conv;
 pub mod conv_transpose;

@@ -279,19 +279,24 @@ pub fn dot_portable(ty: QuantType, row: &[u8], x: &[f32]) -> f32 {
     acc
 }
 
+/// The two f16 values at `b[i..i + 4]` (a block's `d` and `m`) with F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn h2(b: &[u8], i: usize) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let bits = u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps::<1>(v, v)))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_avx2(ty: QuantType, row: &[u8], x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let (be, bb) = (ty.block_elems(), ty.block_bytes());
     let blocks = (row.len() / bb).min(x.len() / be);
     let mut acc = _mm256_setzero_ps();
-    // Eight nibbles or bytes → eight f32 lanes.
-    #[inline(always)]
-    unsafe fn lanes(p: *const u8) -> __m256 {
-        // SAFETY: the caller guarantees 8 readable bytes at `p`.
-        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
-    }
     match ty {
         QuantType::F32 => {
             let n = blocks;
@@ -336,44 +341,45 @@ unsafe fn dot_avx2(ty: QuantType, row: &[u8], x: &[f32]) -> f32 {
             }
         }
         QuantType::Q4_0 | QuantType::Q4_1 => {
-            let (qoff, q4_1) = if ty == QuantType::Q4_1 {
-                (4, true)
-            } else {
-                (2, false)
-            };
+            let q4_1 = ty == QuantType::Q4_1;
+            let qoff = if q4_1 { 4 } else { 2 };
             let mask = _mm_set1_epi8(0x0f);
-            let mut tail = 0.0f32;
+            let eight = _mm256_set1_ps(8.0);
+            let mut macc = _mm256_setzero_ps();
             for k in 0..blocks {
                 let b = &row[k * bb..(k + 1) * bb];
                 let xs = &x[k * 32..k * 32 + 32];
-                // SAFETY: 16 nibble bytes at qoff..qoff+16 < bb, 32 x values.
+                // SAFETY: 16 nibble bytes at qoff..qoff+16 ≤ bb, 32 x values;
+                // F16C is part of this tier.
                 unsafe {
+                    let (d, m) = h2(b, 0);
                     let raw = _mm_loadu_si128(b.as_ptr().add(qoff) as *const __m128i);
                     let lo = _mm_and_si128(raw, mask);
                     let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
-                    let mut buf = [0u8; 32];
-                    _mm_storeu_si128(buf.as_mut_ptr() as *mut __m128i, lo);
-                    _mm_storeu_si128(buf.as_mut_ptr().add(16) as *mut __m128i, hi);
                     let mut s = _mm256_setzero_ps();
                     let mut sx = _mm256_setzero_ps();
-                    for g in 0..4 {
+                    for (g, part) in [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        let mut q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
+                        if !q4_1 {
+                            q = _mm256_sub_ps(q, eight);
+                        }
                         let xv = _mm256_loadu_ps(xs.as_ptr().add(8 * g));
-                        s = _mm256_fmadd_ps(lanes(buf.as_ptr().add(8 * g)), xv, s);
-                        sx = _mm256_add_ps(sx, xv);
+                        s = _mm256_fmadd_ps(q, xv, s);
+                        if q4_1 {
+                            sx = _mm256_add_ps(sx, xv);
+                        }
                     }
-                    let d = h(b, 0);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
                     if q4_1 {
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
-                        tail += h(b, 2) * hsum(sx);
-                    } else {
-                        // d·(q − 8)·x = d·q·x − 8·d·x
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
-                        tail -= 8.0 * d * hsum(sx);
+                        macc = _mm256_fmadd_ps(_mm256_set1_ps(m), sx, macc);
                     }
                 }
             }
             // SAFETY: AVX2 is enabled in this function.
-            return unsafe { hsum(acc) } + tail;
+            return unsafe { hsum(_mm256_add_ps(acc, macc)) };
         }
         _ => return dot_portable(ty, row, x),
     }
@@ -393,8 +399,8 @@ unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Longest row [`matmul`] dequantizes into its stack buffer; longer rows
-/// use the block-at-a-time product.
+/// Longest row [`matmul`] dequantizes into its per-thread buffer; longer
+/// rows use the block-at-a-time product.
 const ROW_BUF: usize = 8192;
 
 /// Dequantizes one row, SIMD for the 4/8-bit types (same values as
@@ -497,6 +503,77 @@ unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
     unsafe { hsum(s) + tail }
 }
 
+/// Q4_1 row · `x` given `xsum[k]` = sum of `x` over block `k` (shared by
+/// every row of a product, so the `m` term costs one multiply per block).
+pub fn dot_q4_1_sums(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+        // SAFETY: AVX2/FMA/F16C present; whole blocks only (checked inside).
+        return unsafe { dot_q4_1_sums_avx2(row, x, xsum) };
+    }
+    dot_portable(QuantType::Q4_1, row, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_1_sums_avx2(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let blocks = (row.len() / 20).min(x.len() / 32).min(xsum.len());
+    let mask = _mm_set1_epi8(0x0f);
+    let mut acc = _mm256_setzero_ps();
+    let mut macc = 0.0f32;
+    for k in 0..blocks {
+        let b = &row[k * 20..(k + 1) * 20];
+        let xs = &x[k * 32..k * 32 + 32];
+        // SAFETY: bytes 4..20 of the block and 32 x values are in bounds.
+        unsafe {
+            let (d, m) = h2(b, 0);
+            let raw = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
+            let lo = _mm_and_si128(raw, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), mask);
+            let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+            let q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(lo)));
+            let q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+            let q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(hi)));
+            let s01 = _mm256_fmadd_ps(
+                q1,
+                _mm256_loadu_ps(xs.as_ptr().add(8)),
+                _mm256_mul_ps(q0, _mm256_loadu_ps(xs.as_ptr())),
+            );
+            let s23 = _mm256_fmadd_ps(
+                q3,
+                _mm256_loadu_ps(xs.as_ptr().add(24)),
+                _mm256_mul_ps(q2, _mm256_loadu_ps(xs.as_ptr().add(16))),
+            );
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_add_ps(s01, s23), acc);
+            macc += m * xsum[k];
+        }
+    }
+    // SAFETY: AVX2 is enabled in this function.
+    unsafe { hsum(acc) + macc }
+}
+
+/// `y += a·x` over f32 slices (the shorter length).
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+        // SAFETY: AVX2/FMA present; the body is safe code.
+        unsafe { axpy_avx2(a, x, y) };
+        return;
+    }
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
 /// `y[t][r] = dot(row r of w, x[t])` for `t` in `0..tokens`: `w` holds
 /// `rows` rows of `cols` elements of type `ty`; `x` is `tokens × cols`,
 /// `y` is `tokens × rows`. Rows are split over the pool; each weight row
@@ -520,27 +597,129 @@ pub fn matmul(
     pool.run(tasks, &|task, _| {
         let r0 = task * chunk;
         let r1 = (r0 + chunk).min(rows);
-        let mut buf = [0.0f32; ROW_BUF];
-        for r in r0..r1 {
-            let row = &w[r * rb..(r + 1) * rb];
-            if cols <= ROW_BUF && (tokens > 1 || ty != QuantType::F32) {
-                let wf = &mut buf[..cols];
-                dequantize_row(ty, row, wf);
-                for t in 0..tokens {
-                    let v = dot_f32(wf, &x[t * cols..(t + 1) * cols]);
-                    // SAFETY: each (t, r) is written by exactly one task (rows
-                    // are partitioned) and t·rows + r < y.len() (asserted above).
-                    unsafe { *out.add(t * rows + r) = v };
-                }
-            } else {
-                for t in 0..tokens {
-                    let v = dot(ty, row, &x[t * cols..(t + 1) * cols]);
-                    // SAFETY: as above.
-                    unsafe { *out.add(t * rows + r) = v };
+        ROW.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let need = (4 * cols).min(4 * ROW_BUF);
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            let mut r = r0;
+            // Block sums of a single Q4_1 input, shared by the rows.
+            let mut xsum = [0.0f32; ROW_BUF / 32];
+            let sums = tokens == 1 && ty == QuantType::Q4_1 && cols <= ROW_BUF;
+            if sums {
+                for (k, b) in x[..cols].chunks_exact(32).enumerate() {
+                    xsum[k] = b.iter().sum();
                 }
             }
-        }
+            while r < r1 {
+                // One token: the fused product reads each weight once.
+                if cols > ROW_BUF || tokens == 1 {
+                    let row = &w[r * rb..(r + 1) * rb];
+                    if sums {
+                        let v = dot_q4_1_sums(row, &x[..cols], &xsum[..cols / 32]);
+                        // SAFETY: (0, r) belongs to this task; r < y.len().
+                        unsafe { *out.add(r) = v };
+                        r += 1;
+                        continue;
+                    }
+                    for t in 0..tokens {
+                        let v = dot(ty, row, &x[t * cols..(t + 1) * cols]);
+                        // SAFETY: each (t, r) is written by exactly one task
+                        // (rows are partitioned); t·rows + r < y.len().
+                        unsafe { *out.add(t * rows + r) = v };
+                    }
+                    r += 1;
+                    continue;
+                }
+                // Several tokens: dequantize up to 4 rows once, then a
+                // 4-row × 2-token register tile over them.
+                let nr = (r1 - r).min(4);
+                for i in 0..nr {
+                    dequantize_row(
+                        ty,
+                        &w[(r + i) * rb..(r + i + 1) * rb],
+                        &mut buf[i * cols..(i + 1) * cols],
+                    );
+                }
+                let mut t = 0;
+                while t < tokens {
+                    let nt = (tokens - t).min(2);
+                    let mut acc = [[0.0f32; 2]; 4];
+                    tile_dot(
+                        &buf[..nr * cols],
+                        nr,
+                        &x[t * cols..(t + nt) * cols],
+                        nt,
+                        cols,
+                        &mut acc,
+                    );
+                    for i in 0..nr {
+                        for j in 0..nt {
+                            // SAFETY: as above, (t + j, r + i) belongs to this task.
+                            unsafe { *out.add((t + j) * rows + r + i) = acc[i][j] };
+                        }
+                    }
+                    t += nt;
+                }
+                r += nr;
+            }
+        });
     });
+}
+
+/// `acc[i][j] = w_i · x_j` for `nr ≤ 4` rows of `w` and `nt ≤ 2` rows of
+/// `x` (all `cols` long).
+fn tile_dot(w: &[f32], nr: usize, x: &[f32], nt: usize, cols: usize, acc: &mut [[f32; 2]; 4]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx2Fma && nr == 4 && nt == 2 {
+        // SAFETY: AVX2/FMA present; the function reads 4 rows of `w` and 2
+        // of `x`, each `cols` long (checked inside).
+        unsafe { tile_dot_4x2_avx2(w, x, cols, acc) };
+        return;
+    }
+    for i in 0..nr {
+        for j in 0..nt {
+            acc[i][j] = dot_f32(&w[i * cols..(i + 1) * cols], &x[j * cols..(j + 1) * cols]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_dot_4x2_avx2(w: &[f32], x: &[f32], cols: usize, acc: &mut [[f32; 2]; 4]) {
+    use std::arch::x86_64::*;
+    assert!(w.len() >= 4 * cols && x.len() >= 2 * cols);
+    let mut a = [[_mm256_setzero_ps(); 2]; 4];
+    let mut k = 0;
+    while k + 8 <= cols {
+        // SAFETY: k + 8 ≤ cols and the assert bound every row read.
+        unsafe {
+            let x0 = _mm256_loadu_ps(x.as_ptr().add(k));
+            let x1 = _mm256_loadu_ps(x.as_ptr().add(cols + k));
+            for (i, ai) in a.iter_mut().enumerate() {
+                let wv = _mm256_loadu_ps(w.as_ptr().add(i * cols + k));
+                ai[0] = _mm256_fmadd_ps(wv, x0, ai[0]);
+                ai[1] = _mm256_fmadd_ps(wv, x1, ai[1]);
+            }
+        }
+        k += 8;
+    }
+    for i in 0..4 {
+        for j in 0..2 {
+            let mut tail = 0.0;
+            for kk in k..cols {
+                tail += w[i * cols + kk] * x[j * cols + kk];
+            }
+            // SAFETY: AVX2 is enabled in this function.
+            acc[i][j] = unsafe { hsum(a[i][j]) } + tail;
+        }
+    }
+}
+
+thread_local! {
+    /// Each pool thread's dequantized-row buffer (grown once, then reused).
+    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Activations quantized to 8 bits per 32-value block, as llama.cpp's
@@ -655,7 +834,7 @@ pub fn dot_q8(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_avx2(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
     use std::arch::x86_64::*;
     let nb = xq.cols / 32;
@@ -688,8 +867,9 @@ unsafe fn dot_q8_avx2(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
                         let w = _mm256_sub_epi8(nib, eight);
                         (_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w), h(b, 0))
                     } else {
-                        tail += h(b, 2) * xq.s[xi];
-                        (nib, xv, h(b, 0))
+                        let (d, m) = h2(b, 0);
+                        tail += m * xq.s[xi];
+                        (nib, xv, d)
                     }
                 }
             };
@@ -878,8 +1058,23 @@ mod tests {
     }
 
     #[test]
+    fn q4_1_dot_with_block_sums() {
+        let x = data(256, 11);
+        let w = quantize(QuantType::Q4_1, &data(256, 12)).unwrap();
+        let sums: Vec<f32> = x.chunks(32).map(|b| b.iter().sum()).collect();
+        let want = reference_dot(QuantType::Q4_1, &w, &x);
+        assert!((dot_q4_1_sums(&w, &x, &sums) as f64 - want).abs() < 1e-4);
+    }
+
+    #[test]
     fn matmul_matches_per_row_dots() {
-        let (rows, cols, tokens) = (37, 64, 3);
+        for tokens in [1, 3] {
+            matmul_case(tokens);
+        }
+    }
+
+    fn matmul_case(tokens: usize) {
+        let (rows, cols) = (37, 64);
         let w = quantize(QuantType::Q4_1, &data(rows * cols, 3)).unwrap();
         let x = data(tokens * cols, 4);
         for threads in [1, 3] {

@@ -183,3 +183,58 @@ fn hostile_model_files_are_errors() {
         .to_string();
     assert!(e.contains("bloom"), "{e}");
 }
+
+#[test]
+fn hf_checkpoint_of_the_same_model_gives_the_same_logits() {
+    use osprey_kernels::pool::ThreadPool;
+    use osprey_models::llm::kv::KvCache;
+    use osprey_models::llm::model::{Logits, RopeStyle};
+    let dir = std::env::temp_dir().join(format!("osprey-tiny-hf-{}", std::process::id()));
+    osprey_models::llm::testing::write_tiny_hf_dir(&dir, CONTEXT).unwrap();
+    let hf = Model::from_hf_dir(&dir).unwrap();
+    let gg = model();
+    assert_eq!(hf.rope_style(), RopeStyle::Neox);
+    assert_eq!(gg.rope_style(), RopeStyle::Norm);
+    let text = "wheel <|im_start|>encoder";
+    let ids = gg.tokenizer.encode(text, true).unwrap();
+    assert_eq!(hf.tokenizer.encode(text, true).unwrap(), ids);
+    assert_eq!(
+        hf.tokenizer.encode(text, false).unwrap(),
+        gg.tokenizer.encode(text, false).unwrap()
+    );
+    assert_eq!(hf.tokenizer.eos, Some(257));
+    let pool = ThreadPool::new(1);
+    let logits = |m: &Model| {
+        let mut kv = KvCache::new(m.cfg.n_layers, m.cfg.kv_dim(), 16, 1 << 20).unwrap();
+        let mut seq = kv.new_seq(ids.len());
+        let mut scratch = m.scratch(ids.len(), true);
+        let batch: Vec<(usize, u32)> = ids.iter().map(|&t| (0, t)).collect();
+        m.forward(
+            &mut kv,
+            &mut [&mut seq],
+            &batch,
+            Logits::All,
+            &mut scratch,
+            &pool,
+        )
+        .unwrap();
+        scratch.logits[..ids.len() * m.cfg.vocab].to_vec()
+    };
+    let (a, b) = (logits(&hf), logits(&gg));
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "max |logit diff| {worst}");
+    // A checkpoint with a missing file or a wrong shape is a clear error.
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    assert!(Model::from_hf_dir(&dir)
+        .unwrap_err()
+        .to_string()
+        .contains("tokenizer.json"));
+    assert!(Model::from_hf_dir(&dir.join("nope"))
+        .unwrap_err()
+        .to_string()
+        .contains("config.json"));
+}

@@ -210,6 +210,22 @@ impl KvCache {
         &self.data[o..o + self.kv_dim]
     }
 
+    /// `seq`'s K/V of `layer` as the attention kernel reads them.
+    pub fn paged<'a>(
+        &'a self,
+        seq: &'a SeqKv,
+        layer: usize,
+    ) -> osprey_kernels::attention::PagedKv<'a> {
+        osprey_kernels::attention::PagedKv {
+            data: &self.data,
+            blocks: &seq.blocks,
+            block_tokens: self.block_tokens,
+            layers: self.layers,
+            layer,
+            kv_dim: self.kv_dim,
+        }
+    }
+
     /// Writes K and V of `pos` in `layer`.
     pub fn write(&mut self, seq: &SeqKv, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let o = self.offset(seq, layer, 0, pos);

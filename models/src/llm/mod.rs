@@ -3,6 +3,8 @@
 //! cache, sampling and a step API.
 //!
 //! * [`gguf`]: the file reader (memory-mapped, hostile-input safe).
+//! * [`hf`]: Hugging Face checkpoint directories (config.json,
+//!   safetensors shards, tokenizer.json).
 //! * [`tokenizer`]: byte-level BPE from the GGUF vocabulary, chat template,
 //!   streaming UTF-8 decoding.
 //! * [`model`]: hyper-parameters from metadata, weights, the forward pass.
@@ -12,6 +14,7 @@
 //!   speculative decoding by prompt lookup.
 
 pub mod gguf;
+pub mod hf;
 pub mod kv;
 pub mod model;
 pub mod runtime;

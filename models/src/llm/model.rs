@@ -12,6 +12,7 @@
 
 use std::path::Path;
 
+use osprey_kernels::attention;
 use osprey_kernels::pool::ThreadPool;
 use osprey_kernels::quant::{self, QuantType};
 
@@ -58,35 +59,64 @@ impl Config {
     }
 }
 
-/// A weight matrix in the file: `rows` outputs × `cols` inputs.
+/// A weight matrix in one of the model's files: `rows` outputs × `cols`
+/// inputs, row-major, `bytes` bytes at `offset` of store `src`.
 #[derive(Debug, Clone)]
-struct Mat {
-    ty: QuantType,
-    t: TensorInfo,
-    rows: usize,
-    cols: usize,
+pub(crate) struct Mat {
+    pub(crate) ty: QuantType,
+    pub(crate) src: usize,
+    pub(crate) offset: usize,
+    pub(crate) bytes: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+}
+
+/// Where weights live: a GGUF file, or mapped safetensors files.
+#[derive(Debug)]
+pub(crate) enum Store {
+    Gguf(Gguf),
+    Map(memmap2::Mmap),
+}
+
+impl Store {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            Store::Gguf(g) => g.bytes(),
+            Store::Map(m) => m,
+        }
+    }
+}
+
+/// How RoPE pairs dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i+1)`: GGUF Llama (weights permuted at
+    /// conversion).
+    Norm,
+    /// Halves `(i, i + d/2)`: Hugging Face checkpoints, GGUF Qwen2.
+    Neox,
 }
 
 #[derive(Debug)]
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: Mat,
-    wk: Mat,
-    wv: Mat,
-    bq: Option<Vec<f32>>,
-    bk: Option<Vec<f32>>,
-    bv: Option<Vec<f32>>,
-    wo: Mat,
-    ffn_norm: Vec<f32>,
-    gate: Mat,
-    up: Mat,
-    down: Mat,
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) wq: Mat,
+    pub(crate) wk: Mat,
+    pub(crate) wv: Mat,
+    pub(crate) bq: Option<Vec<f32>>,
+    pub(crate) bk: Option<Vec<f32>>,
+    pub(crate) bv: Option<Vec<f32>>,
+    pub(crate) wo: Mat,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) gate: Mat,
+    pub(crate) up: Mat,
+    pub(crate) down: Mat,
 }
 
 /// A loaded model: metadata, tokenizer and weights (mapped, not copied).
 #[derive(Debug)]
 pub struct Model {
-    gguf: Gguf,
+    stores: Vec<Store>,
     /// Hyper-parameters.
     pub cfg: Config,
     /// The tokenizer.
@@ -96,12 +126,16 @@ pub struct Model {
     out_norm: Vec<f32>,
     output: Mat,
     inv_freq: Vec<f64>,
-    /// Quantize activations to 8 bits for 4/8-bit weights and multiply in
-    /// integers, as llama.cpp does (faster, noisier: logits move by up to
-    /// ~0.5 on SmolLM2). Off by default: products are exact f32 on the
-    /// dequantized blocks.
+    rope: RopeStyle,
+    /// In decode passes (≤ 2 rows), quantize activations to 8 bits for
+    /// 4/8-bit weights and multiply in integers, as llama.cpp does (faster,
+    /// noisier: logits move by up to ~0.5 on SmolLM2). Off by default:
+    /// products are exact f32 on the dequantized blocks.
     pub int8_activations: bool,
 }
+
+/// Most pool threads the attention scratch is sized for.
+pub const MAX_THREADS: usize = 64;
 
 /// Most sequences one pass may serve.
 pub const MAX_SEQS: usize = 256;
@@ -131,6 +165,8 @@ pub struct Scratch {
     scores: Vec<f32>,
     last: Vec<f32>,
     logit_rows: Vec<usize>,
+    /// cos/sin of every RoPE frequency for each row's position.
+    rope: Vec<f32>,
     /// Activations quantized for integer products.
     xq: quant::Q8Act,
     /// Per-sequence row counts, first positions, running positions.
@@ -249,7 +285,9 @@ impl Model {
             }
             Ok(Mat {
                 ty: t.ty,
-                t,
+                src: 0,
+                offset: t.offset,
+                bytes: t.bytes,
                 rows,
                 cols,
             })
@@ -295,9 +333,12 @@ impl Model {
             None => embd.clone(),
         };
         let out_norm = vec_of("output_norm.weight", dim)?;
-        let inv_freq = (0..rope_dim / 2)
-            .map(|i| rope_base.powf(-2.0 * i as f64 / rope_dim as f64) / rope_scale)
-            .collect();
+        // llama.cpp rotates Qwen2 by halves, Llama/Mistral by pairs.
+        let rope = if arch == "qwen2" {
+            RopeStyle::Neox
+        } else {
+            RopeStyle::Norm
+        };
         let cfg = Config {
             arch,
             n_layers,
@@ -313,8 +354,34 @@ impl Model {
             context,
             vocab,
         };
-        Ok(Model {
-            gguf,
+        Ok(Model::assemble(
+            vec![Store::Gguf(gguf)],
+            cfg,
+            tokenizer,
+            embd,
+            layers,
+            out_norm,
+            output,
+            rope,
+        ))
+    }
+
+    /// Puts a model together from its parts (both loaders end here).
+    pub(crate) fn assemble(
+        stores: Vec<Store>,
+        cfg: Config,
+        tokenizer: Tokenizer,
+        embd: Mat,
+        layers: Vec<Layer>,
+        out_norm: Vec<f32>,
+        output: Mat,
+        rope: RopeStyle,
+    ) -> Model {
+        let inv_freq = (0..cfg.rope_dim / 2)
+            .map(|i| cfg.rope_base.powf(-2.0 * i as f64 / cfg.rope_dim as f64) / cfg.rope_scale)
+            .collect();
+        Model {
+            stores,
             cfg,
             tokenizer,
             embd,
@@ -322,14 +389,24 @@ impl Model {
             out_norm,
             output,
             inv_freq,
+            rope,
             int8_activations: false,
-        })
+        }
+    }
+
+    fn data(&self, m: &Mat) -> &[u8] {
+        &self.stores[m.src].bytes()[m.offset..m.offset + m.bytes]
+    }
+
+    /// How RoPE pairs dimensions in this model.
+    pub fn rope_style(&self) -> RopeStyle {
+        self.rope
     }
 
     /// Bytes of weights one decode step reads (every matrix once, the
     /// embedding row aside): the memory-bandwidth bound's numerator.
     pub fn weight_bytes_per_token(&self) -> usize {
-        let m = |m: &Mat| m.t.bytes;
+        let m = |m: &Mat| m.bytes;
         self.layers
             .iter()
             .map(|l| m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo) + m(&l.gate) + m(&l.up) + m(&l.down))
@@ -353,10 +430,11 @@ impl Model {
             o: vec![0.0; r * c.dim],
             g: vec![0.0; r * c.ffn],
             u: vec![0.0; r * c.ffn],
-            scores: vec![0.0; c.context],
+            scores: vec![0.0; c.context * MAX_THREADS],
             last: vec![0.0; r * c.dim],
             logit_rows: Vec::with_capacity(r),
             xq: quant::Q8Act::with_capacity(r, c.dim.max(c.ffn)),
+            rope: vec![0.0; r * c.rope_dim],
             counts: Vec::with_capacity(MAX_SEQS),
             first: Vec::with_capacity(MAX_SEQS),
             pos: Vec::with_capacity(MAX_SEQS),
@@ -378,8 +456,10 @@ impl Model {
         fresh: bool,
         pool: &ThreadPool,
     ) {
-        let w = self.gguf.data(&m.t);
-        if self.int8_activations && quant::has_q8_product(m.ty) && m.cols % 32 == 0 {
+        let w = self.data(m);
+        // Integer products pay off for decode rows; prompts go through the
+        // exact row-reusing tile product, which is faster there.
+        if self.int8_activations && rows <= 2 && quant::has_q8_product(m.ty) && m.cols % 32 == 0 {
             if fresh || xq.rows() != rows {
                 xq.quantize(x, rows, m.cols);
             }
@@ -397,16 +477,29 @@ impl Model {
         }
     }
 
-    fn rope(&self, v: &mut [f32], heads: usize, pos: usize) {
+    /// `table` = (cos, sin) of every frequency at `pos`.
+    fn rope_table(&self, pos: usize, table: &mut [f32]) {
+        for (i, &f) in self.inv_freq.iter().enumerate() {
+            let (s, c) = (pos as f64 * f).sin_cos();
+            table[2 * i] = c as f32;
+            table[2 * i + 1] = s as f32;
+        }
+    }
+
+    fn rope(&self, v: &mut [f32], heads: usize, table: &[f32]) {
         let hd = self.cfg.head_dim;
+        let half = self.cfg.rope_dim / 2;
         for h in 0..heads {
             let head = &mut v[h * hd..(h + 1) * hd];
-            for (i, &f) in self.inv_freq.iter().enumerate() {
-                let (s, c) = (pos as f64 * f).sin_cos();
-                let (s, c) = (s as f32, c as f32);
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * c - b * s;
-                head[2 * i + 1] = a * s + b * c;
+            for i in 0..half {
+                let (c, s) = (table[2 * i], table[2 * i + 1]);
+                let (ia, ib) = match self.rope {
+                    RopeStyle::Norm => (2 * i, 2 * i + 1),
+                    RopeStyle::Neox => (i, i + half),
+                };
+                let (a, b) = (head[ia], head[ib]);
+                head[ia] = a * c - b * s;
+                head[ib] = a * s + b * c;
             }
         }
     }
@@ -486,14 +579,22 @@ impl Model {
             kv.reserve(seqs.seq_mut(s), cnt)?;
         }
         let (dim, kvd, hd, ffn) = (c.dim, c.kv_dim(), c.head_dim, c.ffn);
-        let group = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         scratch.first.clear();
         scratch
             .first
             .extend((0..seqs.count()).map(|i| seqs.seq(i).len()));
+        // RoPE angles once per row, shared by every layer and head.
+        let rd = c.rope_dim;
+        scratch.pos.clear();
+        scratch.pos.extend_from_slice(&scratch.first);
+        for (r, &(s, _)) in batch.iter().enumerate() {
+            let pos = scratch.pos[s];
+            scratch.pos[s] += 1;
+            self.rope_table(pos, &mut scratch.rope[r * rd..(r + 1) * rd]);
+        }
         let er = self.embd.ty.row_bytes(dim);
-        let edata = self.gguf.data(&self.embd.t);
+        let edata = self.data(&self.embd);
         for (r, &(_, tok)) in batch.iter().enumerate() {
             let t = tok as usize;
             quant::dequantize(
@@ -534,8 +635,9 @@ impl Model {
             for (r, &(s, _)) in batch.iter().enumerate() {
                 let pos = scratch.pos[s];
                 scratch.pos[s] += 1;
-                self.rope(&mut scratch.q[r * dim..(r + 1) * dim], c.n_heads, pos);
-                self.rope(&mut scratch.k[r * kvd..(r + 1) * kvd], c.n_kv_heads, pos);
+                let table = &scratch.rope[r * rd..(r + 1) * rd];
+                self.rope(&mut scratch.q[r * dim..(r + 1) * dim], c.n_heads, table);
+                self.rope(&mut scratch.k[r * kvd..(r + 1) * kvd], c.n_kv_heads, table);
                 kv.write(
                     seqs.seq(s),
                     l,
@@ -551,32 +653,21 @@ impl Model {
                 let pos = scratch.pos[s];
                 scratch.pos[s] += 1;
                 let seq = seqs.seq(s);
-                for h in 0..c.n_heads {
-                    let kh = h / group;
-                    let q = &scratch.q[r * dim + h * hd..r * dim + (h + 1) * hd];
-                    let scores = &mut scratch.scores[..=pos];
-                    let mut m = f32::NEG_INFINITY;
-                    for (j, sc) in scores.iter_mut().enumerate() {
-                        let k = &kv.k(seq, l, j)[kh * hd..(kh + 1) * hd];
-                        let d: f32 = q.iter().zip(k).map(|(a, b)| a * b).sum();
-                        *sc = d * scale;
-                        m = m.max(*sc);
-                    }
-                    let mut sum = 0.0f32;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - m).exp();
-                        sum += *sc;
-                    }
-                    let out = &mut scratch.att[r * dim + h * hd..r * dim + (h + 1) * hd];
-                    out.fill(0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        let v = &kv.v(seq, l, j)[kh * hd..(kh + 1) * hd];
-                        let w = p / sum;
-                        for (o, vv) in out.iter_mut().zip(v) {
-                            *o += w * vv;
-                        }
-                    }
-                }
+                let heads = attention::Heads {
+                    n_heads: c.n_heads,
+                    n_kv_heads: c.n_kv_heads,
+                    head_dim: hd,
+                };
+                attention::attend(
+                    pool,
+                    &kv.paged(seq, l),
+                    &scratch.q[r * dim..(r + 1) * dim],
+                    pos + 1,
+                    heads,
+                    scale,
+                    &mut scratch.att[r * dim..(r + 1) * dim],
+                    &mut scratch.scores,
+                );
             }
             self.matmul(
                 &layer.wo,

@@ -128,7 +128,7 @@ impl Runtime {
             model,
             kv,
             scratch,
-            pool: ThreadPool::new(threads),
+            pool: ThreadPool::new(threads.clamp(1, super::model::MAX_THREADS)),
             seqs: Vec::new(),
             batch: Vec::with_capacity(rows),
             order: Vec::with_capacity(rows),

@@ -156,3 +156,127 @@ pub fn tiny_gguf(context: u32) -> Vec<u8> {
     }
     w.finish()
 }
+
+/// Writes a Hugging Face checkpoint directory equivalent to
+/// [`tiny_gguf`]: every weight dequantized to F32 under its HF name, Q and K
+/// rows un-permuted (GGUF's Llama conversion interleaves them for
+/// adjacent-pair RoPE; HF checkpoints rotate halves), `config.json` and
+/// `tokenizer.json`. The same model, so the same logits.
+pub fn write_tiny_hf_dir(dir: &std::path::Path, context: u32) -> Result<(), super::LlmError> {
+    use super::gguf::Gguf;
+    use super::tokenizer::Tokenizer;
+    use std::collections::HashMap;
+    let io = |e: std::io::Error| super::LlmError::Io {
+        path: dir.display().to_string(),
+        error: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let g = Gguf::from_bytes(tiny_gguf(context))?;
+    let hd = DIM / HEADS as usize;
+    let f32s = |name: &str| -> Vec<f32> {
+        let t = g.tensor(name).expect("tiny tensor");
+        let mut v = vec![0.0; t.numel() as usize];
+        osprey_kernels::quant::dequantize(t.ty, g.data(t), &mut v);
+        v
+    };
+    // GGUF row h·hd + 2i + j came from HF row h·hd + j·hd/2 + i.
+    let unpermute = |w: Vec<f32>, heads: usize| -> Vec<f32> {
+        let mut out = vec![0.0; w.len()];
+        for h in 0..heads {
+            for i in 0..hd / 2 {
+                for j in 0..2 {
+                    let src = (h * hd + 2 * i + j) * DIM;
+                    let dst = (h * hd + j * hd / 2 + i) * DIM;
+                    out[dst..dst + DIM].copy_from_slice(&w[src..src + DIM]);
+                }
+            }
+        }
+        out
+    };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let vocab = 258;
+    tensors.push((
+        "model.embed_tokens.weight".into(),
+        vec![vocab, DIM],
+        f32s("token_embd.weight"),
+    ));
+    tensors.push((
+        "model.norm.weight".into(),
+        vec![DIM],
+        f32s("output_norm.weight"),
+    ));
+    let kvd = hd * KV_HEADS as usize;
+    for l in 0..LAYERS {
+        let gname = |n: &str| format!("blk.{l}.{n}");
+        let hname = |n: &str| format!("model.layers.{l}.{n}");
+        tensors.push((
+            hname("input_layernorm.weight"),
+            vec![DIM],
+            f32s(&gname("attn_norm.weight")),
+        ));
+        tensors.push((
+            hname("post_attention_layernorm.weight"),
+            vec![DIM],
+            f32s(&gname("ffn_norm.weight")),
+        ));
+        tensors.push((
+            hname("self_attn.q_proj.weight"),
+            vec![DIM, DIM],
+            unpermute(f32s(&gname("attn_q.weight")), HEADS as usize),
+        ));
+        tensors.push((
+            hname("self_attn.k_proj.weight"),
+            vec![kvd, DIM],
+            unpermute(f32s(&gname("attn_k.weight")), KV_HEADS as usize),
+        ));
+        tensors.push((
+            hname("self_attn.v_proj.weight"),
+            vec![kvd, DIM],
+            f32s(&gname("attn_v.weight")),
+        ));
+        tensors.push((
+            hname("self_attn.o_proj.weight"),
+            vec![DIM, DIM],
+            f32s(&gname("attn_output.weight")),
+        ));
+        tensors.push((
+            hname("mlp.gate_proj.weight"),
+            vec![FFN, DIM],
+            f32s(&gname("ffn_gate.weight")),
+        ));
+        tensors.push((
+            hname("mlp.up_proj.weight"),
+            vec![FFN, DIM],
+            f32s(&gname("ffn_up.weight")),
+        ));
+        tensors.push((
+            hname("mlp.down_proj.weight"),
+            vec![DIM, FFN],
+            f32s(&gname("ffn_down.weight")),
+        ));
+    }
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, s.clone(), b)
+                    .expect("view"),
+            )
+        })
+        .collect();
+    let data = safetensors::tensor::serialize(views, &None::<HashMap<String, String>>)
+        .map_err(|e| super::LlmError::Model(e.to_string()))?;
+    std::fs::write(dir.join("model.safetensors"), data).map_err(io)?;
+    let config = format!(
+        r#"{{"model_type": "llama", "hidden_size": {DIM}, "intermediate_size": {FFN}, "num_attention_heads": {HEADS}, "num_key_value_heads": {KV_HEADS}, "num_hidden_layers": {LAYERS}, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": {context}, "tie_word_embeddings": true, "eos_token_id": 257}}"#
+    );
+    std::fs::write(dir.join("config.json"), config).map_err(io)?;
+    let tk = Tokenizer::from_gguf(&g)?;
+    std::fs::write(dir.join("tokenizer.json"), tk.to_hf_json()?).map_err(io)?;
+    Ok(())
+}

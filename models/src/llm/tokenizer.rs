@@ -107,7 +107,6 @@ impl Tokenizer {
                 .ok_or_else(|| LlmError::Tokenizer(format!("bad merge {m:?}")))?;
             pairs.push((a.to_string(), b.to_string()));
         }
-        let ids = vocab.clone();
         let bpe = BPE::builder()
             .vocab_and_merges(
                 vocab
@@ -145,6 +144,98 @@ impl Tokenizer {
             .map(|(t, _)| AddedToken::from(t.clone(), true))
             .collect();
         with_special.add_special_tokens(&specials);
+        let id = |k: &str| {
+            g.get(k)
+                .and_then(Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|&v| (v as usize) < strings.len())
+        };
+        let (bos, eos) = (
+            id("tokenizer.ggml.bos_token_id"),
+            id("tokenizer.ggml.eos_token_id"),
+        );
+        let add_bos = g
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(Tokenizer::assemble(
+            with_special,
+            plain,
+            strings,
+            special,
+            bos,
+            eos,
+            add_bos,
+        ))
+    }
+
+    /// A byte-level BPE `tokenizer.json` (Hugging Face checkpoints); BOS and
+    /// EOS ids come from the checkpoint's config.
+    pub fn from_hf_json(
+        path: &std::path::Path,
+        bos: Option<u32>,
+        eos: Option<u32>,
+    ) -> Result<Tokenizer, LlmError> {
+        use tokenizers::DecoderWrapper;
+        let with_special = HfTokenizer::from_file(path)
+            .map_err(|e| LlmError::Tokenizer(format!("{}: {e}", path.display())))?;
+        if !matches!(
+            with_special.get_decoder(),
+            Some(DecoderWrapper::ByteLevel(_))
+        ) {
+            return Err(LlmError::Tokenizer(format!(
+                "{}: only byte-level BPE tokenizers (ByteLevel decoder) are supported",
+                path.display()
+            )));
+        }
+        let mut plain = with_special.clone();
+        plain.set_encode_special_tokens(true);
+        let vocab = with_special.get_vocab(true);
+        let n = vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0);
+        if n > 1 << 22 {
+            return Err(LlmError::Tokenizer(format!(
+                "{}: vocabulary of {n} ids is absurd",
+                path.display()
+            )));
+        }
+        let mut strings = vec![String::new(); n];
+        for (s, &i) in &vocab {
+            strings[i as usize] = s.clone();
+        }
+        let mut special = vec![false; n];
+        for (id, t) in with_special.get_added_tokens_decoder() {
+            if let Some(flag) = special.get_mut(id as usize) {
+                *flag = t.special;
+            }
+        }
+        let valid = |v: Option<u32>| v.filter(|&v| (v as usize) < n);
+        Ok(Tokenizer::assemble(
+            with_special,
+            plain,
+            strings,
+            special,
+            valid(bos),
+            valid(eos),
+            false,
+        ))
+    }
+
+    /// The tokenizer as `tokenizer.json` text (for checkpoints and tools).
+    pub fn to_hf_json(&self) -> Result<String, LlmError> {
+        self.with_special
+            .to_string(false)
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))
+    }
+
+    fn assemble(
+        with_special: HfTokenizer,
+        plain: HfTokenizer,
+        strings: Vec<String>,
+        special: Vec<bool>,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        add_bos: bool,
+    ) -> Tokenizer {
         let table = byte_chars();
         let mut inverse = HashMap::with_capacity(256);
         for (b, c) in table.iter().enumerate() {
@@ -163,25 +254,21 @@ impl Tokenizer {
                 }
             })
             .collect();
-        let id = |k: &str| {
-            g.get(k)
-                .and_then(Value::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-                .filter(|&v| (v as usize) < strings.len())
-        };
-        Ok(Tokenizer {
+        let ids = strings
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.clone(), i as u32))
+            .collect();
+        Tokenizer {
             with_special,
             plain,
             bytes,
             special,
-            bos: id("tokenizer.ggml.bos_token_id"),
-            eos: id("tokenizer.ggml.eos_token_id"),
-            add_bos: g
-                .get("tokenizer.ggml.add_bos_token")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            bos,
+            eos,
+            add_bos,
             ids,
-        })
+        }
     }
 
     /// Vocabulary size.
