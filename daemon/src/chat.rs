@@ -18,8 +18,9 @@ use crate::cli::default_threads;
 /// `osprey chat`.
 #[derive(Args, Debug)]
 pub struct ChatArgs {
-    /// GGUF model file (e.g. from scripts/fetch-llm.sh).
-    #[arg(long, value_name = "M.gguf")]
+    /// GGUF model file (e.g. from scripts/fetch-llm.sh), or a Hugging Face
+    /// checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long, value_name = "M.gguf|DIR")]
     pub model: PathBuf,
     /// Ask this and exit; without it, an interactive session that streams
     /// answers (Ctrl-D to leave).
@@ -83,8 +84,8 @@ pub struct ChatArgs {
 /// `osprey tokenize`.
 #[derive(Args, Debug)]
 pub struct TokenizeArgs {
-    /// GGUF model file.
-    #[arg(long, value_name = "M.gguf")]
+    /// GGUF model file or Hugging Face checkpoint directory.
+    #[arg(long, value_name = "M.gguf|DIR")]
     pub model: PathBuf,
     /// Text to tokenize (special tokens such as <|im_start|> count as one).
     pub text: String,

@@ -236,3 +236,32 @@ fn smollm2_tokenize_and_a_greedy_completion_match_llama_cpp() {
     assert_eq!(v["tokens"], case["generated_ids"]);
     assert_eq!(v["text"], case["generated_text"]);
 }
+
+#[test]
+fn a_hugging_face_directory_chats_like_its_gguf() {
+    let dir = tmp("tiny-hf");
+    osprey_models::llm::testing::write_tiny_hf_dir(&dir, CONTEXT).unwrap();
+    let gguf = tiny();
+    let args = |m: &str| {
+        vec![
+            "chat".to_string(),
+            "--model".into(),
+            m.to_string(),
+            "--raw".into(),
+            "--prompt".into(),
+            "wheel encoder".into(),
+            "--max-tokens".into(),
+            "12".into(),
+            "--ignore-eos".into(),
+            "--json".into(),
+        ]
+    };
+    let a = json_of(
+        &osprey()
+            .args(args(gguf.to_str().unwrap()))
+            .output()
+            .unwrap(),
+    );
+    let b = json_of(&osprey().args(args(dir.to_str().unwrap())).output().unwrap());
+    assert_eq!(a["tokens"], b["tokens"]);
+}

@@ -39,6 +39,8 @@ struct Shared {
     panicked: AtomicBool,
     /// Set when the pool is dropped, so spinning workers leave at once.
     closing: AtomicBool,
+    /// Workers that have entered their loop (thread start-up done).
+    started: AtomicUsize,
 }
 
 /// A fixed set of worker threads shared by all kernels of an execution context.
@@ -70,6 +72,7 @@ impl ThreadPool {
             busy_workers: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            started: AtomicUsize::new(0),
         });
         // Spinning only pays when every thread has a core: oversubscribed,
         // a spinning worker steals the core the thread it waits for needs.
@@ -92,6 +95,12 @@ impl ThreadPool {
             .collect::<Vec<_>>();
         // If the OS refused some threads, run with the ones we got.
         let threads = workers.len() + 1;
+        // Wait until every worker runs: thread start-up allocates (names,
+        // stack guards), and that must happen here, not during the first
+        // frames after warm-up.
+        while shared.started.load(Ordering::Acquire) < workers.len() {
+            std::thread::yield_now();
+        }
         ThreadPool {
             shared,
             workers,
@@ -180,6 +189,7 @@ fn drain(sh: &Shared, task: &Task<'_>, slot: usize) {
 }
 
 fn worker_loop(sh: &Shared, slot: usize, spin: std::time::Duration) {
+    sh.started.fetch_add(1, Ordering::Release);
     let mut seen = 0u64;
     loop {
         // Spin first: in a network the next layer's job usually arrives

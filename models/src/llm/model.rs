@@ -202,8 +202,11 @@ fn f32_vec(g: &Gguf, t: &TensorInfo) -> Vec<f32> {
 }
 
 impl Model {
-    /// Loads a GGUF model file.
+    /// Loads a GGUF model file, or a Hugging Face checkpoint directory.
     pub fn load(path: &Path) -> Result<Model, LlmError> {
+        if path.is_dir() {
+            return Model::from_hf_dir(path);
+        }
         let gguf = Gguf::open(path)?;
         Model::from_gguf(gguf)
     }

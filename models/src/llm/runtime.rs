@@ -109,7 +109,7 @@ pub struct Runtime {
 }
 
 /// Longest draft verified in one pass.
-const MAX_DRAFT: usize = 8;
+const MAX_DRAFT: usize = 4;
 
 impl Runtime {
     /// A runtime with a KV pool of `kv_budget_bytes`, `threads` threads and
@@ -491,13 +491,14 @@ impl SeqSet for Active<'_> {
 static EMPTY: SeqKv = SeqKv::empty();
 
 /// Prompt-lookup draft: the range of `tokens` that followed the most
-/// recent earlier occurrence of the context's last 3-, 2- or 1-gram (at
-/// most `max` tokens; empty when nothing matches).
+/// recent earlier occurrence of the context's last 3- or 2-gram (at most
+/// `max` tokens; empty when nothing matches — a single-token match is too
+/// weak a signal to pay for verifying).
 pub fn lookup_draft(tokens: &[u32], max: usize) -> std::ops::Range<usize> {
     if max == 0 {
         return 0..0;
     }
-    for n in (1..=3).rev() {
+    for n in (2..=3).rev() {
         if tokens.len() <= n {
             continue;
         }
@@ -524,7 +525,11 @@ mod tests {
         let t = [1, 2, 3, 4, 5, 9, 2, 3, 4, 7, 8, 2, 3, 4];
         assert_eq!(&t[lookup_draft(&t, 2)], &[7, 8]);
         assert!(lookup_draft(&[5, 6, 7], 4).is_empty());
-        assert_eq!(&[5, 6, 5][lookup_draft(&[5, 6, 5], 4)], &[6, 5]);
+        assert!(
+            lookup_draft(&[5, 6, 5], 4).is_empty(),
+            "unigram matches do not draft"
+        );
+        assert_eq!(&[5, 6, 5, 6][lookup_draft(&[5, 6, 5, 6], 4)], &[5, 6]);
         assert!(lookup_draft(&t, 0).is_empty());
     }
 }
