@@ -574,11 +574,17 @@ unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Floats of `wbuf` that [`matmul`] needs for `cols`-wide rows on `pool`.
+pub fn matmul_scratch(pool: &ThreadPool, cols: usize) -> usize {
+    pool.threads() * 4 * cols.min(ROW_BUF)
+}
+
 /// `y[t][r] = dot(row r of w, x[t])` for `t` in `0..tokens`: `w` holds
 /// `rows` rows of `cols` elements of type `ty`; `x` is `tokens × cols`,
 /// `y` is `tokens × rows`. Rows are split over the pool; each weight row
-/// is dequantized once (into a stack buffer) for all tokens, so prompt
-/// processing costs one unpack per weight, not one per weight and token.
+/// is dequantized once (into the caller's `wbuf`, [`matmul_scratch`]
+/// floats) for all tokens, so prompt processing costs one unpack per
+/// weight, not one per weight and token.
 pub fn matmul(
     ty: QuantType,
     w: &[u8],
@@ -587,22 +593,28 @@ pub fn matmul(
     x: &[f32],
     tokens: usize,
     y: &mut [f32],
+    wbuf: &mut [f32],
     pool: &ThreadPool,
 ) {
     let rb = ty.row_bytes(cols);
     assert!(w.len() >= rows * rb && x.len() >= tokens * cols && y.len() >= tokens * rows);
+    let per_thread = 4 * cols.min(ROW_BUF);
+    assert!(
+        wbuf.len() >= pool.threads() * per_thread,
+        "matmul scratch too small"
+    );
+    let wb = SyncPtr::new(wbuf);
     let chunk = 16usize;
     let tasks = rows.div_ceil(chunk);
     let out = SyncPtr::new(y);
-    pool.run(tasks, &|task, _| {
+    pool.run(tasks, &|task, slot| {
         let r0 = task * chunk;
         let r1 = (r0 + chunk).min(rows);
-        ROW.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            let need = (4 * cols).min(4 * ROW_BUF);
-            if buf.len() < need {
-                buf.resize(need, 0.0);
-            }
+        {
+            // SAFETY: each pool slot owns wbuf[slot·per_thread..] (sized by
+            // the assert above) and runs one task at a time.
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(wb.add(slot * per_thread), per_thread) };
             let mut r = r0;
             // Block sums of a single Q4_1 input, shared by the rows.
             let mut xsum = [0.0f32; ROW_BUF / 32];
@@ -664,7 +676,7 @@ pub fn matmul(
                 }
                 r += nr;
             }
-        });
+        }
     });
 }
 
@@ -715,11 +727,6 @@ unsafe fn tile_dot_4x2_avx2(w: &[f32], x: &[f32], cols: usize, acc: &mut [[f32; 
             acc[i][j] = unsafe { hsum(a[i][j]) } + tail;
         }
     }
-}
-
-thread_local! {
-    /// Each pool thread's dequantized-row buffer (grown once, then reused).
-    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Activations quantized to 8 bits per 32-value block, as llama.cpp's
@@ -1080,7 +1087,18 @@ mod tests {
         for threads in [1, 3] {
             let pool = ThreadPool::new(threads);
             let mut y = vec![0.0; tokens * rows];
-            matmul(QuantType::Q4_1, &w, rows, cols, &x, tokens, &mut y, &pool);
+            let mut wbuf = vec![0.0; matmul_scratch(&pool, cols)];
+            matmul(
+                QuantType::Q4_1,
+                &w,
+                rows,
+                cols,
+                &x,
+                tokens,
+                &mut y,
+                &mut wbuf,
+                &pool,
+            );
             let rb = QuantType::Q4_1.row_bytes(cols);
             for t in 0..tokens {
                 for r in 0..rows {

@@ -167,6 +167,8 @@ pub struct Scratch {
     logit_rows: Vec<usize>,
     /// cos/sin of every RoPE frequency for each row's position.
     rope: Vec<f32>,
+    /// Per-thread dequantized weight rows of the multi-row products.
+    wbuf: Vec<f32>,
     /// Activations quantized for integer products.
     xq: quant::Q8Act,
     /// Per-sequence row counts, first positions, running positions.
@@ -438,6 +440,7 @@ impl Model {
             logit_rows: Vec::with_capacity(r),
             xq: quant::Q8Act::with_capacity(r, c.dim.max(c.ffn)),
             rope: vec![0.0; r * c.rope_dim],
+            wbuf: Vec::new(),
             counts: Vec::with_capacity(MAX_SEQS),
             first: Vec::with_capacity(MAX_SEQS),
             pos: Vec::with_capacity(MAX_SEQS),
@@ -456,6 +459,7 @@ impl Model {
         rows: usize,
         y: &mut [f32],
         xq: &mut quant::Q8Act,
+        wbuf: &mut Vec<f32>,
         fresh: bool,
         pool: &ThreadPool,
     ) {
@@ -468,7 +472,12 @@ impl Model {
             }
             quant::matmul_q8(m.ty, w, m.rows, xq, y, pool);
         } else {
-            quant::matmul(m.ty, w, m.rows, m.cols, x, rows, y, pool);
+            let need = quant::matmul_scratch(pool, m.cols);
+            if wbuf.len() < need {
+                // Once per size, in the first (warm-up) pass.
+                wbuf.resize(need, 0.0);
+            }
+            quant::matmul(m.ty, w, m.rows, m.cols, x, rows, y, wbuf, pool);
         }
     }
 
@@ -615,10 +624,37 @@ impl Model {
                     &mut scratch.xb[r * dim..(r + 1) * dim],
                 );
             }
-            let xq = &mut scratch.xq;
-            self.matmul(&layer.wq, &scratch.xb, n, &mut scratch.q, xq, true, pool);
-            self.matmul(&layer.wk, &scratch.xb, n, &mut scratch.k, xq, false, pool);
-            self.matmul(&layer.wv, &scratch.xb, n, &mut scratch.v, xq, false, pool);
+            let (xq, wb) = (&mut scratch.xq, &mut scratch.wbuf);
+            self.matmul(
+                &layer.wq,
+                &scratch.xb,
+                n,
+                &mut scratch.q,
+                xq,
+                wb,
+                true,
+                pool,
+            );
+            self.matmul(
+                &layer.wk,
+                &scratch.xb,
+                n,
+                &mut scratch.k,
+                xq,
+                wb,
+                false,
+                pool,
+            );
+            self.matmul(
+                &layer.wv,
+                &scratch.xb,
+                n,
+                &mut scratch.v,
+                xq,
+                wb,
+                false,
+                pool,
+            );
             for (buf, bias, w) in [
                 (&mut scratch.q, &layer.bq, dim),
                 (&mut scratch.k, &layer.bk, kvd),
@@ -678,6 +714,7 @@ impl Model {
                 n,
                 &mut scratch.o,
                 &mut scratch.xq,
+                &mut scratch.wbuf,
                 true,
                 pool,
             );
@@ -698,6 +735,7 @@ impl Model {
                 n,
                 &mut scratch.g,
                 &mut scratch.xq,
+                &mut scratch.wbuf,
                 true,
                 pool,
             );
@@ -707,6 +745,7 @@ impl Model {
                 n,
                 &mut scratch.u,
                 &mut scratch.xq,
+                &mut scratch.wbuf,
                 false,
                 pool,
             );
@@ -719,6 +758,7 @@ impl Model {
                 n,
                 &mut scratch.o,
                 &mut scratch.xq,
+                &mut scratch.wbuf,
                 true,
                 pool,
             );
@@ -762,6 +802,7 @@ impl Model {
             m,
             &mut scratch.logits,
             &mut scratch.xq,
+            &mut scratch.wbuf,
             true,
             pool,
         );
