@@ -139,15 +139,19 @@ pub enum YuvMatrix {
 pub use osprey_kernels::color::YuvCoeffs;
 
 impl YuvMatrix {
-    /// Fixed-point coefficients for this matrix.
-    pub fn coeffs(self) -> YuvCoeffs {
-        // (kr, kb) and range define the matrix.
-        let (kr, kb, limited) = match self {
+    /// `(kr, kb, limited range)`: what defines the matrix.
+    fn params(self) -> (f64, f64, bool) {
+        match self {
             YuvMatrix::Bt601Limited => (0.299, 0.114, true),
             YuvMatrix::Bt601Full => (0.299, 0.114, false),
             YuvMatrix::Bt709Limited => (0.2126, 0.0722, true),
             YuvMatrix::Bt709Full => (0.2126, 0.0722, false),
-        };
+        }
+    }
+
+    /// Fixed-point coefficients for this matrix.
+    pub fn coeffs(self) -> YuvCoeffs {
+        let (kr, kb, limited) = self.params();
         let kg = 1.0 - kr - kb;
         let (ys, cs, y_offset) = if limited {
             (255.0 / 219.0, 255.0 / 224.0, 16)
@@ -319,58 +323,6 @@ impl<'a> Frame<'a> {
         self.data.get(s..s + 3 * self.width)
     }
 
-    /// Converts row `y` to packed RGB8 into `out` (at least `3 × width`
-    /// bytes). Rows past the end are clamped to the last row.
-    pub fn row_to_rgb(&self, y: usize, out: &mut [u8]) {
-        let y = y.min(self.height - 1);
-        let w = self.width;
-        let out = &mut out[..3 * w];
-        let row = &self.data[y * self.stride..];
-        match self.format {
-            PixelFormat::Rgb8 => out.copy_from_slice(&row[..3 * w]),
-            PixelFormat::Bgr8 => {
-                for (o, i) in out.chunks_exact_mut(3).zip(row.chunks_exact(3)) {
-                    o[0] = i[2];
-                    o[1] = i[1];
-                    o[2] = i[0];
-                }
-            }
-            PixelFormat::Rgba8 => {
-                for (o, i) in out.chunks_exact_mut(3).zip(row.chunks_exact(4)) {
-                    o.copy_from_slice(&i[..3]);
-                }
-            }
-            PixelFormat::Bgra8 => {
-                for (o, i) in out.chunks_exact_mut(3).zip(row.chunks_exact(4)) {
-                    o[0] = i[2];
-                    o[1] = i[1];
-                    o[2] = i[0];
-                }
-            }
-            PixelFormat::Gray8 => {
-                for (o, &g) in out.chunks_exact_mut(3).zip(&row[..w]) {
-                    o.fill(g);
-                }
-            }
-            PixelFormat::Nv12 => {
-                let k = self.yuv.coeffs();
-                let luma = &row[..w];
-                let uv_start = self.stride * self.height + (y / 2) * self.stride;
-                let uv = &self.data[uv_start..uv_start + w.div_ceil(2) * 2];
-                nv12_row(&k, luma, uv, out);
-            }
-            PixelFormat::Yuyv => {
-                let k = self.yuv.coeffs();
-                let packed = &row[..w.div_ceil(2) * 4];
-                for (x, o) in out.chunks_exact_mut(3).enumerate() {
-                    let q = &packed[(x / 2) * 4..(x / 2) * 4 + 4];
-                    let yv = if x % 2 == 0 { q[0] } else { q[2] };
-                    o.copy_from_slice(&k.rgb(yv, q[1], q[3]));
-                }
-            }
-        }
-    }
-
     /// Converts row `y` to planar R, G, B (each at least `width` bytes),
     /// using `scratch` (made for at least this width) for YUV formats. Rows
     /// past the end are clamped to the last row.
@@ -440,7 +392,7 @@ impl<'a> Frame<'a> {
     }
 
     /// The RGB value of one pixel, computed the plain way (reference for
-    /// tests; [`Frame::row_to_rgb`] is the fast path).
+    /// tests; [`Frame::row_to_planar`] is the fast path).
     pub fn pixel_rgb(&self, x: usize, y: usize) -> [u8; 3] {
         let d = self.data;
         let s = self.stride;
@@ -460,34 +412,6 @@ impl<'a> Frame<'a> {
                 self.yuv.coeffs().rgb(yv, d[q + 1], d[q + 3])
             }
         }
-    }
-}
-
-/// One NV12 row: pairs of pixels share a U V pair. Written so the compiler
-/// vectorises the arithmetic (fixed-size chunks, no per-pixel branches).
-fn nv12_row(k: &YuvCoeffs, luma: &[u8], uv: &[u8], out: &mut [u8]) {
-    let pairs = luma.len() / 2;
-    let (out_pairs, out_tail) = out.split_at_mut(pairs * 6);
-    for ((o, l), c) in out_pairs
-        .chunks_exact_mut(6)
-        .zip(luma.chunks_exact(2))
-        .zip(uv.chunks_exact(2))
-    {
-        let u = c[0] as i32 - 128;
-        let v = c[1] as i32 - 128;
-        let r = k.vr * v;
-        let g = k.ug * u + k.vg * v;
-        let b = k.ub * u;
-        for i in 0..2 {
-            let yy = (l[i] as i32 - k.y_offset) * k.y + (1 << 15);
-            o[3 * i] = ((yy + r) >> 16).clamp(0, 255) as u8;
-            o[3 * i + 1] = ((yy + g) >> 16).clamp(0, 255) as u8;
-            o[3 * i + 2] = ((yy + b) >> 16).clamp(0, 255) as u8;
-        }
-    }
-    if luma.len() % 2 == 1 {
-        let x = luma.len() - 1;
-        out_tail[..3].copy_from_slice(&k.rgb(luma[x], uv[x], uv[x + 1]));
     }
 }
 
@@ -596,12 +520,7 @@ pub fn encode_rgb(img: &RgbImage, format: PixelFormat, m: YuvMatrix) -> Vec<u8> 
         let i = 3 * (y * w + x);
         [img.data[i], img.data[i + 1], img.data[i + 2]]
     };
-    let (kr, kb, limited) = match m {
-        YuvMatrix::Bt601Limited => (0.299, 0.114, true),
-        YuvMatrix::Bt601Full => (0.299, 0.114, false),
-        YuvMatrix::Bt709Limited => (0.2126, 0.0722, true),
-        YuvMatrix::Bt709Full => (0.2126, 0.0722, false),
-    };
+    let (kr, kb, limited) = m.params();
     let kg = 1.0 - kr - kb;
     let (ys, yo, cs) = if limited {
         (219.0, 16.0, 224.0)
@@ -852,28 +771,16 @@ mod tests {
 
     proptest! {
         #[test]
-        fn row_conversion_matches_per_pixel_reference((format, w, h, stride, data) in any_frame()) {
-            for m in [YuvMatrix::Bt601Limited, YuvMatrix::Bt709Full] {
-                let f = Frame::new(&data, format, w, h, stride).unwrap().with_yuv(m);
-                let mut row = vec![0u8; 3 * w];
-                for y in 0..h {
-                    f.row_to_rgb(y, &mut row);
-                    for x in 0..w {
-                        prop_assert_eq!(&row[3 * x..3 * x + 3], &f.pixel_rgb(x, y)[..]);
-                    }
-                }
-            }
-        }
-
-        #[test]
         fn planar_rows_match_per_pixel_reference((format, w, h, stride, data) in any_frame()) {
-            let f = Frame::new(&data, format, w, h, stride).unwrap().with_yuv(YuvMatrix::Bt709Limited);
-            let (mut r, mut g, mut b) = (vec![0u8; w], vec![0u8; w], vec![0u8; w]);
-            let mut scratch = RowScratch::new(w);
-            for y in 0..h {
-                f.row_to_planar(y, [&mut r, &mut g, &mut b], &mut scratch);
-                for x in 0..w {
-                    prop_assert_eq!([r[x], g[x], b[x]], f.pixel_rgb(x, y), "x {} y {}", x, y);
+            for m in [YuvMatrix::Bt601Limited, YuvMatrix::Bt709Limited, YuvMatrix::Bt709Full] {
+                let f = Frame::new(&data, format, w, h, stride).unwrap().with_yuv(m);
+                let (mut r, mut g, mut b) = (vec![0u8; w], vec![0u8; w], vec![0u8; w]);
+                let mut scratch = RowScratch::new(w);
+                for y in 0..h {
+                    f.row_to_planar(y, [&mut r, &mut g, &mut b], &mut scratch);
+                    for x in 0..w {
+                        prop_assert_eq!([r[x], g[x], b[x]], f.pixel_rgb(x, y), "x {} y {}", x, y);
+                    }
                 }
             }
         }
@@ -895,9 +802,11 @@ mod tests {
             bytes[12..16].copy_from_slice(&stride.to_le_bytes());
             if let Ok(f) = parse_packet(&bytes, &FrameLimits::default()) {
                 // Every row of a parsed frame is readable.
-                let mut row = vec![0u8; 3 * f.width()];
+                let w = f.width();
+                let (mut r, mut g, mut b) = (vec![0u8; w], vec![0u8; w], vec![0u8; w]);
+                let mut scratch = RowScratch::new(w);
                 for y in 0..f.height() {
-                    f.row_to_rgb(y, &mut row);
+                    f.row_to_planar(y, [&mut r, &mut g, &mut b], &mut scratch);
                 }
             }
         }
