@@ -27,11 +27,16 @@ pub struct PagedKv<'a> {
 }
 
 impl PagedKv<'_> {
-    fn row(&self, which: usize, pos: usize) -> &[f32] {
+    /// Index in `data` of K (`which` = 0) or V (1) of `pos`: the one place
+    /// the cache layout is written down.
+    pub fn offset(&self, which: usize, pos: usize) -> usize {
         let block = self.blocks[pos / self.block_tokens] as usize;
         let slot = pos % self.block_tokens;
-        let o = (((block * self.layers + self.layer) * 2 + which) * self.block_tokens + slot)
-            * self.kv_dim;
+        (((block * self.layers + self.layer) * 2 + which) * self.block_tokens + slot) * self.kv_dim
+    }
+
+    fn row(&self, which: usize, pos: usize) -> &[f32] {
+        let o = self.offset(which, pos);
         &self.data[o..o + self.kv_dim]
     }
 

@@ -5,8 +5,7 @@
 //!
 //! This file holds a single test so no other test allocates concurrently.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+mod counting;
 
 use osprey_kernels::pool::ThreadPool;
 use osprey_models::llm::gguf::Gguf;
@@ -15,35 +14,8 @@ use osprey_models::llm::model::{Logits, Model};
 use osprey_models::llm::sample::{Sampler, SamplingParams};
 use osprey_models::llm::testing::tiny_gguf;
 
-struct Counting;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: counting::Counting = counting::Counting;
 
 #[test]
 fn decode_passes_allocate_nothing_after_warmup() {
@@ -87,30 +59,25 @@ fn decode_passes_allocate_nothing_after_warmup() {
             .unwrap();
         let vocab = model.cfg.vocab;
         sampler.sample(&mut scratch.logits[..vocab], &history);
-        ALLOCS.store(0, Ordering::SeqCst);
-        COUNTING.store(true, Ordering::SeqCst);
         let mut toks = [72u32, 73];
-        for _ in 0..40 {
-            model
-                .forward(
-                    &mut kv,
-                    &mut [&mut a, &mut b],
-                    &[(0, toks[0]), (1, toks[1])],
-                    Logits::LastPerSeq,
-                    &mut scratch,
-                    &pool,
-                )
-                .unwrap();
-            for (k, t) in toks.iter_mut().enumerate() {
-                *t = sampler.sample(&mut scratch.logits[k * vocab..(k + 1) * vocab], &history);
+        let allocs = counting::allocations_in(|| {
+            for _ in 0..40 {
+                model
+                    .forward(
+                        &mut kv,
+                        &mut [&mut a, &mut b],
+                        &[(0, toks[0]), (1, toks[1])],
+                        Logits::LastPerSeq,
+                        &mut scratch,
+                        &pool,
+                    )
+                    .unwrap();
+                for (k, t) in toks.iter_mut().enumerate() {
+                    *t = sampler.sample(&mut scratch.logits[k * vocab..(k + 1) * vocab], &history);
+                }
             }
-        }
-        COUNTING.store(false, Ordering::SeqCst);
-        assert_eq!(
-            ALLOCS.load(Ordering::SeqCst),
-            0,
-            "allocations in 40 decode passes (int8 {int8})"
-        );
+        });
+        assert_eq!(allocs, 0, "allocations in 40 decode passes (int8 {int8})");
         assert_eq!(a.len(), 10 + 41);
     }
 }

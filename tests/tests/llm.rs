@@ -16,7 +16,7 @@
 
 use osprey_kernels::pool::ThreadPool;
 use osprey_models::llm::kv::KvCache;
-use osprey_models::llm::model::{Logits, Model};
+use osprey_models::llm::model::{Logits, Model, Scratch};
 use osprey_models::llm::sample::argmax;
 use osprey_tests::{llm_model, shared_dir};
 use serde_json::Value;
@@ -38,6 +38,25 @@ fn ids(v: &Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
+}
+
+/// One pass over `toks` with logits for every position.
+fn teacher_forced(model: &Model, toks: &[u32], pool: &ThreadPool) -> Scratch {
+    let mut kv = KvCache::new(model.cfg.n_layers, model.cfg.kv_dim(), 16, 64 << 20).unwrap();
+    let mut seq = kv.new_seq(toks.len());
+    let mut scratch = model.scratch(toks.len(), true);
+    let batch: Vec<(usize, u32)> = toks.iter().map(|&t| (0, t)).collect();
+    model
+        .forward(
+            &mut kv,
+            &mut [&mut seq],
+            &batch,
+            Logits::All,
+            &mut scratch,
+            pool,
+        )
+        .unwrap();
+    scratch
 }
 
 #[test]
@@ -77,20 +96,7 @@ fn teacher_forced_argmax_agrees_with_llama_cpp() {
             .iter()
             .map(|v| v.as_f64().unwrap())
             .collect();
-        let mut kv = KvCache::new(model.cfg.n_layers, model.cfg.kv_dim(), 16, 64 << 20).unwrap();
-        let mut seq = kv.new_seq(toks.len());
-        let mut scratch = model.scratch(toks.len(), true);
-        let batch: Vec<(usize, u32)> = toks.iter().map(|&t| (0, t)).collect();
-        model
-            .forward(
-                &mut kv,
-                &mut [&mut seq],
-                &batch,
-                Logits::All,
-                &mut scratch,
-                &pool,
-            )
-            .unwrap();
+        let scratch = teacher_forced(&model, &toks, &pool);
         let vocab = model.cfg.vocab;
         // The first logits against llama.cpp's sample.
         let sample = case["logits_first8_rows_sample"].as_array().unwrap();
@@ -225,20 +231,7 @@ fn exact_logits_match_numpy_float64() {
     let (mut worst, mut agree, mut total) = (0.0f64, 0, 0);
     for case in r["cases"].as_array().unwrap() {
         let toks = ids(&case["ids"]);
-        let mut kv = KvCache::new(model.cfg.n_layers, model.cfg.kv_dim(), 16, 64 << 20).unwrap();
-        let mut seq = kv.new_seq(toks.len());
-        let mut scratch = model.scratch(toks.len(), true);
-        let batch: Vec<(usize, u32)> = toks.iter().map(|&t| (0, t)).collect();
-        model
-            .forward(
-                &mut kv,
-                &mut [&mut seq],
-                &batch,
-                Logits::All,
-                &mut scratch,
-                &pool,
-            )
-            .unwrap();
+        let scratch = teacher_forced(&model, &toks, &pool);
         for (i, want) in ids(&case["argmax"]).iter().enumerate() {
             let row = scratch.logits_row(i, vocab);
             total += 1;

@@ -394,16 +394,21 @@ impl ExecutionContext {
         self.set_input_index(i, data)
     }
 
-    /// As [`ExecutionContext::set_input`], by position.
-    pub fn set_input_index(&mut self, i: usize, data: &[f32]) -> Result<()> {
-        let (desc, off) = self
-            .engine
+    /// Input `i`'s description and arena offset.
+    fn input_slot(&self, i: usize) -> Result<(&TensorDesc, usize)> {
+        self.engine
             .inputs
             .get(i)
+            .map(|(d, off)| (d, *off))
             .ok_or_else(|| EngineError::Input {
                 name: format!("#{i}"),
                 msg: "no such input".into(),
-            })?;
+            })
+    }
+
+    /// As [`ExecutionContext::set_input`], by position.
+    pub fn set_input_index(&mut self, i: usize, data: &[f32]) -> Result<()> {
+        let (desc, _) = self.input_slot(i)?;
         if data.len() != desc.numel() {
             return Err(EngineError::Input {
                 name: desc.name.clone(),
@@ -421,9 +426,7 @@ impl ExecutionContext {
                 msg: format!("value {} at index {bad} is not finite", data[bad]),
             });
         }
-        let start = self.base + off;
-        self.arena[start..start + data.len()].copy_from_slice(data);
-        self.inputs_set[i] = true;
+        self.input_mut(i)?.copy_from_slice(data);
         Ok(())
     }
 
@@ -433,14 +436,7 @@ impl ExecutionContext {
     /// must write finite values (they are not checked, unlike
     /// [`ExecutionContext::set_input`]).
     pub fn input_mut(&mut self, i: usize) -> Result<&mut [f32]> {
-        let (desc, off) = self
-            .engine
-            .inputs
-            .get(i)
-            .ok_or_else(|| EngineError::Input {
-                name: format!("#{i}"),
-                msg: "no such input".into(),
-            })?;
+        let (desc, off) = self.input_slot(i)?;
         let start = self.base + off;
         let len = desc.numel();
         self.inputs_set[i] = true;

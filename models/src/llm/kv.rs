@@ -192,24 +192,6 @@ impl KvCache {
         self.truncate(seq, 0);
     }
 
-    fn offset(&self, seq: &SeqKv, layer: usize, which: usize, pos: usize) -> usize {
-        let block = seq.blocks[pos / self.block_tokens] as usize;
-        let slot = pos % self.block_tokens;
-        (((block * self.layers + layer) * 2 + which) * self.block_tokens + slot) * self.kv_dim
-    }
-
-    /// K of `pos` (a reserved position) in `layer`.
-    pub fn k(&self, seq: &SeqKv, layer: usize, pos: usize) -> &[f32] {
-        let o = self.offset(seq, layer, 0, pos);
-        &self.data[o..o + self.kv_dim]
-    }
-
-    /// V of `pos` in `layer`.
-    pub fn v(&self, seq: &SeqKv, layer: usize, pos: usize) -> &[f32] {
-        let o = self.offset(seq, layer, 1, pos);
-        &self.data[o..o + self.kv_dim]
-    }
-
     /// `seq`'s K/V of `layer` as the attention kernel reads them.
     pub fn paged<'a>(
         &'a self,
@@ -228,10 +210,12 @@ impl KvCache {
 
     /// Writes K and V of `pos` in `layer`.
     pub fn write(&mut self, seq: &SeqKv, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let o = self.offset(seq, layer, 0, pos);
-        self.data[o..o + self.kv_dim].copy_from_slice(k);
-        let o = self.offset(seq, layer, 1, pos);
-        self.data[o..o + self.kv_dim].copy_from_slice(v);
+        let (ok, ov) = {
+            let p = self.paged(seq, layer);
+            (p.offset(0, pos), p.offset(1, pos))
+        };
+        self.data[ok..ok + self.kv_dim].copy_from_slice(k);
+        self.data[ov..ov + self.kv_dim].copy_from_slice(v);
     }
 }
 
@@ -270,8 +254,8 @@ mod tests {
         kv.advance(&mut b, 4);
         kv.write(&b, 1, 0, &[99.0; 8], &[98.0; 8]);
         for p in 0..6 {
-            assert_eq!(kv.k(&a, 1, p)[0], p as f32);
-            assert_eq!(kv.v(&a, 1, p)[3], -(p as f32));
+            assert_eq!(kv.paged(&a, 1).k(p)[0], p as f32);
+            assert_eq!(kv.paged(&a, 1).v(p)[3], -(p as f32));
         }
         kv.truncate(&mut a, 3);
         assert_eq!((a.len(), a.blocks(), kv.free_blocks()), (3, 1, 1));
