@@ -19,7 +19,7 @@ use crate::stats::LatencySummary;
     name = "osprey",
     version,
     about = "osprey: real-time inference for robots — build, run, measure and check engines",
-    after_help = "Typical use:\n  osprey inspect --onnx model.onnx\n  osprey build --onnx model.onnx --out model.engine --timing-cache osprey-timing.json\n  osprey bench --engine model.engine\n  osprey detect --onnx models/zoo/centernet_mbv3_coco_512.onnx --model-desc models/zoo/centernet_mbv3_coco_512.toml --image dog.jpg --draw dog-boxes.png\n  osprey chat --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt \"How do I reset the lidar?\"\n  osprey doctor --engine model.engine"
+    after_help = "Typical use:\n  osprey inspect --onnx model.onnx\n  osprey build --onnx model.onnx --out model.engine --timing-cache osprey-timing.json\n  osprey bench --engine model.engine\n  osprey detect --onnx models/zoo/centernet_mbv3_coco_512.onnx --model-desc models/zoo/centernet_mbv3_coco_512.toml --image dog.jpg --draw dog-boxes.png\n  osprey chat --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt \"How do I reset the lidar?\"\n  osprey doctor --engine model.engine\n  osprey camera --robot rover1 --images frames/ --fps 15 --encoding nv12\n  osprey ask --robot rover1 \"Why is the left wheel motor hot?\"\n  osprey status --robot rover1 --connect tcp/192.168.1.20:7447"
 )]
 pub struct Cli {
     /// What to do.
@@ -54,6 +54,16 @@ pub enum Command {
     /// memlock limit, CPU governor, real-time scheduling, zenoh reachability,
     /// engine/device match. Exits 1 if a check fails.
     Doctor(crate::doctor::DoctorArgs),
+    /// Publish image files as camera frames to a running ospreyd
+    /// (osprey/{robot}/camera/{cam}/frame), at a fixed rate.
+    Camera(crate::client::CameraArgs),
+    /// Print every sample on a zenoh key expression (frames summarised).
+    Watch(crate::client::WatchArgs),
+    /// Ask the robot's onboard assistant; the answer streams as it is
+    /// generated.
+    Ask(crate::client::AskArgs),
+    /// Show a running ospreyd's health and metrics as a table.
+    Status(crate::client::StatusArgs),
 }
 
 /// Where the model comes from (shared by the model subcommands).
@@ -177,6 +187,10 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Classify(a) => crate::vision::classify(a),
         Command::Chat(a) => crate::chat::chat(a),
         Command::Tokenize(a) => crate::chat::tokenize(a),
+        Command::Camera(a) => crate::client::camera(a),
+        Command::Watch(a) => crate::client::watch(a),
+        Command::Ask(a) => crate::client::ask(a),
+        Command::Status(a) => crate::client::status(a),
     }
 }
 

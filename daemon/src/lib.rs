@@ -1,8 +1,8 @@
 //! # osprey-daemon
 //!
-//! The programs robots run: the `osprey` command-line tool (and, with the
-//! daemon issue, `ospreyd`). This crate contains no kernels; it wires the
-//! engine to files, flags and output formats.
+//! The programs robots run: the `ospreyd` daemon and the `osprey`
+//! command-line tool. This crate contains no kernels; it wires the engine
+//! and the model families to topics, files, flags and output formats.
 //!
 //! | module | what it holds |
 //! |---|---|
@@ -12,10 +12,24 @@
 //! | [`stats`] | latency statistics (trtexec-style summaries) |
 //! | [`chat`] | `osprey chat` / `osprey tokenize`: the onboard assistant |
 //! | [`vision`] | `osprey detect` / `osprey classify`: images to boxes and labels |
+//! | [`config`] | `ospreyd.toml`: models, assistant, pools, lanes |
+//! | [`serve`] | the serving core: latest-wins frame slots, EDF lanes, the assistant job |
+//! | [`metrics`] | lock-free counters and latency histograms |
+//! | [`bus`] | zenoh topics and session set-up |
+//! | [`sdnotify`] | the systemd notify protocol (READY, STATUS, WATCHDOG, STOPPING) |
+//! | [`daemon`] | `ospreyd`: start-up, signals, reload, drain |
+//! | [`client`] | `osprey camera`, `watch`, `ask`, `status` |
 
 pub mod build;
+pub mod bus;
 pub mod chat;
 pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
 pub mod doctor;
+pub mod metrics;
+pub mod sdnotify;
+pub mod serve;
 pub mod stats;
 pub mod vision;

@@ -108,6 +108,11 @@ pub struct Runtime {
     order: Vec<SeqId>,
 }
 
+/// Bytes reserved for a sequence's text: 16 per token, at most 1 MiB.
+fn opts_text_capacity(max_tokens: usize) -> usize {
+    max_tokens.saturating_mul(16).clamp(64, 1 << 20)
+}
+
 /// Longest draft verified in one pass.
 const MAX_DRAFT: usize = 4;
 
@@ -164,6 +169,7 @@ impl Runtime {
             )));
         }
         let cap = (prompt.len() + opts.max_tokens + MAX_DRAFT + 1).min(ctx);
+        let max_tokens = opts.max_tokens;
         let mut tokens = Vec::with_capacity(cap);
         tokens.extend_from_slice(prompt);
         let seq = Seq {
@@ -173,7 +179,9 @@ impl Runtime {
             sampler: Sampler::new(opts.sampling.clone()),
             opts,
             decoder: StreamDecoder::default(),
-            text: String::new(),
+            // Room for the whole answer up front: streaming text does not
+            // reallocate on the decode path (tokens average ~4 bytes).
+            text: String::with_capacity(opts_text_capacity(max_tokens)),
             emitted: 0,
             next: None,
             done: None,
@@ -265,8 +273,7 @@ impl Runtime {
         seq.tokens.push(tok);
         seq.stats.generated_tokens += 1;
         if !tk.is_special(tok) {
-            let piece = seq.decoder.push(tk.token_bytes(tok));
-            seq.text.push_str(&piece);
+            seq.decoder.push_into(tk.token_bytes(tok), &mut seq.text);
         }
         seq.next = Some(tok);
         if let Some(stop) = seq
@@ -423,6 +430,20 @@ impl Runtime {
         Ok(out)
     }
 
+    /// Text generated since the last call, borrowed (whole UTF-8
+    /// characters only; allocation-free, for the daemon's decode path).
+    pub fn new_text(&mut self, id: SeqId) -> Result<&str, LlmError> {
+        let s = self.seq_mut(id)?;
+        let from = s.emitted.min(s.text.len());
+        s.emitted = s.text.len();
+        Ok(s.text.get(from..).unwrap_or(""))
+    }
+
+    /// Figures of a live sequence so far.
+    pub fn stats(&self, id: SeqId) -> Option<&GenStats> {
+        self.seqs.get(id).and_then(Option::as_ref).map(|s| &s.stats)
+    }
+
     /// Whether `id` has finished, and why.
     pub fn done(&self, id: SeqId) -> Option<StopReason> {
         self.seqs
@@ -443,6 +464,18 @@ impl Runtime {
         let mut kv = std::mem::replace(&mut s.kv, SeqKv::empty());
         self.kv.release(&mut kv);
         Ok(())
+    }
+
+    /// Removes a sequence, returning its figures and why it stopped (the
+    /// KV blocks go back to the pool; allocation-free).
+    pub fn remove(&mut self, id: SeqId) -> Result<(GenStats, Option<StopReason>), LlmError> {
+        let mut s = self
+            .seqs
+            .get_mut(id)
+            .and_then(Option::take)
+            .ok_or_else(|| LlmError::Request(format!("no sequence {id}")))?;
+        self.kv.release(&mut s.kv);
+        Ok((s.stats, s.done))
     }
 
     /// Removes a sequence: its generated tokens, full text and figures.

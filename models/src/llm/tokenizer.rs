@@ -337,23 +337,32 @@ pub struct StreamDecoder {
 impl StreamDecoder {
     /// Appends a token's bytes; returns the text that is now complete.
     pub fn push(&mut self, bytes: &[u8]) -> String {
-        self.pending.extend_from_slice(bytes);
         let mut out = String::new();
+        self.push_into(bytes, &mut out);
+        out
+    }
+
+    /// Appends a token's bytes and the text that is now complete to `out`;
+    /// allocation-free once the buffers have warmed up.
+    pub fn push_into(&mut self, bytes: &[u8], out: &mut String) {
+        self.pending.extend_from_slice(bytes);
         loop {
             match std::str::from_utf8(&self.pending) {
                 Ok(s) => {
                     out.push_str(s);
                     self.pending.clear();
-                    return out;
+                    return;
                 }
                 Err(e) => {
                     let good = e.valid_up_to();
-                    out.push_str(&String::from_utf8_lossy(&self.pending[..good]));
+                    if let Ok(s) = std::str::from_utf8(&self.pending[..good]) {
+                        out.push_str(s);
+                    }
                     match e.error_len() {
                         // Incomplete character at the end: wait for more.
                         None => {
                             self.pending.drain(..good);
-                            return out;
+                            return;
                         }
                         // Invalid bytes: replace them and go on.
                         Some(n) => {

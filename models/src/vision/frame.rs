@@ -68,7 +68,8 @@ impl PixelFormat {
             .ok_or_else(|| VisionError::UnknownEncoding(s.to_string()))
     }
 
-    /// Stable wire code (used by [`parse_packet`]).
+    /// Stable wire code (the encoding byte of a frame packet, see
+    /// [`super::packet`]).
     pub fn code(self) -> u8 {
         match self {
             PixelFormat::Rgb8 => 1,
@@ -81,7 +82,8 @@ impl PixelFormat {
         }
     }
 
-    fn from_code(c: u8) -> Option<PixelFormat> {
+    /// The format with wire code `c`.
+    pub fn from_code(c: u8) -> Option<PixelFormat> {
         PixelFormat::ALL.into_iter().find(|f| f.code() == c)
     }
 
@@ -602,68 +604,6 @@ pub fn encode_rgb(img: &RgbImage, format: PixelFormat, m: YuvMatrix) -> Vec<u8> 
     out
 }
 
-/// Size of the [`parse_packet`] header in bytes.
-pub const PACKET_HEADER_LEN: usize = 16;
-/// Magic bytes that start a frame packet.
-pub const PACKET_MAGIC: [u8; 4] = *b"OSPF";
-
-/// A frame packet's header, as written by [`write_packet_header`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PacketHeader {
-    /// Pixel format.
-    pub format: PixelFormat,
-    /// Width in pixels.
-    pub width: u32,
-    /// Height in pixels.
-    pub height: u32,
-    /// Bytes per row; 0 means tightly packed.
-    pub stride: u32,
-}
-
-/// Writes the 16-byte little-endian header: `b"OSPF"`, format code (u8),
-/// 3 reserved zero bytes, width (u16), height (u16), stride (u32).
-pub fn write_packet_header(h: &PacketHeader) -> [u8; PACKET_HEADER_LEN] {
-    let mut out = [0u8; PACKET_HEADER_LEN];
-    out[..4].copy_from_slice(&PACKET_MAGIC);
-    out[4] = h.format.code();
-    out[8..10].copy_from_slice(&(h.width.min(u16::MAX as u32) as u16).to_le_bytes());
-    out[10..12].copy_from_slice(&(h.height.min(u16::MAX as u32) as u16).to_le_bytes());
-    out[12..16].copy_from_slice(&h.stride.to_le_bytes());
-    out
-}
-
-/// The fuzz-friendly entry point: parses a frame packet (16-byte header,
-/// then pixels) from untrusted bytes into a validated [`Frame`]. Never
-/// panics; every malformed input is a typed error.
-pub fn parse_packet<'a>(bytes: &'a [u8], limits: &FrameLimits) -> Result<Frame<'a>, VisionError> {
-    let Some((head, pixels)) = bytes.split_first_chunk::<PACKET_HEADER_LEN>() else {
-        return Err(VisionError::BadPacket(format!(
-            "{} bytes, shorter than the {PACKET_HEADER_LEN}-byte header",
-            bytes.len()
-        )));
-    };
-    if head[..4] != PACKET_MAGIC {
-        return Err(VisionError::BadPacket(format!(
-            "bad magic {:02x?} (expected \"OSPF\")",
-            &head[..4]
-        )));
-    }
-    let format = PixelFormat::from_code(head[4])
-        .ok_or_else(|| VisionError::UnknownEncoding(format!("pixel format code {}", head[4])))?;
-    let width = u16::from_le_bytes([head[8], head[9]]) as usize;
-    let height = u16::from_le_bytes([head[10], head[11]]) as usize;
-    let stride = u32::from_le_bytes([head[12], head[13], head[14], head[15]]) as usize;
-    limits.check(width, height)?;
-    let stride = if stride == 0 {
-        format
-            .min_stride(width)
-            .ok_or(VisionError::EmptyFrame { width, height })?
-    } else {
-        stride
-    };
-    Frame::with_limits(pixels, format, width, height, stride, limits)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -784,32 +724,6 @@ mod tests {
                 }
             }
         }
-
-        #[test]
-        fn packets_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = parse_packet(&bytes, &FrameLimits::default());
-        }
-
-        #[test]
-        fn packets_with_valid_header_and_random_sizes(
-            code in 0u8..9, w in 0u16..20, h in 0u16..20, stride in 0u32..80, len in 0usize..1500
-        ) {
-            let mut bytes = vec![0u8; PACKET_HEADER_LEN + len];
-            bytes[..4].copy_from_slice(&PACKET_MAGIC);
-            bytes[4] = code;
-            bytes[8..10].copy_from_slice(&w.to_le_bytes());
-            bytes[10..12].copy_from_slice(&h.to_le_bytes());
-            bytes[12..16].copy_from_slice(&stride.to_le_bytes());
-            if let Ok(f) = parse_packet(&bytes, &FrameLimits::default()) {
-                // Every row of a parsed frame is readable.
-                let w = f.width();
-                let (mut r, mut g, mut b) = (vec![0u8; w], vec![0u8; w], vec![0u8; w]);
-                let mut scratch = RowScratch::new(w);
-                for y in 0..f.height() {
-                    f.row_to_planar(y, [&mut r, &mut g, &mut b], &mut scratch);
-                }
-            }
-        }
     }
 
     #[test]
@@ -852,23 +766,5 @@ mod tests {
                 assert!(worst <= tol, "{format} {m:?}: off by {worst}");
             }
         }
-    }
-
-    #[test]
-    fn packet_roundtrip() {
-        let h = PacketHeader {
-            format: PixelFormat::Nv12,
-            width: 4,
-            height: 2,
-            stride: 0,
-        };
-        let mut bytes = write_packet_header(&h).to_vec();
-        bytes.extend_from_slice(&[16u8; 12]);
-        let f = parse_packet(&bytes, &FrameLimits::default()).unwrap();
-        assert_eq!(
-            (f.format(), f.width(), f.height(), f.stride()),
-            (PixelFormat::Nv12, 4, 2, 4)
-        );
-        assert!(parse_packet(&bytes[..bytes.len() - 1], &FrameLimits::default()).is_err());
     }
 }

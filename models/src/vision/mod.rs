@@ -1,27 +1,30 @@
 //! Vision pipelines: camera frames in, detections and labels out.
 //!
 //! * [`frame`]: borrowed raw frames (RGB8, BGR8, RGBA8, BGRA8, GRAY8, NV12,
-//!   YUYV), encoded JPEG/PNG, and the frame packet parser.
+//!   YUYV) and encoded JPEG/PNG.
+//! * [`packet`]: the versioned frame wire format (header + payload).
 //! * [`resize`] and [`preprocess`]: conversion + resize + normalisation +
 //!   layout straight into the engine's input tensor.
 //! * [`desc`]: the model description file (`<model>.toml`).
 //! * [`decode`]: CenterNet, YOLOv5 and YOLOv8 heads, NMS, classifier top-k.
 //! * [`pipeline`]: an engine, a preprocessor and a decoder together.
 //! * [`draw`]: labelled boxes on a copy of the image.
+//! * [`testing`]: synthetic models built in code, for tests.
 
 pub mod decode;
 pub mod desc;
 pub mod draw;
 pub mod frame;
+pub mod packet;
 pub mod pipeline;
 pub mod preprocess;
 pub mod resize;
+pub mod testing;
 
 pub use decode::{ClassScore, Detection};
 pub use desc::ModelDesc;
 pub use frame::{
-    decode_image, encode_rgb, parse_packet, read_image, Frame, FrameLimits, PixelFormat, RgbImage,
-    YuvMatrix,
+    decode_image, encode_rgb, read_image, Frame, FrameLimits, PixelFormat, RgbImage, YuvMatrix,
 };
 pub use pipeline::{Classifier, Detector, StageTimes};
 pub use preprocess::{ImageTransform, PreprocessSpec, Preprocessor};

@@ -279,6 +279,17 @@ impl Detector {
         &self.labels
     }
 
+    /// The detections of the last frame.
+    pub fn detections(&self) -> &[Detection] {
+        &self.dets
+    }
+
+    /// Bytes this detector holds for its engine context (arena, inputs,
+    /// outputs), reserved at construction.
+    pub fn allocated_bytes(&self) -> usize {
+        self.front.ctx.allocated_bytes()
+    }
+
     /// The description this detector was built from.
     pub fn desc(&self) -> &ModelDesc {
         &self.desc
@@ -348,6 +359,16 @@ impl Classifier {
     /// The class names.
     pub fn labels(&self) -> &[String] {
         &self.labels
+    }
+
+    /// Bytes held for the engine context, reserved at construction.
+    pub fn allocated_bytes(&self) -> usize {
+        self.front.ctx.allocated_bytes()
+    }
+
+    /// The classes of the last frame.
+    pub fn classes(&self) -> &[ClassScore] {
+        &self.classes
     }
 
     /// The description this classifier was built from.

@@ -1,12 +1,10 @@
-//! Synthetic detector models whose outputs the test controls: each output
-//! is a constant head tensor plus `0 × mean(image)`, so the graph really
-//! consumes the preprocessed frame while its outputs stay exactly known.
+//! Synthetic detector models whose outputs the test controls (see
+//! `osprey_models::vision::testing`).
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use osprey_engine::onnx::builder::{attr_i, attr_ints, ModelBuilder};
 use osprey_engine::onnx::import;
 use osprey_engine::Engine;
 use osprey_models::vision::desc::ModelDesc;
@@ -18,28 +16,8 @@ pub fn const_head_engine(
     w: usize,
     heads: &[(&str, Vec<usize>, Vec<f32>)],
 ) -> Arc<Engine> {
-    let mut m = ModelBuilder::new(13);
-    m.input("images", &[1, 3, h as i64, w as i64]);
-    m.node(
-        "ReduceMean",
-        &["images"],
-        &["mean"],
-        vec![attr_ints("axes", &[1, 2, 3]), attr_i("keepdims", 1)],
-    );
-    m.init_f32("zero", &[1], &[0.0]);
-    m.node("Mul", &["mean", "zero"], &["nothing"], vec![]);
-    for (i, (name, shape, data)) in heads.iter().enumerate() {
-        let rank = shape.len();
-        let flat = format!("flat{i}");
-        let shp = format!("shape{i}");
-        m.init_i64(&shp, &[rank], &vec![1; rank]);
-        m.node("Reshape", &["nothing", &shp], &[&flat], vec![]);
-        let k = format!("head{i}");
-        m.init_f32(&k, shape, data);
-        m.node("Add", &[&k, &flat], &[name], vec![]);
-        m.output(name);
-    }
-    let g = import(&m.to_bytes(), &HashMap::new()).expect("synthetic model imports");
+    let bytes = osprey_models::vision::testing::const_head_onnx(h, w, heads);
+    let g = import(&bytes, &HashMap::new()).expect("synthetic model imports");
     Arc::new(Engine::new(g).expect("synthetic engine"))
 }
 
