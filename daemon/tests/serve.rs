@@ -271,7 +271,7 @@ fn drain_finishes_or_cancels_accepted_work() {
 
     let (dir, core, _sink) = start("drain2", "");
     // A long answer, so it is surely still running when the drain starts.
-    let text = config_text("").replace("max_answer_tokens = 24", "max_answer_tokens = 400");
+    let text = config_text("").replace("max_answer_tokens = 24", "max_answer_tokens = 100");
     std::fs::write(dir.join("ospreyd.toml"), text).unwrap();
     core.shutdown();
     let cfg = Config::load(&dir.join("ospreyd.toml")).unwrap();

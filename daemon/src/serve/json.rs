@@ -1,0 +1,64 @@
+//! Detection JSON written into a reused buffer (allocation-free).
+
+#[allow(unused_imports)]
+use super::*;
+
+/// A JSON number (non-finite values become null).
+pub(super) fn num(v: f32) -> JsonNum {
+    JsonNum(v)
+}
+
+pub(super) struct JsonNum(f32);
+
+impl std::fmt::Display for JsonNum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_finite() {
+            write!(f, "{}", self.0)
+        } else {
+            f.write_str("null")
+        }
+    }
+}
+
+pub(super) fn write_label(out: &mut Vec<u8>, labels: &[String], id: u32) -> Result<()> {
+    match labels.get(id as usize) {
+        Some(l) => serde_json::to_writer(&mut *out, l.as_str())?,
+        None => write!(out, "\"class {id}\"")?,
+    }
+    Ok(())
+}
+
+pub(super) fn write_head(
+    out: &mut Vec<u8>,
+    model: &str,
+    camera: &str,
+    h: &packet::Header,
+) -> Result<()> {
+    out.extend_from_slice(b"{\"model\":");
+    serde_json::to_writer(&mut *out, model)?;
+    out.extend_from_slice(b",\"camera\":");
+    serde_json::to_writer(&mut *out, camera)?;
+    let enc = match h.encoding {
+        Encoding::Raw(PixelFormat::Rgb8) => "rgb8",
+        e => e.name(),
+    };
+    write!(
+        out,
+        ",\"seq\":{},\"capture_ns\":{},\"width\":{},\"height\":{},\"encoding\":\"{enc}\"",
+        h.seq, h.capture_ns, h.width, h.height
+    )?;
+    Ok(())
+}
+
+pub(super) fn write_latency(out: &mut Vec<u8>, t: &StageTimes, e2e_ms: f64) -> Result<()> {
+    write!(
+        out,
+        ",\"latency_ms\":{{\"preprocess\":{:.4},\"infer\":{:.4},\"decode\":{:.4},\"total\":{:.4},\"runs\":1,\"end_to_end\":{:.4}}}}}",
+        t.preprocess_ms,
+        t.infer_ms,
+        t.decode_ms,
+        t.total_ms(),
+        e2e_ms
+    )?;
+    Ok(())
+}
