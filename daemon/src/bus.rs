@@ -227,6 +227,20 @@ impl Bus {
                         } else {
                             c.metrics_json()
                         };
+                        // `?model=NAME` narrows the answer to one model.
+                        let v = match query.parameters().get("model") {
+                            None => v,
+                            Some(name) => match v["models"].get(name) {
+                                Some(m) => serde_json::json!({ "models": { name: m } }),
+                                None => {
+                                    let msg = serde_json::json!({
+                                        "error": format!("unknown model {name:?}; this robot runs {:?}", c.model_names()),
+                                    });
+                                    let _ = query.reply_err(msg.to_string()).wait();
+                                    return;
+                                }
+                            },
+                        };
                         let key = query.key_expr().clone();
                         let _ = query.reply(key, v.to_string()).wait();
                     })

@@ -266,13 +266,13 @@ fn yes() -> bool {
     true
 }
 fn default_kv_budget() -> usize {
-    32 << 20
+    64 << 20
 }
 fn default_concurrent() -> usize {
-    4
+    2
 }
 fn default_prompt_tokens() -> usize {
-    512
+    384
 }
 fn default_answer_tokens() -> usize {
     256
@@ -484,7 +484,7 @@ name = "assistant"
         assert_eq!(c.models[0].output_name(), "det");
         assert_eq!(c.models[0].fps, 10.0);
         let a = c.assistant.unwrap();
-        assert_eq!(a.max_concurrent, 4);
+        assert_eq!(a.max_concurrent, 2);
         assert_eq!(c.scheduler.lanes[1].cpu_workers, 1);
         assert!(c.pools.lock_memory);
     }

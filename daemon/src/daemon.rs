@@ -46,6 +46,33 @@ pub struct Args {
     /// Check the config (and that every model loads) and exit.
     #[arg(long)]
     pub check: bool,
+    /// Demo on this machine: an embedded zenoh peer, the bundled CenterNet
+    /// detector, the cached assistant LLM and an internal camera replaying
+    /// --images through the real topics. Prints every detections message
+    /// as a JSON line, asks one question, ends with a {"summary": ...} line.
+    #[arg(long)]
+    pub demo: bool,
+    /// Demo: folder of images to replay (default ../shared/fixtures/images).
+    #[arg(long, value_name = "DIR", requires = "demo")]
+    pub images: Option<PathBuf>,
+    /// Demo: seconds of camera frames.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub duration: f64,
+    /// Demo: camera frames per second.
+    #[arg(long, default_value_t = 5.0)]
+    pub fps: f64,
+    /// Demo: perception deadline after capture, ms.
+    #[arg(long, default_value_t = 200)]
+    pub deadline_ms: u64,
+    /// Demo: the question for the assistant.
+    #[arg(
+        long,
+        default_value = "The robot's front camera sees a dog on the path. What should the robot do?"
+    )]
+    pub question: String,
+    /// Demo: run without the assistant.
+    #[arg(long)]
+    pub no_assistant: bool,
 }
 
 /// Logs to journald when systemd connected stderr to the journal, to
@@ -74,10 +101,19 @@ pub fn init_logging() {
             }
         }
     }
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // zenoh's own info lines (session open/close, endpoints) only at warn.
+    let filter = tracing_subscriber::filter::Targets::new()
+        .with_default(level)
+        .with_target("zenoh", level.min(tracing::Level::WARN));
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
+        .with(filter)
         .try_init();
 }
 
@@ -95,6 +131,23 @@ fn lock_memory() {
 /// Runs the daemon; returns the process exit status.
 pub fn run(args: Args) -> i32 {
     init_logging();
+    if args.demo {
+        let opts = crate::demo::DemoOptions {
+            images: args.images.clone(),
+            duration: args.duration,
+            fps: args.fps,
+            deadline_ms: args.deadline_ms,
+            question: args.question.clone(),
+            no_assistant: args.no_assistant,
+        };
+        return match crate::demo::run(opts) {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!("demo: {e:#}");
+                1
+            }
+        };
+    }
     // Block the signals we handle before any thread starts, so every
     // thread inherits the mask and only `sigwait` sees them.
     let mut signals = SigSet::empty();

@@ -18,6 +18,7 @@
 //! | [`bus`] | zenoh topics and session set-up |
 //! | [`sdnotify`] | the systemd notify protocol (READY, STATUS, WATCHDOG, STOPPING) |
 //! | [`daemon`] | `ospreyd`: start-up, signals, reload, drain |
+//! | [`demo`] | `ospreyd --demo`: the whole product on one machine |
 //! | [`client`] | `osprey camera`, `watch`, `ask`, `status` |
 
 pub mod build;
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod doctor;
 pub mod metrics;
 pub mod sdnotify;

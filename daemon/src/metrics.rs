@@ -101,8 +101,12 @@ pub struct ModelMetrics {
     /// Frames replaced in their slot by a newer one before they ran.
     pub dropped: AtomicU64,
     /// Frames whose deadline passed before dispatch (dropped) or that
-    /// finished after it (published late).
+    /// finished after it (published late): `expired + late`.
     pub deadline_misses: AtomicU64,
+    /// Frames dropped at dispatch because their deadline had passed.
+    pub expired: AtomicU64,
+    /// Frames that ran but finished after their deadline.
+    pub late: AtomicU64,
     /// Frames that were malformed, too large or failed in the pipeline.
     pub errors: AtomicU64,
     /// Preprocessing latency.
@@ -186,6 +190,8 @@ impl Metrics {
                         "processed": get(&m.processed),
                         "dropped": get(&m.dropped),
                         "deadline_misses": get(&m.deadline_misses),
+                        "expired": get(&m.expired),
+                        "late": get(&m.late),
                         "errors": get(&m.errors),
                         "queue_depth": m.queue_depth.load(Ordering::Relaxed),
                         "latency_ms": {

@@ -512,6 +512,17 @@ impl Core {
                     }
                     self.expire(&mut st, Instant::now());
                     if let Some(job) = pick(&mut st) {
+                        if matches!(job, Job::Assistant)
+                            && st
+                                .assistant
+                                .as_ref()
+                                .is_some_and(|j| j.deadline < Instant::now())
+                        {
+                            self.metrics
+                                .assistant
+                                .step_deadline_misses
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
                         st.running += 1;
                         break job;
                     }
@@ -592,6 +603,7 @@ impl Core {
                     slot.free.push(p.buf);
                     let m = &self.metrics.models[slot.model];
                     m.deadline_misses.fetch_add(1, Ordering::Relaxed);
+                    m.expired.fetch_add(1, Ordering::Relaxed);
                     m.queue_depth.fetch_sub(1, Ordering::Relaxed);
                 }
             }
@@ -696,6 +708,7 @@ impl Core {
         m.processed.fetch_add(1, Ordering::Relaxed);
         if Instant::now() > p.deadline {
             m.deadline_misses.fetch_add(1, Ordering::Relaxed);
+            m.late.fetch_add(1, Ordering::Relaxed);
         }
         Ok(true)
     }
