@@ -73,6 +73,17 @@ pub struct Args {
     /// Demo: run without the assistant.
     #[arg(long)]
     pub no_assistant: bool,
+    /// Demo: ask again each time an answer ends, so the assistant streams
+    /// for the whole run (benchmarks).
+    #[arg(long, conflicts_with = "no_assistant")]
+    pub keep_asking: bool,
+    /// Demo: another ONNX model instead of the bundled CenterNet (with
+    /// --model-desc).
+    #[arg(long, value_name = "M.onnx", requires = "model_desc")]
+    pub onnx: Option<PathBuf>,
+    /// Demo: the description of --onnx.
+    #[arg(long = "model-desc", value_name = "D.toml", requires = "onnx")]
+    pub model_desc: Option<PathBuf>,
 }
 
 /// Logs to journald when systemd connected stderr to the journal, to
@@ -111,6 +122,7 @@ pub fn init_logging() {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_target(false),
         )
         .with(filter)
@@ -139,6 +151,8 @@ pub fn run(args: Args) -> i32 {
             deadline_ms: args.deadline_ms,
             question: args.question.clone(),
             no_assistant: args.no_assistant,
+            keep_asking: args.keep_asking,
+            model: args.onnx.clone().zip(args.model_desc.clone()),
         };
         return match crate::demo::run(opts) {
             Ok(()) => 0,

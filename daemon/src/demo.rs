@@ -35,6 +35,11 @@ pub struct DemoOptions {
     pub question: String,
     /// Run without the assistant.
     pub no_assistant: bool,
+    /// Ask again each time an answer ends, for the whole run.
+    pub keep_asking: bool,
+    /// Another perception model instead of the bundled CenterNet:
+    /// (ONNX file, model description).
+    pub model: Option<(PathBuf, PathBuf)>,
 }
 
 /// The bundled models: `$OSPREY_ZOO`, `./models/zoo`, next to the binary
@@ -61,8 +66,16 @@ pub fn cached_llm() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("OSPREY_LLM") {
         return Some(p.into());
     }
-    let home = std::env::var_os("HOME")?;
-    let p = Path::new(&home).join(".cache/osprey/llm/SmolLM2-135M-Instruct.Q4_1.gguf");
+    // Where scripts/fetch-llm.sh puts it.
+    let cache = match (
+        std::env::var_os("OSPREY_CACHE"),
+        std::env::var_os("XDG_CACHE_HOME"),
+    ) {
+        (Some(c), _) => PathBuf::from(c),
+        (None, Some(x)) => Path::new(&x).join("osprey"),
+        (None, None) => Path::new(&std::env::var_os("HOME")?).join(".cache/osprey"),
+    };
+    let p = cache.join("llm/SmolLM2-135M-Instruct.Q4_1.gguf");
     p.is_file().then_some(p)
 }
 
@@ -73,14 +86,33 @@ fn now_ns() -> u64 {
 }
 
 fn demo_config(zoo: &Path, opts: &DemoOptions, llm: Option<&Path>) -> Result<Config> {
-    let onnx = zoo.join("centernet_mbv3_coco_512.onnx");
-    let onnx = if onnx.is_file() {
-        onnx
-    } else {
-        // The Debian package ships the description; the model may live in
-        // the state directory.
-        PathBuf::from("/var/lib/osprey/centernet_mbv3_coco_512.onnx")
+    let (onnx, desc) = match &opts.model {
+        Some((m, d)) => (m.canonicalize()?, d.canonicalize()?),
+        None => {
+            let onnx = zoo.join("centernet_mbv3_coco_512.onnx");
+            let onnx = if onnx.is_file() {
+                onnx
+            } else {
+                // The Debian package ships the description; the model may
+                // live in the state directory.
+                PathBuf::from("/var/lib/osprey/centernet_mbv3_coco_512.onnx")
+            };
+            (onnx, zoo.join("centernet_mbv3_coco_512.toml"))
+        }
     };
+    let name: String = desc
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("model")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     let assistant = match llm {
         Some(p) => format!(
             "[assistant]\nmodel = {:?}\nkv_budget_bytes = 67108864\nmax_concurrent = 2\nmax_prompt_tokens = 256\nmax_answer_tokens = 96\nlane = \"assistant\"\n",
@@ -94,7 +126,7 @@ fn demo_config(zoo: &Path, opts: &DemoOptions, llm: Option<&Path>) -> Result<Con
 mode = "peer"
 listen = ["tcp/127.0.0.1:0"]
 [[models]]
-name = "centernet"
+name = "{name}"
 onnx = {onnx:?}
 model_desc = {desc:?}
 cameras = ["front"]
@@ -114,10 +146,7 @@ name = "assistant"
 cpu_workers = 1
 "#,
         onnx = onnx.display().to_string(),
-        desc = zoo
-            .join("centernet_mbv3_coco_512.toml")
-            .display()
-            .to_string(),
+        desc = desc.display().to_string(),
         deadline = opts.deadline_ms,
         fps = opts.fps,
     );
@@ -132,12 +161,61 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
+/// One question through the queryable: the answer, time to first text,
+/// decode rate.
+fn ask(
+    session: &zenoh::Session,
+    keys: &Keys,
+    question: &str,
+    duration: Duration,
+) -> Result<serde_json::Value> {
+    let t0 = Instant::now();
+    let replies = session
+        .get(keys.ask())
+        .payload(question.to_string())
+        .consolidation(zenoh::query::ConsolidationMode::None)
+        .timeout(duration + Duration::from_secs(120))
+        .wait()
+        .map_err(|e| anyhow!("zenoh: {e}"))?;
+    let mut answer = String::new();
+    let mut ttft = None;
+    let mut tok_s = 0.0;
+    while let Ok(r) = replies.recv() {
+        let Ok(sample) = r.result() else { continue };
+        let v: serde_json::Value =
+            serde_json::from_slice(&sample.payload().to_bytes()).unwrap_or_default();
+        if let Some(e) = v["error"].as_str() {
+            tracing::warn!("assistant: {e}");
+        }
+        if let Some(t) = v["text"].as_str().filter(|t| !t.is_empty()) {
+            ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1e3);
+            answer.push_str(t);
+        }
+        if v["done"] == true {
+            tok_s = v["decode_tok_s"].as_f64().unwrap_or(0.0);
+        }
+    }
+    Ok(serde_json::json!({
+        "question": question,
+        "answer": answer,
+        "ttft_ms": ttft.unwrap_or(0.0),
+        "decode_tok_s": tok_s,
+    }))
+}
+
+fn core_names(cfg: &Config) -> Vec<String> {
+    cfg.models
+        .iter()
+        .map(|m| m.output_name().to_string())
+        .collect()
+}
+
 /// Runs the demo; prints JSON lines on stdout.
 pub fn run(opts: DemoOptions) -> Result<()> {
     if !(opts.fps > 0.0 && opts.fps <= 240.0) {
         bail!("--fps must be in (0, 240]");
     }
-    if !(opts.duration > 0.0) {
+    if !(opts.duration.is_finite() && opts.duration > 0.0) {
         bail!("--duration must be above 0");
     }
     let zoo = find_zoo().context(
@@ -195,13 +273,14 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         multicast_scouting: false,
         ..cfg.zenoh.clone()
     })?;
-    let outputs = bus::outputs(&session, &keys, &["centernet".to_string()])?;
+    let outputs = bus::outputs(&session, &keys, &core_names(&cfg))?;
     let (core, report) = Core::start(cfg, outputs)?;
     for w in &report.warnings {
         tracing::warn!("admission: {w}");
     }
     tracing::info!(
-        "demo: centernet {:.1} ms per frame at warm-up; {} image(s) from {} at {} fps for {} s",
+        "demo: {} {:.1} ms per frame at warm-up; {} image(s) from {} at {} fps for {} s",
+        core.model_names().join(","),
         report.latency_ms.first().copied().unwrap_or(0.0),
         frames.len(),
         images.display(),
@@ -210,7 +289,10 @@ pub fn run(opts: DemoOptions) -> Result<()> {
     );
     let bus = Bus::declare(&session, core.clone())?;
 
-    let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+    // Per message: capture to receipt here, queue wait, pipeline
+    // (preprocess + infer + decode); the overhead (daemon and transport)
+    // is what is left.
+    let latencies = Arc::new(Mutex::new(Vec::<(f64, f64, f64)>::new()));
     let l = latencies.clone();
     let printed = Arc::new(AtomicU64::new(0));
     let pr = printed.clone();
@@ -219,9 +301,17 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         .callback(move |sample| {
             let bytes = sample.payload().to_bytes();
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-                if let Some(e) = v["latency_ms"]["end_to_end"].as_f64() {
+                let lm = &v["latency_ms"];
+                // Frame in (capture) to detections out (here, at a
+                // subscriber): includes zenoh's delivery both ways.
+                let delivered = v["capture_ns"]
+                    .as_u64()
+                    .map(|c| now_ns().saturating_sub(c) as f64 / 1e6);
+                if let (Some(e), Some(q), Some(t)) =
+                    (delivered, lm["queue"].as_f64(), lm["total"].as_f64())
+                {
                     if let Ok(mut l) = l.lock() {
-                        l.push(e);
+                        l.push((e, q, t));
                     }
                 }
             }
@@ -274,42 +364,16 @@ pub fn run(opts: DemoOptions) -> Result<()> {
     // One question through the real queryable, while the camera runs.
     let assistant = if llm.is_some() {
         std::thread::sleep(Duration::from_millis(500));
-        let t0 = Instant::now();
-        let replies = session
-            .get(keys.ask())
-            .payload(opts.question.clone())
-            .consolidation(zenoh::query::ConsolidationMode::None)
-            .timeout(duration + Duration::from_secs(120))
-            .wait()
-            .map_err(|e| anyhow!("zenoh: {e}"))?;
-        let mut answer = String::new();
-        let mut ttft = None;
-        let mut tok_s = 0.0;
-        let mut error = None;
-        while let Ok(r) = replies.recv() {
-            let Ok(sample) = r.result() else { continue };
-            let v: serde_json::Value =
-                serde_json::from_slice(&sample.payload().to_bytes()).unwrap_or_default();
-            if let Some(e) = v["error"].as_str() {
-                error = Some(e.to_string());
-            }
-            if let Some(t) = v["text"].as_str().filter(|t| !t.is_empty()) {
-                ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1e3);
-                answer.push_str(t);
-            }
-            if v["done"] == true {
-                tok_s = v["decode_tok_s"].as_f64().unwrap_or(0.0);
-            }
+        let first = ask(&session, &keys, &opts.question, duration)?;
+        // --keep-asking: the assistant streams for the whole run.
+        let mut answers = 1u64;
+        while opts.keep_asking && !camera.is_finished() {
+            ask(&session, &keys, &opts.question, duration)?;
+            answers += 1;
         }
-        if let Some(e) = error {
-            tracing::warn!("assistant: {e}");
-        }
-        Some(serde_json::json!({
-            "question": opts.question,
-            "answer": answer,
-            "ttft_ms": ttft.unwrap_or(0.0),
-            "decode_tok_s": tok_s,
-        }))
+        let mut v = first;
+        v["answers"] = answers.into();
+        Some(v)
     } else {
         None
     };
@@ -333,21 +397,30 @@ pub fn run(opts: DemoOptions) -> Result<()> {
     core.drain(Duration::from_secs(5));
     drop(bus);
     let m = &core.metrics().models[0];
-    let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
-    lat.sort_by(f64::total_cmp);
+    let all = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    let sorted = |f: fn(&(f64, f64, f64)) -> f64| {
+        let mut v: Vec<f64> = all.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let (lat, queue, pipeline) = (sorted(|x| x.0), sorted(|x| x.1), sorted(|x| x.2));
+    let over = sorted(|x| x.0 - x.1 - x.2);
+    let stats = |v: &[f64]| {
+        serde_json::json!({
+            "p50": percentile(v, 0.5),
+            "p99": percentile(v, 0.99),
+            "max": v.last().copied().unwrap_or(0.0),
+        })
+    };
     let summary = serde_json::json!({"summary": {
         "frames": sent.load(Ordering::Relaxed),
         "detections_published": m.processed.load(Ordering::Relaxed),
         "deadline_misses": m.deadline_misses.load(Ordering::Relaxed),
         "dropped_frames": m.dropped.load(Ordering::Relaxed),
-        "latency_ms": {
-            "p50": percentile(&lat, 0.5),
-            "p99": percentile(&lat, 0.99),
-            "max": lat.last().copied().unwrap_or(0.0),
-        },
-        "engine_ms": {
-            "p50": m.infer.summary().p50_ms,
-        },
+        "latency_ms": stats(&lat),
+        "queue_ms": stats(&queue),
+        "overhead_ms": stats(&over),
+        "pipeline_ms": stats(&pipeline),
         "assistant": assistant,
     }});
     println!("{summary}");

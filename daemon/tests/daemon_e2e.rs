@@ -105,16 +105,18 @@ fn ospreyd_serves_frames_and_questions_over_zenoh() {
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let mut daemon = Command::new(OSPREYD)
-        .args(["--config", dir.join("ospreyd.toml").to_str().unwrap()])
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "1000000")
-        .env_remove("JOURNAL_STREAM")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = Pid::from_raw(daemon.id() as i32);
+    let mut daemon = Spawned(
+        Command::new(OSPREYD)
+            .args(["--config", dir.join("ospreyd.toml").to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "1000000")
+            .env_remove("JOURNAL_STREAM")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = Pid::from_raw(daemon.0.id() as i32);
     let mut seen = Vec::new();
     let ready = expect(&sock, "READY=1", &mut seen);
     assert!(
@@ -212,7 +214,7 @@ fn ospreyd_serves_frames_and_questions_over_zenoh() {
     expect(&sock, "STOPPING=1", &mut seen);
     let t = Instant::now();
     let code = loop {
-        if let Some(s) = daemon.try_wait().unwrap() {
+        if let Some(s) = daemon.0.try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -224,6 +226,7 @@ fn ospreyd_serves_frames_and_questions_over_zenoh() {
     let mut log = String::new();
     use std::io::Read as _;
     daemon
+        .0
         .stderr
         .take()
         .unwrap()

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{now_ns, until};
+use common::{now_ns, until, Spawned};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use osprey_models::vision::packet::{self, Encoding, Header};
@@ -123,54 +123,78 @@ fn centernet_over_zenoh_matches_osprey_detect_and_survives_overload() {
     };
     let dir = std::env::temp_dir().join(format!("ospreyd-cn-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let endpoint = format!("tcp/127.0.0.1:{port}");
     let cfg_path = dir.join("ospreyd.toml");
     std::fs::write(&cfg_path, config(&dir, &endpoint, 5000)).unwrap();
     let sock_path = dir.join("notify.sock");
     let _ = std::fs::remove_file(&sock_path);
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let mut daemon = Command::new(OSPREYD)
-        .args(["--config", cfg_path.to_str().unwrap()])
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env_remove("JOURNAL_STREAM")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let pid = daemon.id();
+    let mut daemon = Spawned(
+        Command::new(OSPREYD)
+            .args(["--config", cfg_path.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env_remove("JOURNAL_STREAM")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = daemon.0.id();
     recv_prefix(&sock, "READY=1");
 
-    let session = osprey_daemon::bus::open_client(&[endpoint.clone()]).unwrap();
+    let session = osprey_daemon::bus::open_client(std::slice::from_ref(&endpoint)).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let got: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
     let g = got.clone();
     let _sub = session
         .declare_subscriber("osprey/cn/perception/centernet/detections")
         .callback(move |s| {
-            g.lock().unwrap().push(serde_json::from_slice(&s.payload().to_bytes()).unwrap());
+            g.lock()
+                .unwrap()
+                .push(serde_json::from_slice(&s.payload().to_bytes()).unwrap());
         })
         .wait()
         .unwrap();
-    let camera = session.declare_publisher("osprey/cn/camera/front/frame").wait().unwrap();
+    let camera = session
+        .declare_publisher("osprey/cn/camera/front/frame")
+        .wait()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
     // 1. Each image: the daemon's detections equal `osprey detect`.
     let zoo = root().join("models/zoo");
     for (i, f) in files.iter().enumerate() {
         camera.put(rgb_packet(f, i as u64)).wait().unwrap();
-        until(60, "detections of the image", || got.lock().unwrap().len() > i);
+        until(60, "detections of the image", || {
+            got.lock().unwrap().len() > i
+        });
         let daemon_json = got.lock().unwrap()[i].clone();
         assert_eq!(daemon_json["seq"], i as u64);
         let out = Command::new(OSPREY)
             .args(["detect", "--json", "--threads", "1"])
-            .args(["--onnx", zoo.join("centernet_mbv3_coco_512.onnx").to_str().unwrap()])
-            .args(["--model-desc", zoo.join("centernet_mbv3_coco_512.toml").to_str().unwrap()])
+            .args([
+                "--onnx",
+                zoo.join("centernet_mbv3_coco_512.onnx").to_str().unwrap(),
+            ])
+            .args([
+                "--model-desc",
+                zoo.join("centernet_mbv3_coco_512.toml").to_str().unwrap(),
+            ])
             .args(["--image", f.to_str().unwrap()])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let (a, b) = (
             daemon_json["detections"].as_array().unwrap(),
@@ -201,19 +225,29 @@ fn centernet_over_zenoh_matches_osprey_detect_and_survives_overload() {
     }
     let n = got.lock().unwrap().len();
     camera.put(rgb_packet(&files[1], 101)).wait().unwrap();
-    until(60, "a good frame after bad ones", || got.lock().unwrap().len() > n);
+    until(60, "a good frame after bad ones", || {
+        got.lock().unwrap().len() > n
+    });
     let m = metrics(&session, "osprey/cn/metrics").unwrap();
     assert_eq!(m["models"]["centernet"]["errors"], 3, "{m}");
     // Unknown model names in a query: an error reply.
     let e = metrics(&session, "osprey/cn/metrics?model=nope").unwrap_err();
     let e: serde_json::Value = serde_json::from_str(&e).unwrap();
-    assert!(e["error"].as_str().unwrap().starts_with("unknown model \"nope\""), "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("unknown model \"nope\""),
+        "{e}"
+    );
     let one = metrics(&session, "osprey/cn/health?model=centernet").unwrap();
     assert_eq!(one["models"]["centernet"]["state"], "serving");
 
     // 3. Overload at 5x the sustainable rate, with a deadline of 4x the
     // engine's latency (applied by SIGHUP).
-    let infer = m["models"]["centernet"]["latency_ms"]["end_to_end"]["p50_ms"].as_f64().unwrap();
+    let infer = m["models"]["centernet"]["latency_ms"]["end_to_end"]["p50_ms"]
+        .as_f64()
+        .unwrap();
     let deadline = (infer * 4.0).max(200.0) as u64;
     std::fs::write(&cfg_path, config(&dir, &endpoint, deadline)).unwrap();
     kill(Pid::from_raw(pid as i32), Signal::SIGHUP).unwrap();
@@ -221,7 +255,12 @@ fn centernet_over_zenoh_matches_osprey_detect_and_survives_overload() {
     let before = metrics(&session, "osprey/cn/metrics").unwrap()["models"]["centernet"].clone();
     let rss0 = rss_kib(pid);
     let rate = 5.0 * 1000.0 / infer;
-    let frames: Vec<Vec<u8>> = files.iter().take(3).enumerate().map(|(i, f)| rgb_packet(f, i as u64)).collect();
+    let frames: Vec<Vec<u8>> = files
+        .iter()
+        .take(3)
+        .enumerate()
+        .map(|(i, f)| rgb_packet(f, i as u64))
+        .collect();
     let t = Instant::now();
     let mut sent = 0u64;
     while t.elapsed() < Duration::from_secs(4) {
@@ -241,8 +280,16 @@ fn centernet_over_zenoh_matches_osprey_detect_and_survives_overload() {
     assert_eq!(d("received"), sent, "{after}");
     assert!(d("dropped") > 0, "a 5x overload drops frames: {after}");
     assert!(d("processed") > 0, "{after}");
-    assert_eq!(d("late"), 0, "a frame that ran finished after its deadline: {after}");
-    assert_eq!(d("received"), d("processed") + d("dropped") + d("expired"), "{after}");
+    assert_eq!(
+        d("late"),
+        0,
+        "a frame that ran finished after its deadline: {after}"
+    );
+    assert_eq!(
+        d("received"),
+        d("processed") + d("dropped") + d("expired"),
+        "{after}"
+    );
     assert!(
         rss1 < rss0 + 64 * 1024,
         "memory grew from {rss0} KiB to {rss1} KiB under overload"
@@ -255,6 +302,6 @@ fn centernet_over_zenoh_matches_osprey_detect_and_survives_overload() {
     );
 
     kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
-    let status = daemon.wait().unwrap();
+    let status = daemon.0.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }

@@ -50,14 +50,22 @@ pub(super) fn write_head(
     Ok(())
 }
 
-pub(super) fn write_latency(out: &mut Vec<u8>, t: &StageTimes, e2e_ms: f64) -> Result<()> {
+/// `latency_ms`: the `osprey detect` stages, plus `queue` (arrival to
+/// dispatch: waiting for a worker) and `end_to_end` (capture to publish).
+pub(super) fn write_latency(
+    out: &mut Vec<u8>,
+    t: &StageTimes,
+    queue_ms: f64,
+    e2e_ms: f64,
+) -> Result<()> {
     write!(
         out,
-        ",\"latency_ms\":{{\"preprocess\":{:.4},\"infer\":{:.4},\"decode\":{:.4},\"total\":{:.4},\"runs\":1,\"end_to_end\":{:.4}}}}}",
+        ",\"latency_ms\":{{\"preprocess\":{:.4},\"infer\":{:.4},\"decode\":{:.4},\"total\":{:.4},\"runs\":1,\"queue\":{:.4},\"end_to_end\":{:.4}}}}}",
         t.preprocess_ms,
         t.infer_ms,
         t.decode_ms,
         t.total_ms(),
+        queue_ms,
         e2e_ms
     )?;
     Ok(())

@@ -625,6 +625,7 @@ impl Core {
             (st.slots[si].model, st.slots[si].local)
         };
         let m = &self.metrics.models[mi];
+        let queue_ms = p.received.elapsed().as_secs_f64() * 1e3;
         m.queue_depth.fetch_sub(1, Ordering::Relaxed);
         let buf = lock(&lane.bufs[si][p.buf]);
         let (header, payload) = packet::parse(&buf)?;
@@ -699,7 +700,7 @@ impl Core {
         } else {
             p.received.elapsed().as_secs_f64() * 1e3
         };
-        write_latency(out, &times, e2e_ms)?;
+        write_latency(out, &times, queue_ms, e2e_ms)?;
         self.outputs.publish(mi, out);
         m.preprocess.record_ms(times.preprocess_ms);
         m.infer.record_ms(times.infer_ms);
