@@ -10,15 +10,11 @@ mod common;
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use osprey_models::llm::model::Model;
-use osprey_models::llm::runtime::{GenOptions, Runtime};
-use osprey_models::llm::tokenizer::Tokenizer;
 use osprey_models::vision::{draw, RgbImage};
 
 const OSPREYD: &str = env!("CARGO_BIN_EXE_ospreyd");
@@ -54,34 +50,6 @@ fn client(args: &[&str], endpoint: &str) -> std::process::Output {
         .args(["--connect", endpoint, "--robot", "testbot"])
         .output()
         .unwrap()
-}
-
-fn reference_answer(dir: &std::path::Path, q: &str) -> String {
-    let model = Arc::new(Model::load(&dir.join("tiny.gguf")).unwrap());
-    let sys = osprey_daemon::config::Config::load(&dir.join("ospreyd.toml"))
-        .unwrap()
-        .assistant
-        .unwrap()
-        .system_prompt;
-    let ids = model
-        .tokenizer
-        .encode(&Tokenizer::chat_prompt(Some(&sys), q), true)
-        .unwrap();
-    let mut rt = Runtime::new(model, 4 << 20, 1, 8).unwrap();
-    let id = rt
-        .add(
-            &ids,
-            GenOptions {
-                max_tokens: 24,
-                ..GenOptions::default()
-            },
-        )
-        .unwrap();
-    rt.prefill(id).unwrap();
-    while rt.done(id).is_none() {
-        rt.step().unwrap();
-    }
-    rt.finish(id).unwrap().1
 }
 
 #[test]

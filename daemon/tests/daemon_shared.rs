@@ -305,3 +305,57 @@ fn centernet_over_zenoh_matches_osprey_detect_and_survives_overload() {
     let status = daemon.0.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn the_demo_prints_detections_and_a_summary() {
+    if images().is_none() {
+        eprintln!("SKIPPED: ../shared/fixtures/images is absent");
+        return;
+    }
+    let out = Command::new(OSPREYD)
+        .current_dir(root())
+        .args([
+            "--demo",
+            "--duration",
+            "3",
+            "--fps",
+            "4",
+            "--deadline-ms",
+            "1000",
+        ])
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
+        .collect();
+    let (summary, dets) = lines.split_last().unwrap();
+    let s = &summary["summary"];
+    assert_eq!(
+        s["detections_published"].as_u64().unwrap() as usize,
+        dets.len(),
+        "{text}"
+    );
+    assert!(s["frames"].as_u64().unwrap() >= 10, "{s}");
+    assert!(!dets.is_empty());
+    for d in dets {
+        assert_eq!(d["model"], "centernet_mbv3_coco_512");
+    }
+    let lat = &s["latency_ms"];
+    assert!(lat["p50"].as_f64().unwrap() <= lat["p99"].as_f64().unwrap());
+    // With the cached assistant model, one streamed answer.
+    if !s["assistant"].is_null() {
+        assert!(
+            !s["assistant"]["answer"].as_str().unwrap().is_empty(),
+            "{s}"
+        );
+        assert!(s["assistant"]["ttft_ms"].as_f64().unwrap() > 0.0);
+    }
+}

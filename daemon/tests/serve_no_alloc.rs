@@ -9,7 +9,6 @@
 //! single test so no other test allocates concurrently.
 
 mod common;
-mod counting;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -19,7 +18,7 @@ use osprey_daemon::config::Config;
 use osprey_daemon::serve::{Core, Reply};
 
 #[global_allocator]
-static GLOBAL: counting::Counting = counting::Counting;
+static GLOBAL: osprey_engine::testing::Counting = osprey_engine::testing::Counting;
 
 /// Keeps the replies in preallocated storage (no allocation per reply).
 struct FixedReply {
@@ -82,7 +81,7 @@ fn frames_and_decode_steps_allocate_nothing_after_warm_up() {
         m.assistant.tokens.load(Ordering::SeqCst),
     );
     let steps_before = m.assistant.step.summary().count;
-    let allocs = counting::allocations_in(|| {
+    let allocs = osprey_engine::testing::allocations_in(|| {
         for f in &frames[4..] {
             let done = sink.count[0].load(Ordering::SeqCst);
             core.ingest("front", f);

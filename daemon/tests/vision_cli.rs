@@ -340,30 +340,19 @@ fn bad_images_and_descriptions_fail_with_one_line() {
 /// A YOLOv8-style model whose head is a constant (plus 0 × the image
 /// mean, so the image really flows through): two anchors, two classes.
 fn write_yolo_model(dir: &Path) -> (PathBuf, PathBuf) {
-    use osprey_engine::onnx::builder::{attr_i, attr_ints, ModelBuilder};
-    let mut m = ModelBuilder::new(13);
-    m.input("images", &[1, 3, 32, 32]);
-    m.node(
-        "ReduceMean",
-        &["images"],
-        &["mean"],
-        vec![attr_ints("axes", &[1, 2, 3]), attr_i("keepdims", 1)],
-    );
-    m.init_f32("zero", &[1], &[0.0]);
-    m.node("Mul", &["mean", "zero"], &["nothing"], vec![]);
-    m.init_i64("shape", &[3], &[1, 1, 1]);
-    m.node("Reshape", &["nothing", "shape"], &["flat"], vec![]);
     // [1, 6, 2], channel-major: row k holds attribute k of both anchors.
     // Anchor 0: (cx 8, cy 8, w 4, h 10), p = (0.9, 0.2) → cone.
     // Anchor 1: (cx 20, cy 12, w 6, h 4), p = (0.1, 0.6) → forklift.
-    let head = [
+    let head = vec![
         8.0, 20.0, 8.0, 12.0, 4.0, 6.0, 10.0, 4.0, 0.9, 0.1, 0.2, 0.6,
     ];
-    m.init_f32("head", &[1, 6, 2], &head);
-    m.node("Add", &["head", "flat"], &["output0"], vec![]);
-    m.output("output0");
+    let bytes = osprey_models::vision::testing::const_head_onnx(
+        32,
+        32,
+        &[("output0", vec![1, 6, 2], head)],
+    );
     let onnx = dir.join("yolo.onnx");
-    std::fs::write(&onnx, m.to_bytes()).unwrap();
+    std::fs::write(&onnx, bytes).unwrap();
     std::fs::write(dir.join("labels.txt"), "cone\nforklift\n").unwrap();
     let desc = dir.join("yolo.toml");
     std::fs::write(

@@ -27,6 +27,7 @@ pub mod npy;
 pub mod onnx;
 pub mod passes;
 pub mod plan;
+pub mod testing;
 pub mod tune;
 
 pub use error::{EngineError, Result};

@@ -3,44 +3,15 @@
 //!
 //! This file holds a single test so no other test allocates concurrently.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use osprey_engine::onnx::builder::{attr_i, attr_ints, attr_s, ModelBuilder};
 use osprey_engine::onnx::import;
 use osprey_engine::{Engine, ExecutionContext};
 
-struct Counting;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: osprey_engine::testing::Counting = osprey_engine::testing::Counting;
 
 fn weights(n: usize) -> Vec<f32> {
     (0..n)
@@ -141,13 +112,12 @@ fn run_allocates_nothing_after_warmup() {
     let first: Vec<f32> = ctx.output("prob").expect("prob").to_vec();
     assert!((first.iter().sum::<f32>() - 1.0).abs() < 1e-5);
 
-    COUNTING.store(true, Ordering::SeqCst);
-    for _ in 0..20 {
-        ctx.set_input("x", &x).expect("input");
-        ctx.run().expect("run");
-    }
-    COUNTING.store(false, Ordering::SeqCst);
-    let n = ALLOCS.load(Ordering::SeqCst);
+    let n = osprey_engine::testing::allocations_in(|| {
+        for _ in 0..20 {
+            ctx.set_input("x", &x).expect("input");
+            ctx.run().expect("run");
+        }
+    });
     assert_eq!(n, 0, "{n} allocations on the inference path");
     assert_eq!(ctx.output("prob").expect("prob"), &first[..]);
 }

@@ -5,8 +5,6 @@
 //!
 //! This file holds a single test so no other test allocates concurrently.
 
-mod counting;
-
 use osprey_kernels::pool::ThreadPool;
 use osprey_models::llm::gguf::Gguf;
 use osprey_models::llm::kv::KvCache;
@@ -15,7 +13,7 @@ use osprey_models::llm::sample::{Sampler, SamplingParams};
 use osprey_models::llm::testing::tiny_gguf;
 
 #[global_allocator]
-static GLOBAL: counting::Counting = counting::Counting;
+static GLOBAL: osprey_engine::testing::Counting = osprey_engine::testing::Counting;
 
 #[test]
 fn decode_passes_allocate_nothing_after_warmup() {
@@ -60,7 +58,7 @@ fn decode_passes_allocate_nothing_after_warmup() {
         let vocab = model.cfg.vocab;
         sampler.sample(&mut scratch.logits[..vocab], &history);
         let mut toks = [72u32, 73];
-        let allocs = counting::allocations_in(|| {
+        let allocs = osprey_engine::testing::allocations_in(|| {
             for _ in 0..40 {
                 model
                     .forward(

@@ -5,13 +5,12 @@
 //! This file holds a single test so no other test allocates concurrently.
 
 mod common;
-mod counting;
 
 use common::{const_head_engine, desc, labels_dir};
 use osprey_models::vision::{Classifier, Detector, Frame, PixelFormat};
 
 #[global_allocator]
-static GLOBAL: counting::Counting = counting::Counting;
+static GLOBAL: osprey_engine::testing::Counting = osprey_engine::testing::Counting;
 
 #[test]
 fn pipelines_allocate_nothing_after_the_first_frame() {
@@ -87,7 +86,7 @@ filter = "pillow_bilinear"
         );
     }
     classifier.classify(&frame, 3).unwrap();
-    let allocs = counting::allocations_in(|| {
+    let allocs = osprey_engine::testing::allocations_in(|| {
         for _ in 0..10 {
             for d in detectors.iter_mut() {
                 d.detect(&frame).unwrap();

@@ -272,3 +272,33 @@ impl Drop for Spawned {
         }
     }
 }
+
+/// The answer the LLM runtime gives directly (greedy, 24 tokens) to `q`
+/// with the system prompt of `dir`'s config: the reference for streamed
+/// answers.
+pub fn reference_answer(dir: &Path, q: &str) -> String {
+    use osprey_models::llm::model::Model;
+    use osprey_models::llm::runtime::{GenOptions, Runtime};
+    use osprey_models::llm::tokenizer::Tokenizer;
+    let model = Arc::new(Model::load(&dir.join("tiny.gguf")).unwrap());
+    let sys = osprey_daemon::config::Config::load(&dir.join("ospreyd.toml"))
+        .unwrap()
+        .assistant
+        .unwrap()
+        .system_prompt;
+    let ids = model
+        .tokenizer
+        .encode(&Tokenizer::chat_prompt(Some(&sys), q), true)
+        .unwrap();
+    let mut rt = Runtime::new(model, 4 << 20, 1, 8).unwrap();
+    let opts = GenOptions {
+        max_tokens: 24,
+        ..GenOptions::default()
+    };
+    let id = rt.add(&ids, opts).unwrap();
+    rt.prefill(id).unwrap();
+    while rt.done(id).is_none() {
+        rt.step().unwrap();
+    }
+    rt.finish(id).unwrap().1
+}

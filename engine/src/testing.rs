@@ -1,7 +1,8 @@
-//! A counting global allocator for the allocation-free tests. Each test
-//! file that uses it installs it with
-//! `#[global_allocator] static GLOBAL: counting::Counting = counting::Counting;`
-//! and holds a single test, so no other test allocates concurrently.
+//! Test support shared across crates: a counting global allocator for the
+//! allocation-free tests. A test file installs it with
+//! `#[global_allocator] static GLOBAL: osprey_engine::testing::Counting =
+//! osprey_engine::testing::Counting;` and holds a single test, so no other
+//! test allocates concurrently. Every thread's allocations are counted.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -34,7 +35,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-/// Allocations (and reallocations) made while `f` runs.
+/// Allocations (and reallocations) made, by any thread, while `f` runs.
 pub fn allocations_in(f: impl FnOnce()) -> usize {
     ALLOCS.store(0, Ordering::SeqCst);
     COUNTING.store(true, Ordering::SeqCst);
