@@ -1,7 +1,6 @@
 //! The assistant: question intake (any thread) and its job on a lane
 //! (one prefill or one batched decode step per dispatch).
 
-#[allow(unused_imports)]
 use super::*;
 
 pub(super) struct Question {

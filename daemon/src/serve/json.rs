@@ -1,6 +1,5 @@
 //! Detection JSON written into a reused buffer (allocation-free).
 
-#[allow(unused_imports)]
 use super::*;
 
 /// A JSON number (non-finite values become null).
@@ -38,10 +37,7 @@ pub(super) fn write_head(
     serde_json::to_writer(&mut *out, model)?;
     out.extend_from_slice(b",\"camera\":");
     serde_json::to_writer(&mut *out, camera)?;
-    let enc = match h.encoding {
-        Encoding::Raw(PixelFormat::Rgb8) => "rgb8",
-        e => e.name(),
-    };
+    let enc = h.encoding.name();
     write!(
         out,
         ",\"seq\":{},\"capture_ns\":{},\"width\":{},\"height\":{},\"encoding\":\"{enc}\"",

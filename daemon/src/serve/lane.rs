@@ -1,6 +1,5 @@
 //! Lanes: latest-wins frame slots and the earliest-deadline-first pick.
 
-#[allow(unused_imports)]
 use super::*;
 
 #[derive(Debug, Clone, Copy)]

@@ -42,7 +42,7 @@ use osprey_models::llm::tokenizer::Tokenizer;
 use osprey_models::vision::desc::{ModelDesc, ModelKind};
 use osprey_models::vision::packet::{self, Encoding};
 use osprey_models::vision::{
-    decode_image, Classifier, Detector, FrameLimits, PixelFormat, RgbImage, StageTimes,
+    decode_image, Classifier, Detector, FrameLimits, RgbImage, StageTimes,
 };
 
 use crate::cli::{load_engine, ModelArgs};

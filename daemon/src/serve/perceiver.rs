@@ -1,6 +1,5 @@
 //! Perception models on lane workers, and what identifies their files.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// A loaded perception model on one worker.

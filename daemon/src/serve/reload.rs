@@ -1,6 +1,5 @@
 //! SIGHUP: a new config applied without dropping topics.
 
-#[allow(unused_imports)]
 use super::*;
 
 impl super::Core {
