@@ -109,6 +109,8 @@ fn yuv_to_rgb_planar_portable(
 /// A pair missing from a too-short `uv` reads as neutral chroma (128).
 pub fn expand_nv12_chroma(uv: &[u8], cu: &mut [u8], cv: &mut [u8]) {
     let n = cu.len().min(cv.len());
+    // Only the x86-64 fast path advances it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::isa::active() == crate::isa::Isa::Avx2Fma {
@@ -167,6 +169,8 @@ unsafe fn expand_nv12_chroma_avx2(uv: &[u8], cu: &mut [u8], cv: &mut [u8]) -> us
 /// more the AVX2 tier gathers eight outputs at a time.
 pub fn lerp_gather_u8(src: &[u8], idx: &[u32], f: &[f32], out: &mut [f32]) {
     let n = idx.len().min(f.len()).min(out.len());
+    // Only the x86-64 fast path advances it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::isa::active() == crate::isa::Isa::Avx2Fma {

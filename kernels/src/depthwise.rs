@@ -18,6 +18,7 @@ use crate::isa::Isa;
 pub const SLACK: usize = 64;
 
 /// Largest kernel (taps) the AVX2 kernel handles; larger ones use the portable path.
+#[cfg(target_arch = "x86_64")]
 const MAX_TAPS: usize = 64;
 
 /// Geometry of one depthwise plane.
@@ -146,6 +147,8 @@ pub fn depthwise_plane(
 fn deinterleave(isa: Isa, src: &[f32], d0: &mut [f32], d1: &mut [f32]) {
     let pairs = src.len() / 2;
     assert!(d0.len() >= src.len().div_ceil(2) && d1.len() >= pairs);
+    // Only the x86-64 fast path advances it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2Fma {

@@ -511,6 +511,9 @@ pub fn dot_q4_1_sums(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         // SAFETY: AVX2/FMA/F16C present; whole blocks only (checked inside).
         return unsafe { dot_q4_1_sums_avx2(row, x, xsum) };
     }
+    // The portable path recomputes the block sums itself.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = xsum;
     dot_portable(QuantType::Q4_1, row, x)
 }
 
