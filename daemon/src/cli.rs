@@ -39,6 +39,10 @@ pub enum Command {
     /// Optimise a model, time kernel tactics on this device, and write one
     /// engine file that `run`, `bench` and `inspect` load with `--engine`.
     Build(BuildArgs),
+    /// Run the FP32 model over calibration images (or .npy tensors), pick
+    /// an INT8 threshold per tensor (entropy, percentile or min-max) and
+    /// write a calibration cache in TensorRT's layout.
+    Calibrate(crate::calibrate::CalibrateArgs),
     /// Detect objects in an image: labelled boxes in image pixels, per-stage
     /// latency, optionally drawn onto a copy of the image.
     Detect(crate::vision::DetectArgs),
@@ -182,6 +186,7 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench(a),
         Command::Inspect(a) => inspect(a),
         Command::Build(a) => crate::build::build(a),
+        Command::Calibrate(a) => crate::calibrate::calibrate(a),
         Command::Doctor(a) => crate::doctor::doctor(a),
         Command::Detect(a) => crate::vision::detect(a),
         Command::Classify(a) => crate::vision::classify(a),

@@ -8,6 +8,7 @@
 //! |---|---|
 //! | [`cli`] | the `osprey` subcommands: `run`, `bench`, `inspect`, `build`, `detect`, `classify` |
 //! | [`doctor`] | `osprey doctor`: deployment checks with fixes |
+//! | [`calibrate`] | `osprey calibrate`: INT8 thresholds per tensor, TensorRT-layout cache |
 //! | [`build`] | `osprey build`: optimise, tune, write the engine file, report |
 //! | [`stats`] | latency statistics (trtexec-style summaries) |
 //! | [`chat`] | `osprey chat` / `osprey tokenize`: the onboard assistant |
@@ -23,6 +24,7 @@
 
 pub mod build;
 pub mod bus;
+pub mod calibrate;
 pub mod chat;
 pub mod cli;
 pub mod client;

@@ -114,7 +114,12 @@ struct Step {
     kind: Kind,
     ins: Vec<Operand>,
     outs: Vec<(usize, usize)>,
+    /// Tensor names of `outs` (calibration observes them by name).
+    out_names: Vec<String>,
 }
+
+/// Sees each tensor (name, values) as a run computes it.
+pub type Observer<'a> = dyn FnMut(&str, &[f32]) + 'a;
 
 /// Name and shape of a graph input or output.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,11 +188,17 @@ impl Engine {
                         .ok_or_else(|| EngineError::model("output without storage"))
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let out_names = node
+                .outputs
+                .iter()
+                .map(|&t| graph.tensors[t].name.clone())
+                .collect();
             steps.push(Step {
                 name: node.name.clone(),
                 kind,
                 ins,
                 outs,
+                out_names,
             });
         }
         let inputs = graph
@@ -445,7 +456,7 @@ impl ExecutionContext {
 
     /// Runs every step. All inputs must have been set at least once.
     pub fn run(&mut self) -> Result<()> {
-        self.run_inner(None)
+        self.run_inner(None, None)
     }
 
     /// Runs every step and adds each step's wall time (seconds) to
@@ -456,10 +467,14 @@ impl ExecutionContext {
                 "profile buffer length differs from the step count",
             ));
         }
-        self.run_inner(Some(seconds))
+        self.run_inner(Some(seconds), None)
     }
 
-    fn run_inner(&mut self, mut profile: Option<&mut [f64]>) -> Result<()> {
+    fn run_inner(
+        &mut self,
+        mut profile: Option<&mut [f64]>,
+        mut observe: Option<&mut Observer<'_>>,
+    ) -> Result<()> {
         if let Some(i) = self.inputs_set.iter().position(|s| !s) {
             return Err(EngineError::Input {
                 name: self.engine.inputs[i].0.name.clone(),
@@ -468,6 +483,11 @@ impl ExecutionContext {
         }
         let engine = &*self.engine;
         let arena = &mut self.arena[self.base..self.base + engine.plan.arena_floats];
+        if let Some(f) = observe.as_deref_mut() {
+            for (desc, off) in &engine.inputs {
+                f(&desc.name, &arena[*off..*off + desc.numel()]);
+            }
+        }
         for (i, step) in engine.steps.iter().enumerate() {
             let t0 = profile.as_ref().map(|_| std::time::Instant::now());
             run_step(step, arena, &engine.consts, &mut self.scratch, &self.pool).map_err(|e| {
@@ -481,8 +501,21 @@ impl ExecutionContext {
             if let (Some(p), Some(t0)) = (profile.as_deref_mut(), t0) {
                 p[i] += t0.elapsed().as_secs_f64();
             }
+            if let Some(f) = observe.as_deref_mut() {
+                for ((off, len), name) in step.outs.iter().zip(&step.out_names) {
+                    f(name, &arena[*off..*off + *len]);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Runs every step and shows `observe` each graph input and each
+    /// step's outputs, by tensor name, right after they are computed (the
+    /// arena reuses memory, so this is the only time every intermediate
+    /// tensor can be seen). For calibration; allocates nothing itself.
+    pub fn run_observed(&mut self, observe: &mut Observer<'_>) -> Result<()> {
+        self.run_inner(None, Some(observe))
     }
 
     /// An output's data after [`ExecutionContext::run`], by position.

@@ -26,6 +26,27 @@ pub fn import_file(path: &Path, shapes: &InputShapes) -> Result<Graph> {
     import(&bytes, shapes)
 }
 
+/// The names of a model's real inputs (initializers listed as inputs left
+/// out), without importing it.
+pub fn input_names(bytes: &[u8]) -> Result<Vec<String>> {
+    let model = ModelProto::decode(bytes).map_err(|e| EngineError::Decode(e.to_string()))?;
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| EngineError::model("the file has no graph (is it an ONNX model?)"))?;
+    let inits: std::collections::HashSet<&str> = graph
+        .initializer
+        .iter()
+        .filter_map(|i| i.name.as_deref())
+        .collect();
+    Ok(graph
+        .input
+        .iter()
+        .filter_map(|vi| vi.name.clone())
+        .filter(|n| !inits.contains(n.as_str()))
+        .collect())
+}
+
 /// Imports an ONNX model from bytes.
 pub fn import(bytes: &[u8], shapes: &InputShapes) -> Result<Graph> {
     let model = ModelProto::decode(bytes).map_err(|e| EngineError::Decode(e.to_string()))?;

@@ -12,7 +12,7 @@ mod lower;
 #[allow(clippy::all, missing_docs)]
 pub mod proto;
 
-pub use import::{import, import_file, InputShapes};
+pub use import::{import, import_file, input_names, InputShapes};
 
 /// Lowest default-domain opset osprey accepts.
 pub const MIN_OPSET: i64 = 7;
