@@ -11,6 +11,7 @@
 //! | [`pool`] | a bounded, reusable thread pool that allocates nothing per job |
 //! | [`activation`] | element-wise activations, usable as GEMM/conv epilogues |
 //! | [`gemm`] | f32 GEMM: packed weights, AVX2+FMA micro-kernel, scalar reference |
+//! | [`int8`] | INT8 dot products and GEMM with exact INT32 accumulation (AVX2, NEON, scalar reference) |
 //! | [`conv`] | 2-D convolution: 1x1 as GEMM, depthwise direct, general im2col, transposed |
 //! | [`conv_transpose`] | transposed convolution (GEMM + col2im) |
 //! | [`depthwise`] | the depthwise plane kernel (padded plane, AVX2 rows) |
@@ -31,6 +32,7 @@ pub mod depthwise;
 pub mod eltwise;
 pub mod error;
 pub mod gemm;
+pub mod int8;
 pub mod isa;
 pub mod knobs;
 pub mod layout;
