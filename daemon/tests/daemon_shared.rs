@@ -22,6 +22,10 @@ use osprey_models::vision::{read_image, FrameLimits, PixelFormat};
 use zenoh::Wait;
 
 const OSPREYD: &str = env!("CARGO_BIN_EXE_ospreyd");
+
+/// The tests here measure latency and overload: one at a time, so they do
+/// not load the machine for each other.
+static SERIAL: Mutex<()> = Mutex::new(());
 const OSPREY: &str = env!("CARGO_BIN_EXE_osprey");
 
 fn root() -> PathBuf {
@@ -117,6 +121,7 @@ fn metrics(s: &zenoh::Session, sel: &str) -> Result<serde_json::Value, String> {
 
 #[test]
 fn centernet_over_zenoh_matches_osprey_detect_and_survives_overload() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(files) = images() else {
         eprintln!("SKIPPED: ../shared/fixtures/images is absent");
         return;
@@ -308,6 +313,7 @@ fn centernet_over_zenoh_matches_osprey_detect_and_survives_overload() {
 
 #[test]
 fn the_demo_prints_detections_and_a_summary() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if images().is_none() {
         eprintln!("SKIPPED: ../shared/fixtures/images is absent");
         return;
