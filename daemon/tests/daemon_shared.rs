@@ -228,6 +228,13 @@ fn centernet_over_zenoh_matches_osprey_detect_and_survives_overload() {
     for bad in [&good[..1000], &wrong_magic[..], &huge[..]] {
         camera.put(bad.to_vec()).wait().unwrap();
     }
+    // The huge frame fails in its job; wait for that before the next frame,
+    // which would otherwise replace it in the latest-wins slot (a drop,
+    // not an error).
+    until(60, "three errors", || {
+        metrics(&session, "osprey/cn/metrics")
+            .is_ok_and(|m| m["models"]["centernet"]["errors"] == 3)
+    });
     let n = got.lock().unwrap().len();
     camera.put(rgb_packet(&files[1], 101)).wait().unwrap();
     until(60, "a good frame after bad ones", || {
