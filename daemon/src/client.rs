@@ -3,7 +3,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -127,30 +127,8 @@ fn session(c: &ClientArgs) -> Result<zenoh::Session> {
     Ok(s)
 }
 
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
 fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| d.display().to_string())? {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| ["jpg", "jpeg", "png"].contains(&e.to_ascii_lowercase().as_str()))
-            {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
+    let out = osprey_calibration::dataset::files_with(dir, &["jpg", "jpeg", "png"])?;
     if out.is_empty() {
         bail!("{}: no .jpg/.jpeg/.png images", dir.display());
     }
@@ -158,7 +136,7 @@ fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// One image as a packet payload: header fields and bytes.
-fn payload(path: &Path, enc: CameraEncoding) -> Result<(Encoding, u32, u32, Vec<u8>)> {
+pub(crate) fn payload(path: &Path, enc: CameraEncoding) -> Result<(Encoding, u32, u32, Vec<u8>)> {
     let limits = FrameLimits::default();
     let img = read_image(path, &limits).with_context(|| path.display().to_string())?;
     let (w, h) = (img.width as u32, img.height as u32);
@@ -236,7 +214,7 @@ pub fn camera(a: CameraArgs) -> Result<()> {
             width: *width,
             height: *height,
             stride: 0,
-            capture_ns: now_ns(),
+            capture_ns: packet::now_ns(),
             seq,
         };
         packet::write(&header, bytes, &mut packet_buf);
@@ -285,7 +263,7 @@ fn show(bytes: &[u8]) -> String {
             h.height,
             h.encoding.name(),
             p.len(),
-            (now_ns().saturating_sub(h.capture_ns)) as f64 / 1e6
+            (packet::now_ns().saturating_sub(h.capture_ns)) as f64 / 1e6
         );
     }
     match std::str::from_utf8(bytes) {

@@ -9,11 +9,10 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use osprey_models::vision::packet::{self, Encoding, Header};
-use osprey_models::vision::{encode_rgb, read_image, FrameLimits, PixelFormat, YuvMatrix};
+use osprey_models::vision::packet::{self, Header};
 use zenoh::Wait;
 
 use crate::bus::{self, Bus, Keys};
@@ -77,12 +76,6 @@ pub fn cached_llm() -> Option<PathBuf> {
     };
     let p = cache.join("llm/SmolLM2-135M-Instruct.Q4_1.gguf");
     p.is_file().then_some(p)
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn demo_config(zoo: &Path, opts: &DemoOptions, llm: Option<&Path>) -> Result<Config> {
@@ -255,13 +248,9 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         .collect();
     files.sort();
     for f in &files {
-        match read_image(f, &FrameLimits::default()) {
-            Ok(img) => frames.push((
-                img.width as u32,
-                img.height as u32,
-                encode_rgb(&img, PixelFormat::Nv12, YuvMatrix::Bt601Limited),
-            )),
-            Err(e) => tracing::warn!("{}: skipped ({e})", f.display()),
+        match crate::client::payload(f, crate::client::CameraEncoding::Nv12) {
+            Ok(frame) => frames.push(frame),
+            Err(e) => tracing::warn!("skipped {e:#}"),
         }
     }
     if frames.is_empty() {
@@ -306,7 +295,7 @@ pub fn run(opts: DemoOptions) -> Result<()> {
                 // subscriber): includes zenoh's delivery both ways.
                 let delivered = v["capture_ns"]
                     .as_u64()
-                    .map(|c| now_ns().saturating_sub(c) as f64 / 1e6);
+                    .map(|c| packet::now_ns().saturating_sub(c) as f64 / 1e6);
                 if let (Some(e), Some(q), Some(t)) =
                     (delivered, lm["queue"].as_f64(), lm["total"].as_f64())
                 {
@@ -339,13 +328,13 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         let mut buf = Vec::new();
         let mut seq = 0u64;
         while start.elapsed() < duration && !s.load(Ordering::Relaxed) {
-            let (w, h, px) = &frames[(seq as usize) % frames.len()];
+            let (encoding, w, h, px) = &frames[(seq as usize) % frames.len()];
             let header = Header {
-                encoding: Encoding::Raw(PixelFormat::Nv12),
+                encoding: *encoding,
                 width: *w,
                 height: *h,
                 stride: 0,
-                capture_ns: now_ns(),
+                capture_ns: packet::now_ns(),
                 seq,
             };
             packet::write(&header, px, &mut buf);

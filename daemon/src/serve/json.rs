@@ -27,6 +27,73 @@ pub(super) fn write_label(out: &mut Vec<u8>, labels: &[String], id: u32) -> Resu
     Ok(())
 }
 
+/// `,"detections":[{"label","class_id","score","box":[x1,y1,x2,y2]},...]`
+pub(super) fn write_detections(
+    out: &mut Vec<u8>,
+    dets: &[osprey_models::vision::Detection],
+    labels: &[String],
+) -> Result<()> {
+    write_list(
+        out,
+        "detections",
+        dets,
+        labels,
+        |d| d.class_id,
+        |out, d| {
+            write!(
+                out,
+                ",\"score\":{},\"box\":[{},{},{},{}]}}",
+                num(d.score),
+                num(d.x1),
+                num(d.y1),
+                num(d.x2),
+                num(d.y2)
+            )
+        },
+    )
+}
+
+/// `,"classes":[{"label","class_id","prob"},...]`
+pub(super) fn write_classes(
+    out: &mut Vec<u8>,
+    classes: &[osprey_models::vision::ClassScore],
+    labels: &[String],
+) -> Result<()> {
+    write_list(
+        out,
+        "classes",
+        classes,
+        labels,
+        |c| c.class_id,
+        |out, c| write!(out, ",\"prob\":{}}}", num(c.prob)),
+    )
+}
+
+/// `,"key":[...]`: each item opens with its label and class id, and
+/// `rest` writes its other fields and the closing brace.
+fn write_list<T>(
+    out: &mut Vec<u8>,
+    key: &str,
+    items: &[T],
+    labels: &[String],
+    class_id: impl Fn(&T) -> u32,
+    rest: impl Fn(&mut Vec<u8>, &T) -> std::io::Result<()>,
+) -> Result<()> {
+    write!(out, ",\"{key}\":[")?;
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"label\":");
+        let id = class_id(item);
+        write_label(out, labels, id)?;
+        write!(out, ",\"class_id\":{id}")?;
+        rest(out, item)?;
+    }
+    out.push(b']');
+    Ok(())
+}
+
 pub(super) fn write_head(
     out: &mut Vec<u8>,
     model: &str,

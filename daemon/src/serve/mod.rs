@@ -33,7 +33,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use osprey_models::llm::model::Model;
@@ -64,12 +64,6 @@ pub trait Reply: Send + 'static {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn wall_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// The daemon's serving core.
@@ -396,7 +390,7 @@ impl Core {
             return;
         };
         let age = Duration::from_nanos(
-            wall_ns()
+            packet::now_ns()
                 .checked_sub(header.capture_ns)
                 .filter(|_| header.capture_ns > 0)
                 .unwrap_or(0),
@@ -536,7 +530,11 @@ impl Core {
                 }
             };
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &job {
-                Job::Frame { slot, p } => self.run_frame(li, w, *slot, *p, &mut out, &mut decoded),
+                // A frame job leaves no work behind (`more` is the
+                // assistant's).
+                Job::Frame { slot, p } => self
+                    .run_frame(li, w, *slot, *p, &mut out, &mut decoded)
+                    .map(|()| false),
                 Job::Assistant => self
                     .assistant
                     .as_ref()
@@ -618,7 +616,7 @@ impl Core {
         p: Pending,
         out: &mut Vec<u8>,
         decoded: &mut RgbImage,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         let lane = &self.lanes[li];
         let (mi, local) = {
             let st = lock(&lane.state);
@@ -650,53 +648,19 @@ impl Core {
         let times = match perceiver {
             Perceiver::Det(d) => {
                 let t = d.detect(&frame)?.1;
-                let (dets, labels) = (d.detections(), d.labels());
-                out.extend_from_slice(b",\"detections\":[");
-                for (i, d) in dets.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(b"{\"label\":");
-                    write_label(out, labels, d.class_id)?;
-                    write!(
-                        out,
-                        ",\"class_id\":{},\"score\":{},\"box\":[{},{},{},{}]}}",
-                        d.class_id,
-                        num(d.score),
-                        num(d.x1),
-                        num(d.y1),
-                        num(d.x2),
-                        num(d.y2)
-                    )?;
-                }
-                out.push(b']');
+                write_detections(out, d.detections(), d.labels())?;
                 t
             }
             Perceiver::Cls(c, k) => {
                 let t = c.classify(&frame, *k)?.1;
-                let (classes, labels) = (c.classes(), c.labels());
-                out.extend_from_slice(b",\"classes\":[");
-                for (i, s) in classes.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(b"{\"label\":");
-                    write_label(out, labels, s.class_id)?;
-                    write!(
-                        out,
-                        ",\"class_id\":{},\"prob\":{}}}",
-                        s.class_id,
-                        num(s.prob)
-                    )?;
-                }
-                out.push(b']');
+                write_classes(out, c.classes(), c.labels())?;
                 t
             }
         };
         drop(ps);
         drop(buf);
         let e2e_ms = if p.capture_ns > 0 {
-            wall_ns().saturating_sub(p.capture_ns) as f64 / 1e6
+            packet::now_ns().saturating_sub(p.capture_ns) as f64 / 1e6
         } else {
             p.received.elapsed().as_secs_f64() * 1e3
         };
@@ -711,7 +675,7 @@ impl Core {
             m.deadline_misses.fetch_add(1, Ordering::Relaxed);
             m.late.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Whether every worker looped within `within` (the watchdog's

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use osprey_daemon::serve::{Outputs, Reply};
 use osprey_models::vision::packet::{self, Encoding, Header};
@@ -130,13 +130,8 @@ cpu_workers = 1
     )
 }
 
-/// Nanoseconds since the UNIX epoch.
-pub fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
+#[allow(unused_imports)]
+pub use osprey_models::vision::packet::now_ns;
 
 /// An NV12 frame packet of `w`×`h` with a deterministic pattern.
 pub fn nv12_packet(w: u32, h: u32, seq: u64, capture_ns: u64) -> Vec<u8> {

@@ -131,6 +131,14 @@ impl Header {
     }
 }
 
+/// Now as a capture timestamp: nanoseconds since the UNIX epoch (0 if the
+/// clock is before it).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// Writes a whole packet (header then payload) into `out`, replacing its
 /// contents; allocation-free once `out` has the capacity.
 pub fn write(header: &Header, payload: &[u8], out: &mut Vec<u8>) {
