@@ -38,6 +38,7 @@ pub mod knobs;
 pub mod layout;
 pub mod pool;
 pub mod pooling;
+pub mod qconv;
 pub mod quant;
 pub mod resize;
 pub mod softmax;

@@ -1,0 +1,649 @@
+//! INT8 convolution (NCHW, one group): symmetric per-output-channel weights,
+//! a symmetric per-tensor input scale, exact INT32 accumulation, and the
+//! dequantization, bias, residual and activation fused into the epilogue
+//! that writes the f32 output.
+//!
+//! The input is quantized while it is packed (the pass that every GEMM-based
+//! convolution makes over its input anyway), so there is no separate
+//! quantize step, and the output is dequantized by the same instructions
+//! that add the bias: no Q/DQ node pair surrounds the layer.
+//!
+//! Products use 16-bit lanes holding INT8 values: weights are widened once at
+//! load, the input while it is packed, and `madd_epi16` (AVX2) or `smlal`
+//! (NEON, via LLVM) multiplies pairs and sums them into `i32` exactly — no
+//! saturation is possible, unlike `maddubs`, whose `u8 × i8` pair sums can
+//! saturate `i16`. The layout is the classic pair-interleaved one:
+//! * A (weights, packed at load): per block of [`QMR`] output channels, for
+//!   every pair of reduction indices `(2p, 2p+1)`, `QMR` pairs of `i16`.
+//! * B (input, packed per task): per panel of [`QNR`] output pixels, for every
+//!   pair, `QNR` pairs of `i16`.
+//!
+//! [`tile_ref`] is the scalar reference of the micro-kernel; every tier is
+//! bit-exact with it (tests). [`reference_qconv2d`] is the plain-loop
+//! reference of a whole layer.
+
+use crate::activation::Activation;
+use crate::conv::Conv2dGeometry;
+use crate::error::KernelError;
+use crate::isa::{self, Isa};
+use crate::pool::{SyncPtr, ThreadPool};
+
+/// Output channels per register tile.
+pub const QMR: usize = 6;
+/// Output pixels per register tile.
+pub const QNR: usize = 16;
+/// Output pixels per task (a multiple of [`QNR`]).
+const QNC: usize = 64;
+
+/// Largest representable magnitude: symmetric INT8 uses [-127, 127].
+pub const QMAX: f32 = 127.0;
+
+/// Symmetric quantization of one value with the reciprocal of its scale:
+/// clamp to ±127 in float, then round half to even (what `cvtps2dq` does
+/// in the default rounding mode).
+#[inline(always)]
+pub fn quantize(x: f32, inv_scale: f32) -> i16 {
+    (x * inv_scale).clamp(-QMAX, QMAX).round_ties_even() as i16
+}
+
+/// Per-output-channel symmetric weight scales (`max |w| / 127`; 1 for an
+/// all-zero channel) and the quantized weights, `[c_out][k]`.
+pub fn quantize_weights(weights: &[f32], c_out: usize) -> (Vec<f32>, Vec<i8>) {
+    let k = weights.len().checked_div(c_out).unwrap_or(0);
+    let mut scales = Vec::with_capacity(c_out);
+    let mut q = Vec::with_capacity(c_out * k);
+    for row in weights.chunks(k.max(1)).take(c_out) {
+        let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let s = if m > 0.0 && m.is_finite() {
+            m / QMAX
+        } else {
+            1.0
+        };
+        scales.push(s);
+        q.extend(row.iter().map(|&w| quantize(w, 1.0 / s) as i8));
+    }
+    (scales, q)
+}
+
+/// A prepared INT8 convolution.
+#[derive(Clone, Debug)]
+pub struct QConv2d {
+    g: Conv2dGeometry,
+    oh: usize,
+    ow: usize,
+    /// Reduction length `c_in·kh·kw`.
+    k: usize,
+    /// Reduction pairs (`k` rounded up to even, halved).
+    kpairs: usize,
+    /// Packed weights, `[ceil(c_out / QMR)][kpairs][QMR][2]`.
+    a: Vec<i16>,
+    /// `weight_scale[c] · input_scale` per output channel.
+    out_scale: Vec<f32>,
+    bias: Vec<f32>,
+    act: Activation,
+    input_scale: f32,
+    inv_input_scale: f32,
+    weight_scales: Vec<f32>,
+}
+
+impl QConv2d {
+    /// Quantizes `weights` (`[c_out, c_in, kh, kw]`) per output channel and
+    /// prepares the layer for inputs quantized with `input_scale`
+    /// (`threshold / 127`, as a calibration cache stores it).
+    pub fn new(
+        g: Conv2dGeometry,
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        act: Activation,
+        input_scale: f32,
+    ) -> Result<QConv2d, KernelError> {
+        let bad = |detail: String| KernelError::Unsupported {
+            kernel: "qconv2d",
+            detail,
+        };
+        if g.groups != 1 {
+            return Err(bad(format!(
+                "{} groups: INT8 convolution takes one group",
+                g.groups
+            )));
+        }
+        if !(input_scale.is_finite() && input_scale > 0.0) {
+            return Err(bad(format!("input scale {input_scale} is not positive")));
+        }
+        let (oh, ow) = match (g.out_h(), g.out_w()) {
+            (Some(oh), Some(ow)) if oh > 0 && ow > 0 => (oh, ow),
+            _ => return Err(bad(format!("kernel does not fit {g:?}"))),
+        };
+        if g.stride.contains(&0) || g.dilation.contains(&0) {
+            return Err(bad("zero stride or dilation".into()));
+        }
+        let k = g.c_in * g.kh * g.kw;
+        if weights.len() != g.c_out * k {
+            return Err(KernelError::BufferTooSmall {
+                kernel: "qconv2d weights",
+                need: g.c_out * k,
+                have: weights.len(),
+            });
+        }
+        let bias = match bias {
+            Some(b) if b.len() != g.c_out => {
+                return Err(KernelError::BufferTooSmall {
+                    kernel: "qconv2d bias",
+                    need: g.c_out,
+                    have: b.len(),
+                })
+            }
+            Some(b) => b.to_vec(),
+            None => vec![0.0; g.c_out],
+        };
+        let (weight_scales, q) = quantize_weights(weights, g.c_out);
+        let kpairs = k.div_ceil(2);
+        let mblocks = g.c_out.div_ceil(QMR);
+        let mut a = vec![0i16; mblocks * kpairs * QMR * 2];
+        for co in 0..g.c_out {
+            let (blk, r) = (co / QMR, co % QMR);
+            for kk in 0..k {
+                a[((blk * kpairs + kk / 2) * QMR + r) * 2 + kk % 2] = q[co * k + kk] as i16;
+            }
+        }
+        Ok(QConv2d {
+            g,
+            oh,
+            ow,
+            k,
+            kpairs,
+            a,
+            out_scale: weight_scales.iter().map(|s| s * input_scale).collect(),
+            bias,
+            act,
+            input_scale,
+            inv_input_scale: 1.0 / input_scale,
+            weight_scales,
+        })
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> &Conv2dGeometry {
+        &self.g
+    }
+
+    /// The input scale the layer quantizes with.
+    pub fn input_scale(&self) -> f32 {
+        self.input_scale
+    }
+
+    /// Per-output-channel weight scales.
+    pub fn weight_scales(&self) -> &[f32] {
+        &self.weight_scales
+    }
+
+    /// Output (height, width).
+    pub fn out_hw(&self) -> (usize, usize) {
+        (self.oh, self.ow)
+    }
+
+    /// Bytes of packed weights held.
+    pub fn weight_bytes(&self) -> usize {
+        self.a.len() * 2
+    }
+
+    /// Name for reports.
+    pub fn algorithm(&self) -> &'static str {
+        if self.is_pointwise() {
+            "int8-pointwise"
+        } else {
+            "int8-im2col"
+        }
+    }
+
+    fn is_pointwise(&self) -> bool {
+        let g = &self.g;
+        g.kh == 1 && g.kw == 1 && g.stride == [1, 1] && g.pads == [0; 4]
+    }
+
+    /// Scratch f32 elements [`QConv2d::run`] needs on a pool of `threads`
+    /// (one packed input chunk per thread).
+    pub fn scratch_len(&self, threads: usize) -> usize {
+        threads.max(1) * (self.kpairs * QNC * 2).div_ceil(2)
+    }
+
+    /// Runs `batch` images: `input` `[batch, c_in, h, w]`, `output`
+    /// `[batch, c_out, oh, ow]`; `residual` (output-shaped) is added before
+    /// the activation.
+    ///
+    /// # Panics
+    /// If a buffer is shorter than the geometry needs (the engine checks
+    /// sizes when it plans memory).
+    pub fn run(
+        &self,
+        pool: &ThreadPool,
+        batch: usize,
+        input: &[f32],
+        residual: Option<&[f32]>,
+        output: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        let g = &self.g;
+        let in_img = g.c_in * g.h * g.w;
+        let ohw = self.oh * self.ow;
+        let out_img = g.c_out * ohw;
+        assert!(input.len() >= batch * in_img && output.len() >= batch * out_img);
+        assert!(residual.is_none_or(|r| r.len() >= batch * out_img));
+        assert!(scratch.len() >= self.scratch_len(pool.threads()));
+        let per_slot = self.kpairs * QNC * 2;
+        // SAFETY: f32 is at least as aligned as i16 and twice its size, so
+        // the reinterpreted slice lies within `scratch`.
+        let scratch_i16 = unsafe {
+            std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut i16, scratch.len() * 2)
+        };
+        let s_ptr = SyncPtr::new(scratch_i16);
+        let isa = isa::active();
+        let mblocks = g.c_out.div_ceil(QMR);
+        let chunks = ohw.div_ceil(QNC);
+        // Few pixels (late, small layers): split the channels as well.
+        let parts = if chunks >= 2 * pool.threads() {
+            1
+        } else {
+            pool.threads().min(mblocks).max(1)
+        };
+        for b in 0..batch {
+            let x = &input[b * in_img..(b + 1) * in_img];
+            let res = residual.map(|r| &r[b * out_img..(b + 1) * out_img]);
+            let y_ptr = SyncPtr::new(&mut output[b * out_img..(b + 1) * out_img]);
+            pool.run(chunks * parts, &|t, slot| {
+                let (chunk, part) = (t / parts, t % parts);
+                let p0 = chunk * QNC;
+                let n = QNC.min(ohw - p0);
+                // SAFETY: each thread slot owns a disjoint window of scratch
+                // (sized by `scratch_len` for the pool's thread count).
+                let bbuf =
+                    unsafe { std::slice::from_raw_parts_mut(s_ptr.add(slot * per_slot), per_slot) };
+                self.pack_input(isa, x, p0, n, bbuf);
+                let (m0, m1) = (part * mblocks / parts, (part + 1) * mblocks / parts);
+                for blk in m0..m1 {
+                    let a = &self.a[blk * self.kpairs * QMR * 2..(blk + 1) * self.kpairs * QMR * 2];
+                    for (pi, panel) in bbuf
+                        .chunks_exact(self.kpairs * QNR * 2)
+                        .take(n.div_ceil(QNR))
+                        .enumerate()
+                    {
+                        let mut acc = [[0i32; QNR]; QMR];
+                        tile(isa, self.kpairs, a, panel, &mut acc);
+                        let px = p0 + pi * QNR;
+                        let cols = QNR.min(ohw - px);
+                        for (r, row) in acc.iter().enumerate() {
+                            let co = blk * QMR + r;
+                            if co >= g.c_out {
+                                break;
+                            }
+                            // SAFETY: tasks write disjoint (channel block,
+                            // pixel chunk) ranges of the output image.
+                            let out = unsafe {
+                                std::slice::from_raw_parts_mut(y_ptr.add(co * ohw + px), cols)
+                            };
+                            let rres = res.map(|r| &r[co * ohw + px..co * ohw + px + cols]);
+                            self.epilogue(co, &row[..cols], rres, out);
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// `out = act(acc · out_scale[co] + bias[co] (+ res))`.
+    #[inline]
+    fn epilogue(&self, co: usize, acc: &[i32], res: Option<&[f32]>, out: &mut [f32]) {
+        let (s, b) = (self.out_scale[co], self.bias[co]);
+        for (o, &a) in out.iter_mut().zip(acc) {
+            *o = a as f32 * s + b;
+        }
+        if let Some(r) = res {
+            out.iter_mut().zip(r).for_each(|(o, r)| *o += r);
+        }
+        self.act.apply_slice(out);
+    }
+
+    /// Quantizes and packs output pixels `[p0, p0 + n)` of the input's
+    /// unfolded (im2col) matrix into `QNR`-pixel panels of pairs; padding
+    /// pixels and the odd reduction tail are zeros.
+    fn pack_input(&self, isa: Isa, x: &[f32], p0: usize, n: usize, buf: &mut [i16]) {
+        let g = &self.g;
+        let panels = n.div_ceil(QNR);
+        let inv = self.inv_input_scale;
+        let hw = g.h * g.w;
+        if self.is_pointwise() {
+            for pi in 0..panels {
+                let px = p0 + pi * QNR;
+                let cols = QNR.min(p0 + n - px);
+                let panel = &mut buf[pi * self.kpairs * QNR * 2..(pi + 1) * self.kpairs * QNR * 2];
+                for kp in 0..self.kpairs {
+                    let dst = &mut panel[kp * QNR * 2..(kp + 1) * QNR * 2];
+                    let c0 = 2 * kp;
+                    let r0 = &x[c0 * hw + px..c0 * hw + px + cols];
+                    let r1 = (c0 + 1 < g.c_in)
+                        .then(|| &x[(c0 + 1) * hw + px..(c0 + 1) * hw + px + cols]);
+                    pack_pair_rows(isa, r0, r1, inv, dst);
+                }
+            }
+            return;
+        }
+        // General case: gather each reduction row (ci, ky, kx) for the
+        // panel's pixels.
+        let khw = g.kh * g.kw;
+        let mut row = [0f32; QNR];
+        let mut prev = [0f32; QNR];
+        for pi in 0..panels {
+            let px = p0 + pi * QNR;
+            let cols = QNR.min(p0 + n - px);
+            let panel = &mut buf[pi * self.kpairs * QNR * 2..(pi + 1) * self.kpairs * QNR * 2];
+            for kk in 0..self.kpairs * 2 {
+                row.iter_mut().for_each(|v| *v = 0.0);
+                if kk < self.k {
+                    let (ci, rem) = (kk / khw, kk % khw);
+                    let (ky, kx) = (rem / g.kw, rem % g.kw);
+                    let plane = &x[ci * hw..(ci + 1) * hw];
+                    for (j, v) in row.iter_mut().enumerate().take(cols) {
+                        let p = px + j;
+                        let (oy, ox) = (p / self.ow, p % self.ow);
+                        let iy = (oy * g.stride[0] + ky * g.dilation[0]).wrapping_sub(g.pads[0]);
+                        let ix = (ox * g.stride[1] + kx * g.dilation[1]).wrapping_sub(g.pads[1]);
+                        if iy < g.h && ix < g.w {
+                            *v = plane[iy * g.w + ix];
+                        }
+                    }
+                }
+                if kk % 2 == 1 {
+                    let dst = &mut panel[(kk / 2) * QNR * 2..(kk / 2 + 1) * QNR * 2];
+                    pack_pair_rows(isa, &prev, Some(&row), inv, dst);
+                } else {
+                    prev = row;
+                }
+            }
+        }
+    }
+}
+
+/// Quantizes two rows of up to `QNR` values and interleaves them into
+/// `QNR` pairs (`dst[2j] = q(r0[j])`, `dst[2j+1] = q(r1[j])`); missing
+/// values are zero.
+fn pack_pair_rows(isa: Isa, r0: &[f32], r1: Option<&[f32]>, inv: f32, dst: &mut [i16]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma
+        && r0.len() == QNR
+        && r1.is_none_or(|r| r.len() == QNR)
+        && dst.len() >= 2 * QNR
+    {
+        // SAFETY: AVX2 is present when this tier is active; the lengths were
+        // just checked.
+        unsafe { pack_pair_rows_avx2(r0, r1, inv, dst) };
+        return;
+    }
+    let _ = isa;
+    for j in 0..QNR {
+        dst[2 * j] = r0.get(j).map_or(0, |&v| quantize(v, inv));
+        dst[2 * j + 1] = r1.and_then(|r| r.get(j)).map_or(0, |&v| quantize(v, inv));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_pair_rows_avx2(r0: &[f32], r1: Option<&[f32]>, inv: f32, dst: &mut [i16]) {
+    use std::arch::x86_64::*;
+    let vinv = _mm256_set1_ps(inv);
+    let (lo, hi) = (_mm256_set1_ps(-QMAX), _mm256_set1_ps(QMAX));
+    let mask = _mm256_set1_epi32(0xffff);
+    let q = |p: *const f32| {
+        // SAFETY: callers pass pointers to 8 readable floats.
+        let v = unsafe { _mm256_loadu_ps(p) };
+        let v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, vinv), lo), hi);
+        _mm256_cvtps_epi32(v)
+    };
+    for h in 0..2 {
+        let a = q(r0[8 * h..].as_ptr());
+        let b = match r1 {
+            Some(r) => q(r[8 * h..].as_ptr()),
+            None => _mm256_setzero_si256(),
+        };
+        let v = _mm256_or_si256(_mm256_and_si256(a, mask), _mm256_slli_epi32::<16>(b));
+        // SAFETY: dst holds 2·QNR i16; this writes 16 of them at 16·h.
+        unsafe { _mm256_storeu_si256(dst.as_mut_ptr().add(16 * h) as *mut __m256i, v) };
+    }
+}
+
+/// The micro-kernel: `acc[r][j] += Σ_p a[p][r]·b[p][j]` over `kpairs` pairs
+/// (each term itself a pair of products).
+pub fn tile(isa: Isa, kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; QMR]) {
+    assert!(a.len() >= kpairs * QMR * 2 && b.len() >= kpairs * QNR * 2);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        // SAFETY: AVX2 is present when this tier is active; lengths checked.
+        unsafe { tile_avx2(kpairs, a, b, acc) };
+        return;
+    }
+    let _ = isa;
+    tile_ref(kpairs, a, b, acc)
+}
+
+/// Scalar reference of [`tile`].
+pub fn tile_ref(kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; QMR]) {
+    for p in 0..kpairs {
+        let ap = &a[p * QMR * 2..(p + 1) * QMR * 2];
+        let bp = &b[p * QNR * 2..(p + 1) * QNR * 2];
+        for (r, row) in acc.iter_mut().enumerate() {
+            let (a0, a1) = (ap[2 * r] as i32, ap[2 * r + 1] as i32);
+            for (j, c) in row.iter_mut().enumerate() {
+                *c += a0 * bp[2 * j] as i32 + a1 * bp[2 * j + 1] as i32;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_avx2(kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; QMR]) {
+    use std::arch::x86_64::*;
+    let mut c = [[_mm256_setzero_si256(); 2]; QMR];
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    for p in 0..kpairs {
+        // SAFETY: the caller checked a (kpairs·QMR·2) and b (kpairs·QNR·2).
+        unsafe {
+            let b0 = _mm256_loadu_si256(bp.add(p * QNR * 2) as *const __m256i);
+            let b1 = _mm256_loadu_si256(bp.add(p * QNR * 2 + 16) as *const __m256i);
+            for (r, cr) in c.iter_mut().enumerate() {
+                let pair = (ap.add((p * QMR + r) * 2) as *const i32).read_unaligned();
+                let av = _mm256_set1_epi32(pair);
+                cr[0] = _mm256_add_epi32(cr[0], _mm256_madd_epi16(b0, av));
+                cr[1] = _mm256_add_epi32(cr[1], _mm256_madd_epi16(b1, av));
+            }
+        }
+    }
+    for (r, cr) in c.iter().enumerate() {
+        let mut lanes = [0i32; QNR];
+        // SAFETY: `lanes` holds 16 i32 = two 256-bit stores.
+        unsafe {
+            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, cr[0]);
+            _mm256_storeu_si256(lanes.as_mut_ptr().add(8) as *mut __m256i, cr[1]);
+        }
+        acc[r].iter_mut().zip(lanes).for_each(|(x, l)| *x += l);
+    }
+}
+
+/// Plain-loop reference of a whole INT8 convolution (one image): quantize
+/// input and weights exactly as [`QConv2d`] does, accumulate in `i64`, then
+/// `act(acc · s_w · s_x + bias (+ residual))`.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_qconv2d(
+    g: &Conv2dGeometry,
+    x: &[f32],
+    weights: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    act: Activation,
+    input_scale: f32,
+    y: &mut [f32],
+) {
+    let (oh, ow) = (g.out_h().unwrap_or(0), g.out_w().unwrap_or(0));
+    let (ws, wq) = quantize_weights(weights, g.c_out);
+    let k = g.c_in * g.kh * g.kw;
+    let inv = 1.0 / input_scale;
+    for co in 0..g.c_out {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut acc = 0i64;
+                for ci in 0..g.c_in {
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize
+                                - g.pads[0] as isize;
+                            let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize
+                                - g.pads[1] as isize;
+                            if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                                continue;
+                            }
+                            let xv = x[ci * g.h * g.w + iy as usize * g.w + ix as usize];
+                            let wv = wq[co * k + (ci * g.kh + ky) * g.kw + kx];
+                            acc += quantize(xv, inv) as i64 * wv as i64;
+                        }
+                    }
+                }
+                let o = co * oh * ow + oy * ow + ox;
+                let mut v = acc as f32 * (ws[co] * input_scale) + bias.map_or(0.0, |b| b[co]);
+                if let Some(r) = residual {
+                    v += r[o];
+                }
+                y[o] = act.apply(v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::reference_conv2d;
+    use proptest::prelude::*;
+
+    fn rand_vec(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quantize_rounds_half_to_even_and_saturates() {
+        assert_eq!(quantize(0.5, 1.0), 0);
+        assert_eq!(quantize(1.5, 1.0), 2);
+        assert_eq!(quantize(-2.5, 1.0), -2);
+        assert_eq!(quantize(1e30, 1.0), 127);
+        assert_eq!(quantize(-1e30, 1.0), -127);
+        assert_eq!(quantize(f32::INFINITY, 1.0), 127);
+    }
+
+    #[test]
+    fn weights_use_the_full_range_per_channel() {
+        let w = [0.5, -1.0, 0.25, 0.0, 0.0, 0.0, 2.0, 1.0, -0.5];
+        let (s, q) = quantize_weights(&w, 3);
+        assert_eq!(s, vec![1.0 / 127.0, 1.0, 2.0 / 127.0]);
+        assert_eq!(q, vec![64, -127, 32, 0, 0, 0, 127, 64, -32]);
+    }
+
+    #[test]
+    fn bad_layers_are_refused() {
+        let g = geo(4, 5, 5, 4, 3, 1, 1, 2);
+        let w = vec![0.1; 4 * 2 * 9];
+        assert!(QConv2d::new(g, &w, None, Activation::None, 0.1).is_err());
+        let g = geo(4, 5, 5, 4, 3, 1, 1, 1);
+        let w = vec![0.1; 4 * 4 * 9];
+        assert!(QConv2d::new(g, &w, None, Activation::None, 0.0).is_err());
+        assert!(QConv2d::new(g, &w, None, Activation::None, f32::NAN).is_err());
+        assert!(QConv2d::new(g, &w[1..], None, Activation::None, 0.1).is_err());
+        assert!(QConv2d::new(g, &w, Some(&[0.0; 3]), Activation::None, 0.1).is_err());
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn geo(
+        c_in: usize,
+        h: usize,
+        w: usize,
+        c_out: usize,
+        k: usize,
+        s: usize,
+        p: usize,
+        groups: usize,
+    ) -> Conv2dGeometry {
+        Conv2dGeometry {
+            c_in,
+            h,
+            w,
+            c_out,
+            kh: k,
+            kw: k,
+            stride: [s, s],
+            dilation: [1, 1],
+            pads: [p; 4],
+            groups,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn tile_is_bit_exact(kpairs in 0usize..40, seed in any::<u64>()) {
+            let mut s = seed | 1;
+            let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; ((s >> 56) as i8) as i16 };
+            // Extremes included: -128 never occurs in the packed operands
+            // (symmetric quantization), but the kernel must still be exact.
+            let a: Vec<i16> = (0..kpairs * QMR * 2).map(|_| next()).collect();
+            let b: Vec<i16> = (0..kpairs * QNR * 2).map(|_| next()).collect();
+            let mut want = [[7i32; QNR]; QMR];
+            let mut got = want;
+            tile_ref(kpairs, &a, &b, &mut want);
+            tile(isa::active(), kpairs, &a, &b, &mut got);
+            prop_assert_eq!(want, got);
+        }
+
+        #[test]
+        fn conv_equals_the_reference(
+            c_in in 1usize..12, c_out in 1usize..14, h in 1usize..12, w in 1usize..12,
+            k in prop::sample::select(vec![1usize, 3, 5]), s in 1usize..3, p in 0usize..3,
+            act in prop::sample::select(vec![Activation::None, Activation::Relu, Activation::Clip { lo: 0.0, hi: 6.0 }]),
+            residual in any::<bool>(), threads in 1usize..4, seed in any::<u64>(),
+        ) {
+            let g = geo(c_in, h, w, c_out, k, s, p, 1);
+            prop_assume!(g.out_h().unwrap_or(0) > 0 && g.out_w().unwrap_or(0) > 0);
+            let (oh, ow) = (g.out_h().unwrap(), g.out_w().unwrap());
+            let x = rand_vec(seed, c_in * h * w, -3.0, 3.0);
+            let wts = rand_vec(seed ^ 0x55, c_out * c_in * k * k, -1.0, 1.0);
+            let bias = rand_vec(seed ^ 0xaa, c_out, -1.0, 1.0);
+            let res = residual.then(|| rand_vec(seed ^ 0x33, c_out * oh * ow, -1.0, 1.0));
+            let scale = 2.5 / 127.0; // clips the tails of x
+            let layer = QConv2d::new(g, &wts, Some(&bias), act, scale).unwrap();
+            let pool = ThreadPool::new(threads);
+            let mut scratch = vec![0f32; layer.scratch_len(threads)];
+            let mut y = vec![f32::NAN; c_out * oh * ow];
+            layer.run(&pool, 1, &x, res.as_deref(), &mut y, &mut scratch);
+            let mut want = vec![0f32; y.len()];
+            reference_qconv2d(&g, &x, &wts, Some(&bias), res.as_deref(), act, scale, &mut want);
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                // Integer products are exact; only the f32 epilogue rounds.
+                prop_assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "at {}: {} vs {}", i, a, b);
+            }
+            // And the INT8 layer approximates the float one: error bounded by
+            // the quantization steps (half a step per operand per term),
+            // plus what clipping x at ±2.5 removes.
+            let mut fp = vec![0f32; y.len()];
+            reference_conv2d(&g, &x.iter().map(|v| v.clamp(-2.5, 2.5)).collect::<Vec<_>>(), &wts, Some(&bias), act, &mut fp);
+            if res.is_none() {
+                let bound = (c_in * k * k) as f32 * (0.5 * scale * 1.0 + 0.5 / 127.0 * 2.5 + 0.25 * scale / 127.0) + 1e-4;
+                for (a, b) in y.iter().zip(&fp) {
+                    prop_assert!((a - b).abs() <= bound, "{} vs float {} (bound {})", a, b, bound);
+                }
+            }
+        }
+    }
+}
