@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use osprey_engine::file::{self, EngineFile, Precision};
 use osprey_engine::fingerprint::Fingerprint;
@@ -31,7 +31,13 @@ pub fn build(a: BuildArgs) -> Result<()> {
             bail!("{}: output directory does not exist", dir.display());
         }
     }
-    let shapes = parse_shapes(&a.input_shapes)?;
+    let mut shapes = parse_shapes(&a.input_shapes)?;
+    for (k, v) in crate::int8::desc_shapes(&a.int8)? {
+        shapes.entry(k).or_insert(v);
+    }
+    if a.precision != PrecisionArg::Int8 && a.int8.calib.is_some() {
+        bail!("--calib applies to --precision int8");
+    }
     let mut graph =
         import_file(&a.onnx, &shapes).map_err(|e| crate::cli::with_model_context(e, &a.onnx))?;
     let nodes_imported = graph.nodes.len();
@@ -40,6 +46,12 @@ pub fn build(a: BuildArgs) -> Result<()> {
     let precision = match a.precision {
         PrecisionArg::Fp32 => Precision::Fp32,
         PrecisionArg::Fp16 => Precision::Fp16,
+        PrecisionArg::Int8 => Precision::Int8,
+    };
+    let int8 = if precision == Precision::Int8 {
+        Some(crate::int8::prepare(&mut graph, &a.int8, threads, a.json)?)
+    } else {
+        None
     };
     if precision == Precision::Fp16 {
         file::round_constants_to_f16(&mut graph);
@@ -70,6 +82,11 @@ pub fn build(a: BuildArgs) -> Result<()> {
         },
     )?;
     bar.finish_and_clear();
+    let (tactics, layers) = if a.int8.strict {
+        crate::int8::force_int8(&graph, tactics, layers)
+    } else {
+        (tactics, layers)
+    };
     if let Some(p) = &a.timing_cache {
         cache.save(p)?;
     }
@@ -92,6 +109,15 @@ pub fn build(a: BuildArgs) -> Result<()> {
         "naive_bytes": plan.naive_bytes(),
         "timing_cache": {"hits": hits, "misses": layers.len() - hits},
     });
+    let mut report = report;
+    if let Some(o) = &int8 {
+        let r = crate::int8::report_json(o);
+        if let Some(path) = &a.int8.report {
+            std::fs::write(path, serde_json::to_string_pretty(&r)?)
+                .with_context(|| path.display().to_string())?;
+        }
+        report["int8"] = r;
+    }
     let ef = EngineFile {
         graph,
         tactics,
@@ -101,7 +127,6 @@ pub fn build(a: BuildArgs) -> Result<()> {
     };
     let bytes = file::save(&a.out, &ef)?;
     let build_ms_total = t0.elapsed().as_secs_f64() * 1e3;
-    let mut report = report;
     report["engine_bytes"] = json!(bytes);
     report["build_ms"] = json!(build_ms_total);
     let _ = build_ms;
@@ -146,6 +171,9 @@ pub fn build(a: BuildArgs) -> Result<()> {
         human_bytes(plan.arena_bytes()),
         human_bytes(plan.naive_bytes())
     );
+    if let Some(o) = &int8 {
+        crate::int8::print_summary(o);
+    }
     println!("  engine      {} written", human_bytes(bytes as usize));
     println!("  build time  {:.2} s", build_ms_total / 1e3);
     Ok(())

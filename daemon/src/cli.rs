@@ -141,7 +141,8 @@ pub struct BuildArgs {
     /// Engine file to write.
     #[arg(long, value_name = "M.engine")]
     pub out: PathBuf,
-    /// Weight storage precision: fp16 halves the file; compute stays f32.
+    /// Precision: fp16 halves the weights in the file (compute stays f32);
+    /// int8 runs calibrated convolutions in INT8 (needs --calib).
     #[arg(long, value_enum, default_value = "fp32")]
     pub precision: PrecisionArg,
     /// Timing cache to read and update (created if missing): makes rebuilds fast.
@@ -157,6 +158,9 @@ pub struct BuildArgs {
     /// Print the build report as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// INT8: calibration cache, evaluation data, fallback and budget.
+    #[command(flatten, next_help_heading = "INT8 (--precision int8)")]
+    pub int8: crate::int8::Int8Args,
 }
 
 /// Weight precision of an engine.
@@ -166,6 +170,8 @@ pub enum PrecisionArg {
     Fp32,
     /// 16-bit float weights.
     Fp16,
+    /// INT8 convolutions from a calibration cache (--calib), FP32 elsewhere.
+    Int8,
 }
 
 /// `osprey inspect`.

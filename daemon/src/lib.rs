@@ -32,6 +32,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod doctor;
+pub mod int8;
 pub mod metrics;
 pub mod sdnotify;
 pub mod serve;

@@ -14,7 +14,8 @@
 //! * `__metadata__` (string → string), append-only keys:
 //!   * `format` = `osprey-engine`
 //!   * `format_version` = `1`
-//!   * `precision` = `fp32` | `fp16`
+//!   * `precision` = `fp32` | `fp16` | `int8` (INT8 convolutions carry
+//!     their input scale in the plan's node attributes)
 //!   * `fingerprint` = JSON [`Fingerprint`] of the device the tactics were timed on
 //!   * `plan` = JSON: the optimised graph (tensors with shapes and dtypes,
 //!     nodes with resolved ops), the tactic per node, and the memory plan
@@ -55,6 +56,10 @@ pub enum Precision {
     Fp32,
     /// 16-bit float weights (computed in f32 after loading).
     Fp16,
+    /// INT8 convolutions where calibrated (marked in the plan; weights are
+    /// stored as f32 and quantized per output channel at load), FP32
+    /// elsewhere.
+    Int8,
 }
 
 impl Precision {
@@ -63,12 +68,14 @@ impl Precision {
         match self {
             Precision::Fp32 => "fp32",
             Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
         }
     }
     fn parse(s: &str) -> Option<Precision> {
         match s {
             "fp32" => Some(Precision::Fp32),
             "fp16" => Some(Precision::Fp16),
+            "int8" => Some(Precision::Int8),
             _ => None,
         }
     }
@@ -173,7 +180,7 @@ pub fn to_bytes(ef: &EngineFile) -> Result<Vec<u8>> {
                         .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
                         .collect(),
                 ),
-                (ConstData::F32(d), Precision::Fp32) => {
+                (ConstData::F32(d), Precision::Fp32 | Precision::Int8) => {
                     (Dtype::F32, d.iter().flat_map(|x| x.to_le_bytes()).collect())
                 }
                 (ConstData::I64(d), _) => {

@@ -124,6 +124,12 @@ pub struct ConvAttrs {
     /// A residual input (the 4th operand, after the bias) is added before the
     /// activation: the fused form of `Conv → Add`.
     pub residual: bool,
+    /// INT8 permitted: the symmetric per-tensor scale of the input
+    /// (calibration threshold / 127, or a QDQ model's scale). The builder
+    /// times the INT8 kernel against the FP32 tactics; an untuned engine
+    /// runs INT8 wherever this is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub int8_input_scale: Option<f32>,
 }
 
 impl ConvAttrs {

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use osprey_kernels::conv::{Conv2d, Conv2dGeometry, ConvTactic};
+use osprey_kernels::qconv::QConv2d;
 use osprey_kernels::ThreadPool;
 use serde::{Deserialize, Serialize};
 
@@ -163,8 +164,30 @@ pub fn select_tactics(
         let Some((geo, batch)) = conv_geometry(g, i) else {
             continue;
         };
+        let weights = || {
+            let w = g.tensors[node.inputs[1]]
+                .value
+                .as_ref()
+                .map(ConstData::to_f32)
+                .unwrap_or_default();
+            let b = node
+                .inputs
+                .get(2)
+                .and_then(|&t| g.tensors[t].value.as_ref())
+                .map(ConstData::to_f32);
+            (w, b)
+        };
+        // The INT8 kernel competes with the FP32 tactics where the graph
+        // permits INT8 (layers it cannot run stay FP32).
+        let int8 = match attrs.int8_input_scale {
+            Some(s) => {
+                let (w, b) = weights();
+                QConv2d::new(geo, &w, b.as_deref(), attrs.activation, s).ok()
+            }
+            None => None,
+        };
         let key = format!(
-            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}",
+            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}{}",
             fp.key(),
             pool.threads(),
             geo.c_in,
@@ -179,27 +202,23 @@ pub fn select_tactics(
             geo.groups,
             batch,
             attrs.activation,
-            attrs.residual
+            attrs.residual,
+            if int8.is_some() { "|int8" } else { "" }
         );
         let candidates = ConvTactic::candidates(&geo);
+        let int8_name = int8.as_ref().map(|q| q.algorithm());
         let cached = cache
             .entries
             .get(&key)
-            .filter(|e| candidates.iter().any(|c| c.name() == e.tactic))
+            .filter(|e| {
+                candidates.iter().any(|c| c.name() == e.tactic)
+                    || Some(e.tactic.as_str()) == int8_name
+            })
             .cloned();
         let entry = match cached {
             Some(e) => (e, true),
             None => {
-                let w = g.tensors[node.inputs[1]]
-                    .value
-                    .as_ref()
-                    .map(ConstData::to_f32)
-                    .unwrap_or_default();
-                let b = node
-                    .inputs
-                    .get(2)
-                    .and_then(|&t| g.tensors[t].value.as_ref())
-                    .map(ConstData::to_f32);
+                let (w, b) = weights();
                 let (oh, ow) = (geo.out_h().unwrap_or(0), geo.out_w().unwrap_or(0));
                 let x = pseudo_random(batch * geo.c_in * geo.h * geo.w, 7);
                 let r = pseudo_random(batch * geo.c_out * oh * ow, 11);
@@ -213,6 +232,12 @@ pub fn select_tactics(
                         conv.run_with_residual(&pool, batch, &x, res, &mut y, &mut scratch)
                     });
                     times.insert(t.name(), ms);
+                }
+                if let Some(q) = &int8 {
+                    let mut scratch = vec![0.0f32; q.scratch_len(pool.threads())];
+                    let res = attrs.residual.then_some(&r[..]);
+                    let ms = time_ms(|| q.run(&pool, batch, &x, res, &mut y, &mut scratch));
+                    times.insert(q.algorithm().to_string(), ms);
                 }
                 let (best, ms) = times
                     .iter()

@@ -15,6 +15,7 @@ use osprey_kernels::eltwise::{BinaryOp, Broadcast};
 use osprey_kernels::gemm::{self, PackedA};
 use osprey_kernels::layout::{PadMode, StridedView};
 use osprey_kernels::pooling::{Pool2dGeometry, PoolKind};
+use osprey_kernels::qconv::QConv2d;
 use osprey_kernels::resize::Resize2d;
 use osprey_kernels::ThreadPool;
 
@@ -51,6 +52,12 @@ struct CopyPart {
 enum Kind {
     Conv {
         layer: Conv2d,
+        batch: usize,
+        residual: bool,
+    },
+    /// INT8 convolution (f32 in and out; see `osprey_kernels::qconv`).
+    QConv {
+        layer: QConv2d,
         batch: usize,
         residual: bool,
     },
@@ -274,6 +281,24 @@ impl Engine {
                     if *residual { " +residual" } else { "" }
                 )
             }
+            Kind::QConv {
+                layer, residual, ..
+            } => {
+                let g = layer.geometry();
+                format!(
+                    "Conv {} {}x{} s{} {}->{} @{}x{} x-scale {:.3e}{}",
+                    layer.algorithm(),
+                    g.kh,
+                    g.kw,
+                    g.stride[0],
+                    g.c_in,
+                    g.c_out,
+                    g.h,
+                    g.w,
+                    layer.input_scale(),
+                    if *residual { " +residual" } else { "" }
+                )
+            }
             Kind::ConvTranspose { .. } => "ConvTranspose gemm+col2im".into(),
             Kind::Affine { .. } => "BatchNorm affine".into(),
             Kind::Unary(a) => format!("Unary {a:?}"),
@@ -302,6 +327,7 @@ impl Engine {
             .iter()
             .map(|s| match &s.kind {
                 Kind::Conv { layer, .. } => layer.scratch_len(threads),
+                Kind::QConv { layer, .. } => layer.scratch_len(threads),
                 Kind::ConvTranspose { layer, .. } => layer.scratch_len(threads),
                 Kind::Gemm {
                     packed,

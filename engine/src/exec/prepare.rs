@@ -8,6 +8,7 @@ use osprey_kernels::eltwise::{self, BinaryOp, Broadcast};
 use osprey_kernels::gemm::PackedA;
 use osprey_kernels::layout::{contiguous_strides, StridedView};
 use osprey_kernels::pooling::Pool2dGeometry;
+use osprey_kernels::qconv::QConv2d;
 use osprey_kernels::resize::Resize2d;
 use osprey_kernels::ThreadPool;
 
@@ -72,7 +73,24 @@ impl Builder<'_> {
                 let w = self.const_f32(node.inputs[1])?;
                 let bias = node.inputs.get(2).map(|&b| self.const_f32(b)).transpose()?;
                 let geo = a.geometry(&xs, &ys);
-                let tactic = match self.tactics.get(ni).and_then(|t| t.as_deref()) {
+                if a.residual && node.inputs.len() != 4 {
+                    return Err("fused residual without its operand".into());
+                }
+                let chosen = self.tactics.get(ni).and_then(|t| t.as_deref());
+                // INT8 where the graph permits it, unless tuning chose an
+                // FP32 tactic for this layer.
+                if let Some(scale) = a.int8_input_scale {
+                    if chosen.is_none_or(|t| t.starts_with("int8")) {
+                        let layer = QConv2d::new(geo, &w, bias.as_deref(), a.activation, scale)
+                            .map_err(|e| e.to_string())?;
+                        return Ok(Kind::QConv {
+                            layer,
+                            batch: xs[0],
+                            residual: a.residual,
+                        });
+                    }
+                }
+                let tactic = match chosen {
                     None => ConvTactic::default_for(&geo),
                     Some(name) => ConvTactic::parse(name)
                         .filter(|t| t.supports(&geo))

@@ -113,6 +113,18 @@ pub(super) fn run_step(
             };
             layer.run_with_residual(pool, *batch, x, res, y, scratch)
         }
+        Kind::QConv {
+            layer,
+            batch,
+            residual,
+        } => {
+            let res = if *residual {
+                Some(io.read(input(3)?)?)
+            } else {
+                None
+            };
+            layer.run(pool, *batch, x, res, y, scratch)
+        }
         Kind::ConvTranspose { layer, batch } => layer.run(pool, *batch, x, y, scratch),
         Kind::Affine {
             batch,

@@ -138,6 +138,7 @@ pub(super) fn lower_conv(a: &Attrs<'_>, ins: &Ins<'_>, transposed: bool) -> R<Lo
         output_padding,
         activation: Activation::None,
         residual: false,
+        int8_input_scale: None,
     };
     let (oh, ow) = if transposed {
         attrs

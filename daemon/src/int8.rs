@@ -1,0 +1,681 @@
+//! `osprey build --precision int8`: which convolutions run INT8, checked on
+//! data.
+//!
+//! 1. The calibration cache (`osprey calibrate`) gives each tensor's scale;
+//!    every plain convolution whose input has one is marked INT8
+//!    (`osprey_engine::int8::permit_int8`); depthwise/grouped convolutions
+//!    and everything else stay FP32.
+//! 2. With an evaluation set (`--images DIR --model-desc D.toml`, or
+//!    `--npy DIR`; usually the calibration set), each INT8 layer is run
+//!    alone on the FP32 engine's own input to that layer, and its output is
+//!    compared with the FP32 layer's: the layer's SQNR. Layers below
+//!    `--min-sqnr` fall back to FP32.
+//! 3. The whole INT8 engine is then compared with the FP32 engine end to end:
+//!    output SQNR, and with a model description the decoded results —
+//!    classifier top-1 agreement and top-5 overlap, detector fraction of
+//!    FP32 detections matched at IoU ≥ 0.5 with the same class.
+//! 4. `--accuracy-budget A`: while the agreement (top-1 or matched
+//!    fraction) is below `A`, the layers with the lowest SQNR go back to
+//!    FP32 (1, 2, 4, … at a time) — automatic mixed precision.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use osprey_calibration::cache::CalibrationCache;
+use osprey_calibration::dataset::Dataset;
+use osprey_engine::int8::{permit_int8, revert, without_int8, Int8Layer, Sqnr};
+use osprey_engine::ir::{ConstData, Graph, Op};
+use osprey_engine::tune::{LayerChoice, Tactics};
+use osprey_engine::{Engine, ExecutionContext};
+use osprey_kernels::qconv::QConv2d;
+use osprey_kernels::ThreadPool;
+use osprey_models::vision::decode::{iou, Detection};
+use osprey_models::vision::desc::{ModelDesc, ModelKind};
+use osprey_models::vision::{read_image, Classifier, Detector, FrameLimits};
+use serde_json::json;
+
+/// INT8 options of `osprey build`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct Int8Args {
+    /// Calibration cache from `osprey calibrate` (TensorRT layout); needed
+    /// by `--precision int8`.
+    #[arg(long, value_name = "M.calib")]
+    pub calib: Option<PathBuf>,
+    /// Evaluation images (JPEG/PNG, recursive; usually the calibration
+    /// folder) for the accuracy report; needs --model-desc.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "npy",
+        requires = "model_desc"
+    )]
+    pub images: Option<PathBuf>,
+    /// Model description: preprocessing of --images and how outputs decode
+    /// (classifier top-1/top-5, detector matches).
+    #[arg(long = "model-desc", value_name = "D.toml")]
+    pub model_desc: Option<PathBuf>,
+    /// Evaluation tensors (.npy, preprocessed) instead of images.
+    #[arg(long, value_name = "DIR")]
+    pub npy: Option<PathBuf>,
+    /// Use at most this many evaluation files.
+    #[arg(long = "max-images", value_name = "N")]
+    pub max_images: Option<usize>,
+    /// A layer whose INT8 output SQNR (run alone, on FP32 inputs) is below
+    /// this many dB runs FP32.
+    #[arg(long = "min-sqnr", value_name = "DB", default_value_t = 20.0)]
+    pub min_sqnr: f64,
+    /// Least acceptable end-to-end agreement with FP32 (classifier top-1
+    /// agreement or detector matched fraction, 0..1): the lowest-SQNR layers
+    /// go back to FP32 until it is met. Needs --images and --model-desc.
+    #[arg(long = "accuracy-budget", value_name = "A")]
+    pub accuracy_budget: Option<f64>,
+    /// Run every permitted layer in INT8 even where an FP32 tactic timed
+    /// faster (by default INT8 is a tactic that must win its timing, as in
+    /// TensorRT without strict types).
+    #[arg(long = "strict-int8")]
+    pub strict: bool,
+    /// Write the accuracy report (per-layer SQNR, fallbacks, agreement) as JSON.
+    #[arg(long, value_name = "report.json")]
+    pub report: Option<PathBuf>,
+}
+
+/// What the INT8 preparation decided and measured.
+#[derive(Debug)]
+pub struct Int8Outcome {
+    /// One entry per convolution.
+    pub layers: Vec<Int8Layer>,
+    /// Isolated SQNR (dB) per entry of `layers` (None: not measured).
+    pub sqnr: Vec<Option<f64>>,
+    /// End-to-end comparison of the final INT8 graph with FP32.
+    pub end_to_end: Option<EndToEnd>,
+    /// Evaluation samples used.
+    pub samples: usize,
+}
+
+/// End-to-end agreement of the INT8 engine with the FP32 engine.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndToEnd {
+    /// SQNR (dB) per output tensor.
+    pub outputs: Vec<(String, f64)>,
+    /// Classifier: fraction of samples with the same top-1 class.
+    pub top1_agreement: Option<f64>,
+    /// Classifier: mean |top-5 ∩ top-5| / 5.
+    pub top5_overlap: Option<f64>,
+    /// Detector: FP32 detections matched by an INT8 one (same class,
+    /// IoU ≥ 0.5), over all FP32 detections.
+    pub matched_fraction: Option<f64>,
+    /// Detector: FP32 detections in total.
+    pub fp32_detections: Option<usize>,
+}
+
+impl EndToEnd {
+    /// The figure `--accuracy-budget` applies to.
+    pub fn agreement(&self) -> Option<f64> {
+        self.top1_agreement.or(self.matched_fraction)
+    }
+}
+
+/// Evaluation data and how to decode it.
+struct Eval {
+    data: Dataset,
+    desc: Option<ModelDesc>,
+    images: bool,
+}
+
+/// Input shapes a model description implies (merged into `--input-shape`).
+pub fn desc_shapes(a: &Int8Args) -> Result<HashMap<String, Vec<usize>>> {
+    let mut shapes = HashMap::new();
+    if let Some(p) = &a.model_desc {
+        let desc = ModelDesc::load(p).with_context(|| p.display().to_string())?;
+        shapes.insert(desc.input.name.clone(), desc.input_shape());
+    }
+    Ok(shapes)
+}
+
+/// Marks INT8 layers in `graph` (already optimised) and, with evaluation
+/// data, measures them and falls back where accuracy asks for it.
+pub fn prepare(
+    graph: &mut Graph,
+    a: &Int8Args,
+    threads: usize,
+    quiet: bool,
+) -> Result<Int8Outcome> {
+    let Some(calib) = &a.calib else {
+        bail!("--precision int8 needs --calib M.calib (made by `osprey calibrate`)");
+    };
+    if a.max_images == Some(0) {
+        bail!("--max-images must be at least 1");
+    }
+    let cache = CalibrationCache::load(calib).with_context(|| calib.display().to_string())?;
+    check_cache(graph, &cache, calib, quiet)?;
+    let mut layers = permit_int8(graph, &|n| cache.scale(n));
+    let int8_count = layers.iter().filter(|l| l.fallback.is_none()).count();
+    if int8_count == 0 {
+        bail!(
+            "{}: no convolution can run INT8 ({} convolutions; first: {})",
+            calib.display(),
+            layers.len(),
+            layers
+                .first()
+                .and_then(|l| l.fallback.clone())
+                .unwrap_or_else(|| "the model has no convolution".into())
+        );
+    }
+    let mut sqnr = vec![None; layers.len()];
+    let mut eval = match (&a.images, &a.npy) {
+        (Some(dir), None) => {
+            let p = a
+                .model_desc
+                .as_ref()
+                .context("--images needs --model-desc")?;
+            let desc = ModelDesc::load(p).with_context(|| p.display().to_string())?;
+            Some(Eval {
+                data: Dataset::images(dir, &desc, a.max_images)?,
+                desc: Some(desc),
+                images: true,
+            })
+        }
+        (None, Some(dir)) => Some(Eval {
+            data: Dataset::npy(dir, a.max_images)?,
+            desc: None,
+            images: false,
+        }),
+        (None, None) => None,
+        (Some(_), Some(_)) => bail!("give --images or --npy, not both"),
+    };
+    if a.accuracy_budget.is_some() && !eval.as_ref().is_some_and(|e| e.images) {
+        bail!("--accuracy-budget needs --images DIR --model-desc D.toml (the agreement it bounds is measured on decoded results)");
+    }
+    if let Some(b) = a.accuracy_budget {
+        if !(0.0..=1.0).contains(&b) {
+            bail!("--accuracy-budget is a fraction in [0, 1], got {b}");
+        }
+    }
+    let Some(ev) = eval.as_mut() else {
+        if !quiet {
+            eprintln!("note: no --images/--npy given: INT8 layers are not checked against FP32 (no SQNR fallback, no accuracy report)");
+        }
+        return Ok(Int8Outcome {
+            layers,
+            sqnr,
+            end_to_end: None,
+            samples: 0,
+        });
+    };
+    let samples = layer_sqnr(graph, &layers, ev, threads, &mut sqnr, quiet)?;
+    for (l, s) in layers.iter_mut().zip(&sqnr) {
+        if let (None, Some(db)) = (&l.fallback, s) {
+            if *db < a.min_sqnr {
+                let why = format!("SQNR below --min-sqnr: {db:.1} dB < {}", a.min_sqnr);
+                revert(graph, l, why);
+            }
+        }
+    }
+    let mut e2e = end_to_end(graph, ev, threads, quiet)?;
+    if let Some(budget) = a.accuracy_budget {
+        if e2e.agreement().is_some_and(|v| v < budget) {
+            // The INT8 layers, worst SQNR first; find the fewest of them to
+            // keep in FP32 (binary search: reverting more never hurts
+            // much, and all of them reverted is the FP32 engine).
+            let mut order: Vec<usize> = (0..layers.len())
+                .filter(|&i| layers[i].fallback.is_none())
+                .collect();
+            order.sort_by(|&x, &y| {
+                sqnr[x]
+                    .unwrap_or(f64::INFINITY)
+                    .total_cmp(&sqnr[y].unwrap_or(f64::INFINITY))
+            });
+            let with_reverted = |k: usize, layers: &[Int8Layer]| {
+                let mut g = graph.clone();
+                let mut ls = layers.to_vec();
+                for &i in order.iter().take(k) {
+                    revert(&mut g, &mut ls[i], String::new());
+                }
+                g
+            };
+            let (mut lo, mut hi) = (0usize, order.len());
+            let mut best: Option<EndToEnd> = None;
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                let e = end_to_end(&with_reverted(mid, &layers), ev, threads, quiet)?;
+                if !quiet {
+                    eprintln!(
+                        "accuracy budget: {mid} worst layers in FP32 -> agreement {:.3}",
+                        e.agreement().unwrap_or(0.0)
+                    );
+                }
+                if e.agreement().is_some_and(|v| v >= budget) {
+                    hi = mid;
+                    best = Some(e);
+                } else {
+                    lo = mid + 1;
+                }
+            }
+            let before = e2e.agreement().unwrap_or(0.0);
+            for &i in order.iter().take(lo) {
+                let why = format!(
+                    "kept FP32 for --accuracy-budget: agreement {before:.3} < {budget} all INT8"
+                );
+                revert(graph, &mut layers[i], why);
+            }
+            e2e = match best {
+                Some(e) if lo == hi => e,
+                _ => end_to_end(graph, ev, threads, quiet)?,
+            };
+        }
+    }
+    Ok(Int8Outcome {
+        layers,
+        sqnr,
+        end_to_end: Some(e2e),
+        samples,
+    })
+}
+
+/// Cache names against the graph: names the model lacks are a warning (all
+/// of them: an error); tensors without a scale are reported per layer.
+fn check_cache(g: &Graph, cache: &CalibrationCache, path: &Path, quiet: bool) -> Result<()> {
+    let names: HashSet<&str> = g.tensors.iter().map(|t| t.name.as_str()).collect();
+    let unknown: Vec<&str> = cache
+        .scales
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !names.contains(n))
+        .collect();
+    if !cache.scales.is_empty() && unknown.len() == cache.scales.len() {
+        bail!(
+            "{}: the cache names none of this model's tensors (first: '{}'); was it made for another model?",
+            path.display(),
+            unknown[0]
+        );
+    }
+    if !unknown.is_empty() && !quiet {
+        eprintln!(
+            "warning: {}: {} of {} cached tensors are not in this model (ignored), e.g. '{}'",
+            path.display(),
+            unknown.len(),
+            cache.scales.len(),
+            unknown[0]
+        );
+    }
+    Ok(())
+}
+
+fn bar(len: usize, what: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(len as u64);
+    b.set_style(
+        ProgressStyle::with_template("{msg:18} {bar:30} {pos}/{len} samples  {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    b.set_message(what.to_string());
+    b
+}
+
+/// Runs each INT8 layer alone on the FP32 engine's tensors; fills `sqnr`.
+/// Returns the number of samples used.
+fn layer_sqnr(
+    graph: &Graph,
+    layers: &[Int8Layer],
+    ev: &mut Eval,
+    threads: usize,
+    sqnr: &mut [Option<f64>],
+    quiet: bool,
+) -> Result<usize> {
+    let fp32 = Arc::new(Engine::new(without_int8(graph))?);
+    let mut ctx = ExecutionContext::new(fp32.clone(), threads);
+    let pool = ThreadPool::new(threads);
+    // The INT8 layers, prepared once.
+    struct Probe {
+        idx: usize,
+        layer: QConv2d,
+        batch: usize,
+        input: String,
+        residual: Option<String>,
+        output: String,
+        out_len: usize,
+        acc: Sqnr,
+    }
+    let mut probes = Vec::new();
+    for (idx, l) in layers.iter().enumerate() {
+        let (Some(scale), None) = (l.input_scale, &l.fallback) else {
+            continue;
+        };
+        let node = &graph.nodes[l.node];
+        let Op::Conv(attrs) = &node.op else { continue };
+        let shape = |i: usize| node.inputs.get(i).map(|&t| graph.tensors[t].shape.clone());
+        let (Some(xs), Some(&y)) = (shape(0), node.outputs.first()) else {
+            continue;
+        };
+        let ys = graph.tensors[y].shape.clone();
+        let value = |i: usize| {
+            node.inputs
+                .get(i)
+                .and_then(|&t| graph.tensors[t].value.as_ref())
+                .map(ConstData::to_f32)
+        };
+        let w = value(1).context("convolution without constant weights")?;
+        let b = value(2);
+        let geo = attrs.geometry(&xs, &ys);
+        let layer = QConv2d::new(geo, &w, b.as_deref(), attrs.activation, scale)?;
+        probes.push(Probe {
+            idx,
+            layer,
+            batch: xs.first().copied().unwrap_or(1),
+            input: l.input.clone(),
+            residual: attrs
+                .residual
+                .then(|| node.inputs.get(3).map(|&t| graph.tensors[t].name.clone()))
+                .flatten(),
+            output: l.output.clone(),
+            out_len: ys.iter().product(),
+            acc: Sqnr::default(),
+        });
+    }
+    let wanted: HashSet<String> = probes
+        .iter()
+        .flat_map(|p| {
+            [
+                Some(p.input.clone()),
+                p.residual.clone(),
+                Some(p.output.clone()),
+            ]
+        })
+        .flatten()
+        .collect();
+    let n = ev.data.files().len();
+    let pb = bar(n, "INT8 layer SQNR", quiet);
+    let mut used = 0;
+    let scratch_len = probes
+        .iter()
+        .map(|p| p.layer.scratch_len(threads))
+        .max()
+        .unwrap_or(0);
+    let mut scratch = vec![0f32; scratch_len];
+    for i in 0..n {
+        pb.inc(1);
+        if ev.data.load(i, ctx.input_mut(0)?).is_err() {
+            continue;
+        }
+        used += 1;
+        let mut seen: HashMap<String, Vec<f32>> = HashMap::new();
+        ctx.run_observed(&mut |name, x| {
+            if wanted.contains(name) {
+                seen.insert(name.to_string(), x.to_vec());
+            }
+        })?;
+        for p in &mut probes {
+            let (Some(x), Some(want)) = (seen.get(&p.input), seen.get(&p.output)) else {
+                continue;
+            };
+            let res = p.residual.as_ref().and_then(|r| seen.get(r));
+            if p.residual.is_some() && res.is_none() {
+                continue;
+            }
+            let mut y = vec![0f32; p.out_len];
+            p.layer.run(
+                &pool,
+                p.batch,
+                x,
+                res.map(|r| r.as_slice()),
+                &mut y,
+                &mut scratch,
+            );
+            p.acc.add(want, &y);
+        }
+    }
+    pb.finish_and_clear();
+    if used == 0 {
+        bail!("none of the {n} evaluation files could be used");
+    }
+    for p in &probes {
+        sqnr[p.idx] = Some(p.acc.db());
+    }
+    Ok(used)
+}
+
+/// Compares the INT8 graph with its FP32 twin over the evaluation set.
+fn end_to_end(graph: &Graph, ev: &mut Eval, threads: usize, quiet: bool) -> Result<EndToEnd> {
+    let fp32 = Arc::new(Engine::new(without_int8(graph))?);
+    let int8 = Arc::new(Engine::new(graph.clone())?);
+    let names: Vec<String> = fp32.outputs().map(|d| d.name.clone()).collect();
+    let mut out_sqnr = vec![Sqnr::default(); names.len()];
+    let n = ev.data.files().len();
+    let pb = bar(n, "INT8 vs FP32", quiet);
+    let mut top1 = (0usize, 0usize);
+    let mut top5 = 0f64;
+    let mut matched = (0usize, 0usize);
+    enum Decoded {
+        None,
+        Cls(Box<Classifier>, Box<Classifier>),
+        Det(Box<Detector>, Box<Detector>),
+    }
+    let mut decoded = match (&ev.desc, ev.images) {
+        (Some(d), true) if d.kind == ModelKind::Classifier => Decoded::Cls(
+            Box::new(Classifier::new(fp32.clone(), d.clone(), threads)?),
+            Box::new(Classifier::new(int8.clone(), d.clone(), threads)?),
+        ),
+        (Some(d), true) if d.kind == ModelKind::Detector => Decoded::Det(
+            Box::new(Detector::new(fp32.clone(), d.clone(), threads)?),
+            Box::new(Detector::new(int8.clone(), d.clone(), threads)?),
+        ),
+        _ => Decoded::None,
+    };
+    let mut cf = ExecutionContext::new(fp32, threads);
+    let mut cq = ExecutionContext::new(int8, threads);
+    for i in 0..n {
+        pb.inc(1);
+        if ev.data.load(i, cf.input_mut(0)?).is_err() {
+            continue;
+        }
+        ev.data
+            .load(i, cq.input_mut(0)?)
+            .map_err(anyhow::Error::msg)?;
+        cf.run()?;
+        cq.run()?;
+        for (k, acc) in out_sqnr.iter_mut().enumerate() {
+            if let (Some(r), Some(t)) = (cf.output_index(k), cq.output_index(k)) {
+                acc.add(r, t);
+            }
+        }
+        let path = &ev.data.files()[i];
+        match &mut decoded {
+            Decoded::None => {}
+            Decoded::Cls(f, q) => {
+                let img = read_image(path, &FrameLimits::default())?;
+                let a: Vec<u32> = f
+                    .classify(&img.frame(), 5)?
+                    .0
+                    .iter()
+                    .map(|c| c.class_id)
+                    .collect();
+                let b: Vec<u32> = q
+                    .classify(&img.frame(), 5)?
+                    .0
+                    .iter()
+                    .map(|c| c.class_id)
+                    .collect();
+                top1.1 += 1;
+                if a.first() == b.first() {
+                    top1.0 += 1;
+                }
+                top5 += a.iter().filter(|c| b.contains(c)).count() as f64 / a.len().max(1) as f64;
+            }
+            Decoded::Det(f, q) => {
+                let img = read_image(path, &FrameLimits::default())?;
+                let a = f.detect(&img.frame())?.0.to_vec();
+                let b = q.detect(&img.frame())?.0.to_vec();
+                matched.0 += matches(&a, &b);
+                matched.1 += a.len();
+            }
+        }
+    }
+    pb.finish_and_clear();
+    let (t1, t5) = if top1.1 > 0 {
+        (
+            Some(top1.0 as f64 / top1.1 as f64),
+            Some(top5 / top1.1 as f64),
+        )
+    } else {
+        (None, None)
+    };
+    let det = matches!(decoded, Decoded::Det(..));
+    Ok(EndToEnd {
+        outputs: names
+            .into_iter()
+            .zip(out_sqnr.iter().map(Sqnr::db))
+            .collect(),
+        top1_agreement: t1,
+        top5_overlap: t5,
+        matched_fraction: det.then(|| {
+            if matched.1 == 0 {
+                1.0
+            } else {
+                matched.0 as f64 / matched.1 as f64
+            }
+        }),
+        fp32_detections: det.then_some(matched.1),
+    })
+}
+
+/// FP32 detections matched one-to-one (greedy, highest score first) by an
+/// INT8 detection of the same class with IoU ≥ 0.5.
+pub fn matches(fp32: &[Detection], int8: &[Detection]) -> usize {
+    let mut used = vec![false; int8.len()];
+    let mut n = 0;
+    for d in fp32 {
+        let bx = [d.x1, d.y1, d.x2, d.y2];
+        let best = int8
+            .iter()
+            .enumerate()
+            .filter(|(j, e)| !used[*j] && e.class_id == d.class_id)
+            .map(|(j, e)| (j, iou(&bx, &[e.x1, e.y1, e.x2, e.y2])))
+            .filter(|(_, v)| *v >= 0.5)
+            .max_by(|x, y| x.1.total_cmp(&y.1));
+        if let Some((j, _)) = best {
+            used[j] = true;
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The accuracy report as JSON (also the `int8` part of the build report).
+pub fn report_json(o: &Int8Outcome) -> serde_json::Value {
+    let finite = |v: f64| {
+        if v.is_finite() {
+            json!(v)
+        } else {
+            json!("inf")
+        }
+    };
+    json!({
+        "samples": o.samples,
+        "int8_layers": o.layers.iter().filter(|l| l.fallback.is_none()).count(),
+        "fp32_layers": o.layers.iter().filter(|l| l.fallback.is_some()).count(),
+        "layers": o.layers.iter().zip(&o.sqnr).map(|(l, s)| json!({
+            "name": l.name,
+            "output": l.output,
+            "precision": if l.fallback.is_none() { "int8" } else { "fp32" },
+            "input_scale": l.input_scale,
+            "sqnr_db": s.map(finite),
+            "fallback": l.fallback,
+        })).collect::<Vec<_>>(),
+        "end_to_end": o.end_to_end.as_ref().map(|e| json!({
+            "outputs": e.outputs.iter().map(|(n, v)| json!({"name": n, "sqnr_db": finite(*v)})).collect::<Vec<_>>(),
+            "top1_agreement": e.top1_agreement,
+            "top5_overlap": e.top5_overlap,
+            "matched_fraction": e.matched_fraction,
+            "fp32_detections": e.fp32_detections,
+        })),
+    })
+}
+
+/// The readable summary printed by `osprey build`.
+pub fn print_summary(o: &Int8Outcome) {
+    let int8 = o.layers.iter().filter(|l| l.fallback.is_none()).count();
+    println!(
+        "  int8        {int8} of {} convolutions INT8 (checked on {} samples)",
+        o.layers.len(),
+        o.samples
+    );
+    let mut measured: Vec<(f64, &Int8Layer)> = o
+        .sqnr
+        .iter()
+        .zip(&o.layers)
+        .filter_map(|(s, l)| s.map(|v| (v, l)))
+        .collect();
+    measured.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if !measured.is_empty() {
+        println!("    lowest layer SQNR (INT8 alone on FP32 inputs):");
+        for (v, l) in measured.iter().take(5) {
+            println!(
+                "    {:>7.1} dB  {}{}",
+                v,
+                l.name,
+                if l.fallback.is_some() {
+                    "  -> fp32"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    let mut reasons: HashMap<String, usize> = HashMap::new();
+    for l in o.layers.iter().filter_map(|l| l.fallback.as_ref()) {
+        let key = l.split(':').next().unwrap_or(l).to_string();
+        *reasons.entry(key).or_default() += 1;
+    }
+    let mut reasons: Vec<_> = reasons.into_iter().collect();
+    reasons.sort();
+    for (why, count) in reasons {
+        println!("    fp32 x{count}: {why}");
+    }
+    if let Some(e) = &o.end_to_end {
+        for (n, v) in &e.outputs {
+            println!("    output {n}: SQNR {v:.1} dB vs FP32");
+        }
+        if let (Some(t1), Some(t5)) = (e.top1_agreement, e.top5_overlap) {
+            println!("    top-1 agreement {:.3}, top-5 overlap {:.3}", t1, t5);
+        }
+        if let (Some(m), Some(n)) = (e.matched_fraction, e.fp32_detections) {
+            println!(
+                "    detections matched {m:.3} of {n} FP32 detections (IoU >= 0.5, same class)"
+            );
+        }
+    }
+}
+
+/// `--strict-int8`: every INT8-marked convolution takes its INT8 kernel,
+/// whatever the timings said.
+pub fn force_int8(
+    g: &Graph,
+    mut tactics: Tactics,
+    mut layers: Vec<LayerChoice>,
+) -> (Tactics, Vec<LayerChoice>) {
+    for (i, n) in g.nodes.iter().enumerate() {
+        if let Op::Conv(a) = &n.op {
+            if a.int8_input_scale.is_some() {
+                let name = if a.kernel == [1, 1] && a.strides == [1, 1] && a.pads == [0; 4] {
+                    "int8-pointwise"
+                } else {
+                    "int8-im2col"
+                };
+                if let Some(t) = tactics.get_mut(i) {
+                    *t = Some(name.to_string());
+                }
+                for l in layers.iter_mut().filter(|l| l.node == i) {
+                    l.ms = l.candidates.get(name).copied().unwrap_or(l.ms);
+                    l.tactic = name.to_string();
+                }
+            }
+        }
+    }
+    (tactics, layers)
+}

@@ -1,0 +1,362 @@
+//! `osprey build --precision int8` end to end: a model built here
+//! (calibrated with --npy, INT8 layer SQNR in the report, the engine's
+//! output against the FP32 engine's), bad input as one-line errors; with
+//! ../shared, EfficientNet-Lite0 and CenterNet calibrated on the fixture
+//! images, their INT8 engines checked against the FP32 *references* in
+//! ../shared/fixtures/reference (top-1 on every image; detections matched
+//! at IoU >= 0.5 with the same class, >= 0.9 of them).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use osprey_engine::onnx::builder::{attr_ints, ModelBuilder};
+
+fn osprey() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_osprey"))
+}
+
+fn dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("osprey-int8-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn one_line_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(needle), "{needle:?} not in {err}");
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// x [1,8,12,12] → Conv 8→16 3x3 + Relu → Conv 16→8 1x1 → y.
+fn write_model(d: &Path) -> PathBuf {
+    let mut m = ModelBuilder::new(13);
+    m.input("x", &[1, 8, 12, 12]);
+    let w1: Vec<f32> = (0..16 * 8 * 9)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 30.0)
+        .collect();
+    let w2: Vec<f32> = (0..8 * 16)
+        .map(|i| ((i * 53 % 17) as f32 - 8.0) / 20.0)
+        .collect();
+    m.init_f32("w1", &[16, 8, 3, 3], &w1)
+        .init_f32("b1", &[16], &[0.05; 16])
+        .init_f32("w2", &[8, 16, 1, 1], &w2)
+        .node(
+            "Conv",
+            &["x", "w1", "b1"],
+            &["c1"],
+            vec![attr_ints("pads", &[1, 1, 1, 1])],
+        )
+        .node("Relu", &["c1"], &["r1"], vec![])
+        .node("Conv", &["r1", "w2"], &["y"], vec![])
+        .output("y");
+    let p = d.join("m.onnx");
+    std::fs::write(&p, m.to_bytes()).unwrap();
+    p
+}
+
+fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}",
+        shape.iter().map(|d| format!("{d},")).collect::<String>()
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    bytes.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn read_npy(path: &Path) -> Vec<f32> {
+    osprey_engine::npy::read(path, true).unwrap().data
+}
+
+#[test]
+fn int8_build_of_a_model_made_here() {
+    let d = dir("small");
+    let model = write_model(&d);
+    let npy = d.join("npy");
+    std::fs::create_dir_all(&npy).unwrap();
+    for k in 0..4 {
+        let data: Vec<f32> = (0..8 * 144)
+            .map(|i| (((i * 7 + k * 13) % 41) as f32 - 20.0) / 8.0)
+            .collect();
+        write_npy(&npy.join(format!("s{k}.npy")), &[1, 8, 12, 12], &data);
+    }
+    let calib = d.join("m.calib");
+    ok(&osprey()
+        .args(["calibrate", "--onnx", s(&model), "--npy", s(&npy)])
+        .args(["--method", "minmax", "--out", s(&calib)])
+        .output()
+        .unwrap());
+    let engine = d.join("m.engine");
+    let report = d.join("report.json");
+    let out = ok(&osprey()
+        .args(["build", "--onnx", s(&model), "--out", s(&engine)])
+        .args([
+            "--precision",
+            "int8",
+            "--calib",
+            s(&calib),
+            "--npy",
+            s(&npy),
+        ])
+        .args([
+            "--report",
+            s(&report),
+            "--threads",
+            "1",
+            "--json",
+            "--strict-int8",
+        ])
+        .output()
+        .unwrap());
+    let build: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(build["precision"], "int8");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r, build["int8"]);
+    assert_eq!(r["samples"], 4);
+    assert_eq!(r["int8_layers"], 2, "{r}");
+    for l in r["layers"].as_array().unwrap() {
+        // Both layers are well conditioned: 8-bit steps give > 25 dB.
+        let db = l["sqnr_db"].as_f64().unwrap();
+        assert!(db > 25.0, "{l}");
+    }
+    let e2e = r["end_to_end"]["outputs"][0]["sqnr_db"].as_f64().unwrap();
+    assert!(e2e > 20.0, "{r}");
+    // --strict-int8: both layers run their INT8 kernels, and the engine
+    // stays close to FP32.
+    let tactics: Vec<&str> = build["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["tactic"].as_str().unwrap())
+        .collect();
+    assert_eq!(tactics, ["int8-im2col", "int8-pointwise"], "{build}");
+    let input = npy.join("s1.npy");
+    for (flag, path, dirname) in [("--engine", &engine, "q"), ("--onnx", &model, "f")] {
+        ok(&osprey()
+            .args(["run", flag, s(path), "--input"])
+            .arg(format!("x={}", s(&input)))
+            .args(["--output-dir", s(&d.join(dirname))])
+            .output()
+            .unwrap());
+    }
+    let (q, f) = (read_npy(&d.join("q/y.npy")), read_npy(&d.join("f/y.npy")));
+    let mut acc = osprey_engine::int8::Sqnr::default();
+    acc.add(&f, &q);
+    assert!(acc.db() > 20.0 && acc.db().is_finite(), "{}", acc.db());
+
+    // Bad input.
+    let run = |extra: &[&str]| {
+        osprey()
+            .args([
+                "build",
+                "--onnx",
+                s(&model),
+                "--out",
+                s(&d.join("x.engine")),
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    one_line_error(&run(&["--precision", "int8"]), "needs --calib");
+    one_line_error(
+        &run(&["--calib", s(&calib)]),
+        "--calib applies to --precision int8",
+    );
+    let foreign = d.join("foreign.calib");
+    std::fs::write(
+        &foreign,
+        "TRT-8601-EntropyCalibration2\nnot_here: 3c010204\n",
+    )
+    .unwrap();
+    one_line_error(
+        &run(&["--precision", "int8", "--calib", s(&foreign)]),
+        "names none of this model's tensors",
+    );
+    one_line_error(
+        &run(&[
+            "--precision",
+            "int8",
+            "--calib",
+            s(&calib),
+            "--npy",
+            s(&npy),
+            "--accuracy-budget",
+            "0.9",
+        ]),
+        "--accuracy-budget needs --images",
+    );
+}
+
+fn shared() -> Option<PathBuf> {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+    if d.join("models").is_dir() {
+        Some(d)
+    } else {
+        eprintln!("SKIPPED: ../shared is absent");
+        None
+    }
+}
+
+fn stems(images: &Path) -> Vec<(String, PathBuf)> {
+    let mut v: Vec<_> = std::fs::read_dir(images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("jpg" | "png")))
+        .map(|p| (p.file_stem().unwrap().to_string_lossy().into_owned(), p))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Calibrates and builds an INT8 engine on the fixture images; returns the
+/// engine and the build report.
+fn build_int8(sh: &Path, d: &Path, model: &str, extra: &[&str]) -> (PathBuf, serde_json::Value) {
+    let zoo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/zoo");
+    let onnx = sh.join(format!("models/{model}.onnx"));
+    let desc = zoo.join(format!("{model}.toml"));
+    let images = sh.join("fixtures/images");
+    let calib = d.join(format!("{model}.calib"));
+    ok(&osprey()
+        .args(["calibrate", "--onnx", s(&onnx), "--images", s(&images)])
+        .args(["--model-desc", s(&desc), "--out", s(&calib)])
+        .output()
+        .unwrap());
+    let engine = d.join(format!("{model}.int8.engine"));
+    let out = ok(&osprey()
+        .args(["build", "--onnx", s(&onnx), "--out", s(&engine)])
+        .args(["--precision", "int8", "--calib", s(&calib)])
+        .args(["--images", s(&images), "--model-desc", s(&desc), "--json"])
+        .arg("--strict-int8")
+        .args(extra)
+        .output()
+        .unwrap());
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        r["int8"]["int8_layers"].as_u64().unwrap() >= 10,
+        "{}",
+        r["int8"]
+    );
+    (engine, r)
+}
+
+#[test]
+fn shared_int8_engines_agree_with_the_fp32_references() {
+    let Some(sh) = shared() else { return };
+    let d = dir("shared");
+    let zoo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/zoo");
+    let reference = sh.join("fixtures/reference");
+
+    // EfficientNet-Lite0: top-1 equal to the reference on every image.
+    let (engine, r) = build_int8(&sh, &d, "efficientnet_lite0", &[]);
+    assert_eq!(
+        r["int8"]["end_to_end"]["top1_agreement"], 1.0,
+        "{}",
+        r["int8"]
+    );
+    for (stem, path) in stems(&sh.join("fixtures/images")) {
+        let out = ok(&osprey()
+            .args(["classify", "--engine", s(&engine), "--image", s(&path)])
+            .args(["--model-desc", s(&zoo.join("efficientnet_lite0.toml"))])
+            .args(["--json"])
+            .output()
+            .unwrap());
+        let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let want: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(reference.join(format!("efficientnet_lite0__{stem}__top5.json")))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            got["classes"][0]["class_id"], want["top5"][0]["index"],
+            "{stem}: {got} vs {want}"
+        );
+    }
+
+    // CenterNet: >= 90% of the reference detections found (same class,
+    // IoU >= 0.5).
+    let (engine, r) = build_int8(&sh, &d, "centernet_mbv3_coco_512", &[]);
+    let frac = r["int8"]["end_to_end"]["matched_fraction"]
+        .as_f64()
+        .unwrap();
+    assert!(frac >= 0.9, "{}", r["int8"]);
+    let (mut matched, mut total) = (0usize, 0usize);
+    for (stem, path) in stems(&sh.join("fixtures/images")) {
+        let out = ok(&osprey()
+            .args(["detect", "--engine", s(&engine), "--image", s(&path)])
+            .args(["--model-desc", s(&zoo.join("centernet_mbv3_coco_512.toml"))])
+            .args(["--json"])
+            .output()
+            .unwrap());
+        let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let want: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                reference.join(format!("centernet_mbv3_coco_512__{stem}__detections.json")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let boxes = |v: &serde_json::Value, cls: &str, bx: &str| -> Vec<(u64, [f64; 4])> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|d| {
+                    let b: Vec<f64> = d[bx]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap())
+                        .collect();
+                    (d[cls].as_u64().unwrap(), [b[0], b[1], b[2], b[3]])
+                })
+                .collect()
+        };
+        let g = boxes(&got["detections"], "class_id", "box");
+        let w = boxes(&want["detections"], "class", "box_xyxy");
+        let mut used = vec![false; g.len()];
+        for (c, b) in &w {
+            total += 1;
+            if let Some(j) =
+                (0..g.len()).find(|&j| !used[j] && g[j].0 == *c && iou(&g[j].1, b) >= 0.5)
+            {
+                used[j] = true;
+                matched += 1;
+            }
+        }
+    }
+    assert!(total >= 10);
+    assert!(
+        matched as f64 >= 0.9 * total as f64,
+        "{matched} of {total} reference detections matched"
+    );
+}
+
+fn iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
+    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = iw * ih;
+    let area = |r: &[f64; 4]| (r[2] - r[0]) * (r[3] - r[1]);
+    inter / (area(a) + area(b) - inter)
+}
