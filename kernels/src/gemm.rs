@@ -564,7 +564,7 @@ struct Store {
 }
 
 /// Activations the micro-kernels apply in registers (a clamp).
-fn in_register_clamp(act: Activation) -> Option<(f32, f32)> {
+pub(crate) fn in_register_clamp(act: Activation) -> Option<(f32, f32)> {
     match act {
         Activation::None => Some((f32::NEG_INFINITY, f32::INFINITY)),
         Activation::Relu => Some((0.0, f32::INFINITY)),

@@ -238,6 +238,7 @@ impl QConv2d {
         };
         let s_ptr = SyncPtr::new(scratch_i16);
         let isa = isa::active();
+        let clamp = crate::gemm::in_register_clamp(self.act);
         let mblocks = g.c_out.div_ceil(QMR);
         let chunks = ohw.div_ceil(QNC);
         // Few pixels (late, small layers): split the channels as well.
@@ -267,10 +268,31 @@ impl QConv2d {
                         .take(n.div_ceil(QNR))
                         .enumerate()
                     {
-                        let mut acc = [[0i32; QNR]; QMR];
-                        tile(isa, self.kpairs, a, panel, &mut acc);
                         let px = p0 + pi * QNR;
                         let cols = QNR.min(ohw - px);
+                        #[cfg(target_arch = "x86_64")]
+                        if isa == Isa::Avx2Fma && cols == QNR {
+                            let rows = QMR.min(g.c_out - blk * QMR);
+                            let co = blk * QMR;
+                            let f = Fused {
+                                y: y_ptr.0,
+                                ldy: ohw,
+                                res: res.map_or(std::ptr::null(), |r| r.as_ptr()),
+                                offset: co * ohw + px,
+                                rows,
+                                scale: &self.out_scale[co..co + rows],
+                                bias: &self.bias[co..co + rows],
+                                clamp,
+                                act: self.act,
+                            };
+                            // SAFETY: AVX2 is active; a and panel hold kpairs
+                            // pairs; the `rows` × 16 output (and residual)
+                            // elements at `offset` are this task's own.
+                            unsafe { tile_avx2_fused(self.kpairs, a, panel, &f) };
+                            continue;
+                        }
+                        let mut acc = [[0i32; QNR]; QMR];
+                        tile(isa, self.kpairs, a, panel, &mut acc);
                         for (r, row) in acc.iter().enumerate() {
                             let co = blk * QMR + r;
                             if co >= g.c_out {
@@ -332,21 +354,26 @@ impl QConv2d {
         let khw = g.kh * g.kw;
         let mut row = [0f32; QNR];
         let mut prev = [0f32; QNR];
+        // Top-left input corner (unpadded coordinates + pads) per pixel.
+        let mut corner = [(0usize, 0usize); QNR];
         for pi in 0..panels {
             let px = p0 + pi * QNR;
             let cols = QNR.min(p0 + n - px);
             let panel = &mut buf[pi * self.kpairs * QNR * 2..(pi + 1) * self.kpairs * QNR * 2];
+            for (j, c) in corner.iter_mut().enumerate().take(cols) {
+                let p = px + j;
+                *c = ((p / self.ow) * g.stride[0], (p % self.ow) * g.stride[1]);
+            }
             for kk in 0..self.kpairs * 2 {
                 row.iter_mut().for_each(|v| *v = 0.0);
                 if kk < self.k {
                     let (ci, rem) = (kk / khw, kk % khw);
                     let (ky, kx) = (rem / g.kw, rem % g.kw);
                     let plane = &x[ci * hw..(ci + 1) * hw];
-                    for (j, v) in row.iter_mut().enumerate().take(cols) {
-                        let p = px + j;
-                        let (oy, ox) = (p / self.ow, p % self.ow);
-                        let iy = (oy * g.stride[0] + ky * g.dilation[0]).wrapping_sub(g.pads[0]);
-                        let ix = (ox * g.stride[1] + kx * g.dilation[1]).wrapping_sub(g.pads[1]);
+                    let (dy, dx) = (ky * g.dilation[0], kx * g.dilation[1]);
+                    for (v, &(cy, cx)) in row.iter_mut().zip(&corner).take(cols) {
+                        let iy = (cy + dy).wrapping_sub(g.pads[0]);
+                        let ix = (cx + dx).wrapping_sub(g.pads[1]);
                         if iy < g.h && ix < g.w {
                             *v = plane[iy * g.w + ix];
                         }
@@ -465,6 +492,75 @@ unsafe fn tile_avx2(kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; 
             _mm256_storeu_si256(lanes.as_mut_ptr().add(8) as *mut __m256i, cr[1]);
         }
         acc[r].iter_mut().zip(lanes).for_each(|(x, l)| *x += l);
+    }
+}
+
+/// Where a fused AVX2 tile writes: `rows` output rows of 16 pixels at
+/// `offset` (row stride `ldy`), with the epilogue's parameters.
+#[cfg(target_arch = "x86_64")]
+struct Fused<'a> {
+    y: *mut f32,
+    ldy: usize,
+    /// Residual laid out like `y` (null for none).
+    res: *const f32,
+    offset: usize,
+    rows: usize,
+    scale: &'a [f32],
+    bias: &'a [f32],
+    /// The activation as a clamp, when it is one.
+    clamp: Option<(f32, f32)>,
+    act: Activation,
+}
+
+/// [`tile`] on zeroed accumulators followed by the epilogue in registers:
+/// `y = act(acc · scale + bias (+ res))` for a full 16-pixel tile.
+///
+/// # Safety
+/// AVX2 and FMA must be present; `a` and `b` must hold `kpairs` pairs; the
+/// output and residual ranges described by `f` must be valid and not
+/// written by anyone else meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2_fused(kpairs: usize, a: &[i16], b: &[i16], f: &Fused) {
+    use std::arch::x86_64::*;
+    let mut c = [[_mm256_setzero_si256(); 2]; QMR];
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    for p in 0..kpairs {
+        // SAFETY: forwarded contract (kpairs pairs in a and b).
+        unsafe {
+            let b0 = _mm256_loadu_si256(bp.add(p * QNR * 2) as *const __m256i);
+            let b1 = _mm256_loadu_si256(bp.add(p * QNR * 2 + 16) as *const __m256i);
+            for (r, cr) in c.iter_mut().enumerate() {
+                let pair = (ap.add((p * QMR + r) * 2) as *const i32).read_unaligned();
+                let av = _mm256_set1_epi32(pair);
+                cr[0] = _mm256_add_epi32(cr[0], _mm256_madd_epi16(b0, av));
+                cr[1] = _mm256_add_epi32(cr[1], _mm256_madd_epi16(b1, av));
+            }
+        }
+    }
+    let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    let (vlo, vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    for (r, cr) in c.iter().enumerate().take(f.rows) {
+        let (s, bias) = (_mm256_set1_ps(f.scale[r]), _mm256_set1_ps(f.bias[r]));
+        let o = f.offset + r * f.ldy;
+        for (h, acc) in cr.iter().enumerate() {
+            let mut v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*acc), s, bias);
+            // SAFETY: forwarded contract: 16 elements at `o` in y (and res).
+            unsafe {
+                if !f.res.is_null() {
+                    v = _mm256_add_ps(v, _mm256_loadu_ps(f.res.add(o + 8 * h)));
+                }
+                if f.clamp.is_some() {
+                    v = _mm256_min_ps(_mm256_max_ps(v, vlo), vhi);
+                }
+                _mm256_storeu_ps(f.y.add(o + 8 * h), v);
+            }
+        }
+        if f.clamp.is_none() {
+            // SAFETY: as above; the row's 16 outputs were just written.
+            let row = unsafe { std::slice::from_raw_parts_mut(f.y.add(o), QNR) };
+            f.act.apply_slice(row);
+        }
     }
 }
 
