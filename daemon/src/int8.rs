@@ -1,7 +1,11 @@
 //! `osprey build --precision int8`: which convolutions run INT8, checked on
 //! data.
 //!
-//! 1. The calibration cache (`osprey calibrate`) gives each tensor's scale;
+//! 1. The calibration cache (`osprey calibrate`) gives each tensor's scale
+//!    — or, without `--calib`, the model's own QuantizeLinear /
+//!    DequantizeLinear nodes do (an explicitly quantized QDQ model; an
+//!    asymmetric UINT8 activation range becomes the symmetric INT8 range
+//!    that covers it);
 //!    every plain convolution whose input has one is marked INT8
 //!    (`osprey_engine::int8::permit_int8`); depthwise/grouped convolutions
 //!    and everything else stay FP32.
@@ -144,20 +148,35 @@ pub fn prepare(
     threads: usize,
     quiet: bool,
 ) -> Result<Int8Outcome> {
-    let Some(calib) = &a.calib else {
-        bail!("--precision int8 needs --calib M.calib (made by `osprey calibrate`)");
-    };
     if a.max_images == Some(0) {
         bail!("--max-images must be at least 1");
     }
-    let cache = CalibrationCache::load(calib).with_context(|| calib.display().to_string())?;
-    check_cache(graph, &cache, calib, quiet)?;
-    let mut layers = permit_int8(graph, &|n| cache.scale(n));
+    // Scales from the calibration cache, or from the model's own
+    // QuantizeLinear/DequantizeLinear nodes.
+    let (scales, source): (std::collections::BTreeMap<String, f32>, String) = match &a.calib {
+        Some(calib) => {
+            let cache =
+                CalibrationCache::load(calib).with_context(|| calib.display().to_string())?;
+            check_cache(graph, &cache, calib, quiet)?;
+            (
+                cache.scales.into_iter().collect(),
+                calib.display().to_string(),
+            )
+        }
+        None if !graph.quant_scales.is_empty() => (
+            graph.quant_scales.clone(),
+            "the model's QDQ nodes".to_string(),
+        ),
+        None => bail!(
+            "--precision int8 needs --calib M.calib (made by `osprey calibrate`), or an explicitly quantized (QDQ) model"
+        ),
+    };
+    let mut layers = permit_int8(graph, &|n| scales.get(n).copied());
     let int8_count = layers.iter().filter(|l| l.fallback.is_none()).count();
     if int8_count == 0 {
         bail!(
             "{}: no convolution can run INT8 ({} convolutions; first: {})",
-            calib.display(),
+            source,
             layers.len(),
             layers
                 .first()

@@ -209,6 +209,86 @@ fn int8_build_of_a_model_made_here() {
     );
 }
 
+#[test]
+fn qdq_models_build_to_int8_without_a_calibration_file() {
+    use osprey_kernels::activation::Activation;
+    use osprey_kernels::conv::Conv2dGeometry;
+    use osprey_kernels::qconv::reference_qconv2d;
+    let d = dir("qdq");
+    let model = d.join("qdq.onnx");
+    std::fs::write(&model, osprey_engine::testing::qdq_conv_model(None)).unwrap();
+    let engine = d.join("qdq.engine");
+    let out = ok(&osprey()
+        .args(["build", "--onnx", s(&model), "--out", s(&engine)])
+        .args([
+            "--precision",
+            "int8",
+            "--strict-int8",
+            "--json",
+            "--threads",
+            "1",
+        ])
+        .output()
+        .unwrap());
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["int8"]["int8_layers"], 1, "{r}");
+    assert_eq!(r["layers"][0]["tactic"], "int8-im2col", "{r}");
+    // The engine computes the scalar INT8 reference with the model's input
+    // scale (0.02) and its dequantized weights, requantized per channel.
+    let x: Vec<f32> = (0..3 * 64)
+        .map(|i| ((i * 29 % 61) as f32 - 30.0) / 10.0)
+        .collect();
+    let input = d.join("x.npy");
+    write_npy(&input, &[1, 3, 8, 8], &x);
+    ok(&osprey()
+        .args(["run", "--engine", s(&engine), "--input"])
+        .arg(format!("x={}", s(&input)))
+        .args(["--output-dir", s(&d.join("o"))])
+        .output()
+        .unwrap());
+    let got = read_npy(&d.join("o/y.npy"));
+    let ws = [0.01f32, 0.02, 0.005, 0.03];
+    let w: Vec<f32> = (0..108)
+        .map(|i| ((i * 37) % 255) as i8 as f32 * ws[i / 27])
+        .collect();
+    let g = Conv2dGeometry {
+        c_in: 3,
+        h: 8,
+        w: 8,
+        c_out: 4,
+        kh: 3,
+        kw: 3,
+        stride: [1, 1],
+        dilation: [1, 1],
+        pads: [1; 4],
+        groups: 1,
+    };
+    let mut want = vec![0f32; 4 * 64];
+    reference_qconv2d(&g, &x, &w, None, None, Activation::None, 0.02, &mut want);
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+            "y[{i}]: {a} vs {b}"
+        );
+    }
+    // Without QDQ nodes and without --calib: one clear line.
+    let plain = write_model(&d);
+    one_line_error(
+        &osprey()
+            .args([
+                "build",
+                "--onnx",
+                s(&plain),
+                "--out",
+                s(&d.join("p.engine")),
+            ])
+            .args(["--precision", "int8"])
+            .output()
+            .unwrap(),
+        "or an explicitly quantized (QDQ) model",
+    );
+}
+
 fn shared() -> Option<PathBuf> {
     let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
     if d.join("models").is_dir() {

@@ -332,6 +332,7 @@ pub fn from_bytes(bytes: &[u8], device: Option<&Fingerprint>, path: &str) -> Res
         outputs: pj.outputs,
         nodes: pj.nodes,
         tensors: Vec::new(),
+        ..Graph::default()
     };
     for (id, t) in pj.tensors.into_iter().enumerate() {
         let value = if t.stored {

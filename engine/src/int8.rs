@@ -142,6 +142,41 @@ mod tests {
     }
 
     #[test]
+    fn qdq_models_import_with_their_scales() {
+        // Symmetric INT8 activations: the scale as given.
+        let g = crate::onnx::import(&crate::testing::qdq_conv_model(None), &Default::default())
+            .unwrap();
+        assert_eq!(g.quant_scales.get("x"), Some(&0.02));
+        assert_eq!(g.quant_scales.get("xd"), Some(&0.02));
+        // Weights folded: (q - 0) * scale of their output channel.
+        let conv = g
+            .nodes
+            .iter()
+            .find(|n| matches!(n.op, Op::Conv(_)))
+            .unwrap();
+        let w = g.tensors[conv.inputs[1]].value.as_ref().unwrap().to_f32();
+        assert_eq!(w.len(), 108);
+        assert_eq!(w[0], 0.0);
+        assert_eq!(w[1], 37.0 * 0.01);
+        assert_eq!(w[27 + 4], ((4 * 37 + 27 * 37) % 255) as i8 as f32 * 0.02);
+        // UINT8 with zero point 128: range [-128, 127]·s -> symmetric 128·s/127.
+        let g = crate::onnx::import(
+            &crate::testing::qdq_conv_model(Some(128)),
+            &Default::default(),
+        )
+        .unwrap();
+        let s = g.quant_scales["x"];
+        assert!((s - 128.0 * 0.02 / 127.0).abs() < 1e-7, "{s}");
+        // UINT8 with zero point 0 (post-ReLU style): [0, 255]·s.
+        let g = crate::onnx::import(
+            &crate::testing::qdq_conv_model(Some(0)),
+            &Default::default(),
+        )
+        .unwrap();
+        assert!((g.quant_scales["x"] - 255.0 * 0.02 / 127.0).abs() < 1e-7);
+    }
+
+    #[test]
     fn permits_plain_convs_only_with_a_scale() {
         use crate::onnx::builder::{attr_i, attr_ints, ModelBuilder};
         let w = |n: usize| {

@@ -392,6 +392,13 @@ pub struct Graph {
     pub outputs: Vec<TensorId>,
     /// Default-domain opset the model was written against.
     pub opset: i64,
+    /// Symmetric INT8 scales an explicitly quantized (QDQ) model gives its
+    /// runtime tensors, by tensor name (import only; the INT8 builder reads
+    /// them instead of a calibration cache).
+    pub quant_scales: std::collections::BTreeMap<String, f32>,
+    /// Constants whose ONNX element type was INT8 (QDQ zero points need
+    /// their signedness; integer constants are otherwise stored as i64).
+    pub int8_constants: std::collections::BTreeSet<TensorId>,
 }
 
 impl Graph {

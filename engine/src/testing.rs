@@ -1,4 +1,5 @@
-//! Test support shared across crates: a counting global allocator for the
+//! Test support shared across crates: small models built in code (a QDQ
+//! model) and a counting global allocator for the
 //! allocation-free tests. A test file installs it with
 //! `#[global_allocator] static GLOBAL: osprey_engine::testing::Counting =
 //! osprey_engine::testing::Counting;` and holds a single test, so no other
@@ -42,4 +43,40 @@ pub fn allocations_in(f: impl FnOnce()) -> usize {
     f();
     COUNTING.store(false, Ordering::SeqCst);
     ALLOCS.load(Ordering::SeqCst)
+}
+
+/// An explicitly quantized (QDQ) model: `x [1,3,8,8]` → QuantizeLinear /
+/// DequantizeLinear (scale 0.02; INT8 zero point 0, or the given UINT8 zero
+/// point) → Conv 3→4, 3×3, pad 1, whose weights are INT8 values
+/// `(37·i mod 255) as i8` dequantized per output channel with scales
+/// `[0.01, 0.02, 0.005, 0.03]` → `y`.
+pub fn qdq_conv_model(zero: Option<u8>) -> Vec<u8> {
+    use crate::onnx::builder::{attr_i, attr_ints, ModelBuilder};
+    let wq: Vec<i8> = (0..4 * 3 * 9).map(|i| ((i * 37) % 255) as i8).collect();
+    let mut b = ModelBuilder::new(13);
+    b.input("x", &[1, 3, 8, 8])
+        .init_f32("xs", &[], &[0.02])
+        .init_i8("wq", &[4, 3, 3, 3], &wq)
+        .init_f32("ws", &[4], &[0.01, 0.02, 0.005, 0.03])
+        .init_i8("wz", &[4], &[0; 4]);
+    match zero {
+        Some(z) => b.init_u8("xz", &[], &[z]),
+        None => b.init_i8("xz", &[], &[0]),
+    };
+    b.node("QuantizeLinear", &["x", "xs", "xz"], &["xq"], vec![])
+        .node("DequantizeLinear", &["xq", "xs", "xz"], &["xd"], vec![])
+        .node(
+            "DequantizeLinear",
+            &["wq", "ws", "wz"],
+            &["w"],
+            vec![attr_i("axis", 0)],
+        )
+        .node(
+            "Conv",
+            &["xd", "w"],
+            &["y"],
+            vec![attr_ints("pads", &[1, 1, 1, 1])],
+        )
+        .output("y");
+    b.to_bytes()
 }

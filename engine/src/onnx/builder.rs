@@ -63,6 +63,30 @@ impl ModelBuilder {
         self
     }
 
+    /// Adds an INT8 initializer (e.g. QDQ weights or zero points).
+    pub fn init_i8(&mut self, name: &str, shape: &[usize], data: &[i8]) -> &mut Self {
+        self.graph.initializer.push(TensorProto {
+            name: Some(name.into()),
+            dims: shape.iter().map(|&d| d as i64).collect(),
+            data_type: Some(DataType::Int8 as i32),
+            raw_data: Some(data.iter().map(|&v| v as u8).collect()),
+            ..Default::default()
+        });
+        self
+    }
+
+    /// Adds a UINT8 initializer (e.g. asymmetric QDQ zero points).
+    pub fn init_u8(&mut self, name: &str, shape: &[usize], data: &[u8]) -> &mut Self {
+        self.graph.initializer.push(TensorProto {
+            name: Some(name.into()),
+            dims: shape.iter().map(|&d| d as i64).collect(),
+            data_type: Some(DataType::Uint8 as i32),
+            raw_data: Some(data.to_vec()),
+            ..Default::default()
+        });
+        self
+    }
+
     /// Adds a node.
     pub fn node(
         &mut self,

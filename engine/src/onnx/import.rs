@@ -111,6 +111,9 @@ pub fn import(bytes: &[u8], shapes: &InputShapes) -> Result<Graph> {
             dtype: v.dtype,
             value: Some(v.data),
         });
+        if init.data_type == Some(super::proto::tensor_proto::DataType::Int8 as i32) {
+            g.int8_constants.insert(id);
+        }
         names.insert(name, id);
     }
 
@@ -193,6 +196,12 @@ pub fn import(bytes: &[u8], shapes: &InputShapes) -> Result<Graph> {
             }
         }
         let lowered = lower_node(n, &inputs, &g, opset).map_err(node_err)?;
+        if let Some(scale) = super::lower::runtime_qdq_scale(n, &inputs, &g) {
+            // QDQ on an activation: the tensor on both sides carries the scale.
+            for t in n.input.first().into_iter().chain(n.output.first()) {
+                g.quant_scales.entry(t.clone()).or_insert(scale);
+            }
+        }
         let outputs: Vec<&String> = n.output.iter().collect();
         match lowered {
             Lowered::Const(values) => {

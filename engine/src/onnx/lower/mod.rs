@@ -78,6 +78,8 @@ const SUPPORTED: &[&str] = &[
     "Identity",
     "Dropout",
     "Constant",
+    "QuantizeLinear",
+    "DequantizeLinear",
 ];
 
 /// True when osprey implements the node's op.
@@ -231,6 +233,107 @@ fn view_or_fold(ins: &Ins<'_>, shape: Vec<usize>) -> R<Lowered> {
     node(Op::Reshape, vec![ins.id(0)?], vec![shape])
 }
 
+/// Scale, zero point and integer range of a QuantizeLinear /
+/// DequantizeLinear node.
+pub(crate) struct QdqParams {
+    /// One scale, or one per slice along `axis`.
+    pub scale: Vec<f32>,
+    /// Zero points (as many as scales, or one).
+    pub zero: Vec<f32>,
+    /// Integer range of the quantized type.
+    pub lo: f32,
+    /// See `lo`.
+    pub hi: f32,
+    /// Whether the quantized type is signed 8-bit.
+    pub signed: bool,
+    axis: usize,
+}
+
+impl QdqParams {
+    /// Index into `scale` of flat element `i` of a tensor of `shape`.
+    fn per_axis_index(&self, shape: &[usize], i: usize) -> usize {
+        if self.scale.len() == 1 {
+            return 0;
+        }
+        let inner: usize = shape.iter().skip(self.axis + 1).product();
+        (i / inner.max(1)) % self.scale.len()
+    }
+
+    /// The symmetric INT8 scale covering the same range as this
+    /// (possibly asymmetric) per-tensor quantization: the larger distance
+    /// from the zero point to either end of the integer range, over 127.
+    pub fn symmetric_scale(&self) -> f32 {
+        let z = self.zero.first().copied().unwrap_or(0.0);
+        if self.signed && z == 0.0 {
+            return self.scale[0];
+        }
+        (z - self.lo).abs().max((self.hi - z).abs()) * self.scale[0] / 127.0
+    }
+}
+
+fn qdq_params(ins: &Ins<'_>, a: &Attrs<'_>, rank: usize) -> R<QdqParams> {
+    let scale = ins.value(1)?.data.to_f32();
+    if scale.is_empty() || scale.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(format!("scale {scale:?} must be positive and finite"));
+    }
+    let (zero, signed) = match ins.opt(2) {
+        None => (vec![0.0], false),
+        Some(t) => {
+            let z = ins.value(2)?;
+            let negative = matches!(&z.data, ConstData::I64(v) if v.iter().any(|&x| x < 0));
+            let _ = t;
+            (z.data.to_f32(), negative || zero_is_int8(ins.g, ins.id(2)?))
+        }
+    };
+    if zero.len() != 1 && zero.len() != scale.len() {
+        return Err(format!(
+            "{} zero points for {} scales",
+            zero.len(),
+            scale.len()
+        ));
+    }
+    let axis = if scale.len() > 1 {
+        norm_axis(a.i("axis").unwrap_or(1), rank)?
+    } else {
+        0
+    };
+    let (lo, hi) = if signed {
+        (-128.0, 127.0)
+    } else {
+        (0.0, 255.0)
+    };
+    Ok(QdqParams {
+        scale,
+        zero,
+        lo,
+        hi,
+        signed,
+        axis,
+    })
+}
+
+/// Whether a zero-point constant was declared INT8 (integer constants are
+/// stored as i64, so the importer records which were INT8).
+fn zero_is_int8(g: &Graph, id: TensorId) -> bool {
+    g.int8_constants.contains(&id)
+}
+
+/// For a QuantizeLinear/DequantizeLinear node on a runtime tensor, the
+/// symmetric INT8 scale it implies (see [`QdqParams::symmetric_scale`]).
+pub fn runtime_qdq_scale(n: &NodeProto, ids: &[Option<TensorId>], g: &Graph) -> Option<f32> {
+    let op = n.op_type.as_deref()?;
+    if op != "QuantizeLinear" && op != "DequantizeLinear" {
+        return None;
+    }
+    let ins = Ins { g, ids };
+    let x = ins.t(0).ok()?;
+    if x.value.is_some() {
+        return None;
+    }
+    let q = qdq_params(&ins, &Attrs(n), x.shape.len()).ok()?;
+    (q.scale.len() == 1).then(|| q.symmetric_scale())
+}
+
 /// Lowers one node (see the module doc).
 pub fn lower_node(n: &NodeProto, ids: &[Option<TensorId>], g: &Graph, opset: i64) -> R<Lowered> {
     let a = Attrs(n);
@@ -258,6 +361,59 @@ pub fn lower_node(n: &NodeProto, ids: &[Option<TensorId>], g: &Graph, opset: i64
                 return Ok(Lowered::Const(vec![out, mask]));
             }
             view_or_fold(&ins, x.shape.clone())
+        }
+        "QuantizeLinear" | "DequantizeLinear" => {
+            let x = ins.t(0)?;
+            let q = qdq_params(&ins, &a, x.shape.len())?;
+            let Some(v) = &x.value else {
+                // A runtime tensor: the value stays FP32 (the import records
+                // the scale for the INT8 builder, `quant_scales`), but the
+                // quantizer's range is kept as a clamp: quantizers replace
+                // the Relu/Clip they absorbed.
+                if q.scale.len() != 1 {
+                    return Err("per-axis quantization of a runtime tensor is not supported (only of weights)".into());
+                }
+                if op_type == "DequantizeLinear" {
+                    return view_or_fold(&ins, x.shape.clone());
+                }
+                let z = q.zero.first().copied().unwrap_or(0.0);
+                let (lo, hi) = ((q.lo - z) * q.scale[0], (q.hi - z) * q.scale[0]);
+                return lower_unary(&ins, Activation::Clip { lo, hi });
+            };
+            let axis_len = |i: usize| q.per_axis_index(&x.shape, i);
+            let data = if op_type == "DequantizeLinear" {
+                let xs = v.to_f32();
+                ConstData::F32(
+                    xs.iter()
+                        .enumerate()
+                        .map(|(i, &xv)| {
+                            let k = axis_len(i);
+                            (xv - q.zero[k.min(q.zero.len() - 1)]) * q.scale[k]
+                        })
+                        .collect(),
+                )
+            } else {
+                let xs = v.to_f32();
+                ConstData::I64(
+                    xs.iter()
+                        .enumerate()
+                        .map(|(i, &xv)| {
+                            let k = axis_len(i);
+                            let z = q.zero[k.min(q.zero.len() - 1)];
+                            ((xv / q.scale[k]).round_ties_even() + z).clamp(q.lo, q.hi) as i64
+                        })
+                        .collect(),
+                )
+            };
+            Ok(Lowered::Const(vec![Value {
+                shape: x.shape.clone(),
+                dtype: if op_type == "DequantizeLinear" {
+                    DType::F32
+                } else {
+                    DType::I32
+                },
+                data,
+            }]))
         }
         "Shape" => {
             let x = ins.t(0)?;
