@@ -9,8 +9,8 @@
 //! that add the bias: no Q/DQ node pair surrounds the layer.
 //!
 //! Products use 16-bit lanes holding INT8 values: weights are widened once at
-//! load, the input while it is packed, and `madd_epi16` (AVX2) or `smlal`
-//! (NEON, via LLVM) multiplies pairs and sums them into `i32` exactly — no
+//! load, the input while it is packed, and `madd_epi16` (AVX2) or
+//! `smlal` + `addp` (NEON) multiplies pairs and sums them into `i32` exactly — no
 //! saturation is possible, unlike `maddubs`, whose `u8 × i8` pair sums can
 //! saturate `i16`. The layout is the classic pair-interleaved one:
 //! * A (weights, packed at load): per block of [`QMR`] output channels, for
@@ -238,6 +238,7 @@ impl QConv2d {
         };
         let s_ptr = SyncPtr::new(scratch_i16);
         let isa = isa::active();
+        #[cfg(target_arch = "x86_64")]
         let clamp = crate::gemm::in_register_clamp(self.act);
         let mblocks = g.c_out.div_ceil(QMR);
         let chunks = ohw.div_ceil(QNC);
@@ -447,8 +448,57 @@ pub fn tile(isa: Isa, kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]
         unsafe { tile_avx2(kpairs, a, b, acc) };
         return;
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        // SAFETY: NEON is baseline on aarch64; lengths checked above.
+        unsafe { tile_neon(kpairs, a, b, acc) };
+        return;
+    }
     let _ = isa;
     tile_ref(kpairs, a, b, acc)
+}
+
+/// NEON: widening multiply-accumulate (`smlal`/`smlal2`) of each pixel's
+/// pair against the broadcast weight pair, in two 8-pixel halves (24
+/// accumulators each); the two products of a pair are summed at the end
+/// with one pairwise add (`addp`).
+#[cfg(target_arch = "aarch64")]
+unsafe fn tile_neon(kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; QMR]) {
+    use std::arch::aarch64::*;
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    for half in 0..2 {
+        // [row][quad of 2 pixels' pairs][lo/hi]
+        // SAFETY (whole block): the caller checked a (kpairs·QMR·2) and
+        // b (kpairs·QNR·2); loads stay within them.
+        unsafe {
+            let z = vdupq_n_s32(0);
+            let mut lo = [[z; 2]; QMR];
+            let mut hi = [[z; 2]; QMR];
+            for p in 0..kpairs {
+                // 8 pixels × 2 = 16 i16: two registers of 4 pixels' pairs.
+                let b0 = vld1q_s16(bp.add(p * QNR * 2 + half * 16));
+                let b1 = vld1q_s16(bp.add(p * QNR * 2 + half * 16 + 8));
+                for r in 0..QMR {
+                    let pair = (ap.add((p * QMR + r) * 2) as *const i32).read_unaligned();
+                    let av = vreinterpretq_s16_s32(vdupq_n_s32(pair));
+                    lo[r][0] = vmlal_s16(lo[r][0], vget_low_s16(b0), vget_low_s16(av));
+                    hi[r][0] = vmlal_high_s16(hi[r][0], b0, av);
+                    lo[r][1] = vmlal_s16(lo[r][1], vget_low_s16(b1), vget_low_s16(av));
+                    hi[r][1] = vmlal_high_s16(hi[r][1], b1, av);
+                }
+            }
+            for r in 0..QMR {
+                for q in 0..2 {
+                    // lanes (p0k0, p0k1, p1k0, p1k1) and (p2k0, …, p3k1):
+                    // pairwise sums are pixels p0..p3.
+                    let sums = vpaddq_s32(lo[r][q], hi[r][q]);
+                    let j = half * 8 + q * 4;
+                    let cur = vld1q_s32(acc[r][j..].as_ptr());
+                    vst1q_s32(acc[r][j..].as_mut_ptr(), vaddq_s32(cur, sums));
+                }
+            }
+        }
+    }
 }
 
 /// Scalar reference of [`tile`].
