@@ -8,7 +8,9 @@
 //!
 //! * tensors `c<id>`: every constant the optimised graph reads, `<id>` being
 //!   its index in the plan's tensor list; F32, or F16 for `--precision fp16`
-//!   engines (I64 for integer constants). Data offsets are aligned to the
+//!   engines (I64 for integer constants); in `int8` engines the weights of
+//!   each INT8 convolution are I8, per output channel, with their F32
+//!   scales in `q<id>`. Data offsets are aligned to the
 //!   element size inside an 8-byte-aligned data section, so the weights can be
 //!   memory-mapped.
 //! * `__metadata__` (string → string), append-only keys:
@@ -163,6 +165,36 @@ fn digest(meta: &[(&str, &str)], tensors: &[StoredTensor]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Weight tensors of the convolutions an INT8 engine runs in INT8 (marked
+/// INT8, and not tuned to an FP32 tactic), with their output channels.
+fn int8_weight_tensors(ef: &EngineFile) -> HashMap<TensorId, usize> {
+    let mut out = HashMap::new();
+    if ef.precision != Precision::Int8 {
+        return out;
+    }
+    for (i, n) in ef.graph.nodes.iter().enumerate() {
+        let crate::ir::Op::Conv(a) = &n.op else {
+            continue;
+        };
+        let tactic = ef.tactics.get(i).and_then(|t| t.as_deref());
+        if a.int8_input_scale.is_none() || !tactic.is_none_or(|t| t.starts_with("int8")) {
+            continue;
+        }
+        let Some(&w) = n.inputs.get(1) else { continue };
+        // Only weights no other node reads.
+        let shared = ef
+            .graph
+            .nodes
+            .iter()
+            .enumerate()
+            .any(|(j, m)| j != i && m.inputs.contains(&w));
+        if let (false, Some(&c_out)) = (shared, ef.graph.tensors[w].shape.first()) {
+            out.insert(w, c_out);
+        }
+    }
+    out
+}
+
 /// Serialises an engine.
 pub fn to_bytes(ef: &EngineFile) -> Result<Vec<u8>> {
     let g = &ef.graph;
@@ -170,9 +202,28 @@ pub fn to_bytes(ef: &EngineFile) -> Result<Vec<u8>> {
     let plan = plan_arena(g);
     let mut tensors: Vec<StoredTensor> = Vec::new();
     let mut tjson = Vec::with_capacity(g.tensors.len());
+    let int8_weights = int8_weight_tensors(ef);
     for (id, t) in g.tensors.iter().enumerate() {
         let stored = used[id] && t.value.is_some();
-        if let (true, Some(v)) = (stored, &t.value) {
+        if let (true, Some(ConstData::F32(d)), Some(&c_out)) =
+            (stored, &t.value, int8_weights.get(&id))
+        {
+            // An INT8 layer's weights: per-output-channel INT8 values and
+            // their scales (`q<id>`), exactly what the kernel computes with.
+            let (scales, q) = osprey_kernels::qconv::quantize_weights(d, c_out);
+            tensors.push((
+                format!("c{id}"),
+                Dtype::I8,
+                t.shape.clone(),
+                q.iter().map(|&v| v as u8).collect(),
+            ));
+            tensors.push((
+                format!("q{id}"),
+                Dtype::F32,
+                vec![c_out],
+                scales.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ));
+        } else if let (true, Some(v)) = (stored, &t.value) {
             let (dtype, bytes) = match (v, ef.precision) {
                 (ConstData::F32(d), Precision::Fp16) => (
                     Dtype::F16,
@@ -356,6 +407,32 @@ pub fn from_bytes(bytes: &[u8], device: Option<&Fingerprint>, path: &str) -> Res
                         .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                         .collect(),
                 ),
+                Dtype::I8 => {
+                    // INT8 weights: dequantized with their per-channel
+                    // scales; the INT8 kernel requantizes them to the same
+                    // integers.
+                    let scales = by_name
+                        .get(format!("q{id}").as_str())
+                        .filter(|(_, dt, sh, _)| *dt == Dtype::F32 && sh.len() == 1)
+                        .map(|(_, _, _, b)| {
+                            b.chunks_exact(4)
+                                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                                .collect::<Vec<f32>>()
+                        })
+                        .ok_or_else(|| {
+                            file_err(path, format!("INT8 tensor c{id} without its scales q{id}"))
+                        })?;
+                    let per = data.len().checked_div(scales.len()).unwrap_or(0);
+                    if scales.is_empty() || per * scales.len() != data.len() {
+                        return Err(file_err(path, format!("tensor q{id} does not fit c{id}")));
+                    }
+                    ConstData::F32(
+                        data.iter()
+                            .enumerate()
+                            .map(|(i, &b)| b as i8 as f32 * scales[i / per])
+                            .collect(),
+                    )
+                }
                 Dtype::I64 => ConstData::I64(
                     data.chunks_exact(8)
                         .map(|c| {

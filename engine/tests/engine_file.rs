@@ -106,6 +106,56 @@ fn fp32_engine_round_trips_exactly() {
 }
 
 #[test]
+fn int8_engine_stores_int8_weights_and_runs_the_same() {
+    let mut g = model();
+    // Every input observed in range: a scale of 4/127 for every tensor.
+    let layers = osprey_engine::int8::permit_int8(&mut g, &|_| Some(4.0 / 127.0));
+    let int8 = layers.iter().filter(|l| l.fallback.is_none()).count();
+    assert_eq!(int8, 2, "{layers:?}"); // the depthwise layer stays FP32
+    let x = data(8 * 144, 9);
+    let want = run(g.clone(), &[], &x);
+    let fp32 = run(osprey_engine::int8::without_int8(&g), &[], &x);
+    let ef = EngineFile {
+        graph: g,
+        tactics: Vec::new(),
+        fingerprint: Fingerprint::current(),
+        precision: Precision::Int8,
+        build: serde_json::json!({}),
+    };
+    let bytes = file::to_bytes(&ef).unwrap();
+    let e32 = EngineFile {
+        precision: Precision::Fp32,
+        ..ef.clone()
+    };
+    let bytes32 = file::to_bytes(&e32).unwrap();
+    // The two INT8 layers' weights are stored as I8 (with F32 scales per
+    // output channel, 16 + 8); the depthwise weights stay F32.
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let i8_values: usize = st
+        .tensors()
+        .iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::I8)
+        .map(|(_, v)| v.data().len())
+        .sum();
+    assert_eq!(i8_values, 128 + 128);
+    // 256 weights lose 3 bytes each, 24 scales cost 4; the header grows.
+    let saved = bytes32.len() - bytes.len();
+    assert!(saved > 256 * 3 - 24 * 4 - 200, "{saved}");
+    let back = file::from_bytes(&bytes, Some(&Fingerprint::current()), "mem").unwrap();
+    assert_eq!(back.precision, Precision::Int8);
+    let got = run(back.graph, &back.tactics, &x);
+    // The same integers, the same scales up to an ulp.
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    // And INT8 differs from FP32 by a quantization-sized amount (a coarse
+    // scale: 4/127 for activations mostly within ±1), not more.
+    let mut q = osprey_engine::int8::Sqnr::default();
+    q.add(&fp32, &got);
+    assert!(q.db() > 15.0 && q.db().is_finite(), "{}", q.db());
+}
+
+#[test]
 fn fp16_engine_is_half_the_size_and_close_to_fp32() {
     let (e32, _) = built(Precision::Fp32);
     let (e16, want) = built(Precision::Fp16);
