@@ -600,6 +600,7 @@ pub fn report_json(o: &Int8Outcome) -> serde_json::Value {
         "fp32_layers": o.layers.iter().filter(|l| l.fallback.is_some()).count(),
         "layers": o.layers.iter().zip(&o.sqnr).map(|(l, s)| json!({
             "name": l.name,
+            "input": l.input,
             "output": l.output,
             "precision": if l.fallback.is_none() { "int8" } else { "fp32" },
             "input_scale": l.input_scale,

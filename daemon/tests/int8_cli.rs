@@ -4,7 +4,8 @@
 //! ../shared, EfficientNet-Lite0 and CenterNet calibrated on the fixture
 //! images, their INT8 engines checked against the FP32 *references* in
 //! ../shared/fixtures/reference (top-1 on every image; detections matched
-//! at IoU >= 0.5 with the same class, >= 0.9 of them).
+//! at IoU >= 0.5 with the same class, >= 0.9 of them), and the two OCR
+//! models calibrated with --npy on their reference inputs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -431,6 +432,93 @@ fn shared_int8_engines_agree_with_the_fp32_references() {
         matched as f64 >= 0.9 * total as f64,
         "{matched} of {total} reference detections matched"
     );
+}
+
+/// The OCR models, calibrated with --npy on their reference inputs: the
+/// classifier's INT8 argmax equals the reference on every input; the
+/// detector's text map thresholded at 0.3 (PP-OCR's binarisation) agrees
+/// with the reference map on >= 99% of pixels.
+#[test]
+fn shared_ocr_int8_engines_agree_with_the_fp32_references() {
+    let Some(sh) = shared() else { return };
+    let d = dir("ocr");
+    let reference = sh.join("fixtures/reference");
+    for (model, shape, out_name) in [
+        (
+            "ppocr_cls_v2",
+            "x=1,3,48,192",
+            "save_infer_model_scale_0.tmp_1",
+        ),
+        ("ppocr_det_v4", "x=1,3,640,640", "sigmoid_0.tmp_0"),
+    ] {
+        let npy = d.join(model);
+        std::fs::create_dir_all(&npy).unwrap();
+        let mut stems = Vec::new();
+        for e in std::fs::read_dir(&reference).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name
+                .strip_prefix(&format!("{model}__"))
+                .and_then(|r| r.strip_suffix("__input.npy"))
+            {
+                std::fs::copy(e.path(), npy.join(&name)).unwrap();
+                stems.push(stem.to_string());
+            }
+        }
+        assert!(!stems.is_empty());
+        let onnx = sh.join(format!("models/{model}.onnx"));
+        let calib = d.join(format!("{model}.calib"));
+        ok(&osprey()
+            .args(["calibrate", "--onnx", s(&onnx), "--npy", s(&npy)])
+            .args(["--out", s(&calib)])
+            .output()
+            .unwrap());
+        let engine = d.join(format!("{model}.engine"));
+        let out = ok(&osprey()
+            .args(["build", "--onnx", s(&onnx), "--out", s(&engine)])
+            .args(["--input-shape", shape, "--precision", "int8"])
+            .args(["--calib", s(&calib), "--npy", s(&npy), "--json"])
+            .arg("--strict-int8")
+            .output()
+            .unwrap());
+        let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(
+            r["int8"]["int8_layers"].as_u64().unwrap() >= 10,
+            "{}",
+            r["int8"]
+        );
+        let (mut agree, mut total) = (0usize, 0usize);
+        for stem in &stems {
+            let o = d.join(format!("{model}-{stem}"));
+            ok(&osprey()
+                .args(["run", "--engine", s(&engine), "--input"])
+                .arg(format!(
+                    "x={}",
+                    s(&npy.join(format!("{model}__{stem}__input.npy")))
+                ))
+                .args(["--output-dir", s(&o)])
+                .output()
+                .unwrap());
+            let got = read_npy(&o.join(format!("{out_name}.npy")));
+            let want = read_npy(&reference.join(format!("{model}__{stem}__{out_name}.npy")));
+            assert_eq!(got.len(), want.len());
+            if model == "ppocr_cls_v2" {
+                let argmax =
+                    |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+                assert_eq!(argmax(&got), argmax(&want), "{stem}: {got:?} vs {want:?}");
+            } else {
+                agree += got
+                    .iter()
+                    .zip(&want)
+                    .filter(|(a, b)| (**a > 0.3) == (**b > 0.3))
+                    .count();
+                total += got.len();
+            }
+        }
+        if total > 0 {
+            let f = agree as f64 / total as f64;
+            assert!(f >= 0.99, "{model}: text map agreement {f}");
+        }
+    }
 }
 
 fn iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
