@@ -517,6 +517,8 @@ fn inspect(a: InspectArgs) -> Result<()> {
                 "constant_bytes": engine.constant_bytes(),
                 "arena_bytes": plan.arena_bytes(),
                 "naive_bytes": plan.naive_bytes(),
+                "int8_convolutions": engine.int8_convolutions().0,
+                "convolutions": engine.int8_convolutions().1,
             })
         );
         return Ok(());
@@ -539,6 +541,10 @@ fn inspect(a: InspectArgs) -> Result<()> {
     ops.sort_by(|x, y| y.1.cmp(x.1).then(x.0.cmp(y.0)));
     for (op, n) in ops {
         println!("  {op:<24} {n:>5}");
+    }
+    let (int8, convs) = engine.int8_convolutions();
+    if int8 > 0 {
+        println!("int8    {int8} of {convs} convolutions run INT8");
     }
     println!("weights {}", human_bytes(engine.constant_bytes()));
     println!(

@@ -5,40 +5,15 @@
 //! ../shared, EfficientNet-Lite0 on the fixture images and the two OCR
 //! models on their reference inputs.
 
+mod cli_common;
+use cli_common::{dir, ok, one_line_error, osprey, shared, write_npy};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use osprey_calibration::CalibrationCache;
 use osprey_engine::onnx::builder::{attr_ints, ModelBuilder};
 use osprey_models::vision::desc::ModelDesc;
 use osprey_models::vision::{draw, Preprocessor, RgbImage};
-
-fn osprey() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_osprey"))
-}
-
-fn dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("osprey-calib-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn one_line_error(out: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains(needle), "{needle:?} not in {err}");
-}
 
 /// images [1,3,16,16] → Conv 3→4 (3x3, pad 1) → Relu → output "y".
 fn write_model(d: &Path) -> PathBuf {
@@ -84,7 +59,7 @@ fn image(w: usize, h: usize, seed: usize) -> RgbImage {
 
 #[test]
 fn images_calibrate_with_minmax_scales_equal_to_the_statistics() {
-    let d = dir("img");
+    let d = dir("calib", "img");
     let model = write_model(&d);
     let desc_path = write_desc(&d);
     let imgs = d.join("images");
@@ -183,13 +158,9 @@ fn images_calibrate_with_minmax_scales_equal_to_the_statistics() {
     assert!(ok(&out).contains("on 2 sample(s)"));
 }
 
-fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
-    osprey_engine::npy::write(path, shape, data).unwrap();
-}
-
 #[test]
 fn npy_folders_calibrate_and_bad_input_is_one_line() {
-    let d = dir("npy");
+    let d = dir("calib", "npy");
     let model = write_model(&d);
     let npy = d.join("npy");
     std::fs::create_dir_all(&npy).unwrap();
@@ -229,7 +200,7 @@ fn npy_folders_calibrate_and_bad_input_is_one_line() {
         &run(&["--npy", d.join("nothing").to_str().unwrap()]),
         "nothing",
     );
-    let empty = dir("npy-empty");
+    let empty = dir("calib", "npy-empty");
     one_line_error(&run(&["--npy", empty.to_str().unwrap()]), "no .npy files");
     one_line_error(
         &run(&[
@@ -250,7 +221,7 @@ fn npy_folders_calibrate_and_bad_input_is_one_line() {
     let out = run(&["--images", npy.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     // Only unusable files: an error naming the first.
-    let bad = dir("npy-bad");
+    let bad = dir("calib", "npy-bad");
     write_npy(&bad.join("a.npy"), &[2], &[1.0, 2.0]);
     one_line_error(
         &run(&["--npy", bad.to_str().unwrap()]),
@@ -258,20 +229,10 @@ fn npy_folders_calibrate_and_bad_input_is_one_line() {
     );
 }
 
-fn shared() -> Option<PathBuf> {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
-    if d.join("models").is_dir() {
-        Some(d)
-    } else {
-        eprintln!("SKIPPED: ../shared is absent");
-        None
-    }
-}
-
 #[test]
 fn shared_models_calibrate_on_their_fixtures() {
     let Some(s) = shared() else { return };
-    let d = dir("shared");
+    let d = dir("calib", "shared");
     let zoo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/zoo");
     let cache = d.join("effnet.calib");
     let report = d.join("effnet.json");

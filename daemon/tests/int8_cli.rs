@@ -7,37 +7,12 @@
 //! at IoU >= 0.5 with the same class, >= 0.9 of them), and the two OCR
 //! models calibrated with --npy on their reference inputs.
 
+mod cli_common;
+use cli_common::{dir, ok, one_line_error, osprey, read_npy, shared, write_npy};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use osprey_engine::onnx::builder::{attr_ints, ModelBuilder};
-
-fn osprey() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_osprey"))
-}
-
-fn dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("osprey-int8-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn one_line_error(out: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains(needle), "{needle:?} not in {err}");
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -70,29 +45,9 @@ fn write_model(d: &Path) -> PathBuf {
     p
 }
 
-fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}",
-        shape.iter().map(|d| format!("{d},")).collect::<String>()
-    );
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((header.len() as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
-    bytes.extend(data.iter().flat_map(|v| v.to_le_bytes()));
-    std::fs::write(path, bytes).unwrap();
-}
-
-fn read_npy(path: &Path) -> Vec<f32> {
-    osprey_engine::npy::read(path, true).unwrap().data
-}
-
 #[test]
 fn int8_build_of_a_model_made_here() {
-    let d = dir("small");
+    let d = dir("int8", "small");
     let model = write_model(&d);
     let npy = d.join("npy");
     std::fs::create_dir_all(&npy).unwrap();
@@ -161,6 +116,13 @@ fn int8_build_of_a_model_made_here() {
             .output()
             .unwrap());
     }
+    let inspect = ok(&osprey()
+        .args(["inspect", "--engine", s(&engine), "--json"])
+        .output()
+        .unwrap());
+    let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(inspect["int8_convolutions"], 2, "{inspect}");
+    assert_eq!(inspect["convolutions"], 2, "{inspect}");
     let (q, f) = (read_npy(&d.join("q/y.npy")), read_npy(&d.join("f/y.npy")));
     let mut acc = osprey_engine::int8::Sqnr::default();
     acc.add(&f, &q);
@@ -215,7 +177,7 @@ fn qdq_models_build_to_int8_without_a_calibration_file() {
     use osprey_kernels::activation::Activation;
     use osprey_kernels::conv::Conv2dGeometry;
     use osprey_kernels::qconv::reference_qconv2d;
-    let d = dir("qdq");
+    let d = dir("int8", "qdq");
     let model = d.join("qdq.onnx");
     std::fs::write(&model, osprey_engine::testing::qdq_conv_model(None)).unwrap();
     let engine = d.join("qdq.engine");
@@ -290,16 +252,6 @@ fn qdq_models_build_to_int8_without_a_calibration_file() {
     );
 }
 
-fn shared() -> Option<PathBuf> {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
-    if d.join("models").is_dir() {
-        Some(d)
-    } else {
-        eprintln!("SKIPPED: ../shared is absent");
-        None
-    }
-}
-
 fn stems(images: &Path) -> Vec<(String, PathBuf)> {
     let mut v: Vec<_> = std::fs::read_dir(images)
         .unwrap()
@@ -346,7 +298,7 @@ fn build_int8(sh: &Path, d: &Path, model: &str, extra: &[&str]) -> (PathBuf, ser
 #[test]
 fn shared_int8_engines_agree_with_the_fp32_references() {
     let Some(sh) = shared() else { return };
-    let d = dir("shared");
+    let d = dir("int8", "shared");
     let zoo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/zoo");
     let reference = sh.join("fixtures/reference");
 
@@ -441,7 +393,7 @@ fn shared_int8_engines_agree_with_the_fp32_references() {
 #[test]
 fn shared_ocr_int8_engines_agree_with_the_fp32_references() {
     let Some(sh) = shared() else { return };
-    let d = dir("ocr");
+    let d = dir("int8", "ocr");
     let reference = sh.join("fixtures/reference");
     for (model, shape, out_name) in [
         (

@@ -70,7 +70,35 @@ impl Conv2dGeometry {
         )
     }
 
-    fn validate(&self, kernel: &'static str) -> Result<(usize, usize), KernelError> {
+    /// Checks the weights' length (`[c_out, c_in/groups, kh, kw]`) and the
+    /// bias's; returns the bias, zeros when there is none. `names` label
+    /// the two buffers in errors.
+    pub(crate) fn checked_bias(
+        &self,
+        names: [&'static str; 2],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Result<Vec<f32>, KernelError> {
+        let need = self.c_out * (self.c_in / self.groups.max(1)) * self.kh * self.kw;
+        if weights.len() != need {
+            return Err(KernelError::BufferTooSmall {
+                kernel: names[0],
+                need,
+                have: weights.len(),
+            });
+        }
+        match bias {
+            Some(b) if b.len() != self.c_out => Err(KernelError::BufferTooSmall {
+                kernel: names[1],
+                need: self.c_out,
+                have: b.len(),
+            }),
+            Some(b) => Ok(b.to_vec()),
+            None => Ok(vec![0.0; self.c_out]),
+        }
+    }
+
+    pub(crate) fn validate(&self, kernel: &'static str) -> Result<(usize, usize), KernelError> {
         let bad = |detail: String| KernelError::Unsupported { kernel, detail };
         if self.groups == 0 || self.c_in % self.groups != 0 || self.c_out % self.groups != 0 {
             return Err(bad(format!(
@@ -298,25 +326,7 @@ impl Conv2d {
         let cin_g = g.c_in / g.groups;
         let cout_g = g.c_out / g.groups;
         let kk = cin_g * g.kh * g.kw;
-        let need = g.c_out * kk;
-        if weights.len() != need {
-            return Err(KernelError::BufferTooSmall {
-                kernel: "conv2d weights",
-                need,
-                have: weights.len(),
-            });
-        }
-        let bias = match bias {
-            Some(b) if b.len() != g.c_out => {
-                return Err(KernelError::BufferTooSmall {
-                    kernel: "conv2d bias",
-                    need: g.c_out,
-                    have: b.len(),
-                })
-            }
-            Some(b) => b.to_vec(),
-            None => vec![0.0; g.c_out],
-        };
+        let bias = g.checked_bias(["conv2d weights", "conv2d bias"], weights, bias)?;
         let algo = match tactic.algorithm {
             ConvAlgorithm::Depthwise => Algo::Depthwise {
                 weights: weights.to_vec(),

@@ -110,32 +110,9 @@ impl QConv2d {
         if !(input_scale.is_finite() && input_scale > 0.0) {
             return Err(bad(format!("input scale {input_scale} is not positive")));
         }
-        let (oh, ow) = match (g.out_h(), g.out_w()) {
-            (Some(oh), Some(ow)) if oh > 0 && ow > 0 => (oh, ow),
-            _ => return Err(bad(format!("kernel does not fit {g:?}"))),
-        };
-        if g.stride.contains(&0) || g.dilation.contains(&0) {
-            return Err(bad("zero stride or dilation".into()));
-        }
+        let (oh, ow) = g.validate("qconv2d")?;
         let k = g.c_in * g.kh * g.kw;
-        if weights.len() != g.c_out * k {
-            return Err(KernelError::BufferTooSmall {
-                kernel: "qconv2d weights",
-                need: g.c_out * k,
-                have: weights.len(),
-            });
-        }
-        let bias = match bias {
-            Some(b) if b.len() != g.c_out => {
-                return Err(KernelError::BufferTooSmall {
-                    kernel: "qconv2d bias",
-                    need: g.c_out,
-                    have: b.len(),
-                })
-            }
-            Some(b) => b.to_vec(),
-            None => vec![0.0; g.c_out],
-        };
+        let bias = g.checked_bias(["qconv2d weights", "qconv2d bias"], weights, bias)?;
         let (weight_scales, q) = quantize_weights(weights, g.c_out);
         let kpairs = k.div_ceil(2);
         let mblocks = g.c_out.div_ceil(QMR);
@@ -515,14 +492,24 @@ pub fn tile_ref(kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; QMR]
     }
 }
 
+/// The AVX2 product loop: `QMR` rows × 16 pixels of `i32` sums in
+/// registers (two 8-lane vectors per row).
+///
+/// # Safety
+/// AVX2 must be present; `a` and `b` must hold `kpairs` pairs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn tile_avx2(kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; QMR]) {
+#[inline]
+unsafe fn products_avx2(
+    kpairs: usize,
+    a: &[i16],
+    b: &[i16],
+) -> [[std::arch::x86_64::__m256i; 2]; QMR] {
     use std::arch::x86_64::*;
     let mut c = [[_mm256_setzero_si256(); 2]; QMR];
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
     for p in 0..kpairs {
-        // SAFETY: the caller checked a (kpairs·QMR·2) and b (kpairs·QNR·2).
+        // SAFETY: forwarded contract (kpairs pairs in a and b).
         unsafe {
             let b0 = _mm256_loadu_si256(bp.add(p * QNR * 2) as *const __m256i);
             let b1 = _mm256_loadu_si256(bp.add(p * QNR * 2 + 16) as *const __m256i);
@@ -534,6 +521,15 @@ unsafe fn tile_avx2(kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; 
             }
         }
     }
+    c
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_avx2(kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; QMR]) {
+    use std::arch::x86_64::*;
+    // SAFETY: forwarded contract (the caller checked the lengths).
+    let c = unsafe { products_avx2(kpairs, a, b) };
     for (r, cr) in c.iter().enumerate() {
         let mut lanes = [0i32; QNR];
         // SAFETY: `lanes` holds 16 i32 = two 256-bit stores.
@@ -573,21 +569,8 @@ struct Fused<'a> {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2_fused(kpairs: usize, a: &[i16], b: &[i16], f: &Fused) {
     use std::arch::x86_64::*;
-    let mut c = [[_mm256_setzero_si256(); 2]; QMR];
-    let (ap, bp) = (a.as_ptr(), b.as_ptr());
-    for p in 0..kpairs {
-        // SAFETY: forwarded contract (kpairs pairs in a and b).
-        unsafe {
-            let b0 = _mm256_loadu_si256(bp.add(p * QNR * 2) as *const __m256i);
-            let b1 = _mm256_loadu_si256(bp.add(p * QNR * 2 + 16) as *const __m256i);
-            for (r, cr) in c.iter_mut().enumerate() {
-                let pair = (ap.add((p * QMR + r) * 2) as *const i32).read_unaligned();
-                let av = _mm256_set1_epi32(pair);
-                cr[0] = _mm256_add_epi32(cr[0], _mm256_madd_epi16(b0, av));
-                cr[1] = _mm256_add_epi32(cr[1], _mm256_madd_epi16(b1, av));
-            }
-        }
-    }
+    // SAFETY: forwarded contract.
+    let c = unsafe { products_avx2(kpairs, a, b) };
     let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
     let (vlo, vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
     for (r, cr) in c.iter().enumerate().take(f.rows) {

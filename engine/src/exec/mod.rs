@@ -316,6 +316,21 @@ impl Engine {
         Some((s.name.clone(), what))
     }
 
+    /// Convolution steps that run INT8, and convolution steps in all.
+    pub fn int8_convolutions(&self) -> (usize, usize) {
+        let int8 = self
+            .steps
+            .iter()
+            .filter(|s| matches!(s.kind, Kind::QConv { .. }))
+            .count();
+        let fp = self
+            .steps
+            .iter()
+            .filter(|s| matches!(s.kind, Kind::Conv { .. }))
+            .count();
+        (int8, int8 + fp)
+    }
+
     /// Bytes of constants in the source graph.
     pub fn constant_bytes(&self) -> usize {
         self.constant_bytes

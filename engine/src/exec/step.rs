@@ -100,31 +100,20 @@ pub(super) fn run_step(
     }
     let (io, y) = split_io(arena, first_out, consts)?;
     let x = io.read(input(0)?)?;
+    // A fused convolution's residual is its 4th operand.
+    let residual =
+        |fused: bool| -> Result<Option<&[f32]>> { fused.then(|| io.read(input(3)?)).transpose() };
     match &step.kind {
         Kind::Conv {
             layer,
             batch,
-            residual,
-        } => {
-            let res = if *residual {
-                Some(io.read(input(3)?)?)
-            } else {
-                None
-            };
-            layer.run_with_residual(pool, *batch, x, res, y, scratch)
-        }
+            residual: fused,
+        } => layer.run_with_residual(pool, *batch, x, residual(*fused)?, y, scratch),
         Kind::QConv {
             layer,
             batch,
-            residual,
-        } => {
-            let res = if *residual {
-                Some(io.read(input(3)?)?)
-            } else {
-                None
-            };
-            layer.run(pool, *batch, x, res, y, scratch)
-        }
+            residual: fused,
+        } => layer.run(pool, *batch, x, residual(*fused)?, y, scratch),
         Kind::ConvTranspose { layer, batch } => layer.run(pool, *batch, x, y, scratch),
         Kind::Affine {
             batch,
