@@ -83,7 +83,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
     )?;
     bar.finish_and_clear();
     let (tactics, layers) = if a.int8.strict {
-        crate::int8::force_int8(&graph, tactics, layers)
+        crate::int8::force_int8(tactics, layers)
     } else {
         (tactics, layers)
     };

@@ -673,29 +673,23 @@ pub fn print_summary(o: &Int8Outcome) {
 }
 
 /// `--strict-int8`: every INT8-marked convolution takes its INT8 kernel,
-/// whatever the timings said.
+/// whatever the timings said. The tuner timed that kernel as the layer's
+/// `int8-*` candidate (only INT8-marked layers have one), so its name and
+/// time come from there.
 pub fn force_int8(
-    g: &Graph,
     mut tactics: Tactics,
     mut layers: Vec<LayerChoice>,
 ) -> (Tactics, Vec<LayerChoice>) {
-    for (i, n) in g.nodes.iter().enumerate() {
-        if let Op::Conv(a) = &n.op {
-            if a.int8_input_scale.is_some() {
-                let name = if a.kernel == [1, 1] && a.strides == [1, 1] && a.pads == [0; 4] {
-                    "int8-pointwise"
-                } else {
-                    "int8-im2col"
-                };
-                if let Some(t) = tactics.get_mut(i) {
-                    *t = Some(name.to_string());
-                }
-                for l in layers.iter_mut().filter(|l| l.node == i) {
-                    l.ms = l.candidates.get(name).copied().unwrap_or(l.ms);
-                    l.tactic = name.to_string();
-                }
-            }
+    for l in &mut layers {
+        let Some((name, &ms)) = l.candidates.iter().find(|(k, _)| k.starts_with("int8")) else {
+            continue;
+        };
+        let name = name.clone();
+        if let Some(t) = tactics.get_mut(l.node) {
+            *t = Some(name.clone());
         }
+        l.ms = ms;
+        l.tactic = name;
     }
     (tactics, layers)
 }

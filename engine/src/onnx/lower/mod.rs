@@ -278,10 +278,9 @@ fn qdq_params(ins: &Ins<'_>, a: &Attrs<'_>, rank: usize) -> R<QdqParams> {
     }
     let (zero, signed) = match ins.opt(2) {
         None => (vec![0.0], false),
-        Some(t) => {
+        Some(_) => {
             let z = ins.value(2)?;
             let negative = matches!(&z.data, ConstData::I64(v) if v.iter().any(|&x| x < 0));
-            let _ = t;
             (z.data.to_f32(), negative || zero_is_int8(ins.g, ins.id(2)?))
         }
     };
@@ -380,38 +379,31 @@ pub fn lower_node(n: &NodeProto, ids: &[Option<TensorId>], g: &Graph, opset: i64
                 let (lo, hi) = ((q.lo - z) * q.scale[0], (q.hi - z) * q.scale[0]);
                 return lower_unary(&ins, Activation::Clip { lo, hi });
             };
-            let axis_len = |i: usize| q.per_axis_index(&x.shape, i);
-            let data = if op_type == "DequantizeLinear" {
-                let xs = v.to_f32();
-                ConstData::F32(
-                    xs.iter()
-                        .enumerate()
-                        .map(|(i, &xv)| {
-                            let k = axis_len(i);
-                            (xv - q.zero[k.min(q.zero.len() - 1)]) * q.scale[k]
-                        })
-                        .collect(),
-                )
+            let dequantize = op_type == "DequantizeLinear";
+            let values: Vec<f32> = v
+                .to_f32()
+                .iter()
+                .enumerate()
+                .map(|(i, &xv)| {
+                    let k = q.per_axis_index(&x.shape, i);
+                    let (s, z) = (q.scale[k], q.zero[k.min(q.zero.len() - 1)]);
+                    if dequantize {
+                        (xv - z) * s
+                    } else {
+                        ((xv / s).round_ties_even() + z).clamp(q.lo, q.hi)
+                    }
+                })
+                .collect();
+            let (data, dtype) = if dequantize {
+                (ConstData::F32(values), DType::F32)
             } else {
-                let xs = v.to_f32();
-                ConstData::I64(
-                    xs.iter()
-                        .enumerate()
-                        .map(|(i, &xv)| {
-                            let k = axis_len(i);
-                            let z = q.zero[k.min(q.zero.len() - 1)];
-                            ((xv / q.scale[k]).round_ties_even() + z).clamp(q.lo, q.hi) as i64
-                        })
-                        .collect(),
-                )
+                // Integers in [lo, hi]: exact in f32.
+                let ints = values.iter().map(|&v| v as i64).collect();
+                (ConstData::I64(ints), DType::I32)
             };
             Ok(Lowered::Const(vec![Value {
                 shape: x.shape.clone(),
-                dtype: if op_type == "DequantizeLinear" {
-                    DType::F32
-                } else {
-                    DType::I32
-                },
+                dtype,
                 data,
             }]))
         }
