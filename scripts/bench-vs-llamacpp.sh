@@ -16,7 +16,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 rounds=5
 threads="1 2"
 gen=128
-mode=("--int8-activations")
+mode=("--int8-activations" "--kv-f16")
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;

@@ -172,6 +172,10 @@ pub struct AssistantConfig {
     /// Kernel threads per decode step.
     #[serde(default = "one")]
     pub threads: usize,
+    /// Store the KV cache in half precision: twice the tokens in
+    /// kv_budget_bytes, half the bytes attention reads per token.
+    #[serde(default)]
+    pub kv_f16: bool,
 }
 
 /// Memory budgets; start-up fails with the pool's name when one is short.

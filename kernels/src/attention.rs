@@ -3,17 +3,38 @@
 //!
 //! Cache layout (owned by the LLM runtime): blocks of `block_tokens`
 //! positions; block `b` holds, for each layer, K then V, each
-//! `[slot][kv_dim]` f32. A sequence's block table lists its blocks in
-//! position order.
+//! `[slot][kv_dim]`, stored as f32 or as f16 (half the memory and half the
+//! bytes read per decoded token; llama.cpp's default). A sequence's block
+//! table lists its blocks in position order.
 
+use crate::activation::Activation;
 use crate::pool::{SyncPtr, ThreadPool};
 use crate::quant::{axpy, dot_f32};
+use half::f16;
+
+/// The cached values: the whole pool, in its storage type.
+#[derive(Debug, Clone, Copy)]
+pub enum KvData<'a> {
+    /// Exact.
+    F32(&'a [f32]),
+    /// Rounded to half precision when written.
+    F16(&'a [f16]),
+}
+
+impl KvData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            KvData::F32(d) => d.len(),
+            KvData::F16(d) => d.len(),
+        }
+    }
+}
 
 /// One layer of one sequence's paged K/V.
 #[derive(Debug, Clone, Copy)]
 pub struct PagedKv<'a> {
     /// The whole pool.
-    pub data: &'a [f32],
+    pub data: KvData<'a>,
     /// The sequence's blocks, in position order.
     pub blocks: &'a [u32],
     /// Positions per block.
@@ -26,6 +47,14 @@ pub struct PagedKv<'a> {
     pub kv_dim: usize,
 }
 
+/// `count` rows of a block from one column on, in the storage type: row
+/// `i` is `[i·stride..i·stride + width]`.
+#[derive(Debug, Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
 impl PagedKv<'_> {
     /// Index in `data` of K (`which` = 0) or V (1) of `pos`: the one place
     /// the cache layout is written down.
@@ -35,19 +64,37 @@ impl PagedKv<'_> {
         (((block * self.layers + self.layer) * 2 + which) * self.block_tokens + slot) * self.kv_dim
     }
 
-    fn row(&self, which: usize, pos: usize) -> &[f32] {
+    /// `count` positions from `pos` (all in one block) of K (`which` = 0)
+    /// or V (1), from column `col` on, `width` wide.
+    fn rows(&self, which: usize, pos: usize, count: usize, col: usize, width: usize) -> Rows<'_> {
+        assert!(count > 0 && pos % self.block_tokens + count <= self.block_tokens);
+        assert!(col + width <= self.kv_dim);
+        let o = self.offset(which, pos) + col;
+        let r = o..o + (count - 1) * self.kv_dim + width;
+        match self.data {
+            KvData::F32(d) => Rows::F32(&d[r]),
+            KvData::F16(d) => Rows::F16(&d[r]),
+        }
+    }
+
+    /// A copy of K (`which` = 0) or V (1) of `pos` as f32 (for tests and
+    /// tools; the kernels read the cache in place).
+    pub fn row_f32(&self, which: usize, pos: usize) -> Vec<f32> {
         let o = self.offset(which, pos);
-        &self.data[o..o + self.kv_dim]
+        match self.data {
+            KvData::F32(d) => d[o..o + self.kv_dim].to_vec(),
+            KvData::F16(d) => d[o..o + self.kv_dim].iter().map(|v| v.to_f32()).collect(),
+        }
     }
 
-    /// K of `pos`.
-    pub fn k(&self, pos: usize) -> &[f32] {
-        self.row(0, pos)
+    /// K of `pos`, as f32.
+    pub fn k(&self, pos: usize) -> Vec<f32> {
+        self.row_f32(0, pos)
     }
 
-    /// V of `pos`.
-    pub fn v(&self, pos: usize) -> &[f32] {
-        self.row(1, pos)
+    /// V of `pos`, as f32.
+    pub fn v(&self, pos: usize) -> Vec<f32> {
+        self.row_f32(1, pos)
     }
 }
 
@@ -65,6 +112,11 @@ pub struct Heads {
 
 /// `out[h] = softmax(q[h] · K[0..len]ᵀ · scale) · V[0..len]` for every
 /// query head. `scores` needs `pool.threads() × len` floats.
+///
+/// Per head, the cache is walked block by block (positions of a block are
+/// contiguous rows): scores eight positions at a time, one vectorised
+/// `exp` pass, then the weighted sum of V with the head's output held in
+/// registers across all positions.
 pub fn attend(
     pool: &ThreadPool,
     kv: &PagedKv<'_>,
@@ -79,69 +131,307 @@ pub fn attend(
     let group = (heads.n_heads / heads.n_kv_heads.max(1)).max(1);
     assert!(q.len() >= heads.n_heads * hd && out.len() >= heads.n_heads * hd);
     assert!(scores.len() >= pool.threads() * len && len > 0);
+    assert!(heads.n_heads.div_ceil(group) * hd <= kv.kv_dim);
+    assert!(len <= kv.blocks.len() * kv.block_tokens && kv.data.len() > 0);
     let out_ptr = SyncPtr::new(out);
     let sc_ptr = SyncPtr::new(scores);
     pool.run(heads.n_heads, &|h, slot| {
-        let kh = h / group;
-        let qh = &q[h * hd..(h + 1) * hd];
+        let col = (h / group) * hd;
+        let mut q16 = [0.0f32; MAX_HALF_HEAD];
+        let half = matches!(kv.data, KvData::F16(_)) && hd <= MAX_HALF_HEAD;
+        let qh = if half {
+            // An f16 cache is read as an f16 attention: the query is
+            // rounded like the keys it meets.
+            for (d, &v) in q16.iter_mut().zip(&q[h * hd..(h + 1) * hd]) {
+                *d = f16::from_f32(v).to_f32();
+            }
+            &q16[..hd]
+        } else {
+            &q[h * hd..(h + 1) * hd]
+        };
         // SAFETY: each pool slot owns scores[slot·len..(slot+1)·len] (the
         // assert above sized it) and runs one task at a time.
         let sc = unsafe { std::slice::from_raw_parts_mut(sc_ptr.add(slot * len), len) };
-        let mut m = f32::NEG_INFINITY;
-        for (j, s) in sc.iter_mut().enumerate() {
-            *s = dot_f32(qh, &kv.k(j)[kh * hd..(kh + 1) * hd]) * scale;
-            m = m.max(*s);
+        for (j, s) in sc.chunks_mut(kv.block_tokens).enumerate() {
+            let rows = kv.rows(0, j * kv.block_tokens, s.len(), col, hd);
+            scores_block(qh, rows, kv.kv_dim, scale, s);
         }
-        let mut sum = 0.0f32;
-        for s in sc.iter_mut() {
-            *s = (*s - m).exp();
-            sum += *s;
+        let m = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        sc.iter_mut().for_each(|s| *s -= m);
+        Activation::Exp.apply_slice(sc);
+        let mut inv = 1.0 / sc.iter().sum::<f32>();
+        if half {
+            // ... and the weights like the values they multiply.
+            sc.iter_mut()
+                .for_each(|p| *p = f16::from_f32(*p * inv).to_f32());
+            inv = 1.0;
         }
-        let inv = 1.0 / sum;
         // SAFETY: head h writes only out[h·hd..(h+1)·hd] (asserted in
         // bounds above); heads are distinct tasks.
         let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.add(h * hd), hd) };
         o.fill(0.0);
-        for (j, &p) in sc.iter().enumerate() {
-            axpy(p * inv, &kv.v(j)[kh * hd..(kh + 1) * hd], o);
+        for (j, p) in sc.chunks(kv.block_tokens).enumerate() {
+            let rows = kv.rows(1, j * kv.block_tokens, p.len(), col, hd);
+            weighted_sum_block(p, rows, kv.kv_dim, o);
         }
+        o.iter_mut().for_each(|v| *v *= inv);
     });
+}
+
+/// Widest head whose query an f16 cache rounds to f16 (wider heads keep
+/// an f32 query).
+const MAX_HALF_HEAD: usize = 256;
+
+/// `s[i] = q · row i · scale` for each `i`.
+fn scores_block(q: &[f32], rows: Rows<'_>, stride: usize, scale: f32, s: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx2Fma && q.len() % 8 == 0 {
+        // SAFETY: AVX2/FMA/F16C present; `rows` holds s.len() rows of
+        // q.len() values at `stride` (PagedKv::rows sized it; re-checked
+        // inside).
+        unsafe {
+            match rows {
+                Rows::F32(r) => scores_block_avx2(q, r, stride, scale, s),
+                Rows::F16(r) => scores_block_avx2(q, r, stride, scale, s),
+            }
+        }
+        return;
+    }
+    let hd = q.len();
+    for (i, v) in s.iter_mut().enumerate() {
+        let r = i * stride..i * stride + hd;
+        *v = match rows {
+            Rows::F32(d) => dot_f32(q, &d[r]),
+            Rows::F16(d) => q.iter().zip(&d[r]).map(|(a, b)| a * b.to_f32()).sum(),
+        } * scale;
+    }
+}
+
+/// `o += Σ p[i] · row i`.
+fn weighted_sum_block(p: &[f32], rows: Rows<'_>, stride: usize, o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx2Fma && o.len() % 8 == 0 {
+        // SAFETY: as in scores_block.
+        unsafe {
+            match rows {
+                Rows::F32(r) => weighted_sum_avx2(p, r, stride, o),
+                Rows::F16(r) => weighted_sum_avx2(p, r, stride, o),
+            }
+        }
+        return;
+    }
+    let hd = o.len();
+    for (i, &w) in p.iter().enumerate() {
+        let r = i * stride..i * stride + hd;
+        match rows {
+            Rows::F32(d) => axpy(w, &d[r], o),
+            Rows::F16(d) => o
+                .iter_mut()
+                .zip(&d[r])
+                .for_each(|(y, x)| *y += w * x.to_f32()),
+        }
+    }
+}
+
+/// A storage type the vector kernels read eight at a time as f32.
+#[cfg(target_arch = "x86_64")]
+trait Lanes: Copy {
+    const HALF: bool;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for f32 {
+    const HALF: bool = false;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for f16 {
+    const HALF: bool = true;
+}
+
+/// Eight values from `p` as f32.
+///
+/// # Safety
+/// AVX2/F16C available; eight values readable at `p`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8<T: Lanes>(p: *const T) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees eight readable values.
+    unsafe {
+        if T::HALF {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        } else {
+            _mm256_loadu_ps(p as *const f32)
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_block_avx2<T: Lanes>(
+    q: &[f32],
+    rows: &[T],
+    stride: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let hd = q.len();
+    let n = s.len();
+    assert!(hd % 8 == 0 && (n == 0 || rows.len() >= (n - 1) * stride + hd));
+    let vs = _mm256_set1_ps(scale);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: rows i..i+8 are in bounds (asserted); q has hd values.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut d = 0;
+            while d < hd {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(d));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let k = load8(rows.as_ptr().add((i + r) * stride + d));
+                    *a = _mm256_fmadd_ps(qv, k, *a);
+                }
+                d += 8;
+            }
+            // Eight horizontal sums at once: lane r of the result is Σ acc[r].
+            let t0 = _mm256_hadd_ps(acc[0], acc[1]);
+            let t1 = _mm256_hadd_ps(acc[2], acc[3]);
+            let t2 = _mm256_hadd_ps(acc[4], acc[5]);
+            let t3 = _mm256_hadd_ps(acc[6], acc[7]);
+            let u0 = _mm256_hadd_ps(t0, t1);
+            let u1 = _mm256_hadd_ps(t2, t3);
+            let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+            let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+            let sum = _mm256_mul_ps(_mm256_add_ps(lo, hi), vs);
+            _mm256_storeu_ps(s.as_mut_ptr().add(i), sum);
+        }
+        i += 8;
+    }
+    while i < n {
+        // SAFETY: row i is in bounds (asserted).
+        unsafe {
+            let mut acc = _mm256_setzero_ps();
+            let mut d = 0;
+            while d < hd {
+                let k = load8(rows.as_ptr().add(i * stride + d));
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(d)), k, acc);
+                d += 8;
+            }
+            s[i] = crate::quant::hsum(acc) * scale;
+        }
+        i += 1;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum_avx2<T: Lanes>(p: &[f32], rows: &[T], stride: usize, o: &mut [f32]) {
+    let hd = o.len();
+    let n = p.len();
+    assert!(hd % 8 == 0 && (n == 0 || rows.len() >= (n - 1) * stride + hd));
+    // The output in chunks of up to 64 values (8 registers) kept across
+    // every position.
+    let mut d = 0;
+    while d < hd {
+        let w = (hd - d).min(64);
+        // SAFETY: rows have hd values from d (asserted), o has hd values.
+        unsafe {
+            match w / 8 {
+                8 => wsum_chunk::<T, 8>(p, rows, stride, d, o),
+                7 => wsum_chunk::<T, 7>(p, rows, stride, d, o),
+                6 => wsum_chunk::<T, 6>(p, rows, stride, d, o),
+                5 => wsum_chunk::<T, 5>(p, rows, stride, d, o),
+                4 => wsum_chunk::<T, 4>(p, rows, stride, d, o),
+                3 => wsum_chunk::<T, 3>(p, rows, stride, d, o),
+                2 => wsum_chunk::<T, 2>(p, rows, stride, d, o),
+                _ => wsum_chunk::<T, 1>(p, rows, stride, d, o),
+            }
+        }
+        d += w;
+    }
+}
+
+/// # Safety
+/// AVX2/FMA/F16C available; `o[d..d + 8W]` and, for each `i < p.len()`,
+/// `rows[i·stride + d..][..8W]` in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn wsum_chunk<T: Lanes, const W: usize>(
+    p: &[f32],
+    rows: &[T],
+    stride: usize,
+    d: usize,
+    o: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees the bounds.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); W];
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(o.as_ptr().add(d + 8 * v));
+        }
+        for (i, &w) in p.iter().enumerate() {
+            let b = _mm256_set1_ps(w);
+            let r = rows.as_ptr().add(i * stride + d);
+            for (v, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(b, load8(r.add(8 * v)), *a);
+            }
+        }
+        for (v, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.as_mut_ptr().add(d + 8 * v), *a);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn matches_a_dense_reference() {
-        let (layers, kv_dim, bt, hd) = (2, 8, 4, 4);
-        let heads = Heads {
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: hd,
-        };
-        let blocks = [2u32, 0, 1];
-        let nblocks = 3;
+    /// Every head against a float64 softmax(q·Kᵀ·scale)·V.
+    fn check(kv_dim: usize, bt: usize, heads: Heads, blocks: &[u32], len: usize) {
+        let layers = 2;
+        let nblocks = blocks.iter().max().map_or(0, |&b| b as usize + 1);
         let data: Vec<f32> = (0..nblocks * layers * 2 * bt * kv_dim)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
             .collect();
+        let half: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
+        check_data(KvData::F32(&data), kv_dim, bt, heads, blocks, len);
+        check_data(KvData::F16(&half), kv_dim, bt, heads, blocks, len);
+    }
+
+    /// The reference reads the same stored values (f16 ones widened).
+    fn check_data(
+        data: KvData<'_>,
+        kv_dim: usize,
+        bt: usize,
+        heads: Heads,
+        blocks: &[u32],
+        len: usize,
+    ) {
+        let layers = 2;
         let kv = PagedKv {
-            data: &data,
-            blocks: &blocks,
+            data,
+            blocks,
             block_tokens: bt,
             layers,
             layer: 1,
             kv_dim,
         };
-        let q: Vec<f32> = (0..16).map(|i| (i as f32 - 7.0) / 5.0).collect();
-        let len = 10;
+        let (hd, nh) = (heads.head_dim, heads.n_heads);
+        let group = nh / heads.n_kv_heads;
+        let q: Vec<f32> = (0..nh * hd)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
+            .collect();
         for threads in [1, 3] {
             let pool = ThreadPool::new(threads);
-            let mut out = vec![0.0; 16];
+            let mut out = vec![0.0; nh * hd];
             let mut scores = vec![0.0; threads * len];
             attend(&pool, &kv, &q, len, heads, 0.5, &mut out, &mut scores);
-            for h in 0..4 {
-                let kh = h / 2;
+            for h in 0..nh {
+                let kh = h / group;
                 let s: Vec<f64> = (0..len)
                     .map(|j| {
                         (0..hd)
@@ -157,9 +447,27 @@ mod tests {
                     let want: f64 = (0..len)
                         .map(|j| e[j] / z * kv.v(j)[kh * hd + d] as f64)
                         .sum();
-                    assert!((out[h * hd + d] as f64 - want).abs() < 1e-5, "h {h} d {d}");
+                    let got = out[h * hd + d] as f64;
+                    assert!((got - want).abs() < 1e-5, "h {h} d {d}: {got} vs {want}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn matches_a_dense_reference() {
+        let heads = |n_heads, n_kv_heads, head_dim| Heads {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        };
+        // Narrow heads (portable path), blocks out of order.
+        check(8, 4, heads(4, 2, 4), &[2, 0, 1], 10);
+        // Head widths the vector kernels take: full and partial 64-wide
+        // chunks, eight-position groups plus a tail, a part-filled block.
+        check(192, 16, heads(9, 3, 64), &[3, 1, 0, 2], 53);
+        check(160, 16, heads(4, 2, 80), &[1, 0], 19);
+        check(96, 8, heads(2, 1, 96), &[0], 7);
+        check(256, 32, heads(2, 2, 128), &[1, 0], 64);
     }
 }

@@ -389,7 +389,7 @@ unsafe fn dot_avx2(ty: QuantType, row: &[u8], x: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let lo = _mm256_castps256_ps128(v);
     let hi = _mm256_extractf128_ps::<1>(v);
@@ -734,7 +734,8 @@ unsafe fn tile_dot_4x2_avx2(w: &[f32], x: &[f32], cols: usize, acc: &mut [[f32; 
 
 /// Activations quantized to 8 bits per 32-value block, as llama.cpp's
 /// `Q8_1` does before products with 4/8-bit weights: `d = max|x| / 127`
-/// (rounded to f16), `q = round(x / d)`, `s = d · Σq` (rounded to f16).
+/// (rounded to f16), `q = round(x · 127 / max|x|)` (ties to even),
+/// `s = d · Σq` (rounded to f16).
 /// Products against Q4_0 / Q4_1 / Q8_0 weights then run in integers.
 #[derive(Debug, Clone, Default)]
 pub struct Q8Act {
@@ -769,10 +770,12 @@ impl Q8Act {
         for b in x[..rows * cols].chunks_exact(32) {
             let amax = b.iter().fold(0.0f32, |a, v| a.max(v.abs()));
             let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            // As llama.cpp: the multiplier is 127/amax (not 1/d) and
+            // halves round to even, so the integers are the same.
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
             let mut sum = 0i32;
             for v in b {
-                let q = (v * id).round() as i32;
+                let q = (v * id).round_ties_even() as i32;
                 sum += q;
                 self.q.push(q as i8);
             }

@@ -7,7 +7,7 @@
 
 use osprey_kernels::pool::ThreadPool;
 use osprey_models::llm::gguf::Gguf;
-use osprey_models::llm::kv::KvCache;
+use osprey_models::llm::kv::{KvCache, KvPrecision};
 use osprey_models::llm::model::{Logits, Model};
 use osprey_models::llm::sample::{Sampler, SamplingParams};
 use osprey_models::llm::testing::tiny_gguf;
@@ -17,11 +17,17 @@ static GLOBAL: osprey_engine::testing::Counting = osprey_engine::testing::Counti
 
 #[test]
 fn decode_passes_allocate_nothing_after_warmup() {
-    for int8 in [false, true] {
+    for (int8, precision) in [
+        (false, KvPrecision::F32),
+        (true, KvPrecision::F32),
+        (true, KvPrecision::F16),
+    ] {
         let mut model = Model::from_gguf(Gguf::from_bytes(tiny_gguf(256)).unwrap()).unwrap();
         model.int8_activations = int8;
         let pool = ThreadPool::new(2);
-        let mut kv = KvCache::new(model.cfg.n_layers, model.cfg.kv_dim(), 16, 1 << 20).unwrap();
+        let c = &model.cfg;
+        let mut kv =
+            KvCache::with_precision(c.n_layers, c.kv_dim(), 16, 1 << 20, precision).unwrap();
         let mut a = kv.new_seq(200);
         let mut b = kv.new_seq(200);
         let mut scratch = model.scratch(16, false);

@@ -238,3 +238,27 @@ fn hf_checkpoint_of_the_same_model_gives_the_same_logits() {
         .to_string()
         .contains("config.json"));
 }
+
+#[test]
+fn f16_kv_cache_holds_twice_the_blocks_and_stays_close() {
+    use osprey_models::llm::kv::KvPrecision;
+    let exact = model();
+    let mut half = Model::from_gguf(Gguf::from_bytes(tiny_gguf(CONTEXT)).unwrap()).unwrap();
+    half.kv_precision = KvPrecision::F16;
+    let half = Arc::new(half);
+    let budget = 1 << 20;
+    let (a, b) = (
+        Runtime::new(exact.clone(), budget, 2, 16).unwrap(),
+        Runtime::new(half.clone(), budget, 2, 16).unwrap(),
+    );
+    assert_eq!(b.kv().precision(), KvPrecision::F16);
+    assert_eq!(b.kv().capacity_blocks(), 2 * a.kv().capacity_blocks());
+    assert_eq!(2 * b.kv().block_bytes(), a.kv().block_bytes());
+    // Same answers from the same prompts (the tiny model's margins are far
+    // wider than f16 rounding moves its logits), batched as alone.
+    let prompt = exact.tokenizer.encode("robot arm", false).unwrap();
+    assert_eq!(
+        run_alone(&exact, &prompt, greedy(12)),
+        run_alone(&half, &prompt, greedy(12))
+    );
+}

@@ -15,7 +15,7 @@
 //! figures.
 
 use osprey_kernels::pool::ThreadPool;
-use osprey_models::llm::kv::KvCache;
+use osprey_models::llm::kv::{KvCache, KvPrecision};
 use osprey_models::llm::model::{Logits, Model, Scratch};
 use osprey_models::llm::sample::argmax;
 use osprey_tests::{llm_model, shared_dir};
@@ -40,9 +40,12 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// One pass over `toks` with logits for every position.
+/// One pass over `toks` with logits for every position (KV cache in the
+/// model's precision).
 fn teacher_forced(model: &Model, toks: &[u32], pool: &ThreadPool) -> Scratch {
-    let mut kv = KvCache::new(model.cfg.n_layers, model.cfg.kv_dim(), 16, 64 << 20).unwrap();
+    let c = &model.cfg;
+    let mut kv =
+        KvCache::with_precision(c.n_layers, c.kv_dim(), 16, 64 << 20, model.kv_precision).unwrap();
     let mut seq = kv.new_seq(toks.len());
     let mut scratch = model.scratch(toks.len(), true);
     let batch: Vec<(usize, u32)> = toks.iter().map(|&t| (0, t)).collect();
@@ -79,14 +82,20 @@ fn tokenizer_matches_llama_cpp() {
     }
 }
 
-#[test]
-fn teacher_forced_argmax_agrees_with_llama_cpp() {
-    let Some((model, r)) = setup("teacher_forced_argmax_agrees_with_llama_cpp") else {
-        return;
-    };
+/// llama.cpp's arithmetic: every product against activations rounded to
+/// 8 bits, K/V (and so the query and attention weights) in f16.
+fn llama_cpp_numerics(model: &mut Model) {
+    model.int8_activations = true;
+    model.int8_prompt = true;
+    model.kv_precision = KvPrecision::F16;
+}
+
+/// Teacher-forced argmax agreement with llama.cpp over the reference
+/// texts (every disagreement must sit at a llama.cpp near-tie), and the
+/// largest logit difference on each text's first `exact_rows` positions.
+fn agreement(model: &Model, r: &Value, exact_rows: usize) -> (usize, usize, f64) {
     let pool = ThreadPool::new(2);
-    let mut agree = 0;
-    let mut total = 0;
+    let (mut agree, mut total, mut first_worst) = (0, 0, 0.0f64);
     for case in r["teacher_forced"].as_array().unwrap() {
         let toks = ids(&case["ids"]);
         let want = ids(&case["argmax_next"]);
@@ -96,7 +105,7 @@ fn teacher_forced_argmax_agrees_with_llama_cpp() {
             .iter()
             .map(|v| v.as_f64().unwrap())
             .collect();
-        let scratch = teacher_forced(&model, &toks, &pool);
+        let scratch = teacher_forced(model, &toks, &pool);
         let vocab = model.cfg.vocab;
         // The first logits against llama.cpp's sample.
         let sample = case["logits_first8_rows_sample"].as_array().unwrap();
@@ -108,11 +117,10 @@ fn teacher_forced_argmax_agrees_with_llama_cpp() {
                 row_worst = row_worst.max((ours[j] as f64 - v.as_f64().unwrap()).abs());
             }
             if std::env::var_os("OSPREY_LLM_DEBUG").is_some() {
-                eprintln!(
-                    "  row {i}: max |diff| {row_worst:.4}; ours {:?}; ref {:?}",
-                    &ours[..4],
-                    &row.as_array().unwrap()[..4]
-                );
+                eprintln!("  row {i}: max |diff| {row_worst:.6}");
+            }
+            if i < exact_rows {
+                first_worst = first_worst.max(row_worst);
             }
             worst = worst.max(row_worst);
         }
@@ -138,11 +146,48 @@ fn teacher_forced_argmax_agrees_with_llama_cpp() {
             toks.len()
         );
     }
-    let rate = agree as f64 / total as f64;
-    eprintln!("argmax agreement with llama.cpp {agree}/{total} = {rate:.4}");
-    // The target is 0.98; exact arithmetic reaches what the
-    // numpy reference reaches (see exact_logits_match_numpy_float64).
-    assert!(rate >= 0.94, "agreement {rate}");
+    eprintln!(
+        "argmax agreement with llama.cpp {agree}/{total} = {:.4}",
+        agree as f64 / total as f64
+    );
+    (agree, total, first_worst)
+}
+
+#[test]
+fn teacher_forced_argmax_agrees_with_llama_cpp() {
+    let Some((model, r)) = setup("teacher_forced_argmax_agrees_with_llama_cpp") else {
+        return;
+    };
+    // Exact f32 arithmetic (the default). The target is 0.98; the
+    // logits match an exact float64 forward pass
+    // (exact_logits_match_numpy_float64), while llama.cpp's own sit up to
+    // ~0.75 from it, and llama.cpp itself, built for this CPU, agrees
+    // 83/86 with the reference made by its AVX-512 build
+    // (scripts/llamacpp-self-agreement.py).
+    let (agree, total, _) = agreement(&model, &r, 0);
+    assert!(
+        agree as f64 / total as f64 >= 0.94,
+        "agreement {agree}/{total}"
+    );
+}
+
+#[test]
+fn llama_cpp_numerics_reproduce_its_logits() {
+    let Some((mut model, r)) = setup("llama_cpp_numerics_reproduce_its_logits") else {
+        return;
+    };
+    llama_cpp_numerics(&mut model);
+    // Same integers, same f16 roundings: the first two positions of every
+    // text (where attention sums at most two terms, so no summation order
+    // differs) are bit-identical to llama.cpp's logits; later ones drift by
+    // float summation order, amplified as in llama.cpp's own builds.
+    let (agree, total, first) = agreement(&model, &r, 2);
+    eprintln!("first two positions: max |logit diff| {first:e}");
+    assert!(first < 1e-5, "first positions differ by {first}");
+    assert!(
+        agree as f64 / total as f64 >= 0.96,
+        "agreement {agree}/{total}"
+    );
 }
 
 #[test]

@@ -36,9 +36,12 @@ pub(super) struct Assistant {
 
 impl Assistant {
     pub(super) fn load(a: &AssistantConfig, cfg: &Config, lanes: &mut [Lane]) -> Result<Assistant> {
-        let model = Arc::new(
-            Model::load(&a.model).map_err(|e| anyhow!("assistant: {}: {e}", a.model.display()))?,
-        );
+        let mut model =
+            Model::load(&a.model).map_err(|e| anyhow!("assistant: {}: {e}", a.model.display()))?;
+        if a.kv_f16 {
+            model.kv_precision = osprey_models::llm::kv::KvPrecision::F16;
+        }
+        let model = Arc::new(model);
         let li = cfg
             .scheduler
             .lanes

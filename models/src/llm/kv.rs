@@ -3,10 +3,42 @@
 //! sequence takes blocks from the free list — never an allocation — and a
 //! sequence that would exceed the budget gets [`LlmError::KvFull`].
 //!
-//! Layout of one block: `[layer][K or V][slot][kv_dim]` f32, so a block
-//! holds `block_tokens` positions of every layer.
+//! Layout of one block: `[layer][K or V][slot][kv_dim]`, f32 or f16
+//! ([`KvPrecision`]), so a block holds `block_tokens` positions of every
+//! layer.
 
 use super::LlmError;
+use half::f16;
+use osprey_kernels::attention::KvData;
+
+/// How cached K/V values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvPrecision {
+    /// Exact: the values the projections computed.
+    #[default]
+    F32,
+    /// Rounded to half precision: half the memory, so twice the tokens in
+    /// the same budget and half the bytes attention reads per token
+    /// (llama.cpp's default cache type).
+    F16,
+}
+
+impl KvPrecision {
+    /// Bytes per stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvPrecision::F32 => 4,
+            KvPrecision::F16 => 2,
+        }
+    }
+}
+
+/// The pool's storage.
+#[derive(Debug)]
+enum Store {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
 
 /// A set of sequences a forward pass serves, by index (lets callers pass
 /// their own storage without building a vector of references).
@@ -51,7 +83,7 @@ pub struct KvCache {
     block_tokens: usize,
     n_blocks: usize,
     budget_bytes: usize,
-    data: Vec<f32>,
+    data: Store,
     free: Vec<u32>,
 }
 
@@ -88,16 +120,28 @@ impl SeqKv {
 }
 
 impl KvCache {
-    /// A pool of as many blocks as `budget_bytes` holds (at least one).
+    /// A pool of as many f32 blocks as `budget_bytes` holds (at least one).
     pub fn new(
         layers: usize,
         kv_dim: usize,
         block_tokens: usize,
         budget_bytes: usize,
     ) -> Result<KvCache, LlmError> {
+        KvCache::with_precision(layers, kv_dim, block_tokens, budget_bytes, KvPrecision::F32)
+    }
+
+    /// A pool of as many blocks of `precision` as `budget_bytes` holds (at
+    /// least one).
+    pub fn with_precision(
+        layers: usize,
+        kv_dim: usize,
+        block_tokens: usize,
+        budget_bytes: usize,
+        precision: KvPrecision,
+    ) -> Result<KvCache, LlmError> {
         let block_tokens = block_tokens.max(1);
         let block_floats = layers * 2 * block_tokens * kv_dim;
-        let block_bytes = block_floats * 4;
+        let block_bytes = block_floats * precision.bytes();
         let n_blocks = budget_bytes.checked_div(block_bytes).unwrap_or(0);
         if n_blocks == 0 {
             return Err(LlmError::Request(format!(
@@ -110,7 +154,10 @@ impl KvCache {
             block_tokens,
             n_blocks,
             budget_bytes,
-            data: vec![0.0; n_blocks * block_floats],
+            data: match precision {
+                KvPrecision::F32 => Store::F32(vec![0.0; n_blocks * block_floats]),
+                KvPrecision::F16 => Store::F16(vec![f16::ZERO; n_blocks * block_floats]),
+            },
             free: (0..n_blocks as u32).rev().collect(),
         })
     }
@@ -130,14 +177,22 @@ impl KvCache {
         self.free.len()
     }
 
+    /// How values are stored.
+    pub fn precision(&self) -> KvPrecision {
+        match self.data {
+            Store::F32(_) => KvPrecision::F32,
+            Store::F16(_) => KvPrecision::F16,
+        }
+    }
+
     /// Bytes of one block.
     pub fn block_bytes(&self) -> usize {
-        self.layers * 2 * self.block_tokens * self.kv_dim * 4
+        self.layers * 2 * self.block_tokens * self.kv_dim * self.precision().bytes()
     }
 
     /// Bytes the pool holds.
     pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+        self.n_blocks * self.block_bytes()
     }
 
     /// A new, empty sequence whose table can grow to `max_tokens` without
@@ -199,7 +254,10 @@ impl KvCache {
         layer: usize,
     ) -> osprey_kernels::attention::PagedKv<'a> {
         osprey_kernels::attention::PagedKv {
-            data: &self.data,
+            data: match &self.data {
+                Store::F32(d) => KvData::F32(d),
+                Store::F16(d) => KvData::F16(d),
+            },
             blocks: &seq.blocks,
             block_tokens: self.block_tokens,
             layers: self.layers,
@@ -214,8 +272,23 @@ impl KvCache {
             let p = self.paged(seq, layer);
             (p.offset(0, pos), p.offset(1, pos))
         };
-        self.data[ok..ok + self.kv_dim].copy_from_slice(k);
-        self.data[ov..ov + self.kv_dim].copy_from_slice(v);
+        let n = self.kv_dim;
+        match &mut self.data {
+            Store::F32(d) => {
+                d[ok..ok + n].copy_from_slice(k);
+                d[ov..ov + n].copy_from_slice(v);
+            }
+            Store::F16(d) => {
+                d[ok..ok + n]
+                    .iter_mut()
+                    .zip(k)
+                    .for_each(|(o, &x)| *o = f16::from_f32(x));
+                d[ov..ov + n]
+                    .iter_mut()
+                    .zip(v)
+                    .for_each(|(o, &x)| *o = f16::from_f32(x));
+            }
+        }
     }
 }
 
@@ -225,9 +298,18 @@ mod tests {
 
     #[test]
     fn blocks_come_from_the_budget_and_go_back() {
-        // 2 layers × K,V × 4 tokens × 8 floats × 4 bytes = 512 bytes a block.
-        let mut kv = KvCache::new(2, 8, 4, 512 * 3 + 100).unwrap();
+        for precision in [KvPrecision::F32, KvPrecision::F16] {
+            blocks_cycle(precision);
+        }
+    }
+
+    fn blocks_cycle(precision: KvPrecision) {
+        // 2 layers × K,V × 4 tokens × 8 values × 4 (or 2) bytes = 512 (256)
+        // bytes a block.
+        let block = 64 * precision.bytes();
+        let mut kv = KvCache::with_precision(2, 8, 4, block * 3 + 100, precision).unwrap();
         assert_eq!(kv.capacity_blocks(), 3);
+        assert_eq!((kv.block_bytes(), kv.bytes()), (block, 3 * block));
         let mut a = kv.new_seq(100);
         let mut b = kv.new_seq(100);
         kv.reserve(&mut a, 6).unwrap(); // 2 blocks
@@ -262,6 +344,6 @@ mod tests {
         kv.release(&mut a);
         kv.release(&mut b);
         assert_eq!(kv.free_blocks(), 3);
-        assert!(KvCache::new(2, 8, 4, 100).is_err());
+        assert!(KvCache::with_precision(2, 8, 4, block - 1, precision).is_err());
     }
 }

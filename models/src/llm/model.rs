@@ -132,6 +132,13 @@ pub struct Model {
     /// noisier: logits move by up to ~0.5 on SmolLM2). Off by default:
     /// products are exact f32 on the dequantized blocks.
     pub int8_activations: bool,
+    /// With `int8_activations`, quantize prompt rows too: llama.cpp's
+    /// arithmetic in every product (slower prefill; with an f16 KV cache the
+    /// first positions' logits are bit-identical to llama.cpp's).
+    pub int8_prompt: bool,
+    /// How [`super::runtime::Runtime`] stores the KV cache (f32 by
+    /// default; f16 halves its memory and the bytes attention reads).
+    pub kv_precision: super::kv::KvPrecision,
 }
 
 /// Most pool threads the attention scratch is sized for.
@@ -396,6 +403,8 @@ impl Model {
             inv_freq,
             rope,
             int8_activations: false,
+            int8_prompt: false,
+            kv_precision: super::kv::KvPrecision::F32,
         }
     }
 
@@ -466,7 +475,8 @@ impl Model {
         let w = self.data(m);
         // Integer products pay off for decode rows; prompts go through the
         // exact row-reusing tile product, which is faster there.
-        if self.int8_activations && rows <= 2 && quant::has_q8_product(m.ty) && m.cols % 32 == 0 {
+        let int8 = self.int8_activations && (rows <= 2 || self.int8_prompt);
+        if int8 && quant::has_q8_product(m.ty) && m.cols % 32 == 0 {
             if fresh || xq.rows() != rows {
                 xq.quantize(x, rows, m.cols);
             }

@@ -126,7 +126,13 @@ impl Runtime {
         max_rows: usize,
     ) -> Result<Runtime, LlmError> {
         let c = &model.cfg;
-        let kv = KvCache::new(c.n_layers, c.kv_dim(), 16, kv_budget_bytes)?;
+        let kv = KvCache::with_precision(
+            c.n_layers,
+            c.kv_dim(),
+            16,
+            kv_budget_bytes,
+            model.kv_precision,
+        )?;
         let rows = max_rows.max(MAX_DRAFT + 1);
         let scratch = model.scratch(rows, true);
         Ok(Runtime {
