@@ -77,7 +77,69 @@ fn activations(c: &mut Criterion) {
     g.finish();
 }
 
+/// The LLM decode kernels on SmolLM2-135M's shapes: one token's 8-bit
+/// activations times 4-bit / 8-bit weight matrices (the pooled 4-row
+/// kernel against one row at a time), and attention of one query row over
+/// 512 cached positions (9 heads, 3 KV heads of 64), f32 and f16 cache.
+fn llm(c: &mut Criterion) {
+    use osprey_kernels::attention::{attend, Heads, KvData, PagedKv};
+    use osprey_kernels::quant::{dot_q8, matmul_q8, quantize, Q8Act, QuantType};
+    let pool = ThreadPool::new(1);
+    let mut g = c.benchmark_group("llm-decode");
+    for (ty, rows, cols) in [
+        (QuantType::Q4_1, 1536, 576),
+        (QuantType::Q4_1, 576, 1536),
+        (QuantType::Q8_0, 8192, 576),
+    ] {
+        let w = quantize(ty, &data(rows * cols)).expect("whole blocks");
+        let mut xq = Q8Act::with_capacity(1, cols);
+        xq.quantize(&data(cols), 1, cols);
+        let mut y = vec![0.0; rows];
+        g.throughput(Throughput::Elements((2 * rows * cols) as u64));
+        let id = format!("{ty:?} {rows}x{cols}");
+        g.bench_function(BenchmarkId::new("matmul_q8", &id), |b| {
+            b.iter(|| matmul_q8(ty, &w, rows, &xq, &mut y, &pool))
+        });
+        let rb = ty.row_bytes(cols);
+        g.bench_function(BenchmarkId::new("dot_q8 row by row", &id), |b| {
+            b.iter(|| {
+                for (r, v) in y.iter_mut().enumerate() {
+                    *v = dot_q8(ty, &w[r * rb..(r + 1) * rb], &xq, 0);
+                }
+            })
+        });
+    }
+    let (len, bt, kv_dim, layers) = (512usize, 16usize, 192usize, 1usize);
+    let heads = Heads {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+    let blocks: Vec<u32> = (0..(len / bt) as u32).collect();
+    let f32s = data(blocks.len() * layers * 2 * bt * kv_dim);
+    let f16s: Vec<half::f16> = f32s.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let q = data(9 * 64);
+    let mut out = vec![0.0; 9 * 64];
+    let mut scores = vec![0.0; len];
+    g.throughput(Throughput::Elements((2 * 2 * 9 * 64 * len) as u64));
+    for (name, kv) in [("f32", KvData::F32(&f32s)), ("f16", KvData::F16(&f16s))] {
+        let paged = PagedKv {
+            data: kv,
+            blocks: &blocks,
+            block_tokens: bt,
+            layers,
+            layer: 0,
+            kv_dim,
+        };
+        g.bench_function(BenchmarkId::new("attention 512 positions", name), |b| {
+            b.iter(|| attend(&pool, &paged, &q, len, heads, 0.125, &mut out, &mut scores))
+        });
+    }
+    g.finish();
+}
+
 fn benches(c: &mut Criterion) {
+    llm(c);
     activations(c);
     // (c_in, c_out, h=w, kernel, stride, groups)
     conv_case(

@@ -764,29 +764,88 @@ impl Q8Act {
     pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
         self.cols = cols;
         self.rows = rows;
-        self.d.clear();
-        self.s.clear();
-        self.q.clear();
-        for b in x[..rows * cols].chunks_exact(32) {
-            let amax = b.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            // As llama.cpp: the multiplier is 127/amax (not 1/d) and
-            // halves round to even, so the integers are the same.
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let mut sum = 0i32;
-            for v in b {
-                let q = (v * id).round_ties_even() as i32;
-                sum += q;
-                self.q.push(q as i8);
-            }
-            self.d.push(f16::from_f32(d).to_f32());
-            self.s.push(f16::from_f32(sum as f32 * d).to_f32());
+        let blocks = rows * cols / 32;
+        self.d.resize(blocks, 0.0);
+        self.s.resize(blocks, 0.0);
+        self.q.resize(blocks * 32, 0);
+        let simd = cfg!(target_arch = "x86_64") && crate::isa::active() == crate::isa::Isa::Avx2Fma;
+        for (k, b) in x[..blocks * 32].chunks_exact(32).enumerate() {
+            let q = &mut self.q[k * 32..k * 32 + 32];
+            #[cfg(target_arch = "x86_64")]
+            let (d, sum) = if simd {
+                // SAFETY: AVX2 is active; b and q hold 32 values each.
+                unsafe { quantize_q8_block_avx2(b, q) }
+            } else {
+                quantize_q8_block(b, q)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (d, sum) = {
+                let _ = simd;
+                quantize_q8_block(b, q)
+            };
+            self.d[k] = f16::from_f32(d).to_f32();
+            self.s[k] = f16::from_f32(sum as f32 * d).to_f32();
         }
     }
 
     /// Rows held.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+}
+
+/// One 32-value block to 8 bits as llama.cpp does: the multiplier is
+/// 127/amax (not 1/d) and halves round to even, so the integers are the
+/// same. Returns `d` (unrounded) and `Σq`.
+fn quantize_q8_block(b: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = b.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (o, v) in q.iter_mut().zip(b) {
+        let r = (v * id).round_ties_even() as i32;
+        sum += r;
+        *o = r as i8;
+    }
+    (amax / 127.0, sum)
+}
+
+/// [`quantize_q8_block`] with AVX2 (bit-identical: the same max, product
+/// and round-to-nearest-even).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_q8_block_avx2(b: &[f32], q: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    assert!(b.len() >= 32 && q.len() >= 32);
+    // SAFETY: 32 values are readable in b and writable in q (asserted).
+    unsafe {
+        let sign = _mm256_set1_ps(-0.0);
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(b.as_ptr().add(8 * i)));
+        let mut m = _mm256_andnot_ps(sign, v[0]);
+        for x in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *x));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m1 = _mm_max_ss(m2, _mm_movehdup_ps(m2));
+        let amax = _mm_cvtss_f32(m1);
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let i: [__m256i; 4] = std::array::from_fn(|k| {
+            _mm256_cvtps_epi32(_mm256_round_ps::<
+                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+            >(_mm256_mul_ps(v[k], id)))
+        });
+        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2));
+        // Pack 32 × i32 to i8 (values are within ±127), undoing the lane
+        // interleave of the 256-bit packs.
+        let p01 = _mm256_packs_epi32(i[0], i[1]);
+        let p23 = _mm256_packs_epi32(i[2], i[3]);
+        let p = _mm256_packs_epi16(p01, p23);
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, p);
+        (amax / 127.0, _mm_cvtsi128_si32(s1))
     }
 }
 
@@ -849,51 +908,95 @@ pub fn dot_q8(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_avx2(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
+    let mut out = [0.0f32; 1];
+    // SAFETY: AVX2/FMA/F16C are enabled here; the bounds are checked
+    // inside.
+    unsafe { dot_q8_rows_avx2::<1>(ty, row, row.len(), xq, t, &mut out) };
+    out[0]
+}
+
+/// `R` consecutive weight rows (`rb` bytes apart in `w`) times activation
+/// row `t`: `R` independent accumulation chains hide the FMA latency and
+/// share each activation block load. Each row's sum runs in the same order
+/// as llama.cpp's AVX2 `vec_dot_q4_1_q8_1` (one 8-lane accumulator, block
+/// by block; the `m·s` terms summed apart), so results are bit-identical
+/// to it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_rows_avx2<const R: usize>(
+    ty: QuantType,
+    w: &[u8],
+    rb: usize,
+    xq: &Q8Act,
+    t: usize,
+    out: &mut [f32; R],
+) {
     use std::arch::x86_64::*;
     let nb = xq.cols / 32;
     let bb = ty.block_bytes();
-    assert!(row.len() >= nb * bb && xq.q.len() >= (t + 1) * nb * 32);
+    assert!(R > 0 && rb >= nb * bb && w.len() >= (R - 1) * rb + nb * bb);
+    assert!(xq.q.len() >= (t + 1) * nb * 32 && xq.d.len() >= (t + 1) * nb);
     let ones = _mm256_set1_epi16(1);
     let low = _mm256_set1_epi8(0x0f);
     let eight = _mm256_set1_epi8(8);
-    let mut acc = _mm256_setzero_ps();
-    let mut tail = 0.0f32;
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut tail = [0.0f32; R];
     for k in 0..nb {
-        let b = &row[k * bb..(k + 1) * bb];
         let xi = t * nb + k;
-        // SAFETY: the assert above bounds the block reads (32 i8 of x,
-        // 16 or 32 weight bytes inside the block).
+        // SAFETY: the asserts above bound every read (32 i8 of x; 16 or
+        // 32 weight bytes and the scales inside block k of each row).
         unsafe {
             let xv = _mm256_loadu_si256(xq.q.as_ptr().add(xi * 32) as *const __m256i);
-            let (w_u8, x_s8, scale) = match ty {
-                QuantType::Q8_0 => {
-                    let w = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
-                    // |w| · sign(x, w): unsigned × signed for maddubs.
-                    (_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w), h(b, 0))
-                }
-                _ => {
-                    let off = if ty == QuantType::Q4_1 { 4 } else { 2 };
-                    let raw = _mm_loadu_si128(b.as_ptr().add(off) as *const __m128i);
-                    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw);
-                    let nib = _mm256_and_si256(both, low);
-                    if ty == QuantType::Q4_0 {
-                        let w = _mm256_sub_epi8(nib, eight);
-                        (_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w), h(b, 0))
-                    } else {
-                        let (d, m) = h2(b, 0);
-                        tail += m * xq.s[xi];
-                        (nib, xv, d)
+            let (xd, xs) = (*xq.d.get_unchecked(xi), *xq.s.get_unchecked(xi));
+            for r in 0..R {
+                let b = w.as_ptr().add(r * rb + k * bb);
+                let (w_u8, x_s8, scale) = match ty {
+                    QuantType::Q8_0 => {
+                        let wv = _mm256_loadu_si256(b.add(2) as *const __m256i);
+                        // |w| · sign(x, w): unsigned × signed for maddubs.
+                        (_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv), h2p(b).0)
                     }
-                }
-            };
-            let p16 = _mm256_maddubs_epi16(w_u8, x_s8);
-            let p32 = _mm256_madd_epi16(p16, ones);
-            let d = _mm256_set1_ps(scale * xq.d[xi]);
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc);
+                    _ => {
+                        let off = if ty == QuantType::Q4_1 { 4 } else { 2 };
+                        let raw = _mm_loadu_si128(b.add(off) as *const __m128i);
+                        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw);
+                        let nib = _mm256_and_si256(both, low);
+                        if ty == QuantType::Q4_0 {
+                            let wv = _mm256_sub_epi8(nib, eight);
+                            (_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv), h2p(b).0)
+                        } else {
+                            let (d, m) = h2p(b);
+                            tail[r] += m * xs;
+                            (nib, xv, d)
+                        }
+                    }
+                };
+                let p16 = _mm256_maddubs_epi16(w_u8, x_s8);
+                let p32 = _mm256_madd_epi16(p16, ones);
+                let d = _mm256_set1_ps(scale * xd);
+                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc[r]);
+            }
         }
     }
-    // SAFETY: AVX2 is enabled in this function.
-    unsafe { hsum(acc) + tail }
+    for r in 0..R {
+        // SAFETY: AVX2 is enabled in this function.
+        out[r] = unsafe { hsum(acc[r]) } + tail[r];
+    }
+}
+
+/// [`h2`] from a raw block pointer.
+///
+/// # Safety
+/// Four bytes readable at `b`; F16C available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn h2p(b: *const u8) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees four readable bytes.
+    let bits = unsafe { (b as *const u32).read_unaligned() };
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps::<1>(v, v)))
 }
 
 /// As [`matmul`], against activations already quantized to [`Q8Act`]
@@ -909,13 +1012,32 @@ pub fn matmul_q8(
     let rb = ty.row_bytes(xq.cols);
     let tokens = xq.rows;
     assert!(has_q8_product(ty) && w.len() >= rows * rb && y.len() >= tokens * rows);
-    let chunk = 16usize;
+    // About eight tasks per thread (load balance without a pool round trip
+    // per few rows), in whole four-row groups.
+    let chunk = (rows / (8 * pool.threads())).max(16).next_multiple_of(4);
     let tasks = rows.div_ceil(chunk);
     let out = SyncPtr::new(y);
     pool.run(tasks, &|task, _| {
         let r0 = task * chunk;
         let r1 = (r0 + chunk).min(rows);
-        for r in r0..r1 {
+        let mut r = r0;
+        #[cfg(target_arch = "x86_64")]
+        if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+            while r + 4 <= r1 {
+                for t in 0..tokens {
+                    let mut v = [0.0f32; 4];
+                    // SAFETY: AVX2/FMA/F16C present; rows r..r+4 lie in w
+                    // (asserted above; checked again inside).
+                    unsafe { dot_q8_rows_avx2::<4>(ty, &w[r * rb..], rb, xq, t, &mut v) };
+                    for (i, &x) in v.iter().enumerate() {
+                        // SAFETY: as below.
+                        unsafe { *out.add(t * rows + r + i) = x };
+                    }
+                }
+                r += 4;
+            }
+        }
+        for r in r..r1 {
             let row = &w[r * rb..(r + 1) * rb];
             for t in 0..tokens {
                 let v = dot_q8(ty, row, xq, t);
@@ -1060,6 +1182,36 @@ mod tests {
 
     proptest! {
         #[test]
+        fn q8_block_quantizers_agree_bit_for_bit(seed in any::<u64>(), ties in any::<bool>()) {
+            let mut b = data(32, seed);
+            if ties {
+                // amax 127 makes the multiplier 1: x.5 values are exact
+                // ties, which round to even.
+                for (i, v) in b.iter_mut().enumerate() {
+                    *v = ((i as f32) * 4.0 - 63.5).clamp(-126.5, 126.5);
+                }
+                b[0] = 127.0;
+            }
+            let mut want = [0i8; 32];
+            let (d0, s0) = quantize_q8_block(&b, &mut want);
+            if ties {
+                prop_assert_eq!(want[1], -60); // -59.5 → -60 (even)
+                prop_assert_eq!(want[2], -56); // -55.5 → -56
+            }
+            #[cfg(target_arch = "x86_64")]
+            if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+                let mut got = [0i8; 32];
+                // SAFETY: AVX2 is active; 32 values each.
+                let (d1, s1) = unsafe { quantize_q8_block_avx2(&b, &mut got) };
+                prop_assert_eq!(got, want);
+                prop_assert_eq!((d1.to_bits(), s1), (d0.to_bits(), s0));
+            }
+            prop_assert_eq!(s0, want.iter().map(|&q| q as i32).sum::<i32>());
+        }
+    }
+
+    proptest! {
+        #[test]
         fn fast_row_dequantization_matches_reference(blocks in 1usize..5, seed in any::<u64>(), t in 0usize..3) {
             let ty = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1][t];
             let q = quantize(ty, &data(blocks * 32, seed)).unwrap();
@@ -1083,6 +1235,38 @@ mod tests {
     fn matmul_matches_per_row_dots() {
         for tokens in [1, 3] {
             matmul_case(tokens);
+        }
+    }
+
+    #[test]
+    fn matmul_q8_matches_single_row_products() {
+        let (rows, cols) = (37, 96);
+        for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
+            let w = quantize(ty, &data(rows * cols, 7)).unwrap();
+            let rb = ty.row_bytes(cols);
+            for tokens in 1..=3 {
+                let mut xq = Q8Act::with_capacity(tokens, cols);
+                xq.quantize(&data(tokens * cols, 8), tokens, cols);
+                for threads in [1, 3] {
+                    let mut y = vec![0.0; tokens * rows];
+                    matmul_q8(ty, &w, rows, &xq, &mut y, &ThreadPool::new(threads));
+                    for t in 0..tokens {
+                        for r in 0..rows {
+                            let row = &w[r * rb..(r + 1) * rb];
+                            // Row groups sum in the single-row order: the
+                            // same bits.
+                            let one = dot_q8(ty, row, &xq, t);
+                            assert_eq!(
+                                y[t * rows + r].to_bits(),
+                                one.to_bits(),
+                                "{ty:?} t {t} r {r}"
+                            );
+                            let want = dot_q8_portable(ty, row, &xq, t);
+                            assert!((one - want).abs() <= 1e-4 * want.abs().max(1.0));
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -306,7 +306,7 @@ mod tests {
     fn blocks_cycle(precision: KvPrecision) {
         // 2 layers × K,V × 4 tokens × 8 values × 4 (or 2) bytes = 512 (256)
         // bytes a block.
-        let block = 64 * precision.bytes();
+        let block = 128 * precision.bytes();
         let mut kv = KvCache::with_precision(2, 8, 4, block * 3 + 100, precision).unwrap();
         assert_eq!(kv.capacity_blocks(), 3);
         assert_eq!((kv.block_bytes(), kv.bytes()), (block, 3 * block));
