@@ -1009,16 +1009,53 @@ pub fn matmul_q8(
     y: &mut [f32],
     pool: &ThreadPool,
 ) {
-    let rb = ty.row_bytes(xq.cols);
+    matmul_q8_many(&mut [Q8Product { ty, w, rows, y }], xq, pool);
+}
+
+/// One weight matrix of [`matmul_q8_many`]: `y = xq · wᵀ`, `rows` rows.
+#[derive(Debug)]
+pub struct Q8Product<'a> {
+    /// Weight type (must satisfy [`has_q8_product`]).
+    pub ty: QuantType,
+    /// The weights, `rows` rows of `xq.cols` values.
+    pub w: &'a [u8],
+    /// Output rows (weight rows).
+    pub rows: usize,
+    /// `[token][row]` outputs.
+    pub y: &'a mut [f32],
+}
+
+/// Most matrices one [`matmul_q8_many`] call takes.
+pub const MAX_PRODUCTS: usize = 4;
+
+/// Several products of the same activations (a layer's Q, K and V, or its
+/// gate and up projections) as one pool job: one fork/join instead of one
+/// per matrix, and the load balanced over all their rows.
+pub fn matmul_q8_many(products: &mut [Q8Product<'_>], xq: &Q8Act, pool: &ThreadPool) {
+    assert!(products.len() <= MAX_PRODUCTS);
     let tokens = xq.rows;
-    assert!(has_q8_product(ty) && w.len() >= rows * rb && y.len() >= tokens * rows);
+    let total: usize = products.iter().map(|p| p.rows).sum();
     // About eight tasks per thread (load balance without a pool round trip
     // per few rows), in whole four-row groups.
-    let chunk = (rows / (8 * pool.threads())).max(16).next_multiple_of(4);
-    let tasks = rows.div_ceil(chunk);
-    let out = SyncPtr::new(y);
+    let chunk = (total / (8 * pool.threads())).max(16).next_multiple_of(4);
+    // (type, weights, rows, output, first task) per product.
+    let mut jobs: [Option<(QuantType, &[u8], usize, SyncPtr<f32>, usize)>; MAX_PRODUCTS] =
+        [None; MAX_PRODUCTS];
+    let mut tasks = 0;
+    for (slot, p) in jobs.iter_mut().zip(products.iter_mut()) {
+        let rb = p.ty.row_bytes(xq.cols);
+        assert!(has_q8_product(p.ty) && p.w.len() >= p.rows * rb && p.y.len() >= tokens * p.rows);
+        *slot = Some((p.ty, &*p.w, p.rows, SyncPtr::new(p.y), tasks));
+        tasks += p.rows.div_ceil(chunk);
+    }
     pool.run(tasks, &|task, _| {
-        let r0 = task * chunk;
+        let Some(&(ty, w, rows, out, first)) =
+            jobs.iter().flatten().take_while(|j| j.4 <= task).last()
+        else {
+            return;
+        };
+        let rb = ty.row_bytes(xq.cols);
+        let r0 = (task - first) * chunk;
         let r1 = (r0 + chunk).min(rows);
         let mut r = r0;
         #[cfg(target_arch = "x86_64")]
@@ -1041,8 +1078,8 @@ pub fn matmul_q8(
             let row = &w[r * rb..(r + 1) * rb];
             for t in 0..tokens {
                 let v = dot_q8(ty, row, xq, t);
-                // SAFETY: each (t, r) is written by exactly one task and
-                // t·rows + r < y.len() (asserted above).
+                // SAFETY: each (t, r) of a product is written by exactly
+                // one task and t·rows + r < y.len() (asserted above).
                 unsafe { *out.add(t * rows + r) = v };
             }
         }
@@ -1266,6 +1303,46 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_products_equal_separate_ones() {
+        let cols = 64;
+        let shapes = [
+            (QuantType::Q4_1, 37),
+            (QuantType::Q8_0, 5),
+            (QuantType::Q4_0, 70),
+        ];
+        let ws: Vec<Vec<u8>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(ty, rows))| quantize(ty, &data(rows * cols, 20 + i as u64)).unwrap())
+            .collect();
+        let tokens = 2;
+        let mut xq = Q8Act::with_capacity(tokens, cols);
+        xq.quantize(&data(tokens * cols, 9), tokens, cols);
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            let mut ys: Vec<Vec<f32>> = shapes
+                .iter()
+                .map(|&(_, r)| vec![f32::NAN; tokens * r])
+                .collect();
+            {
+                let mut products: Vec<Q8Product<'_>> = shapes
+                    .iter()
+                    .zip(&ws)
+                    .zip(ys.iter_mut())
+                    .map(|((&(ty, rows), w), y)| Q8Product { ty, w, rows, y })
+                    .collect();
+                matmul_q8_many(&mut products, &xq, &pool);
+            }
+            for ((&(ty, rows), w), y) in shapes.iter().zip(&ws).zip(&ys) {
+                let mut want = vec![0.0; tokens * rows];
+                matmul_q8(ty, w, rows, &xq, &mut want, &ThreadPool::new(1));
+                let same = y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{ty:?} with {threads} threads");
             }
         }
     }

@@ -491,6 +491,43 @@ impl Model {
         }
     }
 
+    /// `y_i = x · m_iᵀ` for matrices sharing the input `x` (Q, K, V; gate,
+    /// up): one pool job over all their rows when they all take 8-bit
+    /// activations, else one product after the other.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_shared<const N: usize>(
+        &self,
+        mats: [(&Mat, &mut [f32]); N],
+        x: &[f32],
+        rows: usize,
+        xq: &mut quant::Q8Act,
+        wbuf: &mut Vec<f32>,
+        pool: &ThreadPool,
+    ) {
+        let int8 = self.int8_activations && (rows <= 2 || self.int8_prompt);
+        let cols = mats.first().map_or(0, |(m, _)| m.cols);
+        let grouped = N <= quant::MAX_PRODUCTS
+            && int8
+            && cols % 32 == 0
+            && mats
+                .iter()
+                .all(|(m, _)| quant::has_q8_product(m.ty) && m.cols == cols);
+        if grouped {
+            xq.quantize(x, rows, cols);
+            let mut products = mats.map(|(m, y)| quant::Q8Product {
+                ty: m.ty,
+                w: self.data(m),
+                rows: m.rows,
+                y,
+            });
+            quant::matmul_q8_many(&mut products, xq, pool);
+        } else {
+            for (m, y) in mats {
+                self.matmul(m, x, rows, y, xq, wbuf, true, pool);
+            }
+        }
+    }
+
     fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         let ss: f64 = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len() as f64;
         let scale = (1.0 / (ss + eps as f64).sqrt()) as f32;
@@ -634,35 +671,16 @@ impl Model {
                     &mut scratch.xb[r * dim..(r + 1) * dim],
                 );
             }
-            let (xq, wb) = (&mut scratch.xq, &mut scratch.wbuf);
-            self.matmul(
-                &layer.wq,
+            self.matmul_shared(
+                [
+                    (&layer.wq, &mut scratch.q[..]),
+                    (&layer.wk, &mut scratch.k[..]),
+                    (&layer.wv, &mut scratch.v[..]),
+                ],
                 &scratch.xb,
                 n,
-                &mut scratch.q,
-                xq,
-                wb,
-                true,
-                pool,
-            );
-            self.matmul(
-                &layer.wk,
-                &scratch.xb,
-                n,
-                &mut scratch.k,
-                xq,
-                wb,
-                false,
-                pool,
-            );
-            self.matmul(
-                &layer.wv,
-                &scratch.xb,
-                n,
-                &mut scratch.v,
-                xq,
-                wb,
-                false,
+                &mut scratch.xq,
+                &mut scratch.wbuf,
                 pool,
             );
             for (buf, bias, w) in [
@@ -739,24 +757,15 @@ impl Model {
                     &mut scratch.xb[r * dim..(r + 1) * dim],
                 );
             }
-            self.matmul(
-                &layer.gate,
+            self.matmul_shared(
+                [
+                    (&layer.gate, &mut scratch.g[..]),
+                    (&layer.up, &mut scratch.u[..]),
+                ],
                 &scratch.xb,
                 n,
-                &mut scratch.g,
                 &mut scratch.xq,
                 &mut scratch.wbuf,
-                true,
-                pool,
-            );
-            self.matmul(
-                &layer.up,
-                &scratch.xb,
-                n,
-                &mut scratch.u,
-                &mut scratch.xq,
-                &mut scratch.wbuf,
-                false,
                 pool,
             );
             for (g, u) in scratch.g[..n * ffn].iter_mut().zip(&scratch.u) {
