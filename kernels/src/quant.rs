@@ -1025,6 +1025,10 @@ pub struct Q8Product<'a> {
     pub y: &'a mut [f32],
 }
 
+/// A product of [`matmul_q8_many`] as its tasks see it: type, weights,
+/// rows, output, first task.
+type GroupJob<'a> = (QuantType, &'a [u8], usize, SyncPtr<f32>, usize);
+
 /// Most matrices one [`matmul_q8_many`] call takes.
 pub const MAX_PRODUCTS: usize = 4;
 
@@ -1038,14 +1042,12 @@ pub fn matmul_q8_many(products: &mut [Q8Product<'_>], xq: &Q8Act, pool: &ThreadP
     // About eight tasks per thread (load balance without a pool round trip
     // per few rows), in whole four-row groups.
     let chunk = (total / (8 * pool.threads())).max(16).next_multiple_of(4);
-    // (type, weights, rows, output, first task) per product.
-    let mut jobs: [Option<(QuantType, &[u8], usize, SyncPtr<f32>, usize)>; MAX_PRODUCTS] =
-        [None; MAX_PRODUCTS];
+    let mut jobs: [Option<GroupJob<'_>>; MAX_PRODUCTS] = [None; MAX_PRODUCTS];
     let mut tasks = 0;
     for (slot, p) in jobs.iter_mut().zip(products.iter_mut()) {
         let rb = p.ty.row_bytes(xq.cols);
         assert!(has_q8_product(p.ty) && p.w.len() >= p.rows * rb && p.y.len() >= tokens * p.rows);
-        *slot = Some((p.ty, &*p.w, p.rows, SyncPtr::new(p.y), tasks));
+        *slot = Some((p.ty, p.w, p.rows, SyncPtr::new(p.y), tasks));
         tasks += p.rows.div_ceil(chunk);
     }
     pool.run(tasks, &|task, _| {
