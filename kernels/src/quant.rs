@@ -941,8 +941,17 @@ unsafe fn dot_q8_rows_avx2<const R: usize>(
     let eight = _mm256_set1_epi8(8);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut tail = [0.0f32; R];
+    // The next R rows follow these in memory: fetch them while these are
+    // multiplied (the weights stream from DRAM once per token, and the
+    // hardware prefetcher loses track of R interleaved short rows).
+    let ahead = w.as_ptr().wrapping_add(R * rb);
+    let pf_step = (R * rb).div_ceil(nb.max(1));
     for k in 0..nb {
         let xi = t * nb + k;
+        for l in (0..pf_step).step_by(64) {
+            // A prefetch never faults, so the address may pass the end.
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(k * pf_step + l) as *const i8);
+        }
         // SAFETY: the asserts above bound every read (32 i8 of x; 16 or
         // 32 weight bytes and the scales inside block k of each row).
         unsafe {
