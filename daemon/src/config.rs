@@ -176,6 +176,10 @@ pub struct AssistantConfig {
     /// kv_budget_bytes, half the bytes attention reads per token.
     #[serde(default)]
     pub kv_f16: bool,
+    /// Multiply 4/8-bit weights with activations rounded to 8 bits in
+    /// decode steps, as llama.cpp does (faster; logits within ~0.5).
+    #[serde(default)]
+    pub int8_activations: bool,
 }
 
 /// Memory budgets; start-up fails with the pool's name when one is short.

@@ -185,7 +185,16 @@ fn stale_and_bad_frames_are_counted_and_serving_goes_on() {
 
 #[test]
 fn answers_stream_and_equal_the_runtime_run_directly() {
-    let (dir, core, _sink) = start("ask", "");
+    answers_stream("ask", "");
+}
+
+#[test]
+fn answers_with_llama_cpp_arithmetic_and_an_f16_cache() {
+    answers_stream("ask-f16", "kv_f16 = true\nint8_activations = true");
+}
+
+fn answers_stream(tag: &str, extra: &str) {
+    let (dir, core, _sink) = start(tag, extra);
     let a = Answer::default();
     let b = Answer::default();
     let c = Answer::default();

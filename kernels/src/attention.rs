@@ -178,12 +178,15 @@ pub fn attend(
 
 /// `x = f16(x · scale)` (round to nearest even), F16C where present.
 fn round_to_f16(x: &mut [f32], scale: f32) {
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+    let done = if crate::isa::active() == crate::isa::Isa::Avx2Fma {
         // SAFETY: AVX2/F16C present (the active tier).
-        done = unsafe { round_to_f16_avx2(x, scale) };
-    }
+        unsafe { round_to_f16_avx2(x, scale) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     for v in &mut x[done..] {
         *v = f16::from_f32(*v * scale).to_f32();
     }

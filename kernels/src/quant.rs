@@ -902,7 +902,69 @@ pub fn dot_q8(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
         // function reads whole blocks of `row` and of row `t` of `xq`.
         return unsafe { dot_q8_avx2(ty, row, xq, t) };
     }
+    #[cfg(target_arch = "aarch64")]
+    if crate::isa::active() == crate::isa::Isa::Neon {
+        // SAFETY: Advanced SIMD is baseline on aarch64; the function
+        // checks the bounds of every block it reads.
+        return unsafe { dot_q8_neon(ty, row, xq, t) };
+    }
     dot_q8_portable(ty, row, xq, t)
+}
+
+/// [`dot_q8_portable`] with NEON widening multiplies (`smull` + pairwise
+/// adds) per block; the float steps are the portable ones, in the same
+/// order, so the result is bit-identical to it.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn dot_q8_neon(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
+    use std::arch::aarch64::*;
+    let nb = xq.cols / 32;
+    let bb = ty.block_bytes();
+    assert!(row.len() >= nb * bb && xq.q.len() >= (t + 1) * nb * 32);
+    assert!(xq.d.len() >= (t + 1) * nb && xq.s.len() >= (t + 1) * nb);
+    let mut acc = 0.0f32;
+    for k in 0..nb {
+        let b = &row[k * bb..(k + 1) * bb];
+        let xi = t * nb + k;
+        let (dx, sx) = (xq.d[xi], xq.s[xi]);
+        // SAFETY: the asserts bound the 32 activation bytes; the weight
+        // reads (16 or 32 bytes after the scales) lie inside block `b`.
+        let sumi = unsafe {
+            let xp = xq.q.as_ptr().add(xi * 32);
+            let (x0, x1) = (vld1q_s8(xp), vld1q_s8(xp.add(16)));
+            let (w0, w1) = match ty {
+                QuantType::Q8_0 => (
+                    vld1q_s8(b.as_ptr().add(2) as *const i8),
+                    vld1q_s8(b.as_ptr().add(18) as *const i8),
+                ),
+                _ => {
+                    let off = if ty == QuantType::Q4_1 { 4 } else { 2 };
+                    let raw = vld1q_u8(b.as_ptr().add(off));
+                    let lo = vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(0x0f)));
+                    let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw));
+                    if ty == QuantType::Q4_0 {
+                        let eight = vdupq_n_s8(8);
+                        (vsubq_s8(lo, eight), vsubq_s8(hi, eight))
+                    } else {
+                        (lo, hi)
+                    }
+                }
+            };
+            let p0 = vmull_s8(vget_low_s8(w0), vget_low_s8(x0));
+            let p1 = vmull_s8(vget_high_s8(w0), vget_high_s8(x0));
+            let p2 = vmull_s8(vget_low_s8(w1), vget_low_s8(x1));
+            let p3 = vmull_s8(vget_high_s8(w1), vget_high_s8(x1));
+            let s01 = vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
+            let s23 = vaddq_s32(vpaddlq_s16(p2), vpaddlq_s16(p3));
+            vaddvq_s32(vaddq_s32(s01, s23))
+        };
+        match ty {
+            QuantType::Q4_1 => acc += h(b, 0) * dx * sumi as f32 + h(b, 2) * sx,
+            QuantType::Q8_0 | QuantType::Q4_0 => acc += h(b, 0) * dx * sumi as f32,
+            _ => {}
+        }
+    }
+    acc
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1068,6 +1130,7 @@ pub fn matmul_q8_many(products: &mut [Q8Product<'_>], xq: &Q8Act, pool: &ThreadP
         let rb = ty.row_bytes(xq.cols);
         let r0 = (task - first) * chunk;
         let r1 = (r0 + chunk).min(rows);
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut r = r0;
         #[cfg(target_arch = "x86_64")]
         if crate::isa::active() == crate::isa::Isa::Avx2Fma {
@@ -1255,6 +1318,8 @@ mod tests {
                 prop_assert_eq!((d1.to_bits(), s1), (d0.to_bits(), s0));
             }
             prop_assert_eq!(s0, want.iter().map(|&q| q as i32).sum::<i32>());
+            let amax = b.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            prop_assert_eq!(d0, amax / 127.0);
         }
     }
 
@@ -1311,6 +1376,9 @@ mod tests {
                             );
                             let want = dot_q8_portable(ty, row, &xq, t);
                             assert!((one - want).abs() <= 1e-4 * want.abs().max(1.0));
+                            // NEON keeps the portable float order exactly.
+                            #[cfg(target_arch = "aarch64")]
+                            assert_eq!(one.to_bits(), want.to_bits(), "{ty:?}");
                         }
                     }
                 }

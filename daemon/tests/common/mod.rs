@@ -269,18 +269,24 @@ impl Drop for Spawned {
 }
 
 /// The answer the LLM runtime gives directly (greedy, 24 tokens) to `q`
-/// with the system prompt of `dir`'s config: the reference for streamed
-/// answers.
+/// with the system prompt and arithmetic of `dir`'s config: the reference
+/// for streamed answers.
 pub fn reference_answer(dir: &Path, q: &str) -> String {
     use osprey_models::llm::model::Model;
     use osprey_models::llm::runtime::{GenOptions, Runtime};
     use osprey_models::llm::tokenizer::Tokenizer;
-    let model = Arc::new(Model::load(&dir.join("tiny.gguf")).unwrap());
-    let sys = osprey_daemon::config::Config::load(&dir.join("ospreyd.toml"))
+    let a = osprey_daemon::config::Config::load(&dir.join("ospreyd.toml"))
         .unwrap()
         .assistant
-        .unwrap()
-        .system_prompt;
+        .unwrap();
+    let mut model = Model::load(&dir.join("tiny.gguf")).unwrap();
+    // The arithmetic the config asks for.
+    model.int8_activations = a.int8_activations;
+    if a.kv_f16 {
+        model.kv_precision = osprey_models::llm::kv::KvPrecision::F16;
+    }
+    let model = Arc::new(model);
+    let sys = a.system_prompt;
     let ids = model
         .tokenizer
         .encode(&Tokenizer::chat_prompt(Some(&sys), q), true)
