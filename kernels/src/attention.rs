@@ -79,7 +79,7 @@ impl PagedKv<'_> {
 
     /// A copy of K (`which` = 0) or V (1) of `pos` as f32 (for tests and
     /// tools; the kernels read the cache in place).
-    pub fn row_f32(&self, which: usize, pos: usize) -> Vec<f32> {
+    fn row_f32(&self, which: usize, pos: usize) -> Vec<f32> {
         let o = self.offset(which, pos);
         match self.data {
             KvData::F32(d) => d[o..o + self.kv_dim].to_vec(),

@@ -284,10 +284,8 @@ pub fn dot_portable(ty: QuantType, row: &[u8], x: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn h2(b: &[u8], i: usize) -> (f32, f32) {
-    use std::arch::x86_64::*;
-    let bits = u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
-    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps::<1>(v, v)))
+    // SAFETY: the slice holds the four bytes (bounds-checked here).
+    unsafe { h2p(b[i..i + 4].as_ptr()) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -768,21 +766,8 @@ impl Q8Act {
         self.d.resize(blocks, 0.0);
         self.s.resize(blocks, 0.0);
         self.q.resize(blocks * 32, 0);
-        let simd = cfg!(target_arch = "x86_64") && crate::isa::active() == crate::isa::Isa::Avx2Fma;
         for (k, b) in x[..blocks * 32].chunks_exact(32).enumerate() {
-            let q = &mut self.q[k * 32..k * 32 + 32];
-            #[cfg(target_arch = "x86_64")]
-            let (d, sum) = if simd {
-                // SAFETY: AVX2 is active; b and q hold 32 values each.
-                unsafe { quantize_q8_block_avx2(b, q) }
-            } else {
-                quantize_q8_block(b, q)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let (d, sum) = {
-                let _ = simd;
-                quantize_q8_block(b, q)
-            };
+            let (d, sum) = quantize_q8_block_best(b, &mut self.q[k * 32..k * 32 + 32]);
             self.d[k] = f16::from_f32(d).to_f32();
             self.s[k] = f16::from_f32(sum as f32 * d).to_f32();
         }
@@ -807,6 +792,16 @@ fn quantize_q8_block(b: &[f32], q: &mut [i8]) -> (f32, i32) {
         *o = r as i8;
     }
     (amax / 127.0, sum)
+}
+
+/// [`quantize_q8_block`] with the fastest form this CPU has.
+fn quantize_q8_block_best(b: &[f32], q: &mut [i8]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+        // SAFETY: AVX2 is active; the function checks the 32 values.
+        return unsafe { quantize_q8_block_avx2(b, q) };
+    }
+    quantize_q8_block(b, q)
 }
 
 /// [`quantize_q8_block`] with AVX2 (bit-identical: the same max, product

@@ -457,10 +457,17 @@ impl Model {
         }
     }
 
+    /// Whether a pass of `rows` rows multiplies with 8-bit activations.
+    /// Integer products pay off for decode rows; prompts go through the
+    /// exact row-reusing tile product, which is faster there (unless
+    /// `int8_prompt` asks for llama.cpp's arithmetic everywhere).
+    fn int8_rows(&self, rows: usize) -> bool {
+        self.int8_activations && (rows <= 2 || self.int8_prompt)
+    }
+
     /// `y = x · mᵀ` for `rows` rows of `x`. 4/8-bit weights multiply
-    /// activations quantized to 8 bits (as llama.cpp does), in integers;
-    /// `xq` caches that quantization: pass `fresh = false` to reuse the
-    /// previous call's when `x` is the same.
+    /// activations quantized to 8 bits (as llama.cpp does; `xq` holds that
+    /// quantization), in integers.
     fn matmul(
         &self,
         m: &Mat,
@@ -469,17 +476,11 @@ impl Model {
         y: &mut [f32],
         xq: &mut quant::Q8Act,
         wbuf: &mut Vec<f32>,
-        fresh: bool,
         pool: &ThreadPool,
     ) {
         let w = self.data(m);
-        // Integer products pay off for decode rows; prompts go through the
-        // exact row-reusing tile product, which is faster there.
-        let int8 = self.int8_activations && (rows <= 2 || self.int8_prompt);
-        if int8 && quant::has_q8_product(m.ty) && m.cols % 32 == 0 {
-            if fresh || xq.rows() != rows {
-                xq.quantize(x, rows, m.cols);
-            }
+        if self.int8_rows(rows) && quant::has_q8_product(m.ty) && m.cols % 32 == 0 {
+            xq.quantize(x, rows, m.cols);
             quant::matmul_q8(m.ty, w, m.rows, xq, y, pool);
         } else {
             let need = quant::matmul_scratch(pool, m.cols);
@@ -504,10 +505,9 @@ impl Model {
         wbuf: &mut Vec<f32>,
         pool: &ThreadPool,
     ) {
-        let int8 = self.int8_activations && (rows <= 2 || self.int8_prompt);
         let cols = mats.first().map_or(0, |(m, _)| m.cols);
         let grouped = N <= quant::MAX_PRODUCTS
-            && int8
+            && self.int8_rows(rows)
             && cols % 32 == 0
             && mats
                 .iter()
@@ -523,7 +523,7 @@ impl Model {
             quant::matmul_q8_many(&mut products, xq, pool);
         } else {
             for (m, y) in mats {
-                self.matmul(m, x, rows, y, xq, wbuf, true, pool);
+                self.matmul(m, x, rows, y, xq, wbuf, pool);
             }
         }
     }
@@ -743,7 +743,6 @@ impl Model {
                 &mut scratch.o,
                 &mut scratch.xq,
                 &mut scratch.wbuf,
-                true,
                 pool,
             );
             for (x, o) in scratch.x[..n * dim].iter_mut().zip(&scratch.o) {
@@ -778,7 +777,6 @@ impl Model {
                 &mut scratch.o,
                 &mut scratch.xq,
                 &mut scratch.wbuf,
-                true,
                 pool,
             );
             for (x, o) in scratch.x[..n * dim].iter_mut().zip(&scratch.o) {
@@ -822,7 +820,6 @@ impl Model {
             &mut scratch.logits,
             &mut scratch.xq,
             &mut scratch.wbuf,
-            true,
             pool,
         );
         Ok(())
