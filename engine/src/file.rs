@@ -42,7 +42,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{EngineError, Result};
 use crate::fingerprint::Fingerprint;
 use crate::ir::{ConstData, DType, Graph, Node, Tensor, TensorId};
-use crate::plan::plan_arena;
+use crate::plan::plan_arena_typed;
 use crate::tune::Tactics;
 
 /// A tensor as stored: name, dtype, shape, little-endian bytes.
@@ -173,11 +173,8 @@ fn int8_weight_tensors(ef: &EngineFile) -> HashMap<TensorId, usize> {
         return out;
     }
     for (i, n) in ef.graph.nodes.iter().enumerate() {
-        let crate::ir::Op::Conv(a) = &n.op else {
-            continue;
-        };
         let tactic = ef.tactics.get(i).and_then(|t| t.as_deref());
-        if a.int8_input_scale.is_none() || !tactic.is_none_or(|t| t.starts_with("int8")) {
+        if !crate::int8::runs_int8(&n.op, tactic) {
             continue;
         }
         let Some(&w) = n.inputs.get(1) else { continue };
@@ -195,11 +192,20 @@ fn int8_weight_tensors(ef: &EngineFile) -> HashMap<TensorId, usize> {
     out
 }
 
+/// The memory plan the engine will run with (INT8 tensors where they flow).
+fn typed_plan(g: &Graph, tactics: &[Option<String>]) -> crate::plan::MemoryPlan {
+    let int8: Vec<bool> = crate::int8::int8_flow(g, tactics)
+        .iter()
+        .map(Option::is_some)
+        .collect();
+    plan_arena_typed(g, &int8)
+}
+
 /// Serialises an engine.
 pub fn to_bytes(ef: &EngineFile) -> Result<Vec<u8>> {
     let g = &ef.graph;
     let used = referenced(g);
-    let plan = plan_arena(g);
+    let plan = typed_plan(g, &ef.tactics);
     let mut tensors: Vec<StoredTensor> = Vec::new();
     let mut tjson = Vec::with_capacity(g.tensors.len());
     let int8_weights = int8_weight_tensors(ef);
@@ -479,7 +485,7 @@ pub fn from_bytes(bytes: &[u8], device: Option<&Fingerprint>, path: &str) -> Res
     }
     g.validate()
         .map_err(|e| file_err(path, format!("invalid graph: {e}")))?;
-    let plan = plan_arena(&g);
+    let plan = typed_plan(&g, &pj.tactics);
     let memory: Vec<Option<(usize, usize)>> = (0..g.tensors.len()).map(|t| plan.range(t)).collect();
     if memory != pj.memory {
         return Err(file_err(

@@ -6,6 +6,11 @@
 //! when the engine is prepared (`osprey_kernels::qconv`), so the graph keeps
 //! its FP32 weights and a layer can be reverted to FP32 by clearing the mark
 //! ([`revert`]) — how per-layer fallback and the accuracy budget work.
+//!
+//! [`int8_flow`] decides which tensors pass between INT8 layers as INT8:
+//! a tensor whose producer and every consumer run INT8 is requantized by its
+//! producer (with the consumers' input scale) and read as INT8, so no
+//! dequantize/quantize pair sits between the two layers.
 
 use serde::Serialize;
 
@@ -44,9 +49,11 @@ pub fn permit_int8(g: &mut Graph, scale_of: &dyn Fn(&str) -> Option<f32>) -> Vec
             continue;
         };
         let scale = scale_of(&input);
-        let fallback = if a.groups != 1 {
+        let channels = |t: usize| g.tensors[t].shape.get(1).copied();
+        let depthwise = a.groups == channels(x).unwrap_or(0) && channels(y) == channels(x);
+        let fallback = if a.groups != 1 && !depthwise {
             Some(format!(
-                "depthwise/grouped convolution: no INT8 kernel ({} groups)",
+                "grouped convolution: no INT8 kernel ({} groups, not depthwise)",
                 a.groups
             ))
         } else {
@@ -69,6 +76,57 @@ pub fn permit_int8(g: &mut Graph, scale_of: &dyn Fn(&str) -> Option<f32>) -> Vec
         });
     }
     out
+}
+
+/// Whether node `op` runs an INT8 kernel when `tactic` was chosen for it:
+/// INT8 is permitted and tuning did not pick an FP32 tactic.
+pub fn runs_int8(op: &Op, tactic: Option<&str>) -> bool {
+    matches!(op, Op::Conv(a) if a.int8_input_scale.is_some())
+        && tactic.is_none_or(|t| t.starts_with("int8"))
+}
+
+/// Per tensor: `Some(scale)` when it passes between INT8 layers as INT8
+/// with that scale. That is when its producer runs INT8 (see
+/// [`runs_int8`]), it is not a graph output, and every consumer runs INT8
+/// and reads it as its data input (not as a residual) with one scale.
+pub fn int8_flow(g: &Graph, tactics: &[Option<String>]) -> Vec<Option<f32>> {
+    let n = g.tensors.len();
+    let tactic = |i: usize| tactics.get(i).and_then(|t| t.as_deref());
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, node) in g.nodes.iter().enumerate() {
+        for &t in &node.inputs {
+            if let Some(r) = readers.get_mut(t) {
+                r.push(i);
+            }
+        }
+    }
+    let mut flow = vec![None; n];
+    for (i, node) in g.nodes.iter().enumerate() {
+        let Some(&y) = node.outputs.first() else {
+            continue;
+        };
+        if !runs_int8(&node.op, tactic(i)) || g.outputs.contains(&y) || y >= n {
+            continue;
+        }
+        let mut scale = None;
+        let all_int8 = !readers[y].is_empty()
+            && readers[y].iter().all(|&c| {
+                let reader = &g.nodes[c];
+                let s = match &reader.op {
+                    Op::Conv(a) if runs_int8(&reader.op, tactic(c)) => a.int8_input_scale,
+                    _ => None,
+                };
+                let data_only = reader.inputs.first() == Some(&y)
+                    && !reader.inputs.iter().skip(1).any(|&t| t == y);
+                let same = s.is_some() && scale.is_none_or(|v| Some(v) == s);
+                scale = scale.or(s);
+                data_only && same
+            });
+        if all_int8 {
+            flow[y] = scale;
+        }
+    }
+    flow
 }
 
 /// Clears the INT8 mark of `layer` (it runs FP32), recording `why`.
@@ -177,7 +235,7 @@ mod tests {
     }
 
     #[test]
-    fn permits_plain_convs_only_with_a_scale() {
+    fn permits_plain_and_depthwise_convs_only_with_a_scale() {
         use crate::onnx::builder::{attr_i, attr_ints, ModelBuilder};
         let w = |n: usize| {
             (0..n)
@@ -188,7 +246,8 @@ mod tests {
         b.input("x", &[1, 4, 6, 6])
             .init_f32("w1", &[4, 4, 3, 3], &w(144))
             .init_f32("w2", &[4, 1, 3, 3], &w(36))
-            .init_f32("w3", &[2, 4, 1, 1], &w(8))
+            .init_f32("w3", &[4, 2, 1, 1], &w(8))
+            .init_f32("w4", &[2, 4, 1, 1], &w(8))
             .node(
                 "Conv",
                 &["x", "w1"],
@@ -201,24 +260,140 @@ mod tests {
                 &["z"],
                 vec![attr_ints("pads", &[1, 1, 1, 1]), attr_i("group", 4)],
             )
-            .node("Conv", &["z", "w3"], &["o"], vec![])
+            .node("Conv", &["z", "w3"], &["u"], vec![attr_i("group", 2)])
+            .node("Conv", &["u", "w4"], &["o"], vec![])
             .output("o");
         let mut g = crate::onnx::import(&b.to_bytes(), &Default::default()).unwrap();
-        let layers = permit_int8(&mut g, &|n| (n == "x").then_some(0.05));
-        assert_eq!(layers.len(), 3);
+        let layers = permit_int8(&mut g, &|n| (n != "u").then_some(0.05));
+        assert_eq!(layers.len(), 4);
         assert_eq!(layers[0].input_scale, Some(0.05));
         assert!(layers[0].fallback.is_none());
-        assert!(layers[1].fallback.as_deref().unwrap().contains("depthwise"));
-        assert!(layers[2]
+        // Depthwise has an INT8 kernel; other grouped convolutions do not.
+        assert!(layers[1].fallback.is_none(), "{:?}", layers[1].fallback);
+        assert!(layers[2].fallback.as_deref().unwrap().contains("not depthwise"));
+        assert!(layers[3]
             .fallback
             .as_deref()
             .unwrap()
             .contains("no calibration scale"));
+        // y passes INT8 from layer 0 to the depthwise layer; z does not
+        // (its reader runs FP32), nor does the graph output.
+        let flow = int8_flow(&g, &[]);
+        let id = |n: &str| g.tensors.iter().position(|t| t.name == n).unwrap();
+        assert_eq!(flow[id("y")], Some(0.05));
+        assert_eq!(flow[id("z")], None);
+        assert_eq!(flow[id("o")], None);
+        // An FP32 tactic chosen for the depthwise layer stops the flow.
+        let dw = g.nodes.iter().position(|n| n.inputs.first() == Some(&id("y"))).unwrap();
+        let mut tactics = vec![None; g.nodes.len()];
+        tactics[dw] = Some("depthwise-direct".to_string());
+        assert_eq!(int8_flow(&g, &tactics)[id("y")], None);
         assert!(has_int8(&g));
         assert!(!has_int8(&without_int8(&g)));
         let mut l0 = layers[0].clone();
+        let y = id("y");
         revert(&mut g, &mut l0, "test".into());
-        assert!(!has_int8(&g));
+        assert_eq!(int8_flow(&g, &[])[y], None);
         assert_eq!(l0.fallback.as_deref(), Some("test"));
+        let mut l1 = layers[1].clone();
+        revert(&mut g, &mut l1, "test".into());
+        assert!(!has_int8(&g));
+    }
+
+    /// A pointwise → depthwise → pointwise chain (MobileNet's inverted
+    /// residual) whose inner tensors pass as INT8, against the plain-loop
+    /// INT8 reference chained with explicit quantize/dequantize steps.
+    #[test]
+    fn int8_tensors_flow_through_a_chain_exactly_as_quantized_steps() {
+        use crate::exec::{Engine, ExecutionContext};
+        use crate::onnx::builder::{attr_i, attr_ints, ModelBuilder};
+        use osprey_kernels::activation::Activation;
+        use osprey_kernels::conv::Conv2dGeometry;
+        use osprey_kernels::qconv::{quantize, reference_qconv2d};
+        let rnd = |n: usize, seed: u32, amp: f32| {
+            let mut s = seed | 1;
+            (0..n)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 17;
+                    s ^= s << 5;
+                    (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 * amp - amp
+                })
+                .collect::<Vec<_>>()
+        };
+        let (c, e, h) = (8, 16, 10);
+        let (w1, w2, w3) = (rnd(e * c, 1, 0.4), rnd(e * 9, 2, 0.4), rnd(c * e, 3, 0.3));
+        let x = rnd(c * h * h, 4, 1.0);
+        let mut b = ModelBuilder::new(13);
+        b.input("x", &[1, c as i64, h as i64, h as i64])
+            .init_f32("w1", &[e, c, 1, 1], &w1)
+            .init_f32("w2", &[e, 1, 3, 3], &w2)
+            .init_f32("w3", &[c, e, 1, 1], &w3)
+            .node("Conv", &["x", "w1"], &["a"], vec![])
+            .node(
+                "Conv",
+                &["a", "w2"],
+                &["d"],
+                vec![attr_ints("pads", &[1, 1, 1, 1]), attr_i("group", e as i64)],
+            )
+            .node("Conv", &["d", "w3"], &["o"], vec![])
+            .output("o");
+        let mut g = crate::onnx::import(&b.to_bytes(), &Default::default()).unwrap();
+        let (sx, sa, sd) = (1.0 / 127.0, 2.0 / 127.0, 3.0 / 127.0);
+        let scales = [("x", sx), ("a", sa), ("d", sd)];
+        let layers = permit_int8(&mut g, &|n| scales.iter().find(|s| s.0 == n).map(|s| s.1));
+        assert!(layers.iter().all(|l| l.fallback.is_none()));
+        let engine = std::sync::Arc::new(Engine::new(g.clone()).unwrap());
+        let infos: Vec<String> = (0..engine.step_count())
+            .map(|i| engine.step_info(i).unwrap().1)
+            .collect();
+        assert!(infos[0].ends_with("out:i8") && !infos[0].contains("in:i8"), "{infos:?}");
+        assert!(infos[1].contains("int8-depthwise") && infos[1].ends_with("in:i8 out:i8"), "{infos:?}");
+        assert!(infos[2].ends_with("in:i8"), "{infos:?}");
+        // INT8 tensors take a quarter of the arena space.
+        let plain = crate::plan::plan_arena(&g);
+        assert!(engine.memory_plan().arena_floats < plain.arena_floats);
+        let mut ctx = ExecutionContext::new(engine, 2);
+        ctx.input_mut(0).unwrap().copy_from_slice(&x);
+        ctx.run().unwrap();
+        let got = ctx.output_index(0).unwrap().to_vec();
+
+        let geo = |c_in, c_out, k, p, groups| Conv2dGeometry {
+            c_in,
+            h,
+            w: h,
+            c_out,
+            kh: k,
+            kw: k,
+            stride: [1, 1],
+            dilation: [1, 1],
+            pads: [p; 4],
+            groups,
+        };
+        let requantize = |v: &[f32], s: f32| -> Vec<f32> {
+            v.iter().map(|&v| quantize(v, 1.0 / s) as f32 * s).collect()
+        };
+        let none = Activation::None;
+        let mut a = vec![0f32; e * h * h];
+        reference_qconv2d(&geo(c, e, 1, 0, 1), &x, &w1, None, None, none, sx, &mut a);
+        let mut d = vec![0f32; e * h * h];
+        let a = requantize(&a, sa);
+        reference_qconv2d(&geo(e, e, 3, 1, e), &a, &w2, None, None, none, sa, &mut d);
+        let mut want = vec![0f32; c * h * h];
+        let d = requantize(&d, sd);
+        reference_qconv2d(&geo(e, c, 1, 0, 1), &d, &w3, None, None, none, sd, &mut want);
+        // The kernels' FMA epilogue may round a value at a half-step
+        // boundary the other way: rare, and one step of one term.
+        let close = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| (*a - *b).abs() <= 1e-5 * (1.0 + b.abs()))
+            .count();
+        assert!(close * 100 >= want.len() * 98, "{close} of {}", want.len());
+        let max = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(max <= 0.05, "max difference {max}");
     }
 }

@@ -33,7 +33,8 @@ pub struct MemoryPlan {
     /// Offset of each tensor inside its storage, in f32 elements (non-zero
     /// only for slice views).
     pub offset_in_storage: Vec<usize>,
-    /// Element count of each tensor.
+    /// Length of each tensor in f32 slots: its element count, or a quarter
+    /// of it (rounded up) for an INT8 tensor.
     pub tensor_len: Vec<usize>,
     /// The storages.
     pub storages: Vec<Storage>,
@@ -65,9 +66,27 @@ fn aligned(n: usize) -> usize {
 
 /// Computes lifetimes and places every runtime tensor in one arena.
 pub fn plan_arena(g: &Graph) -> MemoryPlan {
+    plan_arena_typed(g, &[])
+}
+
+/// As [`plan_arena`], with the tensors marked in `int8` stored as INT8:
+/// four values per f32 slot, so `tensor_len` (and the storage) counts
+/// `ceil(n / 4)` slots for them.
+pub fn plan_arena_typed(g: &Graph, int8: &[bool]) -> MemoryPlan {
     let mut storage_of: Vec<Option<usize>> = vec![None; g.tensors.len()];
     let mut offset_in_storage = vec![0usize; g.tensors.len()];
-    let tensor_len: Vec<usize> = g.tensors.iter().map(|t| t.numel()).collect();
+    let tensor_len: Vec<usize> = g
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            if int8.get(i).copied().unwrap_or(false) {
+                t.numel().div_ceil(4)
+            } else {
+                t.numel()
+            }
+        })
+        .collect();
     let mut storages: Vec<Storage> = Vec::new();
     let end = g.nodes.len();
     let mut new_storage = |len: usize, at: usize| {
@@ -80,7 +99,7 @@ pub fn plan_arena(g: &Graph) -> MemoryPlan {
         storages.len() - 1
     };
     for &i in &g.inputs {
-        storage_of[i] = Some(new_storage(g.tensors[i].numel(), 0));
+        storage_of[i] = Some(new_storage(tensor_len[i], 0));
     }
     for (step, node) in g.nodes.iter().enumerate() {
         let view_of = if node.op.is_view() {
@@ -96,7 +115,7 @@ pub fn plan_arena(g: &Graph) -> MemoryPlan {
                     offset_in_storage[o] = off;
                     s
                 }
-                None => new_storage(g.tensors[o].numel(), step),
+                None => new_storage(tensor_len[o], step),
             });
         }
     }

@@ -111,7 +111,7 @@ fn int8_engine_stores_int8_weights_and_runs_the_same() {
     // Every input observed in range: a scale of 4/127 for every tensor.
     let layers = osprey_engine::int8::permit_int8(&mut g, &|_| Some(4.0 / 127.0));
     let int8 = layers.iter().filter(|l| l.fallback.is_none()).count();
-    assert_eq!(int8, 2, "{layers:?}"); // the depthwise layer stays FP32
+    assert_eq!(int8, 3, "{layers:?}"); // pointwise, depthwise, pointwise
     let x = data(8 * 144, 9);
     let want = run(g.clone(), &[], &x);
     let fp32 = run(osprey_engine::int8::without_int8(&g), &[], &x);
@@ -128,8 +128,8 @@ fn int8_engine_stores_int8_weights_and_runs_the_same() {
         ..ef.clone()
     };
     let bytes32 = file::to_bytes(&e32).unwrap();
-    // The two INT8 layers' weights are stored as I8 (with F32 scales per
-    // output channel, 16 + 8); the depthwise weights stay F32.
+    // The three INT8 layers' weights are stored as I8 (with F32 scales per
+    // output channel, 16 + 16 + 8).
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let i8_values: usize = st
         .tensors()
@@ -137,10 +137,10 @@ fn int8_engine_stores_int8_weights_and_runs_the_same() {
         .filter(|(_, v)| v.dtype() == safetensors::Dtype::I8)
         .map(|(_, v)| v.data().len())
         .sum();
-    assert_eq!(i8_values, 128 + 128);
-    // 256 weights lose 3 bytes each, 24 scales cost 4; the header grows.
+    assert_eq!(i8_values, 128 + 144 + 128);
+    // 400 weights lose 3 bytes each, 40 scales cost 4; the header grows.
     let saved = bytes32.len() - bytes.len();
-    assert!(saved > 256 * 3 - 24 * 4 - 200, "{saved}");
+    assert!(saved > 400 * 3 - 40 * 4 - 200, "{saved}");
     let back = file::from_bytes(&bytes, Some(&Fingerprint::current()), "mem").unwrap();
     assert_eq!(back.precision, Precision::Int8);
     let got = run(back.graph, &back.tactics, &x);

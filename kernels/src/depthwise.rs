@@ -59,12 +59,46 @@ impl PlaneGeometry {
     }
 }
 
-/// Copies `x` (h×w) into `buf` with zero padding, and zeroes the slack.
+/// Where a plane's values come from.
+#[derive(Clone, Copy, Debug)]
+pub enum PlaneSource<'a> {
+    /// f32 values, used as they are.
+    F32(&'a [f32]),
+    /// f32 values quantized with the reciprocal scale (integer-valued
+    /// result, see [`crate::int8::quantize_to_f32`]).
+    Quantize(&'a [f32], f32),
+    /// INT8 values.
+    I8(&'a [i8]),
+}
+
+impl PlaneSource<'_> {
+    /// Writes row `y` (width `w`) into `dst` as f32.
+    fn fill_row(self, isa: Isa, y: usize, w: usize, dst: &mut [f32]) {
+        match self {
+            PlaneSource::F32(x) => dst.copy_from_slice(&x[y * w..(y + 1) * w]),
+            PlaneSource::Quantize(x, inv) => {
+                crate::int8::quantize_to_f32(isa, &x[y * w..(y + 1) * w], inv, dst)
+            }
+            PlaneSource::I8(x) => crate::int8::widen_i8(isa, &x[y * w..(y + 1) * w], dst),
+        }
+    }
+}
+
+/// Copies `x` (h×w) into `buf` with zero padding, and zeroes the slack;
+/// `rowbuf` (`w` floats) holds a converted row when `x` is not f32 and the
+/// row is split.
 ///
 /// With `split` (horizontal stride 2), each padded row is stored as its even
 /// columns followed by its odd columns, so every tap of a stride-2 kernel reads
 /// a contiguous run: column `2·ox + c` is at `ox + c/2` in phase `c % 2`.
-fn pad_plane(isa: Isa, g: &PlaneGeometry, x: &[f32], buf: &mut [f32], split: bool) {
+fn pad_plane(
+    isa: Isa,
+    g: &PlaneGeometry,
+    x: PlaneSource,
+    buf: &mut [f32],
+    rowbuf: &mut [f32],
+    split: bool,
+) {
     let pw = g.pw();
     let (pt, pl) = (g.pads[0], g.pads[1]);
     let used = g.ph() * pw;
@@ -72,8 +106,14 @@ fn pad_plane(isa: Isa, g: &PlaneGeometry, x: &[f32], buf: &mut [f32], split: boo
     buf[..pt * pw].iter_mut().for_each(|v| *v = 0.0);
     for y in 0..g.h {
         let row = &mut buf[(pt + y) * pw..(pt + y + 1) * pw];
-        let src = &x[y * g.w..(y + 1) * g.w];
         if split {
+            let src: &[f32] = match x {
+                PlaneSource::F32(x) => &x[y * g.w..(y + 1) * g.w],
+                _ => {
+                    x.fill_row(isa, y, g.w, &mut rowbuf[..g.w]);
+                    &rowbuf[..g.w]
+                }
+            };
             row.iter_mut().for_each(|v| *v = 0.0);
             let (even, odd) = row.split_at_mut(ne);
             // src[i] sits at padded column pl + i: pairs (src[2i], src[2i+1])
@@ -86,13 +126,77 @@ fn pad_plane(isa: Isa, g: &PlaneGeometry, x: &[f32], buf: &mut [f32], split: boo
             deinterleave(isa, src, d0, d1);
         } else {
             row[..pl].iter_mut().for_each(|v| *v = 0.0);
-            row[pl..pl + g.w].copy_from_slice(src);
+            x.fill_row(isa, y, g.w, &mut row[pl..pl + g.w]);
             row[pl + g.w..].iter_mut().for_each(|v| *v = 0.0);
         }
     }
     buf[(pt + g.h) * pw..used + SLACK]
         .iter_mut()
         .for_each(|v| *v = 0.0);
+}
+
+/// Scratch floats of [`depthwise_plane_int`]: the padded plane and one row.
+pub fn int_scratch_len(g: &PlaneGeometry) -> usize {
+    g.scratch_len() + g.w
+}
+
+/// Integer depthwise accumulation of one plane: `acc = Σ w·q(x)` with
+/// integer-valued f32 weights `w` (INT8 values) and the plane's INT8
+/// values (`x` quantized on the fly or already INT8). Every product and
+/// partial sum is an integer below 2^24 (at most 1024 taps of 127·127), so
+/// the f32 arithmetic is exact: `acc` holds the INT32 accumulator exactly,
+/// computed by the same kernels as the f32 plane. `buf` is scratch of
+/// [`int_scratch_len`] floats.
+///
+/// # Panics
+/// If a buffer is shorter than the geometry needs or the kernel has more
+/// than 1024 taps.
+pub fn depthwise_plane_int(
+    isa: Isa,
+    g: &PlaneGeometry,
+    x: PlaneSource,
+    w: &[f32],
+    acc: &mut [f32],
+    buf: &mut [f32],
+) {
+    assert!(g.kh * g.kw <= 1024, "integer depthwise: too many taps");
+    assert!(acc.len() >= g.oh * g.ow && w.len() >= g.kh * g.kw);
+    assert!(buf.len() >= int_scratch_len(g));
+    let (plane, rowbuf) = buf.split_at_mut(g.scratch_len());
+    let split = g.stride[1] == 2;
+    pad_plane(isa, g, x, plane, rowbuf, split);
+    rows(isa, g, plane, split, w, 0.0, None, acc);
+}
+
+/// The rows of one padded plane: `y = clamp(bias + Σ w·x)`.
+#[allow(clippy::too_many_arguments)]
+fn rows(
+    isa: Isa,
+    g: &PlaneGeometry,
+    buf: &[f32],
+    split: bool,
+    w: &[f32],
+    bias: f32,
+    clamp: Option<(f32, f32)>,
+    y: &mut [f32],
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Avx2Fma is only active when the CPU has AVX2 and FMA; the
+        // padded buffer has SLACK floats after the last row, which covers
+        // every vector load (see `avx2_fma_depthwise_rows`).
+        Isa::Avx2Fma if g.stride[1] <= 2 && g.kh * g.kw <= MAX_TAPS => unsafe {
+            avx2_fma_depthwise_rows(g, buf, w, bias, clamp, y)
+        },
+        _ => {
+            portable_rows(g, buf, split, w, bias, y);
+            if let Some((lo, hi)) = clamp {
+                y[..g.oh * g.ow]
+                    .iter_mut()
+                    .for_each(|v| *v = v.max(lo).min(hi));
+            }
+        }
+    }
 }
 
 /// Convolves one plane: `y = act(bias + Σ w·x)`. `buf` is scratch of
@@ -114,30 +218,14 @@ pub fn depthwise_plane(
     assert!(x.len() >= g.h * g.w && y.len() >= g.oh * g.ow && w.len() >= g.kh * g.kw);
     assert!(buf.len() >= g.scratch_len());
     let split = g.stride[1] == 2;
-    pad_plane(isa, g, x, buf, split);
+    pad_plane(isa, g, PlaneSource::F32(x), buf, &mut [], split);
     let clamp = match act {
         Activation::None => Some((f32::NEG_INFINITY, f32::INFINITY)),
         Activation::Relu => Some((0.0, f32::INFINITY)),
         Activation::Clip { lo, hi } => Some((lo, hi)),
         _ => None,
     };
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2Fma is only active when the CPU has AVX2 and FMA; the
-        // padded buffer has SLACK floats after the last row, which covers
-        // every vector load (see `avx2_fma_depthwise_rows`).
-        Isa::Avx2Fma if g.stride[1] <= 2 && g.kh * g.kw <= MAX_TAPS => unsafe {
-            avx2_fma_depthwise_rows(g, buf, w, bias, clamp, y)
-        },
-        _ => {
-            portable_rows(g, buf, split, w, bias, y);
-            if let Some((lo, hi)) = clamp {
-                y[..g.oh * g.ow]
-                    .iter_mut()
-                    .for_each(|v| *v = v.max(lo).min(hi));
-            }
-        }
-    }
+    rows(isa, g, buf, split, w, bias, clamp, y);
     if clamp.is_none() {
         act.apply_slice(&mut y[..g.oh * g.ow]);
     }
@@ -391,6 +479,48 @@ mod tests {
             }
             // Nothing written past the output.
             prop_assert!(got[g.oh * g.ow..].iter().all(|v| v.is_nan()));
+        }
+
+        #[test]
+        fn integer_planes_are_exact(
+            h in 1usize..30, w in 1usize..50, k in 1usize..8, s in 1usize..4,
+            pt in 0usize..3, pl in 0usize..3, pb in 0usize..3, pr in 0usize..3,
+            portable: bool, from_f32: bool, seed in any::<u64>(),
+        ) {
+            prop_assume!(h + pt + pb >= k && w + pl + pr >= k);
+            let g = PlaneGeometry {
+                h, w, oh: (h + pt + pb - k) / s + 1, ow: (w + pl + pr - k) / s + 1,
+                kh: k, kw: k, stride: [s, s], dilation: [1, 1], pads: [pt, pl, pb, pr],
+            };
+            let mut st = seed | 1;
+            let mut next = || { st ^= st << 13; st ^= st >> 7; st ^= st << 17; ((st >> 56) as i8).max(-127) };
+            // Extremes often: all ±127 products make the largest sums.
+            let x: Vec<i8> = (0..h * w).map(|i| if i % 3 == 0 { 127 } else { next() }).collect();
+            let wt: Vec<i8> = (0..k * k).map(|i| if i % 2 == 0 { 127 } else { next() }).collect();
+            let isa = if portable { Isa::Scalar } else { crate::isa::active() };
+            let mut acc = vec![f32::NAN; g.oh * g.ow];
+            let mut buf = vec![f32::NAN; int_scratch_len(&g)];
+            let wf: Vec<f32> = wt.iter().map(|&v| v as f32).collect();
+            // The same integers reach the kernel from INT8 or from f32
+            // values quantized on the fly (x·scale, scale 0.5).
+            let xf: Vec<f32> = x.iter().map(|&v| v as f32 * 0.5).collect();
+            let src = if from_f32 { PlaneSource::Quantize(&xf, 2.0) } else { PlaneSource::I8(&x) };
+            depthwise_plane_int(isa, &g, src, &wf, &mut acc, &mut buf);
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    let mut want = 0i64;
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let (iy, ix) = ((oy * s + ky) as isize - pt as isize, (ox * s + kx) as isize - pl as isize);
+                            if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                want += x[iy as usize * w + ix as usize] as i64 * wt[ky * k + kx] as i64;
+                            }
+                        }
+                    }
+                    prop_assert_eq!(acc[oy * g.ow + ox], want as f32);
+                    prop_assert_eq!(acc[oy * g.ow + ox] as i64, want);
+                }
+            }
         }
     }
 }

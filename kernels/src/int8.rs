@@ -127,6 +127,135 @@ pub fn gemm_i8(
     Ok(())
 }
 
+/// `dst[i] = q(src[i])` as an integer-valued `f32`, where `q` is
+/// [`crate::qconv::quantize`] with the reciprocal scale `inv` (clamp to ±127,
+/// round half to even). Feeds integer kernels that accumulate in `f32`
+/// exactly (every partial sum below 2^24).
+pub fn quantize_to_f32(isa: Isa, src: &[f32], inv: f32, dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        // SAFETY: AVX2 is present when this tier is active; the kernel
+        // touches whole blocks of 8 within `n` only.
+        done = unsafe { quantize_to_f32_avx2(&src[..n], inv, &mut dst[..n]) };
+    }
+    let _ = isa;
+    for (d, &s) in dst[done..n].iter_mut().zip(&src[done..n]) {
+        *d = crate::qconv::quantize(s, inv) as f32;
+    }
+}
+
+/// `dst[i] = q(src[i])` as INT8 (`q` as in [`quantize_to_f32`]): how an
+/// INT8 layer writes an INT8 output tensor.
+pub fn quantize_to_i8(isa: Isa, src: &[f32], inv: f32, dst: &mut [i8]) {
+    let n = src.len().min(dst.len());
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        // SAFETY: AVX2 is present when this tier is active; whole blocks of
+        // 16 within `n` only.
+        done = unsafe { quantize_to_i8_avx2(&src[..n], inv, &mut dst[..n]) };
+    }
+    let _ = isa;
+    for (d, &s) in dst[done..n].iter_mut().zip(&src[done..n]) {
+        *d = crate::qconv::quantize(s, inv) as i8;
+    }
+}
+
+/// `dst[i] = src[i] as f32` (exact).
+pub fn widen_i8(isa: Isa, src: &[i8], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        // SAFETY: AVX2 is present when this tier is active; whole blocks of
+        // 8 within `n` only.
+        done = unsafe { widen_i8_avx2(&src[..n], &mut dst[..n]) };
+    }
+    let _ = isa;
+    for (d, &s) in dst[done..n].iter_mut().zip(&src[done..n]) {
+        *d = s as f32;
+    }
+}
+
+/// Clamped, rounded (half to even, as `cvtps2dq`/`roundps` do in the
+/// default rounding mode) 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn quantize8_avx2(
+    v: std::arch::x86_64::__m256,
+    inv: std::arch::x86_64::__m256,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let q = crate::qconv::QMAX;
+    let v = _mm256_min_ps(
+        _mm256_max_ps(_mm256_mul_ps(v, inv), _mm256_set1_ps(-q)),
+        _mm256_set1_ps(q),
+    );
+    _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_to_f32_avx2(src: &[f32], inv: f32, dst: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len()) / 8 * 8;
+    let vinv = _mm256_set1_ps(inv);
+    for i in (0..n).step_by(8) {
+        // SAFETY: 8 floats at i < n in both slices.
+        unsafe {
+            let v = _mm256_loadu_ps(src.as_ptr().add(i));
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), quantize8_avx2(v, vinv));
+        }
+    }
+    n
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_to_i8_avx2(src: &[f32], inv: f32, dst: &mut [i8]) -> usize {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len()) / 16 * 16;
+    let vinv = _mm256_set1_ps(inv);
+    for i in (0..n).step_by(16) {
+        // SAFETY: 16 elements at i < n in both slices.
+        unsafe {
+            let a = _mm256_cvtps_epi32(quantize8_avx2(_mm256_loadu_ps(src.as_ptr().add(i)), vinv));
+            let b = _mm256_cvtps_epi32(quantize8_avx2(
+                _mm256_loadu_ps(src.as_ptr().add(i + 8)),
+                vinv,
+            ));
+            // packs works per 128-bit lane: fix the quarter order after it.
+            let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b));
+            let bytes =
+                _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+            _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, bytes);
+        }
+    }
+    n
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_i8_avx2(src: &[i8], dst: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len()) / 8 * 8;
+    for i in (0..n).step_by(8) {
+        // SAFETY: 8 bytes read and 8 floats written at i < n.
+        unsafe {
+            let b = _mm_loadl_epi64(src.as_ptr().add(i) as *const __m128i);
+            let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), v);
+        }
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +302,33 @@ mod tests {
                 for j in 0..n {
                     prop_assert_eq!(c[i * n + j], dot_i8_ref(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]));
                 }
+            }
+        }
+
+        #[test]
+        fn row_conversions_equal_the_scalar_forms(
+            v in proptest::collection::vec(-300f32..300.0, 0..70),
+            inv in 0.01f32..2.0,
+        ) {
+            let isa = isa::active();
+            let mut f = vec![0f32; v.len()];
+            quantize_to_f32(isa, &v, inv, &mut f);
+            let mut q = vec![0i8; v.len()];
+            quantize_to_i8(isa, &v, inv, &mut q);
+            let mut back = vec![0f32; v.len()];
+            widen_i8(isa, &q, &mut back);
+            for i in 0..v.len() {
+                let want = crate::qconv::quantize(v[i], inv);
+                prop_assert_eq!(f[i], want as f32);
+                prop_assert_eq!(q[i] as i16, want);
+                prop_assert_eq!(back[i], want as f32);
+            }
+            // Exact ties round half to even.
+            let ties: Vec<f32> = (-20..20).map(|i| i as f32 + 0.5).collect();
+            let mut t = vec![0i8; ties.len()];
+            quantize_to_i8(isa, &ties, 1.0, &mut t);
+            for (x, q) in ties.iter().zip(&t) {
+                prop_assert_eq!(*q as f32, x.round_ties_even());
             }
         }
     }

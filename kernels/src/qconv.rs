@@ -21,9 +21,19 @@
 //! [`tile_ref`] is the scalar reference of the micro-kernel; every tier is
 //! bit-exact with it (tests). [`reference_qconv2d`] is the plain-loop
 //! reference of a whole layer.
+//!
+//! Depthwise layers (one input channel per group, multiplier 1) run the
+//! depthwise plane kernel on integer values
+//! ([`crate::depthwise::depthwise_plane_int`], exact) with the same epilogue.
+//!
+//! Input and output may also be INT8 tensors ([`QIn::I8`], [`QOut::I8`]):
+//! an INT8 output is requantized in the epilogue with the consumer's input
+//! scale, so a chain of INT8 layers passes INT8 tensors and never a
+//! dequantize/quantize pair.
 
 use crate::activation::Activation;
 use crate::conv::Conv2dGeometry;
+use crate::depthwise::{self, PlaneGeometry, PlaneSource};
 use crate::error::KernelError;
 use crate::isa::{self, Isa};
 use crate::pool::{SyncPtr, ThreadPool};
@@ -84,6 +94,34 @@ pub struct QConv2d {
     input_scale: f32,
     inv_input_scale: f32,
     weight_scales: Vec<f32>,
+    /// Depthwise layers: integer-valued weights `[c][kh·kw]` (and `a` empty).
+    dw: Option<Vec<f32>>,
+}
+
+/// An INT8 layer's input tensor.
+#[derive(Clone, Copy, Debug)]
+pub enum QIn<'a> {
+    /// f32, quantized with the layer's input scale as it is read.
+    F32(&'a [f32]),
+    /// Already INT8 with the layer's input scale.
+    I8(&'a [i8]),
+}
+
+/// An INT8 layer's output tensor.
+#[derive(Debug)]
+pub enum QOut<'a> {
+    /// f32.
+    F32(&'a mut [f32]),
+    /// INT8 with the given scale (the consumer's input scale).
+    I8(&'a mut [i8], f32),
+}
+
+/// Where tasks write the output.
+#[derive(Clone, Copy)]
+enum OutPtr {
+    F32(SyncPtr<f32>),
+    /// Pointer and the reciprocal output scale.
+    I8(SyncPtr<i8>, f32),
 }
 
 impl QConv2d {
@@ -101,9 +139,10 @@ impl QConv2d {
             kernel: "qconv2d",
             detail,
         };
-        if g.groups != 1 {
+        let depthwise = g.groups > 1 && g.groups == g.c_in && g.c_out == g.c_in;
+        if g.groups != 1 && !depthwise {
             return Err(bad(format!(
-                "{} groups: INT8 convolution takes one group",
+                "{} groups: INT8 convolution takes one group or a depthwise layer",
                 g.groups
             )));
         }
@@ -111,9 +150,29 @@ impl QConv2d {
             return Err(bad(format!("input scale {input_scale} is not positive")));
         }
         let (oh, ow) = g.validate("qconv2d")?;
-        let k = g.c_in * g.kh * g.kw;
+        let k = g.c_in / g.groups * g.kh * g.kw;
         let bias = g.checked_bias(["qconv2d weights", "qconv2d bias"], weights, bias)?;
         let (weight_scales, q) = quantize_weights(weights, g.c_out);
+        if depthwise {
+            if k > 1024 {
+                return Err(bad(format!("{k} taps: INT8 depthwise takes at most 1024")));
+            }
+            return Ok(QConv2d {
+                g,
+                oh,
+                ow,
+                k,
+                kpairs: 0,
+                a: Vec::new(),
+                out_scale: weight_scales.iter().map(|s| s * input_scale).collect(),
+                bias,
+                act,
+                input_scale,
+                inv_input_scale: 1.0 / input_scale,
+                weight_scales,
+                dw: Some(q.iter().map(|&v| v as f32).collect()),
+            });
+        }
         let kpairs = k.div_ceil(2);
         let mblocks = g.c_out.div_ceil(QMR);
         let mut a = vec![0i16; mblocks * kpairs * QMR * 2];
@@ -136,6 +195,7 @@ impl QConv2d {
             input_scale,
             inv_input_scale: 1.0 / input_scale,
             weight_scales,
+            dw: None,
         })
     }
 
@@ -161,12 +221,14 @@ impl QConv2d {
 
     /// Bytes of packed weights held.
     pub fn weight_bytes(&self) -> usize {
-        self.a.len() * 2
+        self.a.len() * 2 + self.dw.as_ref().map_or(0, |w| w.len() * 4)
     }
 
     /// Name for reports.
     pub fn algorithm(&self) -> &'static str {
-        if self.is_pointwise() {
+        if self.dw.is_some() {
+            "int8-depthwise"
+        } else if self.is_pointwise() {
             "int8-pointwise"
         } else {
             "int8-im2col"
@@ -181,7 +243,31 @@ impl QConv2d {
     /// Scratch f32 elements [`QConv2d::run`] needs on a pool of `threads`
     /// (one packed input chunk per thread).
     pub fn scratch_len(&self, threads: usize) -> usize {
+        if self.dw.is_some() {
+            return threads.max(1) * self.dw_slot();
+        }
         threads.max(1) * (self.kpairs * QNC * 2).div_ceil(2)
+    }
+
+    /// Depthwise: one plane's geometry.
+    fn plane(&self) -> PlaneGeometry {
+        let g = &self.g;
+        PlaneGeometry {
+            h: g.h,
+            w: g.w,
+            oh: self.oh,
+            ow: self.ow,
+            kh: g.kh,
+            kw: g.kw,
+            stride: g.stride,
+            dilation: g.dilation,
+            pads: g.pads,
+        }
+    }
+
+    /// Depthwise: scratch floats per thread (padded plane, row, accumulators).
+    fn dw_slot(&self) -> usize {
+        depthwise::int_scratch_len(&self.plane()) + self.oh * self.ow
     }
 
     /// Runs `batch` images: `input` `[batch, c_in, h, w]`, `output`
@@ -200,13 +286,48 @@ impl QConv2d {
         output: &mut [f32],
         scratch: &mut [f32],
     ) {
+        self.run_io(
+            pool,
+            batch,
+            QIn::F32(input),
+            residual,
+            QOut::F32(output),
+            scratch,
+        )
+    }
+
+    /// [`QConv2d::run`] with INT8 or f32 input and output tensors.
+    ///
+    /// # Panics
+    /// As [`QConv2d::run`].
+    pub fn run_io(
+        &self,
+        pool: &ThreadPool,
+        batch: usize,
+        input: QIn,
+        residual: Option<&[f32]>,
+        output: QOut,
+        scratch: &mut [f32],
+    ) {
         let g = &self.g;
         let in_img = g.c_in * g.h * g.w;
         let ohw = self.oh * self.ow;
         let out_img = g.c_out * ohw;
-        assert!(input.len() >= batch * in_img && output.len() >= batch * out_img);
+        let in_len = match input {
+            QIn::F32(x) => x.len(),
+            QIn::I8(x) => x.len(),
+        };
+        let (out_len, out) = match output {
+            QOut::F32(y) => (y.len(), OutPtr::F32(SyncPtr::new(y))),
+            QOut::I8(y, s) => (y.len(), OutPtr::I8(SyncPtr::new(y), 1.0 / s)),
+        };
+        assert!(in_len >= batch * in_img && out_len >= batch * out_img);
         assert!(residual.is_none_or(|r| r.len() >= batch * out_img));
         assert!(scratch.len() >= self.scratch_len(pool.threads()));
+        if let Some(w) = &self.dw {
+            self.run_depthwise(pool, batch, w, input, residual, out, scratch);
+            return;
+        }
         let per_slot = self.kpairs * QNC * 2;
         // SAFETY: f32 is at least as aligned as i16 and twice its size, so
         // the reinterpreted slice lies within `scratch`.
@@ -226,9 +347,18 @@ impl QConv2d {
             pool.threads().min(mblocks).max(1)
         };
         for b in 0..batch {
-            let x = &input[b * in_img..(b + 1) * in_img];
+            let x = match input {
+                QIn::F32(x) => QIn::F32(&x[b * in_img..(b + 1) * in_img]),
+                QIn::I8(x) => QIn::I8(&x[b * in_img..(b + 1) * in_img]),
+            };
             let res = residual.map(|r| &r[b * out_img..(b + 1) * out_img]);
-            let y_ptr = SyncPtr::new(&mut output[b * out_img..(b + 1) * out_img]);
+            // SAFETY: image b's output starts at b·out_img < out_len.
+            let y_ptr = unsafe {
+                match out {
+                    OutPtr::F32(p) => OutPtr::F32(SyncPtr(p.add(b * out_img))),
+                    OutPtr::I8(p, inv) => OutPtr::I8(SyncPtr(p.add(b * out_img)), inv),
+                }
+            };
             pool.run(chunks * parts, &|t, slot| {
                 let (chunk, part) = (t / parts, t % parts);
                 let p0 = chunk * QNC;
@@ -252,8 +382,14 @@ impl QConv2d {
                         if isa == Isa::Avx2Fma && cols == QNR {
                             let rows = QMR.min(g.c_out - blk * QMR);
                             let co = blk * QMR;
+                            let (y, y8, inv_out) = match y_ptr {
+                                OutPtr::F32(p) => (p.0, std::ptr::null_mut(), 1.0),
+                                OutPtr::I8(p, inv) => (std::ptr::null_mut(), p.0, inv),
+                            };
                             let f = Fused {
-                                y: y_ptr.0,
+                                y,
+                                y8,
+                                inv_out,
                                 ldy: ohw,
                                 res: res.map_or(std::ptr::null(), |r| r.as_ptr()),
                                 offset: co * ohw + px,
@@ -276,18 +412,95 @@ impl QConv2d {
                             if co >= g.c_out {
                                 break;
                             }
-                            // SAFETY: tasks write disjoint (channel block,
-                            // pixel chunk) ranges of the output image.
-                            let out = unsafe {
-                                std::slice::from_raw_parts_mut(y_ptr.add(co * ohw + px), cols)
-                            };
                             let rres = res.map(|r| &r[co * ohw + px..co * ohw + px + cols]);
-                            self.epilogue(co, &row[..cols], rres, out);
+                            match y_ptr {
+                                OutPtr::F32(p) => {
+                                    // SAFETY: tasks write disjoint (channel
+                                    // block, pixel chunk) ranges of the output.
+                                    let out = unsafe {
+                                        std::slice::from_raw_parts_mut(p.add(co * ohw + px), cols)
+                                    };
+                                    self.epilogue(co, &row[..cols], rres, out);
+                                }
+                                OutPtr::I8(p, inv) => {
+                                    // SAFETY: as for f32 outputs.
+                                    let out = unsafe {
+                                        std::slice::from_raw_parts_mut(p.add(co * ohw + px), cols)
+                                    };
+                                    let mut v = [0f32; QNR];
+                                    self.epilogue(co, &row[..cols], rres, &mut v[..cols]);
+                                    crate::int8::quantize_to_i8(isa, &v[..cols], inv, out);
+                                }
+                            }
                         }
                     }
                 }
             });
         }
+    }
+
+    /// Depthwise: one task per (image, channel) plane.
+    #[allow(clippy::too_many_arguments)]
+    fn run_depthwise(
+        &self,
+        pool: &ThreadPool,
+        batch: usize,
+        w: &[f32],
+        input: QIn,
+        residual: Option<&[f32]>,
+        out: OutPtr,
+        scratch: &mut [f32],
+    ) {
+        let g = &self.g;
+        let plane = self.plane();
+        let (hw, ohw, taps) = (g.h * g.w, self.oh * self.ow, g.kh * g.kw);
+        let per_slot = self.dw_slot();
+        let isa = isa::active();
+        let s_ptr = SyncPtr::new(scratch);
+        let task = |t: usize, slot: usize| {
+            let (b, c) = (t / g.c_in, t % g.c_in);
+            let p = b * g.c_in + c;
+            let src = match input {
+                QIn::F32(x) => {
+                    PlaneSource::Quantize(&x[p * hw..(p + 1) * hw], self.inv_input_scale)
+                }
+                QIn::I8(x) => PlaneSource::I8(&x[p * hw..(p + 1) * hw]),
+            };
+            // SAFETY: each thread slot owns a disjoint window of scratch
+            // (sized by `scratch_len` for the pool's thread count).
+            let slot_buf =
+                unsafe { std::slice::from_raw_parts_mut(s_ptr.add(slot * per_slot), per_slot) };
+            let (buf, acc) = slot_buf.split_at_mut(per_slot - ohw);
+            depthwise::depthwise_plane_int(
+                isa,
+                &plane,
+                src,
+                &w[c * taps..(c + 1) * taps],
+                acc,
+                buf,
+            );
+            let (s, bias) = (self.out_scale[c], self.bias[c]);
+            acc.iter_mut().for_each(|v| *v = *v * s + bias);
+            if let Some(r) = residual {
+                acc.iter_mut()
+                    .zip(&r[p * ohw..(p + 1) * ohw])
+                    .for_each(|(v, r)| *v += r);
+            }
+            self.act.apply_slice(acc);
+            match out {
+                OutPtr::F32(y) => {
+                    // SAFETY: each task writes only plane p of the output.
+                    let y = unsafe { std::slice::from_raw_parts_mut(y.add(p * ohw), ohw) };
+                    y.copy_from_slice(acc);
+                }
+                OutPtr::I8(y, inv) => {
+                    // SAFETY: each task writes only plane p of the output.
+                    let y = unsafe { std::slice::from_raw_parts_mut(y.add(p * ohw), ohw) };
+                    crate::int8::quantize_to_i8(isa, acc, inv, y);
+                }
+            }
+        };
+        pool.run(batch * g.c_in, &task);
     }
 
     /// `out = act(acc · out_scale[co] + bias[co] (+ res))`.
@@ -306,10 +519,15 @@ impl QConv2d {
     /// Quantizes and packs output pixels `[p0, p0 + n)` of the input's
     /// unfolded (im2col) matrix into `QNR`-pixel panels of pairs; padding
     /// pixels and the odd reduction tail are zeros.
-    fn pack_input(&self, isa: Isa, x: &[f32], p0: usize, n: usize, buf: &mut [i16]) {
+    fn pack_input(&self, isa: Isa, x: QIn, p0: usize, n: usize, buf: &mut [i16]) {
         let g = &self.g;
         let panels = n.div_ceil(QNR);
-        let inv = self.inv_input_scale;
+        // INT8 values are gathered as f32 and "quantized" with scale 1,
+        // which returns them unchanged.
+        let (xf, x8, inv) = match x {
+            QIn::F32(x) => (x, &[][..], self.inv_input_scale),
+            QIn::I8(x) => (&[][..], x, 1.0),
+        };
         let hw = g.h * g.w;
         if self.is_pointwise() {
             for pi in 0..panels {
@@ -319,9 +537,19 @@ impl QConv2d {
                 for kp in 0..self.kpairs {
                     let dst = &mut panel[kp * QNR * 2..(kp + 1) * QNR * 2];
                     let c0 = 2 * kp;
-                    let r0 = &x[c0 * hw + px..c0 * hw + px + cols];
-                    let r1 = (c0 + 1 < g.c_in)
-                        .then(|| &x[(c0 + 1) * hw + px..(c0 + 1) * hw + px + cols]);
+                    let (i0, i1) = (c0 * hw + px, (c0 + 1) * hw + px);
+                    let has1 = c0 + 1 < g.c_in;
+                    if let QIn::I8(x) = x {
+                        pack_pair_rows_i8(
+                            isa,
+                            &x[i0..i0 + cols],
+                            has1.then(|| &x[i1..i1 + cols]),
+                            dst,
+                        );
+                        continue;
+                    }
+                    let r0 = &xf[i0..i0 + cols];
+                    let r1 = has1.then(|| &xf[i1..i1 + cols]);
                     pack_pair_rows(isa, r0, r1, inv, dst);
                 }
             }
@@ -347,13 +575,13 @@ impl QConv2d {
                 if kk < self.k {
                     let (ci, rem) = (kk / khw, kk % khw);
                     let (ky, kx) = (rem / g.kw, rem % g.kw);
-                    let plane = &x[ci * hw..(ci + 1) * hw];
                     let (dy, dx) = (ky * g.dilation[0], kx * g.dilation[1]);
                     for (v, &(cy, cx)) in row.iter_mut().zip(&corner).take(cols) {
                         let iy = (cy + dy).wrapping_sub(g.pads[0]);
                         let ix = (cx + dx).wrapping_sub(g.pads[1]);
                         if iy < g.h && ix < g.w {
-                            *v = plane[iy * g.w + ix];
+                            let i = ci * hw + iy * g.w + ix;
+                            *v = if x8.is_empty() { xf[i] } else { x8[i] as f32 };
                         }
                     }
                 }
@@ -365,6 +593,48 @@ impl QConv2d {
                 }
             }
         }
+    }
+}
+
+/// Interleaves two rows of up to `QNR` INT8 values into `QNR` pairs
+/// (`dst[2j] = r0[j]`, `dst[2j+1] = r1[j]`); missing values are zero.
+fn pack_pair_rows_i8(isa: Isa, r0: &[i8], r1: Option<&[i8]>, dst: &mut [i16]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma
+        && r0.len() == QNR
+        && r1.is_none_or(|r| r.len() == QNR)
+        && dst.len() >= 2 * QNR
+    {
+        // SAFETY: AVX2 is present when this tier is active; the lengths were
+        // just checked.
+        unsafe { pack_pair_rows_i8_avx2(r0, r1, dst) };
+        return;
+    }
+    let _ = isa;
+    for j in 0..QNR {
+        dst[2 * j] = r0.get(j).map_or(0, |&v| v as i16);
+        dst[2 * j + 1] = r1.and_then(|r| r.get(j)).map_or(0, |&v| v as i16);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_pair_rows_i8_avx2(r0: &[i8], r1: Option<&[i8]>, dst: &mut [i16]) {
+    use std::arch::x86_64::*;
+    // SAFETY: r0 (and r1) hold QNR = 16 bytes; dst holds 32 i16.
+    unsafe {
+        let a = _mm256_cvtepi8_epi16(_mm_loadu_si128(r0.as_ptr() as *const __m128i));
+        let b = match r1 {
+            Some(r) => _mm256_cvtepi8_epi16(_mm_loadu_si128(r.as_ptr() as *const __m128i)),
+            None => _mm256_setzero_si256(),
+        };
+        // Per 128-bit lane: lo = pairs 0-3 | 8-11, hi = pairs 4-7 | 12-15.
+        let lo = _mm256_unpacklo_epi16(a, b);
+        let hi = _mm256_unpackhi_epi16(a, b);
+        let p0 = _mm256_permute2x128_si256::<0x20>(lo, hi);
+        let p1 = _mm256_permute2x128_si256::<0x31>(lo, hi);
+        _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, p0);
+        _mm256_storeu_si256(dst.as_mut_ptr().add(16) as *mut __m256i, p1);
     }
 }
 
@@ -545,7 +815,12 @@ unsafe fn tile_avx2(kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; 
 /// `offset` (row stride `ldy`), with the epilogue's parameters.
 #[cfg(target_arch = "x86_64")]
 struct Fused<'a> {
+    /// f32 output (null when the output is INT8).
     y: *mut f32,
+    /// INT8 output (null when the output is f32).
+    y8: *mut i8,
+    /// Reciprocal INT8 output scale.
+    inv_out: f32,
     ldy: usize,
     /// Residual laid out like `y` (null for none).
     res: *const f32,
@@ -573,12 +848,21 @@ unsafe fn tile_avx2_fused(kpairs: usize, a: &[i16], b: &[i16], f: &Fused) {
     let c = unsafe { products_avx2(kpairs, a, b) };
     let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
     let (vlo, vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let mut tmp = [0f32; QNR];
     for (r, cr) in c.iter().enumerate().take(f.rows) {
         let (s, bias) = (_mm256_set1_ps(f.scale[r]), _mm256_set1_ps(f.bias[r]));
         let o = f.offset + r * f.ldy;
+        // f32 output: straight to y; INT8: through `tmp`.
+        let dst = if f.y8.is_null() {
+            // SAFETY: forwarded contract: 16 elements at `o` in y.
+            unsafe { f.y.add(o) }
+        } else {
+            tmp.as_mut_ptr()
+        };
         for (h, acc) in cr.iter().enumerate() {
             let mut v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*acc), s, bias);
-            // SAFETY: forwarded contract: 16 elements at `o` in y (and res).
+            // SAFETY: forwarded contract: 16 elements at `o` in res; dst
+            // holds 16.
             unsafe {
                 if !f.res.is_null() {
                     v = _mm256_add_ps(v, _mm256_loadu_ps(f.res.add(o + 8 * h)));
@@ -586,13 +870,18 @@ unsafe fn tile_avx2_fused(kpairs: usize, a: &[i16], b: &[i16], f: &Fused) {
                 if f.clamp.is_some() {
                     v = _mm256_min_ps(_mm256_max_ps(v, vlo), vhi);
                 }
-                _mm256_storeu_ps(f.y.add(o + 8 * h), v);
+                _mm256_storeu_ps(dst.add(8 * h), v);
             }
         }
+        // SAFETY: as above; the row's 16 values were just written.
+        let row = unsafe { std::slice::from_raw_parts_mut(dst, QNR) };
         if f.clamp.is_none() {
-            // SAFETY: as above; the row's 16 outputs were just written.
-            let row = unsafe { std::slice::from_raw_parts_mut(f.y.add(o), QNR) };
             f.act.apply_slice(row);
+        }
+        if !f.y8.is_null() {
+            // SAFETY: forwarded contract: 16 INT8 outputs at `o`.
+            let out = unsafe { std::slice::from_raw_parts_mut(f.y8.add(o), QNR) };
+            crate::int8::quantize_to_i8(Isa::Avx2Fma, row, f.inv_out, out);
         }
     }
 }
@@ -613,13 +902,16 @@ pub fn reference_qconv2d(
 ) {
     let (oh, ow) = (g.out_h().unwrap_or(0), g.out_w().unwrap_or(0));
     let (ws, wq) = quantize_weights(weights, g.c_out);
-    let k = g.c_in * g.kh * g.kw;
+    let groups = g.groups.max(1);
+    let (cin_g, cout_g) = (g.c_in / groups, g.c_out / groups);
+    let k = cin_g * g.kh * g.kw;
     let inv = 1.0 / input_scale;
     for co in 0..g.c_out {
+        let first = co / cout_g.max(1) * cin_g;
         for oy in 0..oh {
             for ox in 0..ow {
                 let mut acc = 0i64;
-                for ci in 0..g.c_in {
+                for ci in first..first + cin_g {
                     for ky in 0..g.kh {
                         for kx in 0..g.kw {
                             let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize
@@ -630,7 +922,7 @@ pub fn reference_qconv2d(
                                 continue;
                             }
                             let xv = x[ci * g.h * g.w + iy as usize * g.w + ix as usize];
-                            let wv = wq[co * k + (ci * g.kh + ky) * g.kw + kx];
+                            let wv = wq[co * k + ((ci - first) * g.kh + ky) * g.kw + kx];
                             acc += quantize(xv, inv) as i64 * wv as i64;
                         }
                     }
@@ -771,6 +1063,61 @@ mod tests {
                 let bound = (c_in * k * k) as f32 * (0.5 * scale * 1.0 + 0.5 / 127.0 * 2.5 + 0.25 * scale / 127.0) + 1e-4;
                 for (a, b) in y.iter().zip(&fp) {
                     prop_assert!((a - b).abs() <= bound, "{} vs float {} (bound {})", a, b, bound);
+                }
+            }
+        }
+
+        #[test]
+        fn int8_tensors_in_and_out_equal_the_reference(
+            c_in in 1usize..12, c_out in 1usize..14, h in 1usize..12, w in 1usize..20,
+            k in prop::sample::select(vec![1usize, 3, 5]), s in 1usize..3, p in 0usize..3,
+            depthwise: bool,
+            act in prop::sample::select(vec![Activation::None, Activation::Clip { lo: 0.0, hi: 6.0 }, Activation::HardSwish]),
+            residual in any::<bool>(), threads in 1usize..4, seed in any::<u64>(),
+            in_i8: bool, out_i8: bool, batch in 1usize..3,
+        ) {
+            let c_out = if depthwise { c_in } else { c_out };
+            let g = geo(c_in, h, w, c_out, k, s, p, if depthwise { c_in } else { 1 });
+            prop_assume!(g.out_h().unwrap_or(0) > 0 && g.out_w().unwrap_or(0) > 0);
+            let (oh, ow) = (g.out_h().unwrap(), g.out_w().unwrap());
+            let (in_img, out_img) = (c_in * h * w, c_out * oh * ow);
+            let scale = 2.5 / 127.0;
+            let x = rand_vec(seed, batch * in_img, -3.0, 3.0);
+            // INT8 input: the quantized values, and the f32 values they
+            // stand for (which quantize back to them exactly).
+            let xq: Vec<i8> = x.iter().map(|&v| quantize(v, 1.0 / scale) as i8).collect();
+            let x_ref: Vec<f32> = if in_i8 { xq.iter().map(|&q| q as f32 * scale).collect() } else { x.clone() };
+            let wts = rand_vec(seed ^ 0x55, c_out * (c_in / g.groups) * k * k, -1.0, 1.0);
+            let bias = rand_vec(seed ^ 0xaa, c_out, -1.0, 1.0);
+            let res = residual.then(|| rand_vec(seed ^ 0x33, batch * out_img, -1.0, 1.0));
+            let layer = QConv2d::new(g, &wts, Some(&bias), act, scale).unwrap();
+            prop_assert_eq!(layer.algorithm() == "int8-depthwise", depthwise && c_in > 1);
+            let pool = ThreadPool::new(threads);
+            let mut scratch = vec![f32::NAN; layer.scratch_len(threads)];
+            let mut want = vec![0f32; batch * out_img];
+            for b in 0..batch {
+                reference_qconv2d(
+                    &g, &x_ref[b * in_img..(b + 1) * in_img], &wts, Some(&bias),
+                    res.as_deref().map(|r| &r[b * out_img..(b + 1) * out_img]), act, scale,
+                    &mut want[b * out_img..(b + 1) * out_img],
+                );
+            }
+            let input = if in_i8 { QIn::I8(&xq) } else { QIn::F32(&x) };
+            if out_i8 {
+                let out_scale = 4.0 / 127.0;
+                let mut y = vec![99i8; batch * out_img];
+                layer.run_io(&pool, batch, input, res.as_deref(), QOut::I8(&mut y, out_scale), &mut scratch);
+                for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                    // Within one step: the kernel's f32 epilogue (FMA) may
+                    // round differently at a half-step boundary.
+                    let q = quantize(*b, 1.0 / out_scale);
+                    prop_assert!((*a as i16 - q).abs() <= 1, "at {}: {} vs {}", i, a, q);
+                }
+            } else {
+                let mut y = vec![f32::NAN; batch * out_img];
+                layer.run_io(&pool, batch, input, res.as_deref(), QOut::F32(&mut y), &mut scratch);
+                for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                    prop_assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "at {}: {} vs {}", i, a, b);
                 }
             }
         }

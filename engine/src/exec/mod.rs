@@ -21,7 +21,7 @@ use osprey_kernels::ThreadPool;
 
 use crate::error::{EngineError, Result};
 use crate::ir::{Graph, TensorId};
-use crate::plan::{plan_arena, MemoryPlan, ALIGN_FLOATS};
+use crate::plan::{plan_arena_typed, MemoryPlan, ALIGN_FLOATS};
 
 mod prepare;
 mod step;
@@ -55,11 +55,14 @@ enum Kind {
         batch: usize,
         residual: bool,
     },
-    /// INT8 convolution (f32 in and out; see `osprey_kernels::qconv`).
+    /// INT8 convolution (see `osprey_kernels::qconv`): input f32 or INT8
+    /// (`in_i8`), output f32 or INT8 with `out_scale`.
     QConv {
         layer: QConv2d,
         batch: usize,
         residual: bool,
+        in_i8: bool,
+        out_scale: Option<f32>,
     },
     ConvTranspose {
         layer: ConvTranspose2d,
@@ -123,6 +126,9 @@ struct Step {
     outs: Vec<(usize, usize)>,
     /// Tensor names of `outs` (calibration observes them by name).
     out_names: Vec<String>,
+    /// An INT8 first output: its element count and scale (observers see
+    /// it dequantized).
+    out_i8: Option<(usize, f32)>,
 }
 
 /// Sees each tensor (name, values) as a run computes it.
@@ -168,11 +174,14 @@ impl Engine {
     /// nodes without one, or beyond the table, use the default.
     pub fn with_tactics(graph: Graph, tactics: &[Option<String>]) -> Result<Engine> {
         graph.validate()?;
-        let plan = plan_arena(&graph);
+        let flow = crate::int8::int8_flow(&graph, tactics);
+        let is_i8: Vec<bool> = flow.iter().map(Option::is_some).collect();
+        let plan = plan_arena_typed(&graph, &is_i8);
         let mut b = Builder {
             tactics,
             g: &graph,
             plan: &plan,
+            flow: &flow,
             consts: Vec::new(),
             const_of: BTreeMap::new(),
         };
@@ -186,6 +195,12 @@ impl Engine {
                 op: node.onnx_op.clone(),
                 msg,
             })?;
+            let out_i8 = match (&kind, node.outputs.first()) {
+                (Kind::QConv { out_scale: Some(s), .. }, Some(&y)) => {
+                    Some((graph.tensors[y].numel(), *s))
+                }
+                _ => None,
+            };
             let ins = node.inputs.iter().map(|&t| b.operand(t)).collect();
             let outs = node
                 .outputs
@@ -206,6 +221,7 @@ impl Engine {
                 ins,
                 outs,
                 out_names,
+                out_i8,
             });
         }
         let inputs = graph
@@ -282,11 +298,15 @@ impl Engine {
                 )
             }
             Kind::QConv {
-                layer, residual, ..
+                layer,
+                residual,
+                in_i8,
+                out_scale,
+                ..
             } => {
                 let g = layer.geometry();
                 format!(
-                    "Conv {} {}x{} s{} {}->{} @{}x{} x-scale {:.3e}{}",
+                    "Conv {} {}x{} s{} {}->{} @{}x{} x-scale {:.3e}{}{}{}",
                     layer.algorithm(),
                     g.kh,
                     g.kw,
@@ -296,7 +316,9 @@ impl Engine {
                     g.h,
                     g.w,
                     layer.input_scale(),
-                    if *residual { " +residual" } else { "" }
+                    if *residual { " +residual" } else { "" },
+                    if *in_i8 { " in:i8" } else { "" },
+                    if out_scale.is_some() { " out:i8" } else { "" }
                 )
             }
             Kind::ConvTranspose { .. } => "ConvTranspose gemm+col2im".into(),
@@ -543,8 +565,19 @@ impl ExecutionContext {
                 p[i] += t0.elapsed().as_secs_f64();
             }
             if let Some(f) = observe.as_deref_mut() {
-                for ((off, len), name) in step.outs.iter().zip(&step.out_names) {
-                    f(name, &arena[*off..*off + *len]);
+                for (k, ((off, len), name)) in step.outs.iter().zip(&step.out_names).enumerate() {
+                    let data = &arena[*off..*off + *len];
+                    match step.out_i8 {
+                        // Observation is for calibration and reports, off
+                        // the real-time path: a dequantized copy is fine.
+                        Some((n, scale)) if k == 0 => {
+                            let q: &[i8] = bytemuck::cast_slice(data);
+                            let v: Vec<f32> =
+                                q.iter().take(n).map(|&q| q as f32 * scale).collect();
+                            f(name, &v);
+                        }
+                        _ => f(name, data),
+                    }
                 }
             }
         }

@@ -13,6 +13,7 @@ use osprey_kernels::resize::Resize2d;
 use osprey_kernels::ThreadPool;
 
 use super::{CopyPart, Kind, Operand};
+use crate::int8::runs_int8;
 use crate::ir::{ConstData, Graph, Op, TensorId};
 use crate::plan::MemoryPlan;
 
@@ -20,6 +21,8 @@ pub(super) struct Builder<'a> {
     pub(super) tactics: &'a [Option<String>],
     pub(super) g: &'a Graph,
     pub(super) plan: &'a MemoryPlan,
+    /// Per tensor: its INT8 scale when it flows INT8 (`crate::int8::int8_flow`).
+    pub(super) flow: &'a [Option<f32>],
     pub(super) consts: Vec<Vec<f32>>,
     pub(super) const_of: BTreeMap<TensorId, usize>,
 }
@@ -79,16 +82,17 @@ impl Builder<'_> {
                 let chosen = self.tactics.get(ni).and_then(|t| t.as_deref());
                 // INT8 where the graph permits it, unless tuning chose an
                 // FP32 tactic for this layer.
-                if let Some(scale) = a.int8_input_scale {
-                    if chosen.is_none_or(|t| t.starts_with("int8")) {
-                        let layer = QConv2d::new(geo, &w, bias.as_deref(), a.activation, scale)
-                            .map_err(|e| e.to_string())?;
-                        return Ok(Kind::QConv {
-                            layer,
-                            batch: xs[0],
-                            residual: a.residual,
-                        });
-                    }
+                if let (Some(scale), true) = (a.int8_input_scale, runs_int8(&node.op, chosen)) {
+                    let layer = QConv2d::new(geo, &w, bias.as_deref(), a.activation, scale)
+                        .map_err(|e| e.to_string())?;
+                    let flow = |t: TensorId| self.flow.get(t).copied().flatten();
+                    return Ok(Kind::QConv {
+                        layer,
+                        batch: xs[0],
+                        residual: a.residual,
+                        in_i8: flow(x).is_some(),
+                        out_scale: flow(y),
+                    });
                 }
                 let tactic = match chosen {
                     None => ConvTactic::default_for(&geo),

@@ -6,6 +6,7 @@ use osprey_kernels::eltwise;
 use osprey_kernels::gemm::{self, Epilogue, MatRef};
 use osprey_kernels::layout;
 use osprey_kernels::pooling;
+use osprey_kernels::qconv::{QIn, QOut};
 use osprey_kernels::softmax;
 use osprey_kernels::ThreadPool;
 
@@ -113,7 +114,21 @@ pub(super) fn run_step(
             layer,
             batch,
             residual: fused,
-        } => layer.run(pool, *batch, x, residual(*fused)?, y, scratch),
+            in_i8,
+            out_scale,
+        } => {
+            // INT8 tensors sit in the f32 arena four to a slot.
+            let input = if *in_i8 {
+                QIn::I8(bytemuck::cast_slice(x))
+            } else {
+                QIn::F32(x)
+            };
+            let output = match out_scale {
+                Some(s) => QOut::I8(bytemuck::cast_slice_mut(y), *s),
+                None => QOut::F32(y),
+            };
+            layer.run_io(pool, *batch, input, residual(*fused)?, output, scratch)
+        }
         Kind::ConvTranspose { layer, batch } => layer.run(pool, *batch, x, y, scratch),
         Kind::Affine {
             batch,
