@@ -270,7 +270,11 @@ mod tests {
         assert!(layers[0].fallback.is_none());
         // Depthwise has an INT8 kernel; other grouped convolutions do not.
         assert!(layers[1].fallback.is_none(), "{:?}", layers[1].fallback);
-        assert!(layers[2].fallback.as_deref().unwrap().contains("not depthwise"));
+        assert!(layers[2]
+            .fallback
+            .as_deref()
+            .unwrap()
+            .contains("not depthwise"));
         assert!(layers[3]
             .fallback
             .as_deref()
@@ -284,7 +288,11 @@ mod tests {
         assert_eq!(flow[id("z")], None);
         assert_eq!(flow[id("o")], None);
         // An FP32 tactic chosen for the depthwise layer stops the flow.
-        let dw = g.nodes.iter().position(|n| n.inputs.first() == Some(&id("y"))).unwrap();
+        let dw = g
+            .nodes
+            .iter()
+            .position(|n| n.inputs.first() == Some(&id("y")))
+            .unwrap();
         let mut tactics = vec![None; g.nodes.len()];
         tactics[dw] = Some("depthwise-direct".to_string());
         assert_eq!(int8_flow(&g, &tactics)[id("y")], None);
@@ -347,8 +355,14 @@ mod tests {
         let infos: Vec<String> = (0..engine.step_count())
             .map(|i| engine.step_info(i).unwrap().1)
             .collect();
-        assert!(infos[0].ends_with("out:i8") && !infos[0].contains("in:i8"), "{infos:?}");
-        assert!(infos[1].contains("int8-depthwise") && infos[1].ends_with("in:i8 out:i8"), "{infos:?}");
+        assert!(
+            infos[0].ends_with("out:i8") && !infos[0].contains("in:i8"),
+            "{infos:?}"
+        );
+        assert!(
+            infos[1].contains("int8-depthwise") && infos[1].ends_with("in:i8 out:i8"),
+            "{infos:?}"
+        );
         assert!(infos[2].ends_with("in:i8"), "{infos:?}");
         // INT8 tensors take a quarter of the arena space.
         let plain = crate::plan::plan_arena(&g);
@@ -381,7 +395,16 @@ mod tests {
         reference_qconv2d(&geo(e, e, 3, 1, e), &a, &w2, None, None, none, sa, &mut d);
         let mut want = vec![0f32; c * h * h];
         let d = requantize(&d, sd);
-        reference_qconv2d(&geo(e, c, 1, 0, 1), &d, &w3, None, None, none, sd, &mut want);
+        reference_qconv2d(
+            &geo(e, c, 1, 0, 1),
+            &d,
+            &w3,
+            None,
+            None,
+            none,
+            sd,
+            &mut want,
+        );
         // The kernels' FMA epilogue may round a value at a half-step
         // boundary the other way: rare, and one step of one term.
         let close = got

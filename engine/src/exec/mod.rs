@@ -196,9 +196,12 @@ impl Engine {
                 msg,
             })?;
             let out_i8 = match (&kind, node.outputs.first()) {
-                (Kind::QConv { out_scale: Some(s), .. }, Some(&y)) => {
-                    Some((graph.tensors[y].numel(), *s))
-                }
+                (
+                    Kind::QConv {
+                        out_scale: Some(s), ..
+                    },
+                    Some(&y),
+                ) => Some((graph.tensors[y].numel(), *s)),
                 _ => None,
             };
             let ins = node.inputs.iter().map(|&t| b.operand(t)).collect();
@@ -572,8 +575,7 @@ impl ExecutionContext {
                         // the real-time path: a dequantized copy is fine.
                         Some((n, scale)) if k == 0 => {
                             let q: &[i8] = bytemuck::cast_slice(data);
-                            let v: Vec<f32> =
-                                q.iter().take(n).map(|&q| q as f32 * scale).collect();
+                            let v: Vec<f32> = q.iter().take(n).map(|&q| q as f32 * scale).collect();
                             f(name, &v);
                         }
                         _ => f(name, data),
