@@ -519,6 +519,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
                 "naive_bytes": plan.naive_bytes(),
                 "int8_convolutions": engine.int8_convolutions().0,
                 "convolutions": engine.int8_convolutions().1,
+                "int8_tensors": engine.int8_tensors(),
             })
         );
         return Ok(());
@@ -544,7 +545,10 @@ fn inspect(a: InspectArgs) -> Result<()> {
     }
     let (int8, convs) = engine.int8_convolutions();
     if int8 > 0 {
-        println!("int8    {int8} of {convs} convolutions run INT8");
+        println!(
+            "int8    {int8} of {convs} convolutions run INT8; {} tensors pass between them as INT8",
+            engine.int8_tensors()
+        );
     }
     println!("weights {}", human_bytes(engine.constant_bytes()));
     println!(

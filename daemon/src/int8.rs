@@ -7,8 +7,10 @@
 //!    asymmetric UINT8 activation range becomes the symmetric INT8 range
 //!    that covers it);
 //!    every plain convolution whose input has one is marked INT8
-//!    (`osprey_engine::int8::permit_int8`); depthwise/grouped convolutions
-//!    and everything else stay FP32.
+//!    (`osprey_engine::int8::permit_int8`), depthwise ones too with
+//!    `--int8-depthwise`; other grouped convolutions and everything else
+//!    stay FP32. Where an INT8 layer feeds only INT8 layers, the tensor
+//!    between them is INT8 (`int8_flow`).
 //! 2. With an evaluation set (`--images DIR --model-desc D.toml`, or
 //!    `--npy DIR`; usually the calibration set), each INT8 layer is run
 //!    alone on the FP32 engine's own input to that layer, and its output is
@@ -82,6 +84,13 @@ pub struct Int8Args {
     /// TensorRT without strict types).
     #[arg(long = "strict-int8")]
     pub strict: bool,
+    /// Also run depthwise convolutions in INT8 (an exact INT8 kernel; with
+    /// it, whole inverted-residual blocks pass INT8 tensors). Off by
+    /// default: on CPUs without VNNI or dot-product instructions it is no
+    /// faster than FP32 depthwise, and per-tensor activation scales cost
+    /// detectors accuracy there.
+    #[arg(long = "int8-depthwise")]
+    pub depthwise: bool,
     /// Write the accuracy report (per-layer SQNR, fallbacks, agreement) as JSON.
     #[arg(long, value_name = "report.json")]
     pub report: Option<PathBuf>,
@@ -171,7 +180,7 @@ pub fn prepare(
             "--precision int8 needs --calib M.calib (made by `osprey calibrate`), or an explicitly quantized (QDQ) model"
         ),
     };
-    let mut layers = permit_int8(graph, &|n| scales.get(n).copied());
+    let mut layers = permit_int8(graph, &|n| scales.get(n).copied(), a.depthwise);
     let int8_count = layers.iter().filter(|l| l.fallback.is_none()).count();
     if int8_count == 0 {
         bail!(

@@ -123,6 +123,8 @@ fn int8_build_of_a_model_made_here() {
     let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     assert_eq!(inspect["int8_convolutions"], 2, "{inspect}");
     assert_eq!(inspect["convolutions"], 2, "{inspect}");
+    // The ReLU output between the two INT8 layers passes as INT8.
+    assert_eq!(inspect["int8_tensors"], 1, "{inspect}");
     let (q, f) = (read_npy(&d.join("q/y.npy")), read_npy(&d.join("f/y.npy")));
     let mut acc = osprey_engine::int8::Sqnr::default();
     acc.add(&f, &q);
@@ -327,6 +329,26 @@ fn shared_int8_engines_agree_with_the_fp32_references() {
             "{stem}: {got} vs {want}"
         );
     }
+
+    // With --int8-depthwise every convolution but the classifier's runs
+    // INT8 and whole blocks pass INT8 tensors; top-1 stays equal.
+    let (engine_dw, r) = build_int8(&sh, &d, "efficientnet_lite0", &["--int8-depthwise"]);
+    assert_eq!(
+        r["int8"]["end_to_end"]["top1_agreement"], 1.0,
+        "{}",
+        r["int8"]
+    );
+    assert!(
+        r["int8"]["int8_layers"].as_u64().unwrap() >= 40,
+        "{}",
+        r["int8"]
+    );
+    let inspect = ok(&osprey()
+        .args(["inspect", "--engine", s(&engine_dw), "--json"])
+        .output()
+        .unwrap());
+    let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    assert!(inspect["int8_tensors"].as_u64().unwrap() >= 16, "{inspect}");
 
     // CenterNet: >= 90% of the reference detections found (same class,
     // IoU >= 0.5).

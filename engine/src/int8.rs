@@ -33,9 +33,14 @@ pub struct Int8Layer {
     pub fallback: Option<String>,
 }
 
-/// Marks convolutions as INT8 where possible; `scale_of(tensor name)` gives
-/// the calibrated input scale. Returns one entry per convolution.
-pub fn permit_int8(g: &mut Graph, scale_of: &dyn Fn(&str) -> Option<f32>) -> Vec<Int8Layer> {
+/// Marks convolutions as INT8 where possible (depthwise ones only with
+/// `depthwise`); `scale_of(tensor name)` gives the calibrated input scale.
+/// Returns one entry per convolution.
+pub fn permit_int8(
+    g: &mut Graph,
+    scale_of: &dyn Fn(&str) -> Option<f32>,
+    depthwise: bool,
+) -> Vec<Int8Layer> {
     let mut out = Vec::new();
     for i in 0..g.nodes.len() {
         let (x, y) = match (g.nodes[i].inputs.first(), g.nodes[i].outputs.first()) {
@@ -50,12 +55,15 @@ pub fn permit_int8(g: &mut Graph, scale_of: &dyn Fn(&str) -> Option<f32>) -> Vec
         };
         let scale = scale_of(&input);
         let channels = |t: usize| g.tensors[t].shape.get(1).copied();
-        let depthwise = a.groups == channels(x).unwrap_or(0) && channels(y) == channels(x);
-        let fallback = if a.groups != 1 && !depthwise {
+        let is_depthwise =
+            a.groups > 1 && a.groups == channels(x).unwrap_or(0) && channels(y) == channels(x);
+        let fallback = if a.groups != 1 && !is_depthwise {
             Some(format!(
                 "grouped convolution: no INT8 kernel ({} groups, not depthwise)",
                 a.groups
             ))
+        } else if is_depthwise && !depthwise {
+            Some("depthwise convolution: INT8 not requested (--int8-depthwise)".to_string())
         } else {
             match scale {
                 None => Some(format!("no calibration scale: input '{input}'")),
@@ -264,7 +272,14 @@ mod tests {
             .node("Conv", &["u", "w4"], &["o"], vec![])
             .output("o");
         let mut g = crate::onnx::import(&b.to_bytes(), &Default::default()).unwrap();
-        let layers = permit_int8(&mut g, &|n| (n != "u").then_some(0.05));
+        let plain = permit_int8(&mut g.clone(), &|n| (n != "u").then_some(0.05), false);
+        assert!(plain[1]
+            .fallback
+            .as_deref()
+            .unwrap()
+            .contains("not requested"));
+        assert!(plain[0].fallback.is_none());
+        let layers = permit_int8(&mut g, &|n| (n != "u").then_some(0.05), true);
         assert_eq!(layers.len(), 4);
         assert_eq!(layers[0].input_scale, Some(0.05));
         assert!(layers[0].fallback.is_none());
@@ -349,7 +364,11 @@ mod tests {
         let mut g = crate::onnx::import(&b.to_bytes(), &Default::default()).unwrap();
         let (sx, sa, sd) = (1.0 / 127.0, 2.0 / 127.0, 3.0 / 127.0);
         let scales = [("x", sx), ("a", sa), ("d", sd)];
-        let layers = permit_int8(&mut g, &|n| scales.iter().find(|s| s.0 == n).map(|s| s.1));
+        let layers = permit_int8(
+            &mut g,
+            &|n| scales.iter().find(|s| s.0 == n).map(|s| s.1),
+            true,
+        );
         assert!(layers.iter().all(|l| l.fallback.is_none()));
         let engine = std::sync::Arc::new(Engine::new(g.clone()).unwrap());
         let infos: Vec<String> = (0..engine.step_count())

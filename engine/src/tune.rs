@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use osprey_kernels::conv::{Conv2d, Conv2dGeometry, ConvTactic};
-use osprey_kernels::qconv::QConv2d;
+use osprey_kernels::qconv::{quantize, QConv2d, QIn, QOut};
 use osprey_kernels::ThreadPool;
 use serde::{Deserialize, Serialize};
 
@@ -158,6 +158,11 @@ pub fn select_tactics(
     let layers: Vec<usize> = (0..g.nodes.len())
         .filter(|&i| matches!(g.nodes[i].op, Op::Conv(_)))
         .collect();
+    // INT8 layers are timed with the tensors they would pass if their
+    // neighbours ran INT8 too (INT8 in and out where the flow allows), so
+    // a chain of INT8 layers is judged by what it costs as a chain.
+    let flow = crate::int8::int8_flow(g, &[]);
+    let flow_of = |t: Option<&usize>| t.and_then(|&t| flow.get(t).copied().flatten());
     for (done, &i) in layers.iter().enumerate() {
         let node = &g.nodes[i];
         let Op::Conv(attrs) = &node.op else { continue };
@@ -186,8 +191,13 @@ pub fn select_tactics(
             }
             None => None,
         };
+        let (in_i8, out_scale) = if int8.is_some() {
+            (flow_of(node.inputs.first()), flow_of(node.outputs.first()))
+        } else {
+            (None, None)
+        };
         let key = format!(
-            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}{}",
+            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}{}{}{}",
             fp.key(),
             pool.threads(),
             geo.c_in,
@@ -203,7 +213,9 @@ pub fn select_tactics(
             batch,
             attrs.activation,
             attrs.residual,
-            if int8.is_some() { "|int8" } else { "" }
+            if int8.is_some() { "|int8" } else { "" },
+            if in_i8.is_some() { "|in:i8" } else { "" },
+            if out_scale.is_some() { "|out:i8" } else { "" },
         );
         let candidates = ConvTactic::candidates(&geo);
         let int8_name = int8.as_ref().map(|q| q.algorithm());
@@ -236,7 +248,22 @@ pub fn select_tactics(
                 if let Some(q) = &int8 {
                     let mut scratch = vec![0.0f32; q.scratch_len(pool.threads())];
                     let res = attrs.residual.then_some(&r[..]);
-                    let ms = time_ms(|| q.run(&pool, batch, &x, res, &mut y, &mut scratch));
+                    let x8: Vec<i8> = in_i8
+                        .map(|s| x.iter().map(|&v| quantize(v, 1.0 / s) as i8).collect())
+                        .unwrap_or_default();
+                    let mut y8 = vec![0i8; if out_scale.is_some() { y.len() } else { 0 }];
+                    let ms = time_ms(|| {
+                        let input = if in_i8.is_some() {
+                            QIn::I8(&x8)
+                        } else {
+                            QIn::F32(&x)
+                        };
+                        let output = match out_scale {
+                            Some(s) => QOut::I8(&mut y8, s),
+                            None => QOut::F32(&mut y),
+                        };
+                        q.run_io(&pool, batch, input, res, output, &mut scratch)
+                    });
                     times.insert(q.algorithm().to_string(), ms);
                 }
                 let (best, ms) = times

@@ -109,7 +109,7 @@ fn fp32_engine_round_trips_exactly() {
 fn int8_engine_stores_int8_weights_and_runs_the_same() {
     let mut g = model();
     // Every input observed in range: a scale of 4/127 for every tensor.
-    let layers = osprey_engine::int8::permit_int8(&mut g, &|_| Some(4.0 / 127.0));
+    let layers = osprey_engine::int8::permit_int8(&mut g, &|_| Some(4.0 / 127.0), true);
     let int8 = layers.iter().filter(|l| l.fallback.is_none()).count();
     assert_eq!(int8, 3, "{layers:?}"); // pointwise, depthwise, pointwise
     let x = data(8 * 144, 9);

@@ -5,6 +5,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use osprey_kernels::activation::Activation;
 use osprey_kernels::conv::{Conv2d, Conv2dGeometry, ConvTactic};
+use osprey_kernels::qconv::{quantize, QConv2d, QIn, QOut};
 use osprey_kernels::ThreadPool;
 
 fn data(n: usize) -> Vec<f32> {
@@ -50,6 +51,36 @@ fn conv_case(c: &mut Criterion, group: &str, cases: &[(usize, usize, usize, usiz
                 b.iter(|| conv.run(&pool, 1, &x, &mut y, &mut scratch))
             });
         }
+        // The INT8 kernel, with f32 tensors in and out (quantized while
+        // read, dequantized in the epilogue) and with INT8 tensors (as
+        // between two INT8 layers).
+        let scale = 2.0 / 127.0;
+        let Ok(q) = QConv2d::new(geo, &w, Some(&data(cout)), Activation::Relu, scale) else {
+            continue;
+        };
+        let (oh, ow) = q.out_hw();
+        let x = data(cin * hw * hw);
+        let x8: Vec<i8> = x.iter().map(|&v| quantize(v, 1.0 / scale) as i8).collect();
+        let mut y = vec![0.0; cout * oh * ow];
+        let mut y8 = vec![0i8; cout * oh * ow];
+        let mut scratch = vec![0.0; q.scratch_len(1)];
+        let macs = cout * (cin / groups) * k * k * oh * ow;
+        g.throughput(Throughput::Elements(2 * macs as u64));
+        let id = |io: &str| {
+            format!(
+                "{k}x{k}_{cin}to{cout}_at{hw}_s{stride}_g{groups}/{}-{io}",
+                q.algorithm()
+            )
+        };
+        g.bench_function(BenchmarkId::from_parameter(id("f32")), |b| {
+            b.iter(|| q.run(&pool, 1, &x, None, &mut y, &mut scratch))
+        });
+        g.bench_function(BenchmarkId::from_parameter(id("i8")), |b| {
+            b.iter(|| {
+                let out = QOut::I8(&mut y8, 4.0 / 127.0);
+                q.run_io(&pool, 1, QIn::I8(&x8), None, out, &mut scratch)
+            })
+        });
     }
     g.finish();
 }

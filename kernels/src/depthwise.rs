@@ -135,18 +135,52 @@ fn pad_plane(
         .for_each(|v| *v = 0.0);
 }
 
-/// Scratch floats of [`depthwise_plane_int`]: the padded plane and one row.
+/// Scratch floats of [`depthwise_plane_int`]: the padded plane, one row
+/// and one plane of accumulators.
 pub fn int_scratch_len(g: &PlaneGeometry) -> usize {
-    g.scratch_len() + g.w
+    g.scratch_len() + g.w + g.oh * g.ow
 }
 
-/// Integer depthwise accumulation of one plane: `acc = Σ w·q(x)` with
+/// The epilogue of an integer plane: `clamp(acc · scale + bias, lo, hi)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Requant {
+    /// Accumulator scale (weight scale × input scale).
+    pub scale: f32,
+    /// Bias.
+    pub bias: f32,
+    /// Clamp (the activation, when it is one: ±∞ for none).
+    pub lo: f32,
+    /// Upper clamp.
+    pub hi: f32,
+}
+
+impl Requant {
+    #[inline(always)]
+    fn apply(&self, acc: f32) -> f32 {
+        (acc * self.scale + self.bias).max(self.lo).min(self.hi)
+    }
+}
+
+/// What an integer plane writes.
+#[derive(Debug)]
+pub enum IntPlaneOut<'a> {
+    /// The exact accumulators (integer-valued f32), for the caller's own
+    /// epilogue.
+    Acc(&'a mut [f32]),
+    /// `r.apply(acc)` as f32.
+    F32(&'a mut [f32], Requant),
+    /// `r.apply(acc)` quantized with the reciprocal output scale (INT8).
+    I8(&'a mut [i8], Requant, f32),
+}
+
+/// Integer depthwise convolution of one plane: `acc = Σ w·q(x)` with
 /// integer-valued f32 weights `w` (INT8 values) and the plane's INT8
-/// values (`x` quantized on the fly or already INT8). Every product and
-/// partial sum is an integer below 2^24 (at most 1024 taps of 127·127), so
-/// the f32 arithmetic is exact: `acc` holds the INT32 accumulator exactly,
-/// computed by the same kernels as the f32 plane. `buf` is scratch of
-/// [`int_scratch_len`] floats.
+/// values (`x` quantized on the fly or already INT8), then the epilogue
+/// that `out` asks for. Every product and partial sum is an integer below
+/// 2^24 (at most 1024 taps of 127·127), so the f32 arithmetic is exact:
+/// the accumulators equal INT32 accumulation, computed by the same
+/// kernels as the f32 plane, and the AVX2 kernel applies the epilogue in
+/// registers. `buf` is scratch of [`int_scratch_len`] floats.
 ///
 /// # Panics
 /// If a buffer is shorter than the geometry needs or the kernel has more
@@ -156,16 +190,62 @@ pub fn depthwise_plane_int(
     g: &PlaneGeometry,
     x: PlaneSource,
     w: &[f32],
-    acc: &mut [f32],
+    out: IntPlaneOut,
     buf: &mut [f32],
 ) {
+    let n = g.oh * g.ow;
     assert!(g.kh * g.kw <= 1024, "integer depthwise: too many taps");
-    assert!(acc.len() >= g.oh * g.ow && w.len() >= g.kh * g.kw);
+    assert!(w.len() >= g.kh * g.kw);
     assert!(buf.len() >= int_scratch_len(g));
-    let (plane, rowbuf) = buf.split_at_mut(g.scratch_len());
+    let (plane, rest) = buf.split_at_mut(g.scratch_len());
+    let (rowbuf, accbuf) = rest.split_at_mut(g.w);
     let split = g.stride[1] == 2;
     pad_plane(isa, g, x, plane, rowbuf, split);
-    rows(isa, g, plane, split, w, 0.0, None, acc);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma && g.stride[1] <= 2 && g.kh * g.kw <= MAX_TAPS {
+        let inf = (f32::NEG_INFINITY, f32::INFINITY);
+        let (post, clamp, dst) = match out {
+            IntPlaneOut::Acc(a) => {
+                assert!(a.len() >= n);
+                (None, inf, RowDst::F32(a.as_mut_ptr()))
+            }
+            IntPlaneOut::F32(y, r) => {
+                assert!(y.len() >= n);
+                (
+                    Some((r.scale, r.bias)),
+                    (r.lo, r.hi),
+                    RowDst::F32(y.as_mut_ptr()),
+                )
+            }
+            IntPlaneOut::I8(y, r, inv) => {
+                assert!(y.len() >= n);
+                (
+                    Some((r.scale, r.bias)),
+                    (r.lo, r.hi),
+                    RowDst::I8(y.as_mut_ptr(), inv),
+                )
+            }
+        };
+        // SAFETY: AVX2 and FMA are present (Avx2Fma is active); the padded
+        // plane has SLACK floats after its last row; the destination holds
+        // oh·ow elements (checked above).
+        unsafe { avx2_fma_depthwise_rows(g, plane, w, 0.0, post, clamp, dst) };
+        return;
+    }
+    match out {
+        IntPlaneOut::Acc(a) => portable_rows(g, plane, split, w, 0.0, &mut a[..n]),
+        IntPlaneOut::F32(y, r) => {
+            let y = &mut y[..n];
+            portable_rows(g, plane, split, w, 0.0, y);
+            y.iter_mut().for_each(|v| *v = r.apply(*v));
+        }
+        IntPlaneOut::I8(y, r, inv) => {
+            let acc = &mut accbuf[..n];
+            portable_rows(g, plane, split, w, 0.0, acc);
+            acc.iter_mut().for_each(|v| *v = r.apply(*v));
+            crate::int8::quantize_to_i8(isa, acc, inv, &mut y[..n]);
+        }
+    }
 }
 
 /// The rows of one padded plane: `y = clamp(bias + Σ w·x)`.
@@ -186,7 +266,8 @@ fn rows(
         // padded buffer has SLACK floats after the last row, which covers
         // every vector load (see `avx2_fma_depthwise_rows`).
         Isa::Avx2Fma if g.stride[1] <= 2 && g.kh * g.kw <= MAX_TAPS => unsafe {
-            avx2_fma_depthwise_rows(g, buf, w, bias, clamp, y)
+            let clamp = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+            avx2_fma_depthwise_rows(g, buf, w, bias, None, clamp, RowDst::F32(y.as_mut_ptr()))
         },
         _ => {
             portable_rows(g, buf, split, w, bias, y);
@@ -320,18 +401,31 @@ fn portable_rows(g: &PlaneGeometry, buf: &[f32], split: bool, w: &[f32], bias: f
     }
 }
 
+/// Where the AVX2 rows kernel stores.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum RowDst {
+    F32(*mut f32),
+    /// INT8, with the reciprocal output scale.
+    I8(*mut i8, f32),
+}
+
+/// `dst = clamp(post(init + Σ w·x))`, where `post` is `acc·scale + bias`
+/// when given.
+///
 /// # Safety
 /// AVX2 and FMA must be available; `buf` holds the padded plane plus
-/// [`SLACK`] floats; `y` holds oh·ow floats; stride x is 1 or 2.
+/// [`SLACK`] floats; `dst` holds oh·ow elements; stride x is 1 or 2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn avx2_fma_depthwise_rows(
     g: &PlaneGeometry,
     buf: &[f32],
     w: &[f32],
-    bias: f32,
-    clamp: Option<(f32, f32)>,
-    y: &mut [f32],
+    init: f32,
+    post: Option<(f32, f32)>,
+    clamp: (f32, f32),
+    dst: RowDst,
 ) {
     use std::arch::x86_64::*;
     let pw = g.pw();
@@ -343,7 +437,8 @@ unsafe fn avx2_fma_depthwise_rows(
     // pw + 8 (a vector starting inside the row) — inside the plane plus SLACK.
     debug_assert!(((g.oh - 1) * sy + (g.kh - 1) * dy + 1) * pw + 24 <= buf.len());
     let bp = buf.as_ptr();
-    let yp = y.as_mut_ptr();
+    let dst_base = dst;
+    let plane_len = g.oh * g.ow;
     let lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
 
     // SAFETY: every load reads at most 16 floats from an address inside the
@@ -354,9 +449,12 @@ unsafe fn avx2_fma_depthwise_rows(
         // reads a contiguous run.
         let load = |p: *const f32| -> __m256 { _mm256_loadu_ps(p) };
         let split = sx == 2;
-        let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
-        let (vlo, vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
-        let vbias = _mm256_set1_ps(bias);
+        let (vlo, vhi) = (_mm256_set1_ps(clamp.0), _mm256_set1_ps(clamp.1));
+        let vinit = _mm256_set1_ps(init);
+        let (ps, pb) = post.unwrap_or((1.0, 0.0));
+        let (vps, vpb) = (_mm256_set1_ps(ps), _mm256_set1_ps(pb));
+        let q = crate::qconv::QMAX;
+        let (qlo, qhi) = (_mm256_set1_ps(-q), _mm256_set1_ps(q));
         // Tap offsets into the padded plane, computed once (no divisions in
         // the hot loop).
         let mut offs = [0usize; MAX_TAPS];
@@ -374,13 +472,13 @@ unsafe fn avx2_fma_depthwise_rows(
         // independent FMA chains hide the FMA latency even on 7-wide planes.
         const GROUP: usize = 4;
         let mut src = [bp; GROUP];
-        let mut dst = [yp; GROUP];
+        let mut dst = [0usize; GROUP];
         let mut rem = [0usize; GROUP];
         let mut n = 0;
         let vecs_per_row = ow.div_ceil(8);
         let flush =
-            |src: &[*const f32; GROUP], dst: &[*mut f32; GROUP], rem: &[usize; GROUP], n: usize| {
-                let mut acc = [vbias; GROUP];
+            |src: &[*const f32; GROUP], dst: &[usize; GROUP], rem: &[usize; GROUP], n: usize| {
+                let mut acc = [vinit; GROUP];
                 for t in 0..taps {
                     let off = *offs.get_unchecked(t);
                     let wv = _mm256_set1_ps(*w.get_unchecked(t));
@@ -389,22 +487,53 @@ unsafe fn avx2_fma_depthwise_rows(
                     }
                 }
                 for j in 0..n {
+                    if post.is_some() {
+                        acc[j] = _mm256_fmadd_ps(acc[j], vps, vpb);
+                    }
                     acc[j] = _mm256_min_ps(_mm256_max_ps(acc[j], vlo), vhi);
-                    if rem[j] >= 8 {
-                        _mm256_storeu_ps(dst[j], acc[j]);
-                    } else {
-                        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem[j] as i32), lane_ids);
-                        _mm256_maskstore_ps(dst[j], mask, acc[j]);
+                    match dst_base {
+                        RowDst::F32(y) => {
+                            let d = y.add(dst[j]);
+                            if rem[j] >= 8 {
+                                _mm256_storeu_ps(d, acc[j]);
+                            } else {
+                                let mask =
+                                    _mm256_cmpgt_epi32(_mm256_set1_epi32(rem[j] as i32), lane_ids);
+                                _mm256_maskstore_ps(d, mask, acc[j]);
+                            }
+                        }
+                        RowDst::I8(y, inv) => {
+                            let v = _mm256_mul_ps(acc[j], _mm256_set1_ps(inv));
+                            let v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, qlo), qhi));
+                            let h = _mm_packs_epi32(
+                                _mm256_castsi256_si128(v),
+                                _mm256_extracti128_si256::<1>(v),
+                            );
+                            let b = _mm_packs_epi16(h, h);
+                            let d = y.add(dst[j]);
+                            // A row's partial vector may spill into the
+                            // next rows: jobs are stored in order, so
+                            // those bytes are rewritten by later jobs. Only
+                            // the plane's end must not be crossed.
+                            if rem[j] >= 8 || dst[j] + 8 <= plane_len {
+                                _mm_storel_epi64(d as *mut __m128i, b);
+                            } else {
+                                let mut tmp = [0i8; 16];
+                                _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, b);
+                                for (k, &v) in tmp.iter().enumerate().take(rem[j]) {
+                                    *d.add(k) = v;
+                                }
+                            }
+                        }
                     }
                 }
             };
         for oy in 0..g.oh {
             let row_in = bp.add(oy * sy * pw);
-            let row_out = yp.add(oy * ow);
             for v in 0..vecs_per_row {
                 let ox = v * 8;
                 src[n] = row_in.add(ox);
-                dst[n] = row_out.add(ox);
+                dst[n] = oy * ow + ox;
                 rem[n] = ow - ox;
                 n += 1;
                 if n == GROUP {
@@ -505,7 +634,7 @@ mod tests {
             // values quantized on the fly (x·scale, scale 0.5).
             let xf: Vec<f32> = x.iter().map(|&v| v as f32 * 0.5).collect();
             let src = if from_f32 { PlaneSource::Quantize(&xf, 2.0) } else { PlaneSource::I8(&x) };
-            depthwise_plane_int(isa, &g, src, &wf, &mut acc, &mut buf);
+            depthwise_plane_int(isa, &g, src, &wf, IntPlaneOut::Acc(&mut acc), &mut buf);
             for oy in 0..g.oh {
                 for ox in 0..g.ow {
                     let mut want = 0i64;
@@ -520,6 +649,23 @@ mod tests {
                     prop_assert_eq!(acc[oy * g.ow + ox], want as f32);
                     prop_assert_eq!(acc[oy * g.ow + ox] as i64, want);
                 }
+            }
+            // The fused epilogues equal the accumulators' epilogue (to the
+            // FMA's rounding: one ulp, or one INT8 step at a half-step tie).
+            let r = Requant { scale: 0.013, bias: -0.7, lo: 0.0, hi: 6.0 };
+            let mut y = vec![f32::NAN; g.oh * g.ow];
+            depthwise_plane_int(isa, &g, src, &wf, IntPlaneOut::F32(&mut y, r), &mut buf);
+            let mut y8 = vec![99i8; g.oh * g.ow + 16];
+            let inv = 127.0 / 6.0;
+            let plane = g.oh * g.ow;
+            depthwise_plane_int(isa, &g, src, &wf, IntPlaneOut::I8(&mut y8[..plane], r, inv), &mut buf);
+            // Nothing written past the plane.
+            prop_assert!(y8[plane..].iter().all(|&v| v == 99));
+            for i in 0..y.len() {
+                let want = r.apply(acc[i]);
+                prop_assert!((y[i] - want).abs() <= 1e-6 * (1.0 + want.abs()), "{} vs {}", y[i], want);
+                let q = crate::qconv::quantize(want, inv);
+                prop_assert!((y8[i] as i16 - q).abs() <= 1, "{} vs {}", y8[i], q);
             }
         }
     }

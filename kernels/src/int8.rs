@@ -200,11 +200,26 @@ fn quantize8_avx2(
     _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
 }
 
+/// Mask of the first `r` of 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn first_lanes(r: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(r as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
+/// Converts every element, the last partial block of 8 with masked
+/// loads and stores (rows of depthwise planes are often 7, 14 or 28 wide).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_to_f32_avx2(src: &[f32], inv: f32, dst: &mut [f32]) -> usize {
     use std::arch::x86_64::*;
-    let n = src.len().min(dst.len()) / 8 * 8;
+    let len = src.len().min(dst.len());
+    let n = len / 8 * 8;
     let vinv = _mm256_set1_ps(inv);
     for i in (0..n).step_by(8) {
         // SAFETY: 8 floats at i < n in both slices.
@@ -213,7 +228,16 @@ unsafe fn quantize_to_f32_avx2(src: &[f32], inv: f32, dst: &mut [f32]) -> usize 
             _mm256_storeu_ps(dst.as_mut_ptr().add(i), quantize8_avx2(v, vinv));
         }
     }
-    n
+    if n < len {
+        let m = first_lanes(len - n);
+        // SAFETY: the masked lanes are the len - n elements left in both
+        // slices; masked-off lanes are neither read nor written.
+        unsafe {
+            let v = _mm256_maskload_ps(src.as_ptr().add(n), m);
+            _mm256_maskstore_ps(dst.as_mut_ptr().add(n), m, quantize8_avx2(v, vinv));
+        }
+    }
+    len
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -244,7 +268,8 @@ unsafe fn quantize_to_i8_avx2(src: &[f32], inv: f32, dst: &mut [i8]) -> usize {
 #[target_feature(enable = "avx2")]
 unsafe fn widen_i8_avx2(src: &[i8], dst: &mut [f32]) -> usize {
     use std::arch::x86_64::*;
-    let n = src.len().min(dst.len()) / 8 * 8;
+    let len = src.len().min(dst.len());
+    let n = len / 8 * 8;
     for i in (0..n).step_by(8) {
         // SAFETY: 8 bytes read and 8 floats written at i < n.
         unsafe {
@@ -253,7 +278,21 @@ unsafe fn widen_i8_avx2(src: &[i8], dst: &mut [f32]) -> usize {
             _mm256_storeu_ps(dst.as_mut_ptr().add(i), v);
         }
     }
-    n
+    if n < len {
+        let mut tail = [0i8; 8];
+        // (A byte loop: a variable-length copy would call memcpy.)
+        for (t, &s) in tail.iter_mut().zip(&src[n..len]) {
+            *t = s;
+        }
+        // SAFETY: `tail` holds 8 bytes; the masked store writes the
+        // len - n floats left in dst.
+        unsafe {
+            let b = _mm_loadl_epi64(tail.as_ptr() as *const __m128i);
+            let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+            _mm256_maskstore_ps(dst.as_mut_ptr().add(n), first_lanes(len - n), v);
+        }
+    }
+    len
 }
 
 #[cfg(test)]

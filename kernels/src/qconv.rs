@@ -53,7 +53,22 @@ pub const QMAX: f32 = 127.0;
 /// in the default rounding mode).
 #[inline(always)]
 pub fn quantize(x: f32, inv_scale: f32) -> i16 {
-    (x * inv_scale).clamp(-QMAX, QMAX).round_ties_even() as i16
+    // Adding and removing 1.5·2^23 rounds half to even (the default
+    // rounding mode) for |v| ≤ 2^22: here |v| ≤ 127. Unlike
+    // `round_ties_even`, it needs no SSE4.1 (a libm call on baseline x86-64).
+    const MAGIC: f32 = 12_582_912.0;
+    let v = (x * inv_scale).clamp(-QMAX, QMAX);
+    ((v + MAGIC) - MAGIC) as i16
+}
+
+/// The activation as a clamp `(lo, hi)`, when it is one (±∞ for none).
+fn clamp_of(act: Activation) -> Option<(f32, f32)> {
+    match act {
+        Activation::None => Some((f32::NEG_INFINITY, f32::INFINITY)),
+        Activation::Relu => Some((0.0, f32::INFINITY)),
+        Activation::Clip { lo, hi } => Some((lo, hi)),
+        _ => None,
+    }
 }
 
 /// Per-output-channel symmetric weight scales (`max |w| / 127`; 1 for an
@@ -471,15 +486,38 @@ impl QConv2d {
             let slot_buf =
                 unsafe { std::slice::from_raw_parts_mut(s_ptr.add(slot * per_slot), per_slot) };
             let (buf, acc) = slot_buf.split_at_mut(per_slot - ohw);
-            depthwise::depthwise_plane_int(
-                isa,
-                &plane,
-                src,
-                &w[c * taps..(c + 1) * taps],
-                acc,
-                buf,
-            );
+            let wc = &w[c * taps..(c + 1) * taps];
             let (s, bias) = (self.out_scale[c], self.bias[c]);
+            // Without a residual and with a clamp-like activation, the
+            // plane kernel applies the whole epilogue in registers.
+            let fused = match (residual, clamp_of(self.act)) {
+                (None, Some((lo, hi))) => Some(depthwise::Requant {
+                    scale: s,
+                    bias,
+                    lo,
+                    hi,
+                }),
+                _ => None,
+            };
+            if let Some(r) = fused {
+                let out = match out {
+                    // SAFETY: each task writes only plane p of the output.
+                    OutPtr::F32(y) => depthwise::IntPlaneOut::F32(
+                        unsafe { std::slice::from_raw_parts_mut(y.add(p * ohw), ohw) },
+                        r,
+                    ),
+                    // SAFETY: as above.
+                    OutPtr::I8(y, inv) => depthwise::IntPlaneOut::I8(
+                        unsafe { std::slice::from_raw_parts_mut(y.add(p * ohw), ohw) },
+                        r,
+                        inv,
+                    ),
+                };
+                depthwise::depthwise_plane_int(isa, &plane, src, wc, out, buf);
+                return;
+            }
+            let out_acc = depthwise::IntPlaneOut::Acc(&mut *acc);
+            depthwise::depthwise_plane_int(isa, &plane, src, wc, out_acc, buf);
             acc.iter_mut().for_each(|v| *v = *v * s + bias);
             if let Some(r) = residual {
                 acc.iter_mut()
@@ -849,39 +887,56 @@ unsafe fn tile_avx2_fused(kpairs: usize, a: &[i16], b: &[i16], f: &Fused) {
     let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
     let (vlo, vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
     let mut tmp = [0f32; QNR];
+    let vinv = _mm256_set1_ps(f.inv_out);
+    let (qlo, qhi) = (_mm256_set1_ps(-QMAX), _mm256_set1_ps(QMAX));
     for (r, cr) in c.iter().enumerate().take(f.rows) {
         let (s, bias) = (_mm256_set1_ps(f.scale[r]), _mm256_set1_ps(f.bias[r]));
         let o = f.offset + r * f.ldy;
-        // f32 output: straight to y; INT8: through `tmp`.
-        let dst = if f.y8.is_null() {
-            // SAFETY: forwarded contract: 16 elements at `o` in y.
-            unsafe { f.y.add(o) }
-        } else {
-            tmp.as_mut_ptr()
-        };
+        let mut v = [_mm256_setzero_ps(); 2];
         for (h, acc) in cr.iter().enumerate() {
-            let mut v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*acc), s, bias);
-            // SAFETY: forwarded contract: 16 elements at `o` in res; dst
-            // holds 16.
-            unsafe {
-                if !f.res.is_null() {
-                    v = _mm256_add_ps(v, _mm256_loadu_ps(f.res.add(o + 8 * h)));
-                }
-                if f.clamp.is_some() {
-                    v = _mm256_min_ps(_mm256_max_ps(v, vlo), vhi);
-                }
-                _mm256_storeu_ps(dst.add(8 * h), v);
+            v[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*acc), s, bias);
+            if !f.res.is_null() {
+                // SAFETY: forwarded contract: 16 residual elements at `o`.
+                v[h] = _mm256_add_ps(v[h], unsafe { _mm256_loadu_ps(f.res.add(o + 8 * h)) });
+            }
+            if f.clamp.is_some() {
+                v[h] = _mm256_min_ps(_mm256_max_ps(v[h], vlo), vhi);
             }
         }
-        // SAFETY: as above; the row's 16 values were just written.
-        let row = unsafe { std::slice::from_raw_parts_mut(dst, QNR) };
         if f.clamp.is_none() {
-            f.act.apply_slice(row);
+            // Another activation: apply it to the 16 values in memory.
+            // SAFETY: `tmp` holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(tmp.as_mut_ptr(), v[0]);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v[1]);
+            }
+            f.act.apply_slice(&mut tmp);
+            // SAFETY: as above.
+            unsafe {
+                v[0] = _mm256_loadu_ps(tmp.as_ptr());
+                v[1] = _mm256_loadu_ps(tmp.as_ptr().add(8));
+            }
         }
-        if !f.y8.is_null() {
+        if f.y8.is_null() {
+            // SAFETY: forwarded contract: 16 f32 outputs at `o`.
+            unsafe {
+                _mm256_storeu_ps(f.y.add(o), v[0]);
+                _mm256_storeu_ps(f.y.add(o + 8), v[1]);
+            }
+        } else {
+            // Requantize in registers: scale, clamp to ±127, round half to
+            // even (`cvtps2dq`), narrow with saturating packs.
+            let q = |v: __m256| {
+                _mm256_cvtps_epi32(_mm256_min_ps(
+                    _mm256_max_ps(_mm256_mul_ps(v, vinv), qlo),
+                    qhi,
+                ))
+            };
+            let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(q(v[0]), q(v[1])));
+            let bytes =
+                _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
             // SAFETY: forwarded contract: 16 INT8 outputs at `o`.
-            let out = unsafe { std::slice::from_raw_parts_mut(f.y8.add(o), QNR) };
-            crate::int8::quantize_to_i8(Isa::Avx2Fma, row, f.inv_out, out);
+            unsafe { _mm_storeu_si128(f.y8.add(o) as *mut __m128i, bytes) };
         }
     }
 }

@@ -356,6 +356,12 @@ impl Engine {
         (int8, int8 + fp)
     }
 
+    /// Tensors that pass between INT8 layers as INT8 (see
+    /// [`crate::int8::int8_flow`]).
+    pub fn int8_tensors(&self) -> usize {
+        self.steps.iter().filter(|s| s.out_i8.is_some()).count()
+    }
+
     /// Bytes of constants in the source graph.
     pub fn constant_bytes(&self) -> usize {
         self.constant_bytes
