@@ -6,13 +6,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use osprey_daemon::config::Config;
-use osprey_daemon::serve::Core;
+use osprey_daemon::serve::{Core, Reply};
 use osprey_engine::onnx::import_file;
 use osprey_engine::Engine;
 use osprey_models::vision::desc::ModelDesc;
@@ -193,19 +193,41 @@ fn answers_with_llama_cpp_arithmetic_and_an_f16_cache() {
     answers_stream("ask-f16", "kv_f16 = true\nint8_activations = true");
 }
 
+/// A reply that holds every send until `open` is set: its question stays
+/// in flight (a question leaves the count after its last send), however
+/// fast the machine answers.
+struct Gated(AnswerReply, Arc<AtomicBool>);
+
+impl Reply for Gated {
+    fn send(&mut self, payload: &[u8]) {
+        while !self.1.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.0.send(payload);
+    }
+}
+
 fn answers_stream(tag: &str, extra: &str) {
     let (dir, core, _sink) = start(tag, extra);
     let a = Answer::default();
     let b = Answer::default();
     let c = Answer::default();
+    // Both answers are held until the third question was refused: without
+    // the gate a fast (or briefly descheduled) test thread could see the
+    // first answer end before it asks the third.
+    let gate = Arc::new(AtomicBool::new(false));
     core.ask(
         "How do I reset the lidar?",
-        Box::new(AnswerReply(a.clone())),
+        Box::new(Gated(AnswerReply(a.clone()), gate.clone())),
     );
-    core.ask("Battery status?", Box::new(AnswerReply(b.clone())));
+    core.ask(
+        "Battery status?",
+        Box::new(Gated(AnswerReply(b.clone()), gate.clone())),
+    );
     // max_concurrent = 2: the third is refused at once.
     core.ask("And the wheels?", Box::new(AnswerReply(c.clone())));
     let rc = c.wait(10);
+    gate.store(true, Ordering::SeqCst);
     assert_eq!(rc.len(), 1);
     assert!(
         rc[0]["error"].as_str().unwrap().starts_with("busy"),
