@@ -107,13 +107,6 @@ fn pad_plane(
     for y in 0..g.h {
         let row = &mut buf[(pt + y) * pw..(pt + y + 1) * pw];
         if split {
-            let src: &[f32] = match x {
-                PlaneSource::F32(x) => &x[y * g.w..(y + 1) * g.w],
-                _ => {
-                    x.fill_row(isa, y, g.w, &mut rowbuf[..g.w]);
-                    &rowbuf[..g.w]
-                }
-            };
             row.iter_mut().for_each(|v| *v = 0.0);
             let (even, odd) = row.split_at_mut(ne);
             // src[i] sits at padded column pl + i: pairs (src[2i], src[2i+1])
@@ -123,7 +116,14 @@ fn pad_plane(
             } else {
                 (&mut odd[pl / 2..], &mut even[pl / 2 + 1..])
             };
-            deinterleave(isa, src, d0, d1);
+            match x {
+                PlaneSource::F32(x) => deinterleave(isa, &x[y * g.w..(y + 1) * g.w], d0, d1),
+                PlaneSource::I8(x) => deinterleave_i8(isa, &x[y * g.w..(y + 1) * g.w], d0, d1),
+                PlaneSource::Quantize(..) => {
+                    x.fill_row(isa, y, g.w, &mut rowbuf[..g.w]);
+                    deinterleave(isa, &rowbuf[..g.w], d0, d1);
+                }
+            }
         } else {
             row[..pl].iter_mut().for_each(|v| *v = 0.0);
             x.fill_row(isa, y, g.w, &mut row[pl..pl + g.w]);
@@ -333,6 +333,57 @@ fn deinterleave(isa: Isa, src: &[f32], d0: &mut [f32], d1: &mut [f32]) {
     if src.len() % 2 == 1 {
         d0[pairs] = src[2 * pairs];
     }
+}
+
+/// [`deinterleave`] of INT8 values into f32 (exact).
+fn deinterleave_i8(isa: Isa, src: &[i8], d0: &mut [f32], d1: &mut [f32]) {
+    let pairs = src.len() / 2;
+    assert!(d0.len() >= src.len().div_ceil(2) && d1.len() >= pairs);
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        // SAFETY: AVX2 is available; the kernel reads src[..16·blocks] and
+        // writes d0/d1[..8·blocks], all checked above.
+        done = unsafe { avx2_deinterleave_i8(src, d0, d1) };
+    }
+    let _ = isa;
+    for i in done..pairs {
+        d0[i] = src[2 * i] as f32;
+        d1[i] = src[2 * i + 1] as f32;
+    }
+    if src.len() % 2 == 1 {
+        d0[pairs] = src[2 * pairs] as f32;
+    }
+}
+
+/// Deinterleaves and widens whole blocks of 16 bytes; returns the pairs
+/// done.
+///
+/// # Safety
+/// AVX2 must be available; `d0` and `d1` hold at least `src.len() / 2` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_deinterleave_i8(src: &[i8], d0: &mut [f32], d1: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let blocks = src.len() / 16;
+    // Even bytes to the low half, odd bytes to the high half.
+    let order = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    for b in 0..blocks {
+        // SAFETY: 16 bytes read at 16·b < src.len(); 8 floats written at
+        // 8·b into each destination, which hold src.len()/2 >= 8·blocks.
+        unsafe {
+            let v = _mm_shuffle_epi8(
+                _mm_loadu_si128(src.as_ptr().add(16 * b) as *const __m128i),
+                order,
+            );
+            let e = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+            let o = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v)));
+            _mm256_storeu_ps(d0.as_mut_ptr().add(8 * b), e);
+            _mm256_storeu_ps(d1.as_mut_ptr().add(8 * b), o);
+        }
+    }
+    blocks * 8
 }
 
 /// Deinterleaves whole blocks of 16; returns the pairs done.
