@@ -49,6 +49,21 @@ pub struct Conv2dGeometry {
 }
 
 impl Conv2dGeometry {
+    /// One channel plane of a depthwise layer with output `oh`×`ow`.
+    pub fn plane(&self, oh: usize, ow: usize) -> PlaneGeometry {
+        PlaneGeometry {
+            h: self.h,
+            w: self.w,
+            oh,
+            ow,
+            kh: self.kh,
+            kw: self.kw,
+            stride: self.stride,
+            dilation: self.dilation,
+            pads: self.pads,
+        }
+    }
+
     /// Output height, or `None` if the kernel does not fit.
     pub fn out_h(&self) -> Option<usize> {
         out_extent(
@@ -531,18 +546,7 @@ impl Conv2d {
     }
 
     fn plane(&self) -> PlaneGeometry {
-        let g = &self.g;
-        PlaneGeometry {
-            h: g.h,
-            w: g.w,
-            oh: self.oh,
-            ow: self.ow,
-            kh: g.kh,
-            kw: g.kw,
-            stride: g.stride,
-            dilation: g.dilation,
-            pads: g.pads,
-        }
+        self.g.plane(self.oh, self.ow)
     }
 
     fn depthwise(

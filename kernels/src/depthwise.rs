@@ -118,7 +118,7 @@ fn pad_plane(
             };
             match x {
                 PlaneSource::F32(x) => deinterleave(isa, &x[y * g.w..(y + 1) * g.w], d0, d1),
-                PlaneSource::I8(x) => deinterleave_i8(isa, &x[y * g.w..(y + 1) * g.w], d0, d1),
+                PlaneSource::I8(x) => deinterleave(isa, &x[y * g.w..(y + 1) * g.w], d0, d1),
                 PlaneSource::Quantize(..) => {
                     x.fill_row(isa, y, g.w, &mut rowbuf[..g.w]);
                     deinterleave(isa, &rowbuf[..g.w], d0, d1);
@@ -312,48 +312,51 @@ pub fn depthwise_plane(
     }
 }
 
-/// `d0[i] = src[2i]`, `d1[i] = src[2i + 1]` for every element of `src`.
-fn deinterleave(isa: Isa, src: &[f32], d0: &mut [f32], d1: &mut [f32]) {
-    let pairs = src.len() / 2;
-    assert!(d0.len() >= src.len().div_ceil(2) && d1.len() >= pairs);
-    // Only the x86-64 fast path advances it.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
-        // SAFETY: AVX2 is available (Avx2Fma is active); the kernel touches
-        // src[..16·blocks], d0/d1[..8·blocks], all checked above.
-        done = unsafe { avx2_deinterleave(src, d0, d1) };
-    }
-    let _ = isa;
-    for i in done..pairs {
-        d0[i] = src[2 * i];
-        d1[i] = src[2 * i + 1];
-    }
-    if src.len() % 2 == 1 {
-        d0[pairs] = src[2 * pairs];
+/// Plane element types [`deinterleave`] reads, with their AVX2 form.
+trait Lane: Copy + Into<f32> {
+    /// Deinterleaves whole SIMD blocks; returns the pairs done.
+    fn deinterleave_simd(isa: Isa, src: &[Self], d0: &mut [f32], d1: &mut [f32]) -> usize;
+}
+
+impl Lane for f32 {
+    fn deinterleave_simd(isa: Isa, src: &[f32], d0: &mut [f32], d1: &mut [f32]) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2Fma {
+            // SAFETY: AVX2 is available (Avx2Fma is active); the kernel
+            // touches src[..16·blocks], d0/d1[..8·blocks], checked by the
+            // caller.
+            return unsafe { avx2_deinterleave(src, d0, d1) };
+        }
+        let _ = (isa, src, d0, d1);
+        0
     }
 }
 
-/// [`deinterleave`] of INT8 values into f32 (exact).
-fn deinterleave_i8(isa: Isa, src: &[i8], d0: &mut [f32], d1: &mut [f32]) {
+impl Lane for i8 {
+    fn deinterleave_simd(isa: Isa, src: &[i8], d0: &mut [f32], d1: &mut [f32]) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2Fma {
+            // SAFETY: AVX2 is available; the kernel reads src[..16·blocks]
+            // and writes d0/d1[..8·blocks], checked by the caller.
+            return unsafe { avx2_deinterleave_i8(src, d0, d1) };
+        }
+        let _ = (isa, src, d0, d1);
+        0
+    }
+}
+
+/// `d0[i] = src[2i]`, `d1[i] = src[2i + 1]` for every element of `src`, as
+/// f32 (exact for INT8).
+fn deinterleave<T: Lane>(isa: Isa, src: &[T], d0: &mut [f32], d1: &mut [f32]) {
     let pairs = src.len() / 2;
     assert!(d0.len() >= src.len().div_ceil(2) && d1.len() >= pairs);
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
-        // SAFETY: AVX2 is available; the kernel reads src[..16·blocks] and
-        // writes d0/d1[..8·blocks], all checked above.
-        done = unsafe { avx2_deinterleave_i8(src, d0, d1) };
-    }
-    let _ = isa;
+    let done = T::deinterleave_simd(isa, src, d0, d1);
     for i in done..pairs {
-        d0[i] = src[2 * i] as f32;
-        d1[i] = src[2 * i + 1] as f32;
+        d0[i] = src[2 * i].into();
+        d1[i] = src[2 * i + 1].into();
     }
     if src.len() % 2 == 1 {
-        d0[pairs] = src[2 * pairs] as f32;
+        d0[pairs] = src[2 * pairs].into();
     }
 }
 

@@ -168,35 +168,25 @@ impl QConv2d {
         let k = g.c_in / g.groups * g.kh * g.kw;
         let bias = g.checked_bias(["qconv2d weights", "qconv2d bias"], weights, bias)?;
         let (weight_scales, q) = quantize_weights(weights, g.c_out);
-        if depthwise {
-            if k > 1024 {
-                return Err(bad(format!("{k} taps: INT8 depthwise takes at most 1024")));
-            }
-            return Ok(QConv2d {
-                g,
-                oh,
-                ow,
-                k,
-                kpairs: 0,
-                a: Vec::new(),
-                out_scale: weight_scales.iter().map(|s| s * input_scale).collect(),
-                bias,
-                act,
-                input_scale,
-                inv_input_scale: 1.0 / input_scale,
-                weight_scales,
-                dw: Some(q.iter().map(|&v| v as f32).collect()),
-            });
+        if depthwise && k > 1024 {
+            return Err(bad(format!("{k} taps: INT8 depthwise takes at most 1024")));
         }
-        let kpairs = k.div_ceil(2);
-        let mblocks = g.c_out.div_ceil(QMR);
-        let mut a = vec![0i16; mblocks * kpairs * QMR * 2];
-        for co in 0..g.c_out {
-            let (blk, r) = (co / QMR, co % QMR);
-            for kk in 0..k {
-                a[((blk * kpairs + kk / 2) * QMR + r) * 2 + kk % 2] = q[co * k + kk] as i16;
+        // Depthwise: integer-valued f32 weights for the plane kernel;
+        // otherwise the GEMM's packed pairs.
+        let (kpairs, a, dw) = if depthwise {
+            (0, Vec::new(), Some(q.iter().map(|&v| v as f32).collect()))
+        } else {
+            let kpairs = k.div_ceil(2);
+            let mblocks = g.c_out.div_ceil(QMR);
+            let mut a = vec![0i16; mblocks * kpairs * QMR * 2];
+            for co in 0..g.c_out {
+                let (blk, r) = (co / QMR, co % QMR);
+                for kk in 0..k {
+                    a[((blk * kpairs + kk / 2) * QMR + r) * 2 + kk % 2] = q[co * k + kk] as i16;
+                }
             }
-        }
+            (kpairs, a, None)
+        };
         Ok(QConv2d {
             g,
             oh,
@@ -210,7 +200,7 @@ impl QConv2d {
             input_scale,
             inv_input_scale: 1.0 / input_scale,
             weight_scales,
-            dw: None,
+            dw,
         })
     }
 
@@ -266,18 +256,7 @@ impl QConv2d {
 
     /// Depthwise: one plane's geometry.
     fn plane(&self) -> PlaneGeometry {
-        let g = &self.g;
-        PlaneGeometry {
-            h: g.h,
-            w: g.w,
-            oh: self.oh,
-            ow: self.ow,
-            kh: g.kh,
-            kw: g.kw,
-            stride: g.stride,
-            dilation: g.dilation,
-            pads: g.pads,
-        }
+        self.g.plane(self.oh, self.ow)
     }
 
     /// Depthwise: scratch floats per thread (padded plane, row, accumulators).
