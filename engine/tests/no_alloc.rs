@@ -104,6 +104,14 @@ fn run_allocates_nothing_after_warmup() {
         report.iter().map(|r| r.rewrites).sum::<usize>() >= 3,
         "{report:?}"
     );
+    // The INT8 form of the same graph: INT8 convolutions (plain and
+    // depthwise) with an INT8 tensor between the depthwise and the
+    // pointwise layer.
+    let mut graph8 = graph.clone();
+    let layers = osprey_engine::int8::permit_int8(&mut graph8, &|_| Some(4.0 / 127.0), true);
+    assert_eq!(layers.iter().filter(|l| l.fallback.is_none()).count(), 3);
+    let engine8 = Arc::new(Engine::new(graph8).expect("int8 engine"));
+    assert_eq!(engine8.int8_tensors(), 1);
     let engine = Arc::new(Engine::new(graph).expect("engine"));
     let mut ctx = ExecutionContext::new(engine, 2);
     let x = weights(4 * 16 * 16);
@@ -120,4 +128,17 @@ fn run_allocates_nothing_after_warmup() {
     });
     assert_eq!(n, 0, "{n} allocations on the inference path");
     assert_eq!(ctx.output("prob").expect("prob"), &first[..]);
+
+    let mut ctx8 = ExecutionContext::new(engine8, 2);
+    ctx8.set_input("x", &x).expect("input");
+    ctx8.run().expect("warm-up");
+    let first8: Vec<f32> = ctx8.output("prob").expect("prob").to_vec();
+    let n = osprey_engine::testing::allocations_in(|| {
+        for _ in 0..20 {
+            ctx8.set_input("x", &x).expect("input");
+            ctx8.run().expect("run");
+        }
+    });
+    assert_eq!(n, 0, "{n} allocations on the INT8 inference path");
+    assert_eq!(ctx8.output("prob").expect("prob"), &first8[..]);
 }
