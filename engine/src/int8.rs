@@ -93,6 +93,27 @@ pub fn runs_int8(op: &Op, tactic: Option<&str>) -> bool {
         && tactic.is_none_or(|t| t.starts_with("int8"))
 }
 
+/// Whether tensor `t` is non-negative by construction: its producer ends in
+/// a ReLU, a clip at or above zero, or a (hard) sigmoid. INT8 layers that
+/// read it can take the unsigned-input kernel
+/// (`osprey_kernels::qconv::QConv2d::with_nonneg_input`).
+pub fn nonneg_tensor(g: &Graph, t: usize) -> bool {
+    use osprey_kernels::activation::Activation;
+    let nonneg = |a: &Activation| match a {
+        Activation::Relu | Activation::Sigmoid | Activation::HardSigmoid { .. } => true,
+        Activation::Clip { lo, .. } => *lo >= 0.0,
+        _ => false,
+    };
+    g.nodes
+        .iter()
+        .find(|n| n.outputs.first() == Some(&t))
+        .is_some_and(|n| match &n.op {
+            Op::Conv(a) => nonneg(&a.activation),
+            Op::Unary(a) => nonneg(a),
+            _ => false,
+        })
+}
+
 /// Per tensor: `Some(scale)` when it passes between INT8 layers as INT8
 /// with that scale. That is when its producer runs INT8 (see
 /// [`runs_int8`]), it is not a graph output, and every consumer runs INT8

@@ -187,17 +187,20 @@ pub fn select_tactics(
         let int8 = match attrs.int8_input_scale {
             Some(s) => {
                 let (w, b) = weights();
-                QConv2d::new(geo, &w, b.as_deref(), attrs.activation, s).ok()
+                QConv2d::new(geo, &w, b.as_deref(), attrs.activation, s)
+                    .ok()
+                    .map(|q| q.with_nonneg_input(crate::int8::nonneg_tensor(g, node.inputs[0])))
             }
             None => None,
         };
+        let nonneg = crate::int8::nonneg_tensor(g, node.inputs[0]);
         let (in_i8, out_scale) = if int8.is_some() {
             (flow_of(node.inputs.first()), flow_of(node.outputs.first()))
         } else {
             (None, None)
         };
         let key = format!(
-            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}{}{}{}",
+            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}{}{}{}{}",
             fp.key(),
             pool.threads(),
             geo.c_in,
@@ -216,6 +219,7 @@ pub fn select_tactics(
             if int8.is_some() { "|int8" } else { "" },
             if in_i8.is_some() { "|in:i8" } else { "" },
             if out_scale.is_some() { "|out:i8" } else { "" },
+            if nonneg { "|x>=0" } else { "" },
         );
         let candidates = ConvTactic::candidates(&geo);
         let int8_name = int8.as_ref().map(|q| q.algorithm());
@@ -232,7 +236,11 @@ pub fn select_tactics(
             None => {
                 let (w, b) = weights();
                 let (oh, ow) = (geo.out_h().unwrap_or(0), geo.out_w().unwrap_or(0));
-                let x = pseudo_random(batch * geo.c_in * geo.h * geo.w, 7);
+                let mut x = pseudo_random(batch * geo.c_in * geo.h * geo.w, 7);
+                if nonneg {
+                    // Time on data like the layer's (after a ReLU).
+                    x.iter_mut().for_each(|v| *v = v.abs());
+                }
                 let r = pseudo_random(batch * geo.c_out * oh * ow, 11);
                 let mut y = vec![0.0f32; batch * geo.c_out * oh * ow];
                 let mut times = BTreeMap::new();

@@ -111,6 +111,12 @@ pub struct QConv2d {
     weight_scales: Vec<f32>,
     /// Depthwise layers: integer-valued weights `[c][kh·kw]` (and `a` empty).
     dw: Option<Vec<f32>>,
+    /// Reduction groups of four (`k` rounded up to a multiple of 4, / 4).
+    kquads: usize,
+    /// With AVX2 and a non-negative input (see
+    /// [`QConv2d::with_nonneg_input`]): the weights as INT8 groups of four,
+    /// `[ceil(c_out / QMR)][kquads][QMR][4]`, for the `vpmaddubsw` kernel.
+    a4: Vec<i8>,
 }
 
 /// An INT8 layer's input tensor.
@@ -173,6 +179,7 @@ impl QConv2d {
         }
         // Depthwise: integer-valued f32 weights for the plane kernel;
         // otherwise the GEMM's packed pairs.
+        let kquads = k.div_ceil(4);
         let (kpairs, a, dw) = if depthwise {
             (0, Vec::new(), Some(q.iter().map(|&v| v as f32).collect()))
         } else {
@@ -192,6 +199,8 @@ impl QConv2d {
             oh,
             ow,
             k,
+            kquads,
+            a4: Vec::new(),
             kpairs,
             a,
             out_scale: weight_scales.iter().map(|s| s * input_scale).collect(),
@@ -202,6 +211,32 @@ impl QConv2d {
             weight_scales,
             dw,
         })
+    }
+
+    /// Declares the input non-negative (it comes from a ReLU, ReLU6 or
+    /// sigmoid): with AVX2 the layer then takes the `vpmaddubsw` kernel on
+    /// groups of four, about 1.1–2x faster than the pair kernel on such
+    /// inputs (criterion) but slower on signed ones. Only the speed depends
+    /// on it: panels that do hold a negative value take the kernel's exact
+    /// signed form.
+    pub fn with_nonneg_input(mut self, nonneg: bool) -> QConv2d {
+        if !nonneg || self.dw.is_some() || isa::active() != Isa::Avx2Fma {
+            self.a4 = Vec::new();
+            return self;
+        }
+        let (k, kq) = (self.k, self.kquads);
+        let mblocks = self.g.c_out.div_ceil(QMR);
+        let mut a4 = vec![0i8; mblocks * kq * QMR * 4];
+        for co in 0..self.g.c_out {
+            let (blk, r) = (co / QMR, co % QMR);
+            for kk in 0..k {
+                // The packed pairs hold the INT8 weights as i16.
+                let w = self.a[((blk * self.kpairs + kk / 2) * QMR + r) * 2 + kk % 2];
+                a4[((blk * kq + kk / 4) * QMR + r) * 4 + kk % 4] = w as i8;
+            }
+        }
+        self.a4 = a4;
+        self
     }
 
     /// The geometry.
@@ -226,7 +261,7 @@ impl QConv2d {
 
     /// Bytes of packed weights held.
     pub fn weight_bytes(&self) -> usize {
-        self.a.len() * 2 + self.dw.as_ref().map_or(0, |w| w.len() * 4)
+        self.a.len() * 2 + self.a4.len() + self.dw.as_ref().map_or(0, |w| w.len() * 4)
     }
 
     /// Name for reports.
@@ -238,6 +273,12 @@ impl QConv2d {
         } else {
             "int8-im2col"
         }
+    }
+
+    /// Whether the layer takes the `vpmaddubsw` kernel for non-negative
+    /// inputs (see [`QConv2d::with_nonneg_input`]).
+    pub fn unsigned_input(&self) -> bool {
+        !self.a4.is_empty()
     }
 
     fn is_pointwise(&self) -> bool {
@@ -361,8 +402,76 @@ impl QConv2d {
                 // (sized by `scratch_len` for the pool's thread count).
                 let bbuf =
                     unsafe { std::slice::from_raw_parts_mut(s_ptr.add(slot * per_slot), per_slot) };
-                self.pack_input(isa, x, p0, n, bbuf);
                 let (m0, m1) = (part * mblocks / parts, (part + 1) * mblocks / parts);
+                #[cfg(target_arch = "x86_64")]
+                let fused = |blk: usize, px: usize| {
+                    let rows = QMR.min(g.c_out - blk * QMR);
+                    let co = blk * QMR;
+                    let (y, y8, inv_out) = match y_ptr {
+                        OutPtr::F32(p) => (p.0, std::ptr::null_mut(), 1.0),
+                        OutPtr::I8(p, inv) => (std::ptr::null_mut(), p.0, inv),
+                    };
+                    Fused {
+                        y,
+                        y8,
+                        inv_out,
+                        ldy: ohw,
+                        res: res.map_or(std::ptr::null(), |r| r.as_ptr()),
+                        offset: co * ohw + px,
+                        rows,
+                        scale: &self.out_scale[co..co + rows],
+                        bias: &self.bias[co..co + rows],
+                        clamp,
+                        act: self.act,
+                    }
+                };
+                #[cfg(target_arch = "x86_64")]
+                if !self.a4.is_empty() {
+                    // The vpmaddubsw path (a4 is only built with AVX2).
+                    let q4 = self.kquads * QNR * 4;
+                    // SAFETY: the slot's i16 scratch viewed as twice as many
+                    // bytes; kquads·QNC·4 bytes ≤ kpairs·QNC·2 i16.
+                    let b8 = unsafe {
+                        std::slice::from_raw_parts_mut(bbuf.as_mut_ptr() as *mut i8, bbuf.len() * 2)
+                    };
+                    let mut nonneg = [false; QNC / QNR];
+                    self.pack_input_quads(isa, x, p0, n, b8, &mut nonneg);
+                    for blk in m0..m1 {
+                        let a = &self.a4
+                            [blk * self.kquads * QMR * 4..(blk + 1) * self.kquads * QMR * 4];
+                        for pi in 0..n.div_ceil(QNR) {
+                            let panel = &b8[pi * q4..(pi + 1) * q4];
+                            let px = p0 + pi * QNR;
+                            let cols = QNR.min(ohw - px);
+                            // SAFETY: AVX2 is active (a4 exists); a and
+                            // panel hold kquads groups.
+                            let c =
+                                unsafe { products_quad_avx2(self.kquads, a, panel, nonneg[pi]) };
+                            if cols == QNR {
+                                // SAFETY: AVX2 and FMA are active; the
+                                // rows × 16 outputs at the tile's offset are
+                                // this task's own.
+                                unsafe { epilogue_avx2(&c, &fused(blk, px)) };
+                                continue;
+                            }
+                            let mut acc = [[0i32; QNR]; QMR];
+                            for (row, cr) in acc.iter_mut().zip(&c) {
+                                // SAFETY: each row holds 16 i32 = two stores.
+                                unsafe {
+                                    use std::arch::x86_64::*;
+                                    _mm256_storeu_si256(row.as_mut_ptr() as *mut __m256i, cr[0]);
+                                    _mm256_storeu_si256(
+                                        row.as_mut_ptr().add(8) as *mut __m256i,
+                                        cr[1],
+                                    );
+                                }
+                            }
+                            self.store_partial(isa, blk, px, cols, ohw, &acc, res, y_ptr);
+                        }
+                    }
+                    return;
+                }
+                self.pack_input(isa, x, p0, n, bbuf);
                 for blk in m0..m1 {
                     let a = &self.a[blk * self.kpairs * QMR * 2..(blk + 1) * self.kpairs * QMR * 2];
                     for (pi, panel) in bbuf
@@ -374,62 +483,144 @@ impl QConv2d {
                         let cols = QNR.min(ohw - px);
                         #[cfg(target_arch = "x86_64")]
                         if isa == Isa::Avx2Fma && cols == QNR {
-                            let rows = QMR.min(g.c_out - blk * QMR);
-                            let co = blk * QMR;
-                            let (y, y8, inv_out) = match y_ptr {
-                                OutPtr::F32(p) => (p.0, std::ptr::null_mut(), 1.0),
-                                OutPtr::I8(p, inv) => (std::ptr::null_mut(), p.0, inv),
-                            };
-                            let f = Fused {
-                                y,
-                                y8,
-                                inv_out,
-                                ldy: ohw,
-                                res: res.map_or(std::ptr::null(), |r| r.as_ptr()),
-                                offset: co * ohw + px,
-                                rows,
-                                scale: &self.out_scale[co..co + rows],
-                                bias: &self.bias[co..co + rows],
-                                clamp,
-                                act: self.act,
-                            };
                             // SAFETY: AVX2 is active; a and panel hold kpairs
                             // pairs; the `rows` × 16 output (and residual)
-                            // elements at `offset` are this task's own.
-                            unsafe { tile_avx2_fused(self.kpairs, a, panel, &f) };
+                            // elements at the tile's offset are this task's own.
+                            unsafe { tile_avx2_fused(self.kpairs, a, panel, &fused(blk, px)) };
                             continue;
                         }
                         let mut acc = [[0i32; QNR]; QMR];
                         tile(isa, self.kpairs, a, panel, &mut acc);
-                        for (r, row) in acc.iter().enumerate() {
-                            let co = blk * QMR + r;
-                            if co >= g.c_out {
-                                break;
-                            }
-                            let rres = res.map(|r| &r[co * ohw + px..co * ohw + px + cols]);
-                            match y_ptr {
-                                OutPtr::F32(p) => {
-                                    // SAFETY: tasks write disjoint (channel
-                                    // block, pixel chunk) ranges of the output.
-                                    let out = unsafe {
-                                        std::slice::from_raw_parts_mut(p.add(co * ohw + px), cols)
-                                    };
-                                    self.epilogue(co, &row[..cols], rres, out);
-                                }
-                                OutPtr::I8(p, inv) => {
-                                    // SAFETY: as for f32 outputs.
-                                    let out = unsafe {
-                                        std::slice::from_raw_parts_mut(p.add(co * ohw + px), cols)
-                                    };
-                                    let mut v = [0f32; QNR];
-                                    self.epilogue(co, &row[..cols], rres, &mut v[..cols]);
-                                    crate::int8::quantize_to_i8(isa, &v[..cols], inv, out);
-                                }
-                            }
-                        }
+                        self.store_partial(isa, blk, px, cols, ohw, &acc, res, y_ptr);
                     }
                 }
             });
+        }
+    }
+
+    /// The scalar epilogue of a tile (a partial one, or any without AVX2):
+    /// `cols` pixels at `px` of output channels `blk·QMR..`.
+    #[allow(clippy::too_many_arguments)]
+    fn store_partial(
+        &self,
+        isa: Isa,
+        blk: usize,
+        px: usize,
+        cols: usize,
+        ohw: usize,
+        acc: &[[i32; QNR]; QMR],
+        res: Option<&[f32]>,
+        y_ptr: OutPtr,
+    ) {
+        for (r, row) in acc.iter().enumerate() {
+            let co = blk * QMR + r;
+            if co >= self.g.c_out {
+                break;
+            }
+            let rres = res.map(|r| &r[co * ohw + px..co * ohw + px + cols]);
+            match y_ptr {
+                OutPtr::F32(p) => {
+                    // SAFETY: tasks write disjoint (channel block, pixel
+                    // chunk) ranges of the output.
+                    let out = unsafe { std::slice::from_raw_parts_mut(p.add(co * ohw + px), cols) };
+                    self.epilogue(co, &row[..cols], rres, out);
+                }
+                OutPtr::I8(p, inv) => {
+                    // SAFETY: as for f32 outputs.
+                    let out = unsafe { std::slice::from_raw_parts_mut(p.add(co * ohw + px), cols) };
+                    let mut v = [0f32; QNR];
+                    self.epilogue(co, &row[..cols], rres, &mut v[..cols]);
+                    crate::int8::quantize_to_i8(isa, &v[..cols], inv, out);
+                }
+            }
+        }
+    }
+
+    /// Quantizes and packs output pixels `[p0, p0 + n)` of the unfolded
+    /// input into `QNR`-pixel panels of INT8 groups of four reduction
+    /// indices (`[kquads][QNR][4]` per panel; padding and the reduction
+    /// tail are zeros). `nonneg[p]`: panel `p` holds no negative value.
+    #[cfg(target_arch = "x86_64")]
+    fn pack_input_quads(
+        &self,
+        isa: Isa,
+        x: QIn,
+        p0: usize,
+        n: usize,
+        buf: &mut [i8],
+        nonneg: &mut [bool; QNC / QNR],
+    ) {
+        let g = &self.g;
+        let hw = g.h * g.w;
+        let khw = g.kh * g.kw;
+        let q4 = self.kquads * QNR * 4;
+        let mut rows = [[0i8; QNR]; 4];
+        let mut vals = [0f32; QNR];
+        let mut corner = [(0usize, 0usize); QNR];
+        for pi in 0..n.div_ceil(QNR) {
+            let px = p0 + pi * QNR;
+            let cols = QNR.min(p0 + n - px);
+            let panel = &mut buf[pi * q4..(pi + 1) * q4];
+            let mut neg = false;
+            if self.is_pointwise() && cols == QNR {
+                // Full panels of a pointwise layer: four channel rows of 16
+                // pixels per group, straight from the tensor.
+                for kq in 0..self.kquads {
+                    let row = |j: usize| {
+                        let c = 4 * kq + j;
+                        (c < g.c_in).then_some(c * hw + px)
+                    };
+                    let starts = [row(0), row(1), row(2), row(3)];
+                    let dst = panel[kq * QNR * 4..].as_mut_ptr();
+                    // SAFETY: AVX2 is active (quad packing is only used
+                    // with it); each start has 16 elements in the image;
+                    // the group's 64 bytes lie within the panel.
+                    neg |= unsafe {
+                        match x {
+                            QIn::F32(x) => pack_quad_f32_avx2(x, starts, self.inv_input_scale, dst),
+                            QIn::I8(x) => pack_quad_i8_avx2(x, starts, dst),
+                        }
+                    };
+                }
+                nonneg[pi] = !neg;
+                continue;
+            }
+            for (j, c) in corner.iter_mut().enumerate().take(cols) {
+                let p = px + j;
+                *c = ((p / self.ow) * g.stride[0], (p % self.ow) * g.stride[1]);
+            }
+            for kq in 0..self.kquads {
+                for (j, row) in rows.iter_mut().enumerate() {
+                    let kk = 4 * kq + j;
+                    row.iter_mut().for_each(|v| *v = 0);
+                    if kk >= self.k {
+                        continue;
+                    }
+                    // Gather reduction row (ci, ky, kx) for the panel (a
+                    // pointwise layer's is channel ci itself).
+                    let (ci, rem) = (kk / khw, kk % khw);
+                    let (ky, kx) = (rem / g.kw, rem % g.kw);
+                    let (dy, dx) = (ky * g.dilation[0], kx * g.dilation[1]);
+                    vals.iter_mut().for_each(|v| *v = 0.0);
+                    for (v, &(cy, cx)) in vals.iter_mut().zip(&corner).take(cols) {
+                        let iy = (cy + dy).wrapping_sub(g.pads[0]);
+                        let ix = (cx + dx).wrapping_sub(g.pads[1]);
+                        if iy < g.h && ix < g.w {
+                            let i = ci * hw + iy * g.w + ix;
+                            *v = match x {
+                                QIn::F32(x) => x[i] * self.inv_input_scale,
+                                QIn::I8(x) => x[i] as f32,
+                            };
+                        }
+                    }
+                    // Values already scaled: quantize with scale 1.
+                    crate::int8::quantize_to_i8(isa, &vals[..cols], 1.0, &mut row[..cols]);
+                }
+                // SAFETY: AVX2 is active (quad packing is only used with
+                // it); the group's 64 bytes lie within the panel.
+                neg |= unsafe { interleave4_avx2(&rows, panel[kq * QNR * 4..].as_mut_ptr()) };
+            }
+            nonneg[pi] = !neg;
         }
     }
 
@@ -811,6 +1002,181 @@ unsafe fn products_avx2(
     c
 }
 
+/// The AVX2 `vpmaddubsw` product loop on groups of four reduction indices
+/// (INT8 bytes; see [`QConv2d`]'s quad layout): `QMR` rows × 16 pixels of
+/// `i32` sums. `vpmaddubsw` multiplies unsigned by signed bytes and adds
+/// pairs into saturating `i16`; with every value in [-127, 127] a pair sum
+/// is at most 2·127·127 = 32258, so nothing saturates and the sums are
+/// exact. Non-negative inputs (`nonneg`, e.g. after a ReLU) go in as they
+/// are; otherwise the input's magnitude goes in and its sign moves to the
+/// weight (`vpabsb`, `vpsignb`).
+///
+/// # Safety
+/// AVX2 must be present; `a` must hold `kquads·QMR·4` bytes and `b`
+/// `kquads·QNR·4`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn products_quad_avx2(
+    kquads: usize,
+    a: &[i8],
+    b: &[i8],
+    nonneg: bool,
+) -> [[std::arch::x86_64::__m256i; 2]; QMR] {
+    use std::arch::x86_64::*;
+    let mut c = [[_mm256_setzero_si256(); 2]; QMR];
+    let ones = _mm256_set1_epi16(1);
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    // SAFETY: forwarded contract; every load is within the kquads groups
+    // of a and b.
+    unsafe {
+        if nonneg {
+            for q in 0..kquads {
+                let b0 = _mm256_loadu_si256(bp.add(q * QNR * 4) as *const __m256i);
+                let b1 = _mm256_loadu_si256(bp.add(q * QNR * 4 + 32) as *const __m256i);
+                for (r, cr) in c.iter_mut().enumerate() {
+                    let quad = (ap.add((q * QMR + r) * 4) as *const i32).read_unaligned();
+                    let av = _mm256_set1_epi32(quad);
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(b0, av), ones);
+                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(b1, av), ones);
+                    cr[0] = _mm256_add_epi32(cr[0], p0);
+                    cr[1] = _mm256_add_epi32(cr[1], p1);
+                }
+            }
+        } else {
+            for q in 0..kquads {
+                let b0 = _mm256_loadu_si256(bp.add(q * QNR * 4) as *const __m256i);
+                let b1 = _mm256_loadu_si256(bp.add(q * QNR * 4 + 32) as *const __m256i);
+                let (m0, m1) = (_mm256_abs_epi8(b0), _mm256_abs_epi8(b1));
+                for (r, cr) in c.iter_mut().enumerate() {
+                    let quad = (ap.add((q * QMR + r) * 4) as *const i32).read_unaligned();
+                    let av = _mm256_set1_epi32(quad);
+                    let s0 = _mm256_sign_epi8(av, b0);
+                    let s1 = _mm256_sign_epi8(av, b1);
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(m0, s0), ones);
+                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(m1, s1), ones);
+                    cr[0] = _mm256_add_epi32(cr[0], p0);
+                    cr[1] = _mm256_add_epi32(cr[1], p1);
+                }
+            }
+        }
+    }
+    c
+}
+
+/// Interleaves four rows of 16 INT8 values into 16 groups of four
+/// (`dst[4j + r] = rows[r][j]`); returns whether any value is negative.
+///
+/// # Safety
+/// AVX2 must be present; `dst` must hold 64 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn interleave4_avx2(rows: &[[i8; QNR]; 4], dst: *mut i8) -> bool {
+    use std::arch::x86_64::*;
+    let ld = |r: &[i8; QNR]| {
+        // SAFETY: each row is 16 bytes.
+        unsafe { _mm_loadu_si128(r.as_ptr() as *const __m128i) }
+    };
+    // SAFETY: dst holds 64 bytes (contract).
+    unsafe { interleave4_regs(ld(&rows[0]), ld(&rows[1]), ld(&rows[2]), ld(&rows[3]), dst) }
+}
+
+/// Four rows (`starts`: offsets of 16 f32 values each, `None` for zero
+/// rows) quantized with `inv` and interleaved into 16 groups of four at
+/// `dst`; returns whether any value is negative.
+///
+/// # Safety
+/// AVX2 must be present; each start must have 16 values in `x`; `dst` must
+/// hold 64 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_quad_f32_avx2(
+    x: &[f32],
+    starts: [Option<usize>; 4],
+    inv: f32,
+    dst: *mut i8,
+) -> bool {
+    use std::arch::x86_64::*;
+    let vinv = _mm256_set1_ps(inv);
+    let (lo, hi) = (_mm256_set1_ps(-QMAX), _mm256_set1_ps(QMAX));
+    let row = |s: Option<usize>| match s {
+        // SAFETY: 16 floats at s (contract).
+        Some(s) => unsafe {
+            let q = |p: *const f32| {
+                let v = _mm256_loadu_ps(p);
+                _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, vinv), lo), hi))
+            };
+            let p = x.as_ptr().add(s);
+            let w =
+                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(q(p), q(p.add(8))));
+            _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w))
+        },
+        None => _mm_setzero_si128(),
+    };
+    let (a, b, c, d) = (
+        row(starts[0]),
+        row(starts[1]),
+        row(starts[2]),
+        row(starts[3]),
+    );
+    // SAFETY: dst holds 64 bytes (contract).
+    unsafe { interleave4_regs(a, b, c, d, dst) }
+}
+
+/// As [`pack_quad_f32_avx2`] for INT8 rows (no quantization).
+///
+/// # Safety
+/// AVX2 must be present; each start must have 16 values in `x`; `dst` must
+/// hold 64 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_quad_i8_avx2(x: &[i8], starts: [Option<usize>; 4], dst: *mut i8) -> bool {
+    use std::arch::x86_64::*;
+    let row = |s: Option<usize>| match s {
+        // SAFETY: 16 bytes at s (contract).
+        Some(s) => unsafe { _mm_loadu_si128(x.as_ptr().add(s) as *const __m128i) },
+        None => _mm_setzero_si128(),
+    };
+    let (a, b, c, d) = (
+        row(starts[0]),
+        row(starts[1]),
+        row(starts[2]),
+        row(starts[3]),
+    );
+    // SAFETY: dst holds 64 bytes (contract).
+    unsafe { interleave4_regs(a, b, c, d, dst) }
+}
+
+/// Interleaves four registers of 16 bytes into 16 groups of four at `dst`;
+/// returns whether any byte is negative.
+///
+/// # Safety
+/// AVX2 must be present; `dst` must hold 64 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn interleave4_regs(
+    a: std::arch::x86_64::__m128i,
+    b: std::arch::x86_64::__m128i,
+    c: std::arch::x86_64::__m128i,
+    d: std::arch::x86_64::__m128i,
+    dst: *mut i8,
+) -> bool {
+    use std::arch::x86_64::*;
+    let (ab_lo, ab_hi) = (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b));
+    let (cd_lo, cd_hi) = (_mm_unpacklo_epi8(c, d), _mm_unpackhi_epi8(c, d));
+    let out = dst as *mut __m128i;
+    // SAFETY: dst holds 64 bytes (contract).
+    unsafe {
+        _mm_storeu_si128(out, _mm_unpacklo_epi16(ab_lo, cd_lo));
+        _mm_storeu_si128(out.add(1), _mm_unpackhi_epi16(ab_lo, cd_lo));
+        _mm_storeu_si128(out.add(2), _mm_unpacklo_epi16(ab_hi, cd_hi));
+        _mm_storeu_si128(out.add(3), _mm_unpackhi_epi16(ab_hi, cd_hi));
+    }
+    let any = _mm_or_si128(_mm_or_si128(a, b), _mm_or_si128(c, d));
+    _mm_movemask_epi8(any) != 0
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn tile_avx2(kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; QMR]) {
@@ -860,9 +1226,19 @@ struct Fused<'a> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2_fused(kpairs: usize, a: &[i16], b: &[i16], f: &Fused) {
-    use std::arch::x86_64::*;
     // SAFETY: forwarded contract.
-    let c = unsafe { products_avx2(kpairs, a, b) };
+    unsafe { epilogue_avx2(&products_avx2(kpairs, a, b), f) }
+}
+
+/// The fused epilogue of a full 16-pixel tile of accumulators `c`.
+///
+/// # Safety
+/// AVX2 and FMA must be present; the output and residual ranges described
+/// by `f` must be valid and not written by anyone else meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn epilogue_avx2(c: &[[std::arch::x86_64::__m256i; 2]; QMR], f: &Fused) {
+    use std::arch::x86_64::*;
     let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
     let (vlo, vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
     let mut tmp = [0f32; QNR];
@@ -988,6 +1364,68 @@ mod tests {
                 lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
             })
             .collect()
+    }
+
+    /// The `vpmaddubsw` kernel, both forms, against plain sums: exact even
+    /// with every value at ±127 (the largest pair sums).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn quad_products_are_exact() {
+        if !std::is_x86_feature_detected!("avx2") {
+            eprintln!("quad_products_are_exact: no AVX2 on this CPU, nothing to test");
+            return;
+        }
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 56) as i8).max(-127)
+        };
+        for nonneg in [true, false] {
+            for kquads in [0usize, 1, 3, 17, 64] {
+                for extremes in [false, true] {
+                    let a: Vec<i8> = (0..kquads * QMR * 4)
+                        .map(|i| if extremes { [127, -127][i % 2] } else { next() })
+                        .collect();
+                    let b: Vec<i8> = (0..kquads * QNR * 4)
+                        .map(|i| {
+                            let v = if extremes {
+                                [127, -127][i / 3 % 2]
+                            } else {
+                                next()
+                            };
+                            if nonneg {
+                                v.abs()
+                            } else {
+                                v
+                            }
+                        })
+                        .collect();
+                    // SAFETY: AVX2 checked above; lengths as the kernel needs.
+                    let c = unsafe { products_quad_avx2(kquads, &a, &b, nonneg) };
+                    for (r, cr) in c.iter().enumerate() {
+                        let mut got = [0i32; QNR];
+                        // SAFETY: `got` holds 16 i32.
+                        unsafe {
+                            use std::arch::x86_64::*;
+                            _mm256_storeu_si256(got.as_mut_ptr() as *mut __m256i, cr[0]);
+                            _mm256_storeu_si256(got.as_mut_ptr().add(8) as *mut __m256i, cr[1]);
+                        }
+                        for (j, &g) in got.iter().enumerate() {
+                            let want: i32 = (0..kquads * 4)
+                                .map(|k| {
+                                    let (q, t) = (k / 4, k % 4);
+                                    a[(q * QMR + r) * 4 + t] as i32
+                                        * b[(q * QNR + j) * 4 + t] as i32
+                                })
+                                .sum();
+                            assert_eq!(g, want, "nonneg {nonneg} kquads {kquads} row {r} px {j}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -1116,7 +1554,10 @@ mod tests {
             let (oh, ow) = (g.out_h().unwrap(), g.out_w().unwrap());
             let (in_img, out_img) = (c_in * h * w, c_out * oh * ow);
             let scale = 2.5 / 127.0;
-            let x = rand_vec(seed, batch * in_img, -3.0, 3.0);
+            // Half the cases take non-negative inputs (as after a ReLU: the
+            // kernel's unsigned form), half signed ones.
+            let lo = if seed % 2 == 0 { 0.0 } else { -3.0 };
+            let x = rand_vec(seed, batch * in_img, lo, 3.0);
             // INT8 input: the quantized values, and the f32 values they
             // stand for (which quantize back to them exactly).
             let xq: Vec<i8> = x.iter().map(|&v| quantize(v, 1.0 / scale) as i8).collect();
@@ -1124,7 +1565,11 @@ mod tests {
             let wts = rand_vec(seed ^ 0x55, c_out * (c_in / g.groups) * k * k, -1.0, 1.0);
             let bias = rand_vec(seed ^ 0xaa, c_out, -1.0, 1.0);
             let res = residual.then(|| rand_vec(seed ^ 0x33, batch * out_img, -1.0, 1.0));
-            let layer = QConv2d::new(g, &wts, Some(&bias), act, scale).unwrap();
+            // The unsigned-input layout, declared for most cases: signed
+            // data under it must still be exact (the kernel's signed form).
+            let layer = QConv2d::new(g, &wts, Some(&bias), act, scale)
+                .unwrap()
+                .with_nonneg_input(seed % 4 < 3);
             prop_assert_eq!(layer.algorithm() == "int8-depthwise", depthwise && c_in > 1);
             let pool = ThreadPool::new(threads);
             let mut scratch = vec![f32::NAN; layer.scratch_len(threads)];

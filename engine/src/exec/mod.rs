@@ -309,8 +309,9 @@ impl Engine {
             } => {
                 let g = layer.geometry();
                 format!(
-                    "Conv {} {}x{} s{} {}->{} @{}x{} x-scale {:.3e}{}{}{}",
+                    "Conv {}{} {}x{} s{} {}->{} @{}x{} x-scale {:.3e}{}{}{}",
                     layer.algorithm(),
+                    if layer.unsigned_input() { " u8" } else { "" },
                     g.kh,
                     g.kw,
                     g.stride[0],

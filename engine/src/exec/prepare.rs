@@ -84,7 +84,8 @@ impl Builder<'_> {
                 // FP32 tactic for this layer.
                 if let (Some(scale), true) = (a.int8_input_scale, runs_int8(&node.op, chosen)) {
                     let layer = QConv2d::new(geo, &w, bias.as_deref(), a.activation, scale)
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| e.to_string())?
+                        .with_nonneg_input(crate::int8::nonneg_tensor(self.g, x));
                     let flow = |t: TensorId| self.flow.get(t).copied().flatten();
                     return Ok(Kind::QConv {
                         layer,
