@@ -54,9 +54,11 @@ fn frames_and_decode_steps_allocate_nothing_after_warm_up() {
     let frames: Vec<Vec<u8>> = (0..24).map(|s| nv12_packet(320, 240, s, 0)).collect();
     // Warm-up: a few frames through both models.
     for f in &frames[..4] {
-        core.ingest("front", f);
+        // The count before the frame goes in: read after, a fast enough
+        // detection could already be in it and the wait would never end.
         let done = sink.count[0].load(Ordering::SeqCst);
-        until(20, "warm-up frame", || {
+        core.ingest("front", f);
+        until(60, "warm-up frame", || {
             sink.count[0].load(Ordering::SeqCst) > done
         });
     }
