@@ -187,9 +187,7 @@ pub fn select_tactics(
         let int8 = match attrs.int8_input_scale {
             Some(s) => {
                 let (w, b) = weights();
-                QConv2d::new(geo, &w, b.as_deref(), attrs.activation, s)
-                    .ok()
-                    .map(|q| q.with_nonneg_input(crate::int8::nonneg_tensor(g, node.inputs[0])))
+                QConv2d::new(geo, &w, b.as_deref(), attrs.activation, s).ok()
             }
             None => None,
         };

@@ -220,7 +220,11 @@ impl QConv2d {
     /// on it: panels that do hold a negative value take the kernel's exact
     /// signed form.
     pub fn with_nonneg_input(mut self, nonneg: bool) -> QConv2d {
-        if !nonneg || self.dw.is_some() || isa::active() != Isa::Avx2Fma {
+        // Layers of a few pixels (squeeze-excitation convolutions on a 1x1
+        // map) gain nothing: their panels are partial and the group
+        // packing costs more there.
+        let few_pixels = self.oh * self.ow < QNC;
+        if !nonneg || few_pixels || self.dw.is_some() || isa::active() != Isa::Avx2Fma {
             self.a4 = Vec::new();
             return self;
         }
