@@ -41,8 +41,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{EngineError, Result};
 use crate::fingerprint::Fingerprint;
+use crate::int8::int8_plan;
 use crate::ir::{ConstData, DType, Graph, Node, Tensor, TensorId};
-use crate::plan::plan_arena_typed;
 use crate::tune::Tactics;
 
 /// A tensor as stored: name, dtype, shape, little-endian bytes.
@@ -192,20 +192,11 @@ fn int8_weight_tensors(ef: &EngineFile) -> HashMap<TensorId, usize> {
     out
 }
 
-/// The memory plan the engine will run with (INT8 tensors where they flow).
-fn typed_plan(g: &Graph, tactics: &[Option<String>]) -> crate::plan::MemoryPlan {
-    let int8: Vec<bool> = crate::int8::int8_flow(g, tactics)
-        .iter()
-        .map(Option::is_some)
-        .collect();
-    plan_arena_typed(g, &int8)
-}
-
 /// Serialises an engine.
 pub fn to_bytes(ef: &EngineFile) -> Result<Vec<u8>> {
     let g = &ef.graph;
     let used = referenced(g);
-    let plan = typed_plan(g, &ef.tactics);
+    let (_, plan) = int8_plan(g, &ef.tactics);
     let mut tensors: Vec<StoredTensor> = Vec::new();
     let mut tjson = Vec::with_capacity(g.tensors.len());
     let int8_weights = int8_weight_tensors(ef);
@@ -485,7 +476,7 @@ pub fn from_bytes(bytes: &[u8], device: Option<&Fingerprint>, path: &str) -> Res
     }
     g.validate()
         .map_err(|e| file_err(path, format!("invalid graph: {e}")))?;
-    let plan = typed_plan(&g, &pj.tactics);
+    let (_, plan) = int8_plan(&g, &pj.tactics);
     let memory: Vec<Option<(usize, usize)>> = (0..g.tensors.len()).map(|t| plan.range(t)).collect();
     if memory != pj.memory {
         return Err(file_err(

@@ -15,6 +15,7 @@
 use serde::Serialize;
 
 use crate::ir::{Graph, Op};
+use crate::plan::{plan_arena_typed, MemoryPlan};
 
 /// One convolution's INT8 status.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -93,27 +94,6 @@ pub fn runs_int8(op: &Op, tactic: Option<&str>) -> bool {
         && tactic.is_none_or(|t| t.starts_with("int8"))
 }
 
-/// Whether tensor `t` is non-negative by construction: its producer ends in
-/// a ReLU, a clip at or above zero, or a (hard) sigmoid. INT8 layers that
-/// read it can take the unsigned-input kernel
-/// (`osprey_kernels::qconv::QConv2d::with_nonneg_input`).
-pub fn nonneg_tensor(g: &Graph, t: usize) -> bool {
-    use osprey_kernels::activation::Activation;
-    let nonneg = |a: &Activation| match a {
-        Activation::Relu | Activation::Sigmoid | Activation::HardSigmoid { .. } => true,
-        Activation::Clip { lo, .. } => *lo >= 0.0,
-        _ => false,
-    };
-    g.nodes
-        .iter()
-        .find(|n| n.outputs.first() == Some(&t))
-        .is_some_and(|n| match &n.op {
-            Op::Conv(a) => nonneg(&a.activation),
-            Op::Unary(a) => nonneg(a),
-            _ => false,
-        })
-}
-
 /// Per tensor: `Some(scale)` when it passes between INT8 layers as INT8
 /// with that scale. That is when its producer runs INT8 (see
 /// [`runs_int8`]), it is not a graph output, and every consumer runs INT8
@@ -156,6 +136,15 @@ pub fn int8_flow(g: &Graph, tactics: &[Option<String>]) -> Vec<Option<f32>> {
         }
     }
     flow
+}
+
+/// [`int8_flow`] and the memory plan that stores the flowing tensors as
+/// INT8: what an engine runs with, and what its file records.
+pub fn int8_plan(g: &Graph, tactics: &[Option<String>]) -> (Vec<Option<f32>>, MemoryPlan) {
+    let flow = int8_flow(g, tactics);
+    let is_i8: Vec<bool> = flow.iter().map(Option::is_some).collect();
+    let plan = plan_arena_typed(g, &is_i8);
+    (flow, plan)
 }
 
 /// Clears the INT8 mark of `layer` (it runs FP32), recording `why`.

@@ -11,7 +11,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use osprey_kernels::conv::{Conv2d, Conv2dGeometry, ConvTactic};
-use osprey_kernels::qconv::{quantize, QConv2d, QIn, QOut};
+use osprey_kernels::int8::quantize_to_i8;
+use osprey_kernels::qconv::{QConv2d, QIn, QOut};
 use osprey_kernels::ThreadPool;
 use serde::{Deserialize, Serialize};
 
@@ -191,14 +192,13 @@ pub fn select_tactics(
             }
             None => None,
         };
-        let nonneg = crate::int8::nonneg_tensor(g, node.inputs[0]);
         let (in_i8, out_scale) = if int8.is_some() {
             (flow_of(node.inputs.first()), flow_of(node.outputs.first()))
         } else {
             (None, None)
         };
         let key = format!(
-            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}{}{}{}{}",
+            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}{}{}{}",
             fp.key(),
             pool.threads(),
             geo.c_in,
@@ -217,7 +217,6 @@ pub fn select_tactics(
             if int8.is_some() { "|int8" } else { "" },
             if in_i8.is_some() { "|in:i8" } else { "" },
             if out_scale.is_some() { "|out:i8" } else { "" },
-            if nonneg { "|x>=0" } else { "" },
         );
         let candidates = ConvTactic::candidates(&geo);
         let int8_name = int8.as_ref().map(|q| q.algorithm());
@@ -234,11 +233,7 @@ pub fn select_tactics(
             None => {
                 let (w, b) = weights();
                 let (oh, ow) = (geo.out_h().unwrap_or(0), geo.out_w().unwrap_or(0));
-                let mut x = pseudo_random(batch * geo.c_in * geo.h * geo.w, 7);
-                if nonneg {
-                    // Time on data like the layer's (after a ReLU).
-                    x.iter_mut().for_each(|v| *v = v.abs());
-                }
+                let x = pseudo_random(batch * geo.c_in * geo.h * geo.w, 7);
                 let r = pseudo_random(batch * geo.c_out * oh * ow, 11);
                 let mut y = vec![0.0f32; batch * geo.c_out * oh * ow];
                 let mut times = BTreeMap::new();
@@ -254,9 +249,10 @@ pub fn select_tactics(
                 if let Some(q) = &int8 {
                     let mut scratch = vec![0.0f32; q.scratch_len(pool.threads())];
                     let res = attrs.residual.then_some(&r[..]);
-                    let x8: Vec<i8> = in_i8
-                        .map(|s| x.iter().map(|&v| quantize(v, 1.0 / s) as i8).collect())
-                        .unwrap_or_default();
+                    let mut x8 = vec![0i8; if in_i8.is_some() { x.len() } else { 0 }];
+                    if let Some(s) = in_i8 {
+                        quantize_to_i8(osprey_kernels::isa::active(), &x, 1.0 / s, &mut x8);
+                    }
                     let mut y8 = vec![0i8; if out_scale.is_some() { y.len() } else { 0 }];
                     let ms = time_ms(|| {
                         let input = if in_i8.is_some() {

@@ -21,7 +21,7 @@ use osprey_kernels::ThreadPool;
 
 use crate::error::{EngineError, Result};
 use crate::ir::{Graph, TensorId};
-use crate::plan::{plan_arena_typed, MemoryPlan, ALIGN_FLOATS};
+use crate::plan::{MemoryPlan, ALIGN_FLOATS};
 
 mod prepare;
 mod step;
@@ -174,9 +174,7 @@ impl Engine {
     /// nodes without one, or beyond the table, use the default.
     pub fn with_tactics(graph: Graph, tactics: &[Option<String>]) -> Result<Engine> {
         graph.validate()?;
-        let flow = crate::int8::int8_flow(&graph, tactics);
-        let is_i8: Vec<bool> = flow.iter().map(Option::is_some).collect();
-        let plan = plan_arena_typed(&graph, &is_i8);
+        let (flow, plan) = crate::int8::int8_plan(&graph, tactics);
         let mut b = Builder {
             tactics,
             g: &graph,
@@ -309,9 +307,8 @@ impl Engine {
             } => {
                 let g = layer.geometry();
                 format!(
-                    "Conv {}{} {}x{} s{} {}->{} @{}x{} x-scale {:.3e}{}{}{}",
+                    "Conv {} {}x{} s{} {}->{} @{}x{} x-scale {:.3e}{}{}{}",
                     layer.algorithm(),
-                    if layer.unsigned_input() { " u8" } else { "" },
                     g.kh,
                     g.kw,
                     g.stride[0],

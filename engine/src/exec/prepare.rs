@@ -86,7 +86,8 @@ impl Builder<'_> {
                     // (QConv2d::with_nonneg_input is not used yet: faster
                     // alone on non-negative inputs, but end to end it was
                     // 0.97x on EfficientNet-Lite0 and 1.08x on CenterNet;
-                    // it should become a timed tactic.)
+                    // it should become a timed tactic, for inputs known
+                    // non-negative from their producer's activation.)
                     let layer = QConv2d::new(geo, &w, bias.as_deref(), a.activation, scale)
                         .map_err(|e| e.to_string())?;
                     let flow = |t: TensorId| self.flow.get(t).copied().flatten();
