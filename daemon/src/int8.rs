@@ -682,15 +682,20 @@ pub fn print_summary(o: &Int8Outcome) {
 }
 
 /// `--strict-int8`: every INT8-marked convolution takes its INT8 kernel,
-/// whatever the timings said. The tuner timed that kernel as the layer's
-/// `int8-*` candidate (only INT8-marked layers have one), so its name and
-/// time come from there.
+/// whatever the timings said: the fastest of its `int8-*` candidates (the
+/// pair and dot4 forms; only INT8-marked layers have any), whose name and
+/// time come from the tuner.
 pub fn force_int8(
     mut tactics: Tactics,
     mut layers: Vec<LayerChoice>,
 ) -> (Tactics, Vec<LayerChoice>) {
     for l in &mut layers {
-        let Some((name, &ms)) = l.candidates.iter().find(|(k, _)| k.starts_with("int8")) else {
+        let fastest = l
+            .candidates
+            .iter()
+            .filter(|(k, _)| k.starts_with("int8"))
+            .min_by(|a, b| a.1.total_cmp(b.1));
+        let Some((name, &ms)) = fastest else {
             continue;
         };
         let name = name.clone();

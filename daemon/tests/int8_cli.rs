@@ -98,15 +98,25 @@ fn int8_build_of_a_model_made_here() {
     }
     let e2e = r["end_to_end"]["outputs"][0]["sqnr_db"].as_f64().unwrap();
     assert!(e2e > 20.0, "{r}");
-    // --strict-int8: both layers run their INT8 kernels, and the engine
-    // stays close to FP32.
+    // --strict-int8: both layers run their INT8 kernels (in the faster of
+    // the pair and dot4 forms), and the engine stays close to FP32.
     let tactics: Vec<&str> = build["layers"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| l["tactic"].as_str().unwrap())
+        .map(|l| l["tactic"].as_str().unwrap().trim_end_matches("-dot4"))
         .collect();
     assert_eq!(tactics, ["int8-im2col", "int8-pointwise"], "{build}");
+    for l in build["layers"].as_array().unwrap() {
+        let int8 = |k: &&String| k.starts_with("int8");
+        let c = l["candidates"].as_object().unwrap();
+        let fastest = c
+            .iter()
+            .filter(|(k, _)| int8(k))
+            .min_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
+            .unwrap();
+        assert_eq!(l["tactic"], fastest.0.as_str(), "{l}");
+    }
     let input = npy.join("s1.npy");
     for (flag, path, dirname) in [("--engine", &engine, "q"), ("--onnx", &model, "f")] {
         ok(&osprey()

@@ -94,6 +94,27 @@ pub fn runs_int8(op: &Op, tactic: Option<&str>) -> bool {
         && tactic.is_none_or(|t| t.starts_with("int8"))
 }
 
+/// Whether tensor `t` is non-negative by construction: its producer ends in
+/// a ReLU, a clip at or above zero, or a (hard) sigmoid. The tuner times
+/// INT8 layers that read it on non-negative data, which is what decides
+/// between the AVX2 kernel forms (`vpmaddubsw` is fast only on such input).
+pub fn nonneg_tensor(g: &Graph, t: usize) -> bool {
+    use osprey_kernels::activation::Activation;
+    let nonneg = |a: &Activation| match a {
+        Activation::Relu | Activation::Sigmoid | Activation::HardSigmoid { .. } => true,
+        Activation::Clip { lo, .. } => *lo >= 0.0,
+        _ => false,
+    };
+    g.nodes
+        .iter()
+        .find(|n| n.outputs.first() == Some(&t))
+        .is_some_and(|n| match &n.op {
+            Op::Conv(a) => nonneg(&a.activation),
+            Op::Unary(a) => nonneg(a),
+            _ => false,
+        })
+}
+
 /// Per tensor: `Some(scale)` when it passes between INT8 layers as INT8
 /// with that scale. That is when its producer runs INT8 (see
 /// [`runs_int8`]), it is not a graph output, and every consumer runs INT8
@@ -447,5 +468,123 @@ mod tests {
             .zip(&want)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(max <= 0.05, "max difference {max}");
+    }
+
+    /// The pair and dot4 forms of the INT8 kernels are two tactics of one
+    /// layer with identical results; the tuner times both where the CPU has
+    /// a dot4 kernel, on non-negative data where the input is non-negative
+    /// by construction; a tactic of the wrong shape is refused.
+    #[test]
+    fn int8_kernel_forms_are_tactics_with_identical_results() {
+        use crate::exec::{Engine, ExecutionContext};
+        use crate::onnx::builder::{attr_ints, ModelBuilder};
+        use crate::tune::{pseudo_random, select_tactics, TimingCache};
+        use osprey_kernels::qconv::dot4_kernel;
+        let (c, e, h) = (12, 24, 9);
+        let w = |n: usize, seed| {
+            pseudo_random(n, seed)
+                .iter()
+                .map(|v| v * 0.3)
+                .collect::<Vec<_>>()
+        };
+        let mut b = ModelBuilder::new(13);
+        b.input("x", &[1, c as i64, h as i64, h as i64])
+            .init_f32("w1", &[e, c, 1, 1], &w(e * c, 1))
+            .init_f32("w2", &[c, e, 3, 3], &w(c * e * 9, 2))
+            .init_f32("w3", &[e, c, 1, 1], &w(e * c, 3))
+            .node("Conv", &["x", "w1"], &["a"], vec![])
+            .node("Relu", &["a"], &["r"], vec![])
+            .node(
+                "Conv",
+                &["r", "w2"],
+                &["d"],
+                vec![attr_ints("pads", &[1, 1, 1, 1])],
+            )
+            .node("Conv", &["d", "w3"], &["o"], vec![])
+            .output("o");
+        let mut g = crate::onnx::import(&b.to_bytes(), &Default::default()).unwrap();
+        let layers = permit_int8(&mut g, &|_| Some(2.0 / 127.0), false);
+        assert!(layers.iter().all(|l| l.fallback.is_none()));
+        let convs: Vec<usize> = (0..g.nodes.len())
+            .filter(|&i| matches!(g.nodes[i].op, Op::Conv(_)))
+            .collect();
+        assert_eq!(convs.len(), 3, "ReLU fused into the first convolution");
+        let id = |n: &str| g.tensors.iter().position(|t| t.name == n).unwrap();
+        let input_of = |i: usize| g.nodes[convs[i]].inputs[0];
+        assert!(!nonneg_tensor(&g, id("x")));
+        assert!(nonneg_tensor(&g, input_of(1)));
+        assert!(!nonneg_tensor(&g, input_of(2)));
+
+        let names = |dot4: bool| {
+            let mut t = vec![None; g.nodes.len()];
+            for (i, name) in convs
+                .iter()
+                .zip(["int8-pointwise", "int8-im2col", "int8-pointwise"])
+            {
+                t[*i] = Some(if dot4 {
+                    format!("{name}-dot4")
+                } else {
+                    name.to_string()
+                });
+            }
+            t
+        };
+        let x = pseudo_random(c * h * h, 9);
+        let run = |tactics: &[Option<String>]| {
+            let engine = std::sync::Arc::new(Engine::with_tactics(g.clone(), tactics).unwrap());
+            let infos: Vec<String> = (0..engine.step_count())
+                .map(|i| engine.step_info(i).unwrap().1)
+                .collect();
+            let mut ctx = ExecutionContext::new(engine, 2);
+            ctx.input_mut(0).unwrap().copy_from_slice(&x);
+            ctx.run().unwrap();
+            (ctx.output_index(0).unwrap().to_vec(), infos)
+        };
+        let (pairs, pair_infos) = run(&names(false));
+        let (dot4, dot4_infos) = run(&names(true));
+        // Exact integer products and the same epilogue: equal bit for bit.
+        assert_eq!(pairs, dot4);
+        let dot4_steps = dot4_infos.iter().filter(|s| s.contains("-dot4")).count();
+        assert_eq!(
+            dot4_steps,
+            if dot4_kernel().is_some() { 3 } else { 0 },
+            "{dot4_infos:?}"
+        );
+        assert!(
+            !pair_infos.iter().any(|s| s.contains("-dot4")),
+            "{pair_infos:?}"
+        );
+        // A tactic of another shape does not fit.
+        let mut wrong = names(false);
+        wrong[convs[0]] = Some("int8-im2col".into());
+        let Err(err) = Engine::with_tactics(g.clone(), &wrong) else {
+            panic!("a pair tactic of the wrong shape was accepted");
+        };
+        assert!(err.to_string().contains("does not fit"), "{err}");
+
+        let mut cache = TimingCache::default();
+        let fp = crate::fingerprint::Fingerprint::current();
+        let (_, choices) = select_tactics(&g, 1, &mut cache, &fp, &mut |_, _, _| {}).unwrap();
+        for (i, l) in choices.iter().enumerate() {
+            let forms = l
+                .candidates
+                .keys()
+                .filter(|k| k.starts_with("int8"))
+                .count();
+            assert_eq!(forms, if dot4_kernel().is_some() { 2 } else { 1 }, "{l:?}");
+            let nonneg = cache
+                .entries
+                .keys()
+                .filter(|k| k.contains("|nonneg"))
+                .count();
+            if i == 0 {
+                assert_eq!(
+                    nonneg,
+                    usize::from(dot4_kernel().is_some()),
+                    "{:?}",
+                    cache.entries.keys()
+                );
+            }
+        }
     }
 }

@@ -197,8 +197,20 @@ pub fn select_tactics(
         } else {
             (None, None)
         };
+        // Both INT8 forms compete where this CPU has a dot4 kernel; on
+        // AVX2 its speed depends on the input's sign, so layers whose input
+        // is non-negative by construction are timed on such data.
+        let dot4 = int8
+            .as_ref()
+            .map(|q| q.clone().with_dot4(true))
+            .filter(QConv2d::dot4);
+        let nonneg = dot4.is_some()
+            && node
+                .inputs
+                .first()
+                .is_some_and(|&t| crate::int8::nonneg_tensor(g, t));
         let key = format!(
-            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}{}{}{}",
+            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}{}{}{}{}{}",
             fp.key(),
             pool.threads(),
             geo.c_in,
@@ -217,15 +229,17 @@ pub fn select_tactics(
             if int8.is_some() { "|int8" } else { "" },
             if in_i8.is_some() { "|in:i8" } else { "" },
             if out_scale.is_some() { "|out:i8" } else { "" },
+            if dot4.is_some() { "|dot4" } else { "" },
+            if nonneg { "|nonneg" } else { "" },
         );
         let candidates = ConvTactic::candidates(&geo);
-        let int8_name = int8.as_ref().map(|q| q.algorithm());
+        let int8_forms: Vec<&QConv2d> = int8.iter().chain(&dot4).collect();
         let cached = cache
             .entries
             .get(&key)
             .filter(|e| {
                 candidates.iter().any(|c| c.name() == e.tactic)
-                    || Some(e.tactic.as_str()) == int8_name
+                    || int8_forms.iter().any(|q| q.algorithm() == e.tactic)
             })
             .cloned();
         let entry = match cached {
@@ -233,7 +247,10 @@ pub fn select_tactics(
             None => {
                 let (w, b) = weights();
                 let (oh, ow) = (geo.out_h().unwrap_or(0), geo.out_w().unwrap_or(0));
-                let x = pseudo_random(batch * geo.c_in * geo.h * geo.w, 7);
+                let mut x = pseudo_random(batch * geo.c_in * geo.h * geo.w, 7);
+                if nonneg {
+                    x.iter_mut().for_each(|v| *v = v.abs());
+                }
                 let r = pseudo_random(batch * geo.c_out * oh * ow, 11);
                 let mut y = vec![0.0f32; batch * geo.c_out * oh * ow];
                 let mut times = BTreeMap::new();
@@ -246,7 +263,7 @@ pub fn select_tactics(
                     });
                     times.insert(t.name(), ms);
                 }
-                if let Some(q) = &int8 {
+                for q in &int8_forms {
                     let mut scratch = vec![0.0f32; q.scratch_len(pool.threads())];
                     let res = attrs.residual.then_some(&r[..]);
                     let mut x8 = vec![0i8; if in_i8.is_some() { x.len() } else { 0 }];

@@ -81,10 +81,10 @@ fn conv_case(c: &mut Criterion, group: &str, cases: &[(usize, usize, usize, usiz
                 q.run_io(&pool, 1, QIn::I8(&x8), None, out, &mut scratch)
             })
         });
-        // Non-negative INT8 input, as after a ReLU, on the layer declared
-        // so (with AVX2: the vpmaddubsw kernel).
+        // Non-negative INT8 input, as after a ReLU, in the dot4 form
+        // (vpmaddubsw with AVX2, sdot with NEON's dot product).
         let x8r: Vec<i8> = x8.iter().map(|v| v.abs()).collect();
-        let qu = q.clone().with_nonneg_input(true);
+        let qu = q.clone().with_dot4(true);
         g.bench_function(BenchmarkId::from_parameter(id("i8relu")), |b| {
             b.iter(|| {
                 let out = QOut::I8(&mut y8, 4.0 / 127.0);

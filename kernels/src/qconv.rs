@@ -48,6 +48,20 @@ const QNC: usize = 64;
 /// Largest representable magnitude: symmetric INT8 uses [-127, 127].
 pub const QMAX: f32 = 127.0;
 
+/// The dot4 kernel this CPU runs (see [`QConv2d::with_dot4`]):
+/// `vpmaddubsw` with AVX2, `sdot` with the NEON dot-product extension
+/// (Jetson Orin's Cortex-A78AE has it); `None` without either, or under an
+/// `OSPREY_ISA` cap.
+pub fn dot4_kernel() -> Option<&'static str> {
+    match isa::active() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => Some("vpmaddubsw"),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon if std::arch::is_aarch64_feature_detected!("dotprod") => Some("sdot"),
+        _ => None,
+    }
+}
+
 /// Symmetric quantization of one value with the reciprocal of its scale:
 /// clamp to ±127 in float, then round half to even (what `cvtps2dq` does
 /// in the default rounding mode).
@@ -113,9 +127,9 @@ pub struct QConv2d {
     dw: Option<Vec<f32>>,
     /// Reduction groups of four (`k` rounded up to a multiple of 4, / 4).
     kquads: usize,
-    /// With AVX2 and a non-negative input (see
-    /// [`QConv2d::with_nonneg_input`]): the weights as INT8 groups of four,
-    /// `[ceil(c_out / QMR)][kquads][QMR][4]`, for the `vpmaddubsw` kernel.
+    /// The dot4 form (see [`QConv2d::with_dot4`]): the weights as INT8
+    /// groups of four, `[ceil(c_out / QMR)][kquads][QMR][4]`, for the
+    /// `vpmaddubsw` (AVX2) or `sdot` (NEON dot product) kernel.
     a4: Vec<i8>,
 }
 
@@ -213,18 +227,18 @@ impl QConv2d {
         })
     }
 
-    /// Declares the input non-negative (it comes from a ReLU, ReLU6 or
-    /// sigmoid): with AVX2 the layer then takes the `vpmaddubsw` kernel on
-    /// groups of four, about 1.1–2x faster than the pair kernel on such
-    /// inputs (criterion) but slower on signed ones. Only the speed depends
-    /// on it: panels that do hold a negative value take the kernel's exact
-    /// signed form.
-    pub fn with_nonneg_input(mut self, nonneg: bool) -> QConv2d {
-        // Layers of a few pixels (squeeze-excitation convolutions on a 1x1
-        // map) gain nothing: their panels are partial and the group
-        // packing costs more there.
-        let few_pixels = self.oh * self.ow < QNC;
-        if !nonneg || few_pixels || self.dw.is_some() || isa::active() != Isa::Avx2Fma {
+    /// Selects the dot4 form of the kernel (`on`), where this CPU has one
+    /// ([`dot4_kernel`]) and the layer is not depthwise; otherwise, or with
+    /// `on` false, the pair form. Both are exact; only the speed differs,
+    /// so the builder times them as two tactics:
+    /// * AVX2 `vpmaddubsw` on groups of four: about 1.1–2x faster than the
+    ///   pair kernel on non-negative inputs (after a ReLU, ReLU6 or
+    ///   sigmoid; criterion), slower on signed ones, whose panels take the
+    ///   kernel's exact signed form.
+    /// * NEON `sdot`: four products per lane and instruction, twice the
+    ///   pair kernel's `smlal`, on any sign.
+    pub fn with_dot4(mut self, on: bool) -> QConv2d {
+        if !on || self.dw.is_some() || dot4_kernel().is_none() {
             self.a4 = Vec::new();
             return self;
         }
@@ -268,20 +282,21 @@ impl QConv2d {
         self.a.len() * 2 + self.a4.len() + self.dw.as_ref().map_or(0, |w| w.len() * 4)
     }
 
-    /// Name for reports.
+    /// Name for reports and tactic name: `int8-depthwise`,
+    /// `int8-pointwise`, `int8-im2col`, the last two with `-dot4` in the
+    /// dot4 form.
     pub fn algorithm(&self) -> &'static str {
-        if self.dw.is_some() {
-            "int8-depthwise"
-        } else if self.is_pointwise() {
-            "int8-pointwise"
-        } else {
-            "int8-im2col"
+        match (self.dw.is_some(), self.is_pointwise(), self.dot4()) {
+            (true, _, _) => "int8-depthwise",
+            (_, true, false) => "int8-pointwise",
+            (_, true, true) => "int8-pointwise-dot4",
+            (_, false, false) => "int8-im2col",
+            (_, false, true) => "int8-im2col-dot4",
         }
     }
 
-    /// Whether the layer takes the `vpmaddubsw` kernel for non-negative
-    /// inputs (see [`QConv2d::with_nonneg_input`]).
-    pub fn unsigned_input(&self) -> bool {
+    /// Whether the layer runs the dot4 form (see [`QConv2d::with_dot4`]).
+    pub fn dot4(&self) -> bool {
         !self.a4.is_empty()
     }
 
@@ -429,9 +444,9 @@ impl QConv2d {
                         act: self.act,
                     }
                 };
-                #[cfg(target_arch = "x86_64")]
                 if !self.a4.is_empty() {
-                    // The vpmaddubsw path (a4 is only built with AVX2).
+                    // The dot4 form (a4 is only built where a dot4 kernel
+                    // exists).
                     let q4 = self.kquads * QNR * 4;
                     // SAFETY: the slot's i16 scratch viewed as twice as many
                     // bytes; kquads·QNC·4 bytes ≤ kpairs·QNC·2 i16.
@@ -447,29 +462,20 @@ impl QConv2d {
                             let panel = &b8[pi * q4..(pi + 1) * q4];
                             let px = p0 + pi * QNR;
                             let cols = QNR.min(ohw - px);
-                            // SAFETY: AVX2 is active (a4 exists); a and
-                            // panel hold kquads groups.
-                            let c =
-                                unsafe { products_quad_avx2(self.kquads, a, panel, nonneg[pi]) };
-                            if cols == QNR {
-                                // SAFETY: AVX2 and FMA are active; the
-                                // rows × 16 outputs at the tile's offset are
-                                // this task's own.
-                                unsafe { epilogue_avx2(&c, &fused(blk, px)) };
+                            #[cfg(target_arch = "x86_64")]
+                            if isa == Isa::Avx2Fma && cols == QNR {
+                                // SAFETY: AVX2 and FMA are active; a and
+                                // panel hold kquads groups; the rows × 16
+                                // outputs at the tile's offset are this
+                                // task's own.
+                                unsafe {
+                                    let c = products_quad_avx2(self.kquads, a, panel, nonneg[pi]);
+                                    epilogue_avx2(&c, &fused(blk, px));
+                                }
                                 continue;
                             }
                             let mut acc = [[0i32; QNR]; QMR];
-                            for (row, cr) in acc.iter_mut().zip(&c) {
-                                // SAFETY: each row holds 16 i32 = two stores.
-                                unsafe {
-                                    use std::arch::x86_64::*;
-                                    _mm256_storeu_si256(row.as_mut_ptr() as *mut __m256i, cr[0]);
-                                    _mm256_storeu_si256(
-                                        row.as_mut_ptr().add(8) as *mut __m256i,
-                                        cr[1],
-                                    );
-                                }
-                            }
+                            tile_quad(isa, self.kquads, a, panel, &mut acc);
                             self.store_partial(isa, blk, px, cols, ohw, &acc, res, y_ptr);
                         }
                     }
@@ -544,7 +550,6 @@ impl QConv2d {
     /// input into `QNR`-pixel panels of INT8 groups of four reduction
     /// indices (`[kquads][QNR][4]` per panel; padding and the reduction
     /// tail are zeros). `nonneg[p]`: panel `p` holds no negative value.
-    #[cfg(target_arch = "x86_64")]
     fn pack_input_quads(
         &self,
         isa: Isa,
@@ -575,16 +580,8 @@ impl QConv2d {
                         (c < g.c_in).then_some(c * hw + px)
                     };
                     let starts = [row(0), row(1), row(2), row(3)];
-                    let dst = panel[kq * QNR * 4..].as_mut_ptr();
-                    // SAFETY: AVX2 is active (quad packing is only used
-                    // with it); each start has 16 elements in the image;
-                    // the group's 64 bytes lie within the panel.
-                    neg |= unsafe {
-                        match x {
-                            QIn::F32(x) => pack_quad_f32_avx2(x, starts, self.inv_input_scale, dst),
-                            QIn::I8(x) => pack_quad_i8_avx2(x, starts, dst),
-                        }
-                    };
+                    let dst = &mut panel[kq * QNR * 4..(kq + 1) * QNR * 4];
+                    neg |= pack_quad(isa, x, starts, self.inv_input_scale, dst, &mut rows);
                 }
                 nonneg[pi] = !neg;
                 continue;
@@ -620,9 +617,7 @@ impl QConv2d {
                     // Values already scaled: quantize with scale 1.
                     crate::int8::quantize_to_i8(isa, &vals[..cols], 1.0, &mut row[..cols]);
                 }
-                // SAFETY: AVX2 is active (quad packing is only used with
-                // it); the group's 64 bytes lie within the panel.
-                neg |= unsafe { interleave4_avx2(&rows, panel[kq * QNR * 4..].as_mut_ptr()) };
+                neg |= interleave4(isa, &rows, &mut panel[kq * QNR * 4..(kq + 1) * QNR * 4]);
             }
             nonneg[pi] = !neg;
         }
@@ -927,7 +922,7 @@ unsafe fn tile_neon(kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; 
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
     for half in 0..2 {
         // [row][quad of 2 pixels' pairs][lo/hi]
-        // SAFETY (whole block): the caller checked a (kpairs·QMR·2) and
+        // SAFETY: (whole block) the caller checked a (kpairs·QMR·2) and
         // b (kpairs·QNR·2); loads stay within them.
         unsafe {
             let z = vdupq_n_s32(0);
@@ -1066,6 +1061,225 @@ unsafe fn products_quad_avx2(
         }
     }
     c
+}
+
+/// The dot4 micro-kernel: `acc[r][j] += Σ_q Σ_t a[q][r][t]·b[q][j][t]` over
+/// `kquads` groups of four INT8 values (the layout of
+/// [`QConv2d::with_dot4`]). Exact for every value in [-127, 127].
+pub fn tile_quad(isa: Isa, kquads: usize, a: &[i8], b: &[i8], acc: &mut [[i32; QNR]; QMR]) {
+    assert!(a.len() >= kquads * QMR * 4 && b.len() >= kquads * QNR * 4);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        // SAFETY: AVX2 is present when this tier is active; lengths checked.
+        // The signed form is exact on any input.
+        let c = unsafe { products_quad_avx2(kquads, a, b, false) };
+        for (row, cr) in acc.iter_mut().zip(&c) {
+            let mut lanes = [0i32; QNR];
+            // SAFETY: `lanes` holds 16 i32 = two 256-bit stores.
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, cr[0]);
+                _mm256_storeu_si256(lanes.as_mut_ptr().add(8) as *mut __m256i, cr[1]);
+            }
+            row.iter_mut().zip(lanes).for_each(|(x, l)| *x += l);
+        }
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon && std::arch::is_aarch64_feature_detected!("dotprod") {
+        // SAFETY: the dot-product extension was just detected; lengths
+        // checked above.
+        unsafe { tile_quad_sdot(kquads, a, b, acc) };
+        return;
+    }
+    let _ = isa;
+    tile_quad_ref(kquads, a, b, acc)
+}
+
+/// Scalar reference of [`tile_quad`].
+pub fn tile_quad_ref(kquads: usize, a: &[i8], b: &[i8], acc: &mut [[i32; QNR]; QMR]) {
+    for q in 0..kquads {
+        let aq = &a[q * QMR * 4..(q + 1) * QMR * 4];
+        let bq = &b[q * QNR * 4..(q + 1) * QNR * 4];
+        for (r, row) in acc.iter_mut().enumerate() {
+            let w = &aq[4 * r..4 * r + 4];
+            for (j, c) in row.iter_mut().enumerate() {
+                let x = &bq[4 * j..4 * j + 4];
+                *c += w
+                    .iter()
+                    .zip(x)
+                    .map(|(&w, &x)| w as i32 * x as i32)
+                    .sum::<i32>();
+            }
+        }
+    }
+}
+
+/// One `sdot` by element: `acc[i] += Σ_t b[4i + t] · a[4L + t]`.
+///
+/// # Safety
+/// The CPU must have the dot-product extension.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "dotprod")]
+#[inline]
+unsafe fn sdot<const L: i32>(
+    acc: std::arch::aarch64::int32x4_t,
+    b: std::arch::aarch64::int8x16_t,
+    a: std::arch::aarch64::int8x16_t,
+) -> std::arch::aarch64::int32x4_t {
+    let mut acc = acc;
+    // SAFETY: a register-only instruction (the caller guarantees the
+    // extension); the vdotq_laneq_s32 intrinsic is not stable in Rust yet.
+    unsafe {
+        std::arch::asm!(
+            "sdot {acc:v}.4s, {b:v}.16b, {a:v}.4b[{l}]",
+            acc = inout(vreg) acc,
+            b = in(vreg) b,
+            a = in(vreg) a,
+            l = const L,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+/// NEON dot product: per group of four, the panel's 16 pixels are four
+/// registers of four pixels' groups, and each weight row's group is one
+/// lane of the row registers; one `sdot` by element adds four products
+/// to each of four pixels. 24 accumulators (6 rows × 4 registers), 4 input
+/// and 2 weight registers: 30 of the 32 vector registers.
+///
+/// # Safety
+/// The CPU must have the dot-product extension; `a` must hold
+/// `kquads·QMR·4` bytes and `b` `kquads·QNR·4`.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "dotprod")]
+unsafe fn tile_quad_sdot(kquads: usize, a: &[i8], b: &[i8], acc: &mut [[i32; QNR]; QMR]) {
+    use std::arch::aarch64::*;
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    // SAFETY: (whole block) loads stay within the kquads groups of a and b
+    // (contract); the extension is present (contract).
+    unsafe {
+        let z = vdupq_n_s32(0);
+        let mut c = [[z; 4]; QMR];
+        for q in 0..kquads {
+            let bq = bp.add(q * QNR * 4);
+            let bv = [
+                vld1q_s8(bq),
+                vld1q_s8(bq.add(16)),
+                vld1q_s8(bq.add(32)),
+                vld1q_s8(bq.add(48)),
+            ];
+            let aq = ap.add(q * QMR * 4);
+            // Rows 0-3, then rows 4-5 in the low half.
+            let a0 = vld1q_s8(aq);
+            let a1 = vcombine_s8(vld1_s8(aq.add(16)), vdup_n_s8(0));
+            for (j, &bj) in bv.iter().enumerate() {
+                c[0][j] = sdot::<0>(c[0][j], bj, a0);
+                c[1][j] = sdot::<1>(c[1][j], bj, a0);
+                c[2][j] = sdot::<2>(c[2][j], bj, a0);
+                c[3][j] = sdot::<3>(c[3][j], bj, a0);
+                c[4][j] = sdot::<0>(c[4][j], bj, a1);
+                c[5][j] = sdot::<1>(c[5][j], bj, a1);
+            }
+        }
+        for (row, cr) in acc.iter_mut().zip(&c) {
+            for (j, &v) in cr.iter().enumerate() {
+                let p = row[4 * j..].as_mut_ptr();
+                vst1q_s32(p, vaddq_s32(vld1q_s32(p), v));
+            }
+        }
+    }
+}
+
+/// Interleaves four rows of 16 INT8 values into 16 groups of four
+/// (`dst[4j + r] = rows[r][j]`, `dst` 64 bytes); returns whether any value
+/// is negative.
+fn interleave4(isa: Isa, rows: &[[i8; QNR]; 4], dst: &mut [i8]) -> bool {
+    assert!(dst.len() >= 4 * QNR);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        // SAFETY: AVX2 is present when this tier is active; dst holds 64
+        // bytes (checked).
+        return unsafe { interleave4_avx2(rows, dst.as_mut_ptr()) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        // SAFETY: NEON is baseline on aarch64; dst holds 64 bytes (checked).
+        return unsafe { interleave4_neon(rows, dst.as_mut_ptr()) };
+    }
+    let _ = isa;
+    for (j, group) in dst.chunks_exact_mut(4).take(QNR).enumerate() {
+        for (r, v) in group.iter_mut().enumerate() {
+            *v = rows[r][j];
+        }
+    }
+    rows.iter().flatten().any(|&v| v < 0)
+}
+
+/// NEON form of [`interleave4`]: two rounds of zips (bytes, then pairs).
+///
+/// # Safety
+/// `dst` must hold 64 bytes.
+#[cfg(target_arch = "aarch64")]
+unsafe fn interleave4_neon(rows: &[[i8; QNR]; 4], dst: *mut i8) -> bool {
+    use std::arch::aarch64::*;
+    // SAFETY: each row is 16 bytes; dst holds 64 bytes (contract).
+    unsafe {
+        let [a, b, c, d] = rows.map(|r| vld1q_s8(r.as_ptr()));
+        let (ab_lo, ab_hi) = (
+            vreinterpretq_s16_s8(vzip1q_s8(a, b)),
+            vreinterpretq_s16_s8(vzip2q_s8(a, b)),
+        );
+        let (cd_lo, cd_hi) = (
+            vreinterpretq_s16_s8(vzip1q_s8(c, d)),
+            vreinterpretq_s16_s8(vzip2q_s8(c, d)),
+        );
+        vst1q_s8(dst, vreinterpretq_s8_s16(vzip1q_s16(ab_lo, cd_lo)));
+        vst1q_s8(dst.add(16), vreinterpretq_s8_s16(vzip2q_s16(ab_lo, cd_lo)));
+        vst1q_s8(dst.add(32), vreinterpretq_s8_s16(vzip1q_s16(ab_hi, cd_hi)));
+        vst1q_s8(dst.add(48), vreinterpretq_s8_s16(vzip2q_s16(ab_hi, cd_hi)));
+        vminvq_s8(vorrq_s8(vorrq_s8(a, b), vorrq_s8(c, d))) < 0
+    }
+}
+
+/// Four rows of a pointwise layer's input (`starts`: offsets of 16 values
+/// each, `None` for zero rows), quantized with `inv` when f32, interleaved
+/// into 16 groups of four at `dst` (64 bytes); returns whether any value is
+/// negative. `rows` is scratch.
+fn pack_quad(
+    isa: Isa,
+    x: QIn,
+    starts: [Option<usize>; 4],
+    inv: f32,
+    dst: &mut [i8],
+    rows: &mut [[i8; QNR]; 4],
+) -> bool {
+    assert!(dst.len() >= 4 * QNR);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        let len = match x {
+            QIn::F32(x) => x.len(),
+            QIn::I8(x) => x.len(),
+        };
+        assert!(starts.iter().flatten().all(|&s| s + QNR <= len));
+        // SAFETY: AVX2 is present when this tier is active; each start has
+        // 16 values in x and dst holds 64 bytes (checked).
+        return unsafe {
+            match x {
+                QIn::F32(x) => pack_quad_f32_avx2(x, starts, inv, dst.as_mut_ptr()),
+                QIn::I8(x) => pack_quad_i8_avx2(x, starts, dst.as_mut_ptr()),
+            }
+        };
+    }
+    for (row, s) in rows.iter_mut().zip(starts) {
+        match (x, s) {
+            (QIn::F32(x), Some(s)) => crate::int8::quantize_to_i8(isa, &x[s..s + QNR], inv, row),
+            (QIn::I8(x), Some(s)) => row.copy_from_slice(&x[s..s + QNR]),
+            (_, None) => row.fill(0),
+        }
+    }
+    interleave4(isa, rows, dst)
 }
 
 /// Interleaves four rows of 16 INT8 values into 16 groups of four
@@ -1505,6 +1719,40 @@ mod tests {
         }
 
         #[test]
+        fn tile_quad_is_bit_exact(kquads in 0usize..40, seed in any::<u64>(), extremes: bool) {
+            let mut s = seed | 1;
+            let mut next = || {
+                s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+                let v = ((s >> 56) as i8).max(-127);
+                // ±127 only: the largest sums of four products.
+                if extremes { if v < 0 { -127 } else { 127 } } else { v }
+            };
+            let a: Vec<i8> = (0..kquads * QMR * 4).map(|_| next()).collect();
+            let b: Vec<i8> = (0..kquads * QNR * 4).map(|_| next()).collect();
+            let mut want = [[7i32; QNR]; QMR];
+            let mut got = want;
+            tile_quad_ref(kquads, &a, &b, &mut want);
+            tile_quad(isa::active(), kquads, &a, &b, &mut got);
+            prop_assert_eq!(want, got);
+        }
+
+        #[test]
+        fn interleave4_equals_the_plain_loop(seed in any::<u64>()) {
+            let v = rand_vec(seed, 4 * QNR, -128.0, 127.0);
+            let mut rows = [[0i8; QNR]; 4];
+            for (i, x) in v.iter().enumerate() {
+                rows[i / QNR][i % QNR] = *x as i8;
+            }
+            let (mut want, mut got) = ([0i8; 4 * QNR], [0i8; 4 * QNR]);
+            let want_neg = interleave4(Isa::Scalar, &rows, &mut want);
+            let got_neg = interleave4(isa::active(), &rows, &mut got);
+            prop_assert_eq!(want, got);
+            prop_assert_eq!(want_neg, got_neg);
+            rows.iter_mut().flatten().for_each(|v| *v = v.saturating_abs());
+            prop_assert!(!interleave4(isa::active(), &rows, &mut got));
+        }
+
+        #[test]
         fn conv_equals_the_reference(
             c_in in 1usize..12, c_out in 1usize..14, h in 1usize..12, w in 1usize..12,
             k in prop::sample::select(vec![1usize, 3, 5]), s in 1usize..3, p in 0usize..3,
@@ -1569,11 +1817,13 @@ mod tests {
             let wts = rand_vec(seed ^ 0x55, c_out * (c_in / g.groups) * k * k, -1.0, 1.0);
             let bias = rand_vec(seed ^ 0xaa, c_out, -1.0, 1.0);
             let res = residual.then(|| rand_vec(seed ^ 0x33, batch * out_img, -1.0, 1.0));
-            // The unsigned-input layout, declared for most cases: signed
-            // data under it must still be exact (the kernel's signed form).
+            // The dot4 form (where this CPU has one) in most cases: on
+            // AVX2, signed data under it must still be exact (the kernel's
+            // signed form).
             let layer = QConv2d::new(g, &wts, Some(&bias), act, scale)
                 .unwrap()
-                .with_nonneg_input(seed % 4 < 3);
+                .with_dot4(seed % 4 < 3);
+            prop_assert_eq!(layer.dot4(), seed % 4 < 3 && dot4_kernel().is_some() && !layer.algorithm().contains("depthwise"));
             prop_assert_eq!(layer.algorithm() == "int8-depthwise", depthwise && c_in > 1);
             let pool = ThreadPool::new(threads);
             let mut scratch = vec![f32::NAN; layer.scratch_len(threads)];

@@ -8,7 +8,7 @@ use osprey_kernels::eltwise::{self, BinaryOp, Broadcast};
 use osprey_kernels::gemm::PackedA;
 use osprey_kernels::layout::{contiguous_strides, StridedView};
 use osprey_kernels::pooling::Pool2dGeometry;
-use osprey_kernels::qconv::QConv2d;
+use osprey_kernels::qconv::{dot4_kernel, QConv2d};
 use osprey_kernels::resize::Resize2d;
 use osprey_kernels::ThreadPool;
 
@@ -83,13 +83,24 @@ impl Builder<'_> {
                 // INT8 where the graph permits it, unless tuning chose an
                 // FP32 tactic for this layer.
                 if let (Some(scale), true) = (a.int8_input_scale, runs_int8(&node.op, chosen)) {
-                    // (QConv2d::with_nonneg_input is not used yet: faster
-                    // alone on non-negative inputs, but end to end it was
-                    // 0.97x on EfficientNet-Lite0 and 1.08x on CenterNet;
-                    // it should become a timed tactic, for inputs known
-                    // non-negative from their producer's activation.)
+                    // The dot4 form where the tuner chose it; untuned, where
+                    // it is the faster on any input (NEON sdot).
+                    let dot4 = match chosen {
+                        Some(name) => name.ends_with("-dot4"),
+                        None => dot4_kernel() == Some("sdot"),
+                    };
                     let layer = QConv2d::new(geo, &w, bias.as_deref(), a.activation, scale)
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| e.to_string())?
+                        .with_dot4(dot4);
+                    // A dot4 tactic on a CPU capped below its kernel
+                    // (OSPREY_ISA) runs the pair form: the same results.
+                    let form = |n: &str| n.trim_end_matches("-dot4").to_string();
+                    if let Some(name) = chosen.filter(|&n| form(n) != form(layer.algorithm())) {
+                        return Err(format!(
+                            "tactic '{name}' does not fit this layer (it runs {})",
+                            layer.algorithm()
+                        ));
+                    }
                     let flow = |t: TensorId| self.flow.get(t).copied().flatten();
                     return Ok(Kind::QConv {
                         layer,
