@@ -899,67 +899,185 @@ pub fn dot_q8(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
     }
     #[cfg(target_arch = "aarch64")]
     if crate::isa::active() == crate::isa::Isa::Neon {
-        // SAFETY: Advanced SIMD is baseline on aarch64; the function
-        // checks the bounds of every block it reads.
-        return unsafe { dot_q8_neon(ty, row, xq, t) };
+        let mut out = [0.0f32; 1];
+        if neon_dot() {
+            // SAFETY: the extension was just detected; the function checks
+            // the bounds of every block it reads.
+            unsafe { dot_q8_rows_neon::<1, true>(ty, row, row.len(), xq, t, &mut out) };
+        } else {
+            // SAFETY: no extension needed without DOT; bounds checked inside.
+            unsafe { dot_q8_rows_neon::<1, false>(ty, row, row.len(), xq, t, &mut out) };
+        }
+        return out[0];
     }
     dot_q8_portable(ty, row, xq, t)
 }
 
-/// [`dot_q8_portable`] with NEON widening multiplies (`smull` + pairwise
-/// adds) per block; the float steps are the portable ones, in the same
-/// order, so the result is bit-identical to it.
+/// `R` consecutive weight rows (`rb` bytes apart in `w`) times activation
+/// row `t` on NEON. Per block, the integer sum comes from `sdot` where the
+/// CPU has the dot-product extension (`DOT`, e.g. Jetson Orin), else from
+/// `smull` + pairwise adds; both are exact, and each row's float steps are
+/// the portable reference's, in the same order, so the result is
+/// bit-identical to [`dot_q8_portable`]. The next `R` rows are prefetched
+/// while these are multiplied (as in the AVX2 form).
+///
+/// # Safety
+/// With `DOT`, the CPU must have the dot-product extension.
 #[cfg(target_arch = "aarch64")]
-#[target_feature(enable = "neon")]
-unsafe fn dot_q8_neon(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
+unsafe fn dot_q8_rows_neon<const R: usize, const DOT: bool>(
+    ty: QuantType,
+    w: &[u8],
+    rb: usize,
+    xq: &Q8Act,
+    t: usize,
+    out: &mut [f32; R],
+) {
     use std::arch::aarch64::*;
     let nb = xq.cols / 32;
     let bb = ty.block_bytes();
-    assert!(row.len() >= nb * bb && xq.q.len() >= (t + 1) * nb * 32);
+    assert!(R > 0 && rb >= nb * bb && w.len() >= (R - 1) * rb + nb * bb);
+    assert!(xq.q.len() >= (t + 1) * nb * 32);
     assert!(xq.d.len() >= (t + 1) * nb && xq.s.len() >= (t + 1) * nb);
-    let mut acc = 0.0f32;
+    let mut acc = [0.0f32; R];
+    let ahead = w.as_ptr().wrapping_add(R * rb);
+    let pf_step = (R * rb).div_ceil(nb.max(1));
     for k in 0..nb {
-        let b = &row[k * bb..(k + 1) * bb];
+        for l in (0..pf_step).step_by(64) {
+            prefetch(ahead.wrapping_add(k * pf_step + l));
+        }
         let xi = t * nb + k;
         let (dx, sx) = (xq.d[xi], xq.s[xi]);
-        // SAFETY: the asserts bound the 32 activation bytes; the weight
-        // reads (16 or 32 bytes after the scales) lie inside block `b`.
-        let sumi = unsafe {
+        // SAFETY: the asserts bound the 32 activation bytes.
+        let (x0, x1) = unsafe {
             let xp = xq.q.as_ptr().add(xi * 32);
-            let (x0, x1) = (vld1q_s8(xp), vld1q_s8(xp.add(16)));
-            let (w0, w1) = match ty {
-                QuantType::Q8_0 => (
-                    vld1q_s8(b.as_ptr().add(2) as *const i8),
-                    vld1q_s8(b.as_ptr().add(18) as *const i8),
-                ),
-                _ => {
-                    let off = if ty == QuantType::Q4_1 { 4 } else { 2 };
-                    let raw = vld1q_u8(b.as_ptr().add(off));
-                    let lo = vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(0x0f)));
-                    let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw));
-                    if ty == QuantType::Q4_0 {
-                        let eight = vdupq_n_s8(8);
-                        (vsubq_s8(lo, eight), vsubq_s8(hi, eight))
-                    } else {
-                        (lo, hi)
+            (vld1q_s8(xp), vld1q_s8(xp.add(16)))
+        };
+        for (r, a) in acc.iter_mut().enumerate() {
+            let b = &w[r * rb + k * bb..r * rb + (k + 1) * bb];
+            // SAFETY: the weight reads (16 or 32 bytes after the scales)
+            // lie inside block `b`; the caller guarantees the extension
+            // for `DOT`.
+            let sumi = unsafe {
+                let (w0, w1) = match ty {
+                    QuantType::Q8_0 => (
+                        vld1q_s8(b.as_ptr().add(2) as *const i8),
+                        vld1q_s8(b.as_ptr().add(18) as *const i8),
+                    ),
+                    _ => {
+                        let off = if ty == QuantType::Q4_1 { 4 } else { 2 };
+                        let raw = vld1q_u8(b.as_ptr().add(off));
+                        let lo = vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(0x0f)));
+                        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw));
+                        if ty == QuantType::Q4_0 {
+                            let eight = vdupq_n_s8(8);
+                            (vsubq_s8(lo, eight), vsubq_s8(hi, eight))
+                        } else {
+                            (lo, hi)
+                        }
                     }
+                };
+                if DOT {
+                    vaddvq_s32(sdot(sdot(vdupq_n_s32(0), w0, x0), w1, x1))
+                } else {
+                    let p0 = vmull_s8(vget_low_s8(w0), vget_low_s8(x0));
+                    let p1 = vmull_s8(vget_high_s8(w0), vget_high_s8(x0));
+                    let p2 = vmull_s8(vget_low_s8(w1), vget_low_s8(x1));
+                    let p3 = vmull_s8(vget_high_s8(w1), vget_high_s8(x1));
+                    let s01 = vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
+                    let s23 = vaddq_s32(vpaddlq_s16(p2), vpaddlq_s16(p3));
+                    vaddvq_s32(vaddq_s32(s01, s23))
                 }
             };
-            let p0 = vmull_s8(vget_low_s8(w0), vget_low_s8(x0));
-            let p1 = vmull_s8(vget_high_s8(w0), vget_high_s8(x0));
-            let p2 = vmull_s8(vget_low_s8(w1), vget_low_s8(x1));
-            let p3 = vmull_s8(vget_high_s8(w1), vget_high_s8(x1));
-            let s01 = vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
-            let s23 = vaddq_s32(vpaddlq_s16(p2), vpaddlq_s16(p3));
-            vaddvq_s32(vaddq_s32(s01, s23))
-        };
-        match ty {
-            QuantType::Q4_1 => acc += h(b, 0) * dx * sumi as f32 + h(b, 2) * sx,
-            QuantType::Q8_0 | QuantType::Q4_0 => acc += h(b, 0) * dx * sumi as f32,
-            _ => {}
+            match ty {
+                QuantType::Q4_1 => *a += h(b, 0) * dx * sumi as f32 + h(b, 2) * sx,
+                QuantType::Q8_0 | QuantType::Q4_0 => *a += h(b, 0) * dx * sumi as f32,
+                _ => {}
+            }
         }
     }
+    *out = acc;
+}
+
+/// `acc + Σ_t w[4i + t]·x[4i + t]` per lane: `sdot` (dot-product extension).
+///
+/// # Safety
+/// The CPU must have the dot-product extension.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+unsafe fn sdot(
+    acc: std::arch::aarch64::int32x4_t,
+    w: std::arch::aarch64::int8x16_t,
+    x: std::arch::aarch64::int8x16_t,
+) -> std::arch::aarch64::int32x4_t {
+    let mut acc = acc;
+    // SAFETY: a register-only instruction; the caller guarantees the
+    // extension (the directive only lets the assembler accept it). The
+    // vdotq_s32 intrinsic is not stable in Rust yet.
+    unsafe {
+        std::arch::asm!(
+            ".arch_extension dotprod",
+            "sdot {acc:v}.4s, {w:v}.16b, {x:v}.16b",
+            acc = inout(vreg) acc,
+            w = in(vreg) w,
+            x = in(vreg) x,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
     acc
+}
+
+/// A hint to fetch the cache line at `p` (never faults, so `p` may pass
+/// the end of its buffer).
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    // SAFETY: `prfm` is a hint: it reads nothing architecturally and never
+    // faults, whatever the address.
+    unsafe {
+        std::arch::asm!(
+            "prfm pldl1keep, [{p}]",
+            p = in(reg) p,
+            options(nostack, preserves_flags, readonly)
+        );
+    }
+}
+
+/// Whether this CPU runs the NEON block products with `sdot`.
+#[cfg(target_arch = "aarch64")]
+fn neon_dot() -> bool {
+    std::arch::is_aarch64_feature_detected!("dotprod")
+}
+
+/// Four rows `r..r + 4` (`rb` bytes apart in `w`) times activation row `t`
+/// into `out`, with the four-row SIMD form this CPU has; `false` (and
+/// nothing written) without one.
+fn dot_q8_rows4(
+    ty: QuantType,
+    w: &[u8],
+    rb: usize,
+    xq: &Q8Act,
+    t: usize,
+    out: &mut [f32; 4],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+        // SAFETY: AVX2/FMA/F16C present; the bounds are checked inside.
+        unsafe { dot_q8_rows_avx2::<4>(ty, w, rb, xq, t, out) };
+        return true;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if crate::isa::active() == crate::isa::Isa::Neon {
+        if neon_dot() {
+            // SAFETY: the extension was just detected; bounds checked inside.
+            unsafe { dot_q8_rows_neon::<4, true>(ty, w, rb, xq, t, out) };
+        } else {
+            // SAFETY: no extension needed without DOT; bounds checked inside.
+            unsafe { dot_q8_rows_neon::<4, false>(ty, w, rb, xq, t, out) };
+        }
+        return true;
+    }
+    let _ = (ty, w, rb, xq, t, out);
+    false
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1125,23 +1243,21 @@ pub fn matmul_q8_many(products: &mut [Q8Product<'_>], xq: &Q8Act, pool: &ThreadP
         let rb = ty.row_bytes(xq.cols);
         let r0 = (task - first) * chunk;
         let r1 = (r0 + chunk).min(rows);
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut r = r0;
-        #[cfg(target_arch = "x86_64")]
-        if crate::isa::active() == crate::isa::Isa::Avx2Fma {
-            while r + 4 <= r1 {
-                for t in 0..tokens {
-                    let mut v = [0.0f32; 4];
-                    // SAFETY: AVX2/FMA/F16C present; rows r..r+4 lie in w
-                    // (asserted above; checked again inside).
-                    unsafe { dot_q8_rows_avx2::<4>(ty, &w[r * rb..], rb, xq, t, &mut v) };
-                    for (i, &x) in v.iter().enumerate() {
-                        // SAFETY: as below.
-                        unsafe { *out.add(t * rows + r + i) = x };
-                    }
+        let mut v = [0.0f32; 4];
+        // Four rows at a time where the CPU has the SIMD form (the first
+        // token's product is the test), then single rows.
+        while r + 4 <= r1 && dot_q8_rows4(ty, &w[r * rb..], rb, xq, 0, &mut v) {
+            for t in 0..tokens {
+                if t > 0 {
+                    dot_q8_rows4(ty, &w[r * rb..], rb, xq, t, &mut v);
                 }
-                r += 4;
+                for (i, &x) in v.iter().enumerate() {
+                    // SAFETY: as below.
+                    unsafe { *out.add(t * rows + r + i) = x };
+                }
             }
+            r += 4;
         }
         for r in r..r1 {
             let row = &w[r * rb..(r + 1) * rb];
