@@ -9,8 +9,8 @@
 //! * tensors `c<id>`: every constant the optimised graph reads, `<id>` being
 //!   its index in the plan's tensor list; F32, or F16 for `--precision fp16`
 //!   engines (I64 for integer constants); in `int8` engines the weights of
-//!   each INT8 convolution are I8, per output channel, with their F32
-//!   scales in `q<id>`. Data offsets are aligned to the
+//!   each INT8 convolution (and INT8 `Gemm` with transposed B) are I8, per
+//!   output channel, with their F32 scales in `q<id>`. Data offsets are aligned to the
 //!   element size inside an 8-byte-aligned data section, so the weights can be
 //!   memory-mapped.
 //! * `__metadata__` (string → string), append-only keys:
@@ -175,6 +175,11 @@ fn int8_weight_tensors(ef: &EngineFile) -> HashMap<TensorId, usize> {
     for (i, n) in ef.graph.nodes.iter().enumerate() {
         let tactic = ef.tactics.get(i).and_then(|t| t.as_deref());
         if !crate::int8::runs_int8(&n.op, tactic) {
+            continue;
+        }
+        // A Gemm's weights are per output row only when B is transposed
+        // ([n][k]); otherwise they stay f32 in the file.
+        if matches!(n.op, crate::ir::Op::Gemm { trans_b: false, .. }) {
             continue;
         }
         let Some(&w) = n.inputs.get(1) else { continue };

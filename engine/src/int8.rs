@@ -1,7 +1,8 @@
 //! Which layers may run in INT8: the builder's side of quantization.
 //!
-//! [`permit_int8`] marks every convolution that has an INT8 kernel and a
-//! calibrated scale for its input (`ConvAttrs::int8_input_scale`); the
+//! [`permit_int8`] marks every convolution and fully connected layer
+//! (`Gemm`) that has an INT8 kernel and a calibrated scale for its input
+//! (`ConvAttrs::int8_input_scale`, `Op::Gemm::int8_input_scale`); the
 //! others stay FP32 and say why. Weights are quantized per output channel
 //! when the engine is prepared (`osprey_kernels::qconv`), so the graph keeps
 //! its FP32 weights and a layer can be reverted to FP32 by clearing the mark
@@ -17,7 +18,7 @@ use serde::Serialize;
 use crate::ir::{Graph, Op};
 use crate::plan::{plan_arena_typed, MemoryPlan};
 
-/// One convolution's INT8 status.
+/// One convolution's or `Gemm`'s INT8 status.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Int8Layer {
     /// Node index.
@@ -34,9 +35,9 @@ pub struct Int8Layer {
     pub fallback: Option<String>,
 }
 
-/// Marks convolutions as INT8 where possible (depthwise ones only with
-/// `depthwise`); `scale_of(tensor name)` gives the calibrated input scale.
-/// Returns one entry per convolution.
+/// Marks convolutions and `Gemm`s as INT8 where possible (depthwise
+/// convolutions only with `depthwise`); `scale_of(tensor name)` gives the
+/// calibrated input scale. Returns one entry per convolution and `Gemm`.
 pub fn permit_int8(
     g: &mut Graph,
     scale_of: &dyn Fn(&str) -> Option<f32>,
@@ -51,10 +52,39 @@ pub fn permit_int8(
         let input = g.tensors[x].name.clone();
         let output = g.tensors[y].name.clone();
         let name = g.nodes[i].name.clone();
+        let scale = scale_of(&input);
+        let unusable = |scale: Option<f32>| match scale {
+            None => Some(format!("no calibration scale: input '{input}'")),
+            Some(s) if !(s.is_finite() && s > 0.0) => {
+                Some(format!("input '{input}' has an unusable scale {s}"))
+            }
+            Some(_) => None,
+        };
+        if let Op::Gemm { trans_a, .. } = g.nodes[i].op {
+            // A Gemm usually reads a Flatten or Reshape of the tensor that
+            // calibration saw (a view holds the same values and is never
+            // computed, so it has no statistics of its own).
+            let scale = scale.or_else(|| scale_of(&g.tensors[view_source(g, x)].name));
+            let fallback = gemm_int8_blocker(g, i, trans_a).or_else(|| unusable(scale));
+            if let Op::Gemm {
+                int8_input_scale, ..
+            } = &mut g.nodes[i].op
+            {
+                *int8_input_scale = if fallback.is_none() { scale } else { None };
+            }
+            out.push(Int8Layer {
+                node: i,
+                name,
+                input,
+                output,
+                input_scale: if fallback.is_none() { scale } else { None },
+                fallback,
+            });
+            continue;
+        }
         let Op::Conv(a) = &mut g.nodes[i].op else {
             continue;
         };
-        let scale = scale_of(&input);
         let channels = |t: usize| g.tensors[t].shape.get(1).copied();
         let is_depthwise =
             a.groups > 1 && a.groups == channels(x).unwrap_or(0) && channels(y) == channels(x);
@@ -66,13 +96,7 @@ pub fn permit_int8(
         } else if is_depthwise && !depthwise {
             Some("depthwise convolution: INT8 not requested (--int8-depthwise)".to_string())
         } else {
-            match scale {
-                None => Some(format!("no calibration scale: input '{input}'")),
-                Some(s) if !(s.is_finite() && s > 0.0) => {
-                    Some(format!("input '{input}' has an unusable scale {s}"))
-                }
-                Some(_) => None,
-            }
+            unusable(scale)
         };
         a.int8_input_scale = if fallback.is_none() { scale } else { None };
         out.push(Int8Layer {
@@ -87,11 +111,112 @@ pub fn permit_int8(
     out
 }
 
+/// The tensor whose values `t` holds: `t` itself, or the source of the
+/// chain of reshaping views (Reshape, Flatten, Squeeze, Unsqueeze) that
+/// produces it.
+pub fn view_source(g: &Graph, mut t: usize) -> usize {
+    while let Some(n) = g
+        .nodes
+        .iter()
+        .find(|n| n.outputs.first() == Some(&t) && matches!(n.op, Op::Reshape))
+    {
+        match n.inputs.first() {
+            Some(&s) if s != t => t = s,
+            _ => break,
+        }
+    }
+    t
+}
+
+/// Why `Gemm` node `i` cannot run INT8 (`None`: it can). The INT8 kernel
+/// takes `A` as rows of a 2-D input and `C` per output column (or none).
+fn gemm_int8_blocker(g: &Graph, i: usize, trans_a: bool) -> Option<String> {
+    let node = &g.nodes[i];
+    let shape = |k: usize| node.inputs.get(k).map(|&t| g.tensors[t].shape.as_slice());
+    if trans_a {
+        return Some("Gemm with transposed A: no INT8 kernel".into());
+    }
+    if shape(0).is_none_or(|s| s.len() != 2) {
+        return Some("Gemm input is not 2-D: no INT8 kernel".into());
+    }
+    let n = node
+        .outputs
+        .first()
+        .and_then(|&y| g.tensors[y].shape.get(1).copied())
+        .unwrap_or(0);
+    match shape(2) {
+        Some(c)
+            if !(c.iter().product::<usize>() == 1
+                || c.last() == Some(&n) && c.iter().rev().skip(1).all(|&d| d == 1)) =>
+        {
+            Some(format!(
+                "Gemm C of shape {c:?} is not per output column: no INT8 kernel"
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// The INT8 kernel of a `Gemm` (`A` not transposed) with `n` outputs of
+/// `k` inputs: `alpha` folded into the weights (`w` as stored: `[n][k]`
+/// with `trans_b`, else `[k][n]`), `beta·C` per output column (`c`: one
+/// value or `n`) as the bias.
+pub fn gemm_int8_layer(
+    (n, k): (usize, usize),
+    (alpha, beta): (f32, f32),
+    trans_b: bool,
+    w: &[f32],
+    c: Option<&[f32]>,
+    scale: f32,
+) -> Result<osprey_kernels::int8::QLinear, String> {
+    if w.len() != n * k {
+        return Err(format!("Gemm weights hold {} values, not {n}x{k}", w.len()));
+    }
+    let wt: Vec<f32> = if trans_b {
+        w.iter().map(|v| v * alpha).collect()
+    } else {
+        (0..n * k).map(|i| w[(i % k) * n + i / k] * alpha).collect()
+    };
+    let bias = match c {
+        None => None,
+        Some([v]) => Some(vec![v * beta; n]),
+        Some(cv) if cv.len() == n => Some(cv.iter().map(|v| v * beta).collect::<Vec<_>>()),
+        Some(cv) => {
+            return Err(format!(
+                "INT8 Gemm: C of {} values is not per output column",
+                cv.len()
+            ))
+        }
+    };
+    osprey_kernels::int8::QLinear::new(n, k, &wt, bias.as_deref(), scale).map_err(|e| e.to_string())
+}
+
+/// The INT8 input scale `op` is marked with (convolutions and `Gemm`s).
+pub fn int8_scale(op: &Op) -> Option<f32> {
+    match op {
+        Op::Conv(a) => a.int8_input_scale,
+        Op::Gemm {
+            int8_input_scale, ..
+        } => *int8_input_scale,
+        _ => None,
+    }
+}
+
+/// Clears the INT8 mark of `op`, if it has one.
+fn clear_int8(op: &mut Op) {
+    match op {
+        Op::Conv(a) => a.int8_input_scale = None,
+        Op::Gemm {
+            int8_input_scale, ..
+        } => *int8_input_scale = None,
+        _ => {}
+    }
+}
+
 /// Whether node `op` runs an INT8 kernel when `tactic` was chosen for it:
 /// INT8 is permitted and tuning did not pick an FP32 tactic.
 pub fn runs_int8(op: &Op, tactic: Option<&str>) -> bool {
-    matches!(op, Op::Conv(a) if a.int8_input_scale.is_some())
-        && tactic.is_none_or(|t| t.starts_with("int8"))
+    int8_scale(op).is_some() && tactic.is_none_or(|t| t.starts_with("int8"))
 }
 
 /// Whether tensor `t` is non-negative by construction: its producer ends in
@@ -135,7 +260,9 @@ pub fn int8_flow(g: &Graph, tactics: &[Option<String>]) -> Vec<Option<f32>> {
         let Some(&y) = node.outputs.first() else {
             continue;
         };
-        if !runs_int8(&node.op, tactic(i)) || g.outputs.contains(&y) || y >= n {
+        // Only convolutions write INT8 tensors (a Gemm's output is f32).
+        let conv = matches!(node.op, Op::Conv(_));
+        if !conv || !runs_int8(&node.op, tactic(i)) || g.outputs.contains(&y) || y >= n {
             continue;
         }
         let mut scale = None;
@@ -171,9 +298,7 @@ pub fn int8_plan(g: &Graph, tactics: &[Option<String>]) -> (Vec<Option<f32>>, Me
 /// Clears the INT8 mark of `layer` (it runs FP32), recording `why`.
 pub fn revert(g: &mut Graph, layer: &mut Int8Layer, why: String) {
     if let Some(node) = g.nodes.get_mut(layer.node) {
-        if let Op::Conv(a) = &mut node.op {
-            a.int8_input_scale = None;
-        }
+        clear_int8(&mut node.op);
     }
     layer.input_scale = None;
     layer.fallback = Some(why);
@@ -181,18 +306,14 @@ pub fn revert(g: &mut Graph, layer: &mut Int8Layer, why: String) {
 
 /// Whether any node is marked INT8.
 pub fn has_int8(g: &Graph) -> bool {
-    g.nodes
-        .iter()
-        .any(|n| matches!(&n.op, Op::Conv(a) if a.int8_input_scale.is_some()))
+    g.nodes.iter().any(|n| int8_scale(&n.op).is_some())
 }
 
 /// A copy of `g` with every INT8 mark cleared (the FP32 reference).
 pub fn without_int8(g: &Graph) -> Graph {
     let mut g = g.clone();
     for n in &mut g.nodes {
-        if let Op::Conv(a) = &mut n.op {
-            a.int8_input_scale = None;
-        }
+        clear_int8(&mut n.op);
     }
     g
 }
@@ -586,5 +707,145 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Fully connected layers run INT8 (`QLinear`) where the kernel fits:
+    /// A plain and 2-D, C per output column. The scale of a Flatten's
+    /// source serves the Gemm that reads the Flatten; alpha, beta and an
+    /// untransposed B are folded the way the FP32 Gemm takes them.
+    #[test]
+    fn gemms_run_int8_where_the_kernel_fits() {
+        use crate::exec::{Engine, ExecutionContext};
+        use crate::onnx::builder::{attr_f, attr_i, ModelBuilder};
+        use crate::tune::pseudo_random;
+        use osprey_kernels::int8::reference_qlinear;
+        let (c, hw, n1, n2) = (6, 4, 20, 7);
+        let k = c * hw;
+        let w1 = pseudo_random(n1 * k, 1);
+        let b1 = pseudo_random(n1, 2);
+        let w2 = pseudo_random(n1 * n2, 3); // [k = n1][n2]: not transposed
+        let b2 = pseudo_random(n2, 4);
+        let mut b = ModelBuilder::new(13);
+        b.input("x", &[1, c as i64, 2, 2])
+            .init_f32("w1", &[n1, k], &w1)
+            .init_f32("b1", &[n1], &b1)
+            .init_f32("w2", &[n1, n2], &w2)
+            .init_f32("b2", &[n2], &b2)
+            .node("Relu", &["x"], &["r"], vec![])
+            .node("Flatten", &["r"], &["f"], vec![attr_i("axis", 1)])
+            .node(
+                "Gemm",
+                &["f", "w1", "b1"],
+                &["h"],
+                vec![attr_i("transB", 1)],
+            )
+            .node(
+                "Gemm",
+                &["h", "w2", "b2"],
+                &["y"],
+                vec![attr_f("alpha", 0.5), attr_f("beta", 2.0)],
+            )
+            .output("y");
+        let mut g = crate::onnx::import(&b.to_bytes(), &Default::default()).unwrap();
+        let (sr, sh) = (1.0 / 127.0, 3.0 / 127.0);
+        // Calibration saw "r" (the Flatten is a view, never computed) and "h".
+        let layers = permit_int8(
+            &mut g,
+            &|t| match t {
+                "r" => Some(sr),
+                "h" => Some(sh),
+                _ => None,
+            },
+            false,
+        );
+        assert_eq!(layers.len(), 2, "{layers:?}");
+        assert!(layers.iter().all(|l| l.fallback.is_none()), "{layers:?}");
+        assert_eq!(layers[0].input_scale, Some(sr));
+        let engine = std::sync::Arc::new(Engine::new(g.clone()).unwrap());
+        let infos: Vec<String> = (0..engine.step_count())
+            .map(|i| engine.step_info(i).unwrap().1)
+            .collect();
+        assert_eq!(
+            infos.iter().filter(|s| s.starts_with("Gemm int8")).count(),
+            2,
+            "{infos:?}"
+        );
+        let x = pseudo_random(k, 5);
+        let mut ctx = ExecutionContext::new(engine, 1);
+        ctx.input_mut(0).unwrap().copy_from_slice(&x);
+        ctx.run().unwrap();
+        let got = ctx.output_index(0).unwrap().to_vec();
+        // The reference: the same quantization, chained.
+        let r: Vec<f32> = x.iter().map(|v| v.max(0.0)).collect();
+        let mut h = vec![0f32; n1];
+        reference_qlinear(n1, k, &w1, Some(&b1), sr, &r, &mut h);
+        let w2t: Vec<f32> = (0..n2 * n1)
+            .map(|i| 0.5 * w2[(i % n1) * n2 + i / n1])
+            .collect();
+        let b2s: Vec<f32> = b2.iter().map(|v| 2.0 * v).collect();
+        let mut want = vec![0f32; n2];
+        reference_qlinear(n2, n1, &w2t, Some(&b2s), sh, &h, &mut want);
+        for (a, w) in got.iter().zip(&want) {
+            assert!(
+                (a - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{got:?} vs {want:?}"
+            );
+        }
+        assert!(
+            !int8_flow(&g, &[]).iter().any(Option::is_some),
+            "Gemm outputs stay f32"
+        );
+        assert!(has_int8(&g) && !has_int8(&without_int8(&g)));
+
+        // Transposed A, or a C that is not per column: left FP32, saying why.
+        let mut b = ModelBuilder::new(13);
+        b.input("x", &[k as i64, 1])
+            .input("z", &[1, k as i64])
+            .init_f32("w1", &[n1, k], &w1)
+            .init_f32("cfull", &[1, n1], &b1)
+            .init_f32("ccol", &[1, 1], &b1[..1])
+            .input("z2", &[2, k as i64])
+            .init_f32("cmat", &[2, n1], &[b1.clone(), b1.clone()].concat())
+            .node(
+                "Gemm",
+                &["x", "w1"],
+                &["y1"],
+                vec![attr_i("transA", 1), attr_i("transB", 1)],
+            )
+            .node(
+                "Gemm",
+                &["z", "w1", "ccol"],
+                &["y2"],
+                vec![attr_i("transB", 1)],
+            )
+            .node(
+                "Gemm",
+                &["z", "w1", "cfull"],
+                &["y3"],
+                vec![attr_i("transB", 1)],
+            )
+            .node(
+                "Gemm",
+                &["z2", "w1", "cmat"],
+                &["y4"],
+                vec![attr_i("transB", 1)],
+            )
+            .output("y1")
+            .output("y2")
+            .output("y3")
+            .output("y4");
+        let mut g = crate::onnx::import(&b.to_bytes(), &Default::default()).unwrap();
+        let layers = permit_int8(&mut g, &|_| Some(sr), false);
+        let why: Vec<Option<&str>> = layers.iter().map(|l| l.fallback.as_deref()).collect();
+        assert!(
+            why[0].is_some_and(|w| w.contains("transposed A")),
+            "{why:?}"
+        );
+        assert_eq!(why[1], None, "a scalar C is a bias");
+        assert_eq!(why[2], None, "a [1, n] C is per column");
+        assert!(
+            why[3].is_some_and(|w| w.contains("not per output column")),
+            "{why:?}"
+        );
     }
 }

@@ -275,6 +275,10 @@ pub enum Op {
         trans_a: bool,
         /// Transpose B.
         trans_b: bool,
+        /// INT8 permitted: the symmetric per-tensor scale of A (as
+        /// [`ConvAttrs::int8_input_scale`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        int8_input_scale: Option<f32>,
     },
     /// Matrix product with numpy semantics.
     MatMul,

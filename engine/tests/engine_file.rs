@@ -267,3 +267,52 @@ fn timing_cache_makes_the_second_tuning_free() {
     std::fs::write(&path, b"{ not json").unwrap();
     assert!(TimingCache::load(&path).is_err());
 }
+
+/// INT8 `Gemm`s survive the file: the weights of one with transposed B are
+/// stored as I8 per output row; an untransposed B stays F32 (its rows are
+/// not output channels); outputs equal the in-memory engine's.
+#[test]
+fn int8_gemm_engine_round_trips() {
+    let (k, n1, n2) = (24, 20, 7);
+    let mut m = ModelBuilder::new(13);
+    m.input("x", &[1, 6, 2, 2])
+        .init_f32("w1", &[n1, k], &data(n1 * k, 1))
+        .init_f32("b1", &[n1], &data(n1, 2))
+        .init_f32("w2", &[n1, n2], &data(n1 * n2, 3))
+        .node("Flatten", &["x"], &["f"], vec![attr_i("axis", 1)])
+        .node(
+            "Gemm",
+            &["f", "w1", "b1"],
+            &["h"],
+            vec![attr_i("transB", 1)],
+        )
+        .node("Gemm", &["h", "w2"], &["y"], vec![attr_f("alpha", 0.5)])
+        .output("y");
+    let mut g = import(&m.to_bytes(), &HashMap::new()).expect("import");
+    passes::optimize(&mut g);
+    let layers = osprey_engine::int8::permit_int8(&mut g, &|_| Some(4.0 / 127.0), false);
+    assert_eq!(layers.iter().filter(|l| l.fallback.is_none()).count(), 2);
+    let x = data(k, 9);
+    let want = run(g.clone(), &[], &x);
+    let ef = EngineFile {
+        graph: g,
+        tactics: Vec::new(),
+        fingerprint: Fingerprint::current(),
+        precision: Precision::Int8,
+        build: serde_json::json!({}),
+    };
+    let bytes = file::to_bytes(&ef).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let i8_values: usize = st
+        .tensors()
+        .iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::I8)
+        .map(|(_, v)| v.data().len())
+        .sum();
+    assert_eq!(i8_values, n1 * k);
+    let back = file::from_bytes(&bytes, Some(&Fingerprint::current()), "mem").unwrap();
+    let got = run(back.graph, &back.tactics, &x);
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+}

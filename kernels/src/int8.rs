@@ -5,6 +5,9 @@
 //! * [`dot_i8`]: one `i8 · i8` dot product.
 //! * [`gemm_i8`]: `C[m][n] = Σ_k A[m][k] · B[n][k]` with `B` stored one
 //!   output channel per row (as weights are), so both operands stream.
+//! * [`QLinear`]: an INT8 fully connected layer (ONNX `Gemm` with constant
+//!   weights) on those products: per-output-channel weights, a per-tensor
+//!   input scale, dequantization and bias in the epilogue.
 //!
 //! Every tier is bit-exact with [`dot_i8_ref`]: the products are widened
 //! to 16 bits before any addition (`i8 × i8` fits `i16`; pairs are summed
@@ -295,6 +298,154 @@ unsafe fn widen_i8_avx2(src: &[i8], dst: &mut [f32]) -> usize {
     len
 }
 
+/// An INT8 fully connected layer, `y[i][j] = Σ_k x[i][k]·w[j][k] + b[j]`:
+/// weights quantized per output channel (symmetric), the input quantized
+/// per tensor with `input_scale` as it is read, exact `i32` sums
+/// ([`dot_i8`]), then `acc · s_w[j] · s_x + b[j]`. At batch 1 it is a
+/// matrix-vector product bound by reading the weights, so INT8's quarter of
+/// the bytes is what makes it fast.
+#[derive(Clone, Debug)]
+pub struct QLinear {
+    n: usize,
+    k: usize,
+    /// `[n][k]`.
+    w: Vec<i8>,
+    out_scale: Vec<f32>,
+    bias: Vec<f32>,
+    input_scale: f32,
+}
+
+/// Output rows per task of [`QLinear::run`].
+const QLINEAR_ROWS: usize = 64;
+
+impl QLinear {
+    /// `weights` `[n][k]` (one output channel per row), `bias` `[n]`.
+    pub fn new(
+        n: usize,
+        k: usize,
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        input_scale: f32,
+    ) -> Result<QLinear, crate::error::KernelError> {
+        let bad = |detail: String| crate::error::KernelError::Unsupported {
+            kernel: "qlinear",
+            detail,
+        };
+        if n == 0 || k == 0 {
+            return Err(bad(format!("empty product {n}x{k}")));
+        }
+        if k > 1 << 17 {
+            return Err(bad(format!("{k} inputs: exact i32 sums take at most 2^17")));
+        }
+        if !(input_scale.is_finite() && input_scale > 0.0) {
+            return Err(bad(format!("input scale {input_scale} is not positive")));
+        }
+        if weights.len() != n * k {
+            return Err(bad(format!("{} weights for {n}x{k}", weights.len())));
+        }
+        if let Some(b) = bias.filter(|b| b.len() != n) {
+            return Err(bad(format!("{} biases for {n} outputs", b.len())));
+        }
+        let (scales, w) = crate::qconv::quantize_weights(weights, n);
+        Ok(QLinear {
+            n,
+            k,
+            w,
+            out_scale: scales.iter().map(|s| s * input_scale).collect(),
+            bias: bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec),
+            input_scale,
+        })
+    }
+
+    /// Outputs per row.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Inputs per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The input scale.
+    pub fn input_scale(&self) -> f32 {
+        self.input_scale
+    }
+
+    /// Bytes of quantized weights held.
+    pub fn weight_bytes(&self) -> usize {
+        self.w.len()
+    }
+
+    /// Scratch f32 elements [`QLinear::run`] needs for `m` rows (the
+    /// quantized input, four bytes per element).
+    pub fn scratch_len(&self, m: usize) -> usize {
+        (m * self.k).div_ceil(4)
+    }
+
+    /// `m` rows: `x` `[m][k]`, `y` `[m][n]`.
+    ///
+    /// # Panics
+    /// If a buffer is shorter than `m` rows need (the engine checks sizes
+    /// when it plans memory).
+    pub fn run(
+        &self,
+        pool: &crate::pool::ThreadPool,
+        m: usize,
+        x: &[f32],
+        y: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        let (n, k) = (self.n, self.k);
+        assert!(x.len() >= m * k && y.len() >= m * n && scratch.len() >= self.scratch_len(m));
+        // SAFETY: f32 is at least as aligned as i8; m·k bytes lie within
+        // the scratch's 4·scratch_len bytes.
+        let xq = unsafe { std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut i8, m * k) };
+        quantize_to_i8(isa::active(), &x[..m * k], 1.0 / self.input_scale, xq);
+        let xq = &*xq;
+        let out = crate::pool::SyncPtr::new(y);
+        pool.run(n.div_ceil(QLINEAR_ROWS), &|t, _| {
+            let (j0, j1) = (t * QLINEAR_ROWS, ((t + 1) * QLINEAR_ROWS).min(n));
+            for j in j0..j1 {
+                let w = &self.w[j * k..(j + 1) * k];
+                let (s, b) = (self.out_scale[j], self.bias[j]);
+                for i in 0..m {
+                    let acc = dot_i8(&xq[i * k..(i + 1) * k], w);
+                    // SAFETY: each output (i, j) is written by the one task
+                    // owning column j; i·n + j < m·n ≤ y.len() (asserted).
+                    unsafe { *out.add(i * n + j) = acc as f32 * s + b };
+                }
+            }
+        });
+    }
+}
+
+/// Plain-loop reference of [`QLinear::run`]: quantize input and weights as
+/// it does, accumulate in `i64`, then dequantize and add the bias.
+pub fn reference_qlinear(
+    n: usize,
+    k: usize,
+    weights: &[f32],
+    bias: Option<&[f32]>,
+    input_scale: f32,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let (scales, w) = crate::qconv::quantize_weights(weights, n);
+    let m = x.len() / k;
+    for i in 0..m {
+        for j in 0..n {
+            let acc: i64 = (0..k)
+                .map(|c| {
+                    let q = crate::qconv::quantize(x[i * k + c], 1.0 / input_scale) as i64;
+                    q * w[j * k + c] as i64
+                })
+                .sum();
+            y[i * n + j] = acc as f32 * (scales[j] * input_scale) + bias.map_or(0.0, |b| b[j]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,5 +521,40 @@ mod tests {
                 prop_assert_eq!(*q as f32, x.round_ties_even());
             }
         }
+    }
+
+    proptest! {
+        #[test]
+        fn qlinear_equals_the_reference(
+            m in 1usize..4, n in 1usize..150, k in 1usize..300, threads in 1usize..4,
+            seed in any::<u64>(), bias: bool,
+        ) {
+            let rnd = |n: usize, seed: u64| -> Vec<f32> {
+                let mut s = seed | 1;
+                (0..n).map(|_| { s ^= s << 13; s ^= s >> 7; s ^= s << 17; (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0 }).collect()
+            };
+            let (w, x, b) = (rnd(n * k, seed), rnd(m * k, seed ^ 0x55), rnd(n, seed ^ 0xaa));
+            let b = bias.then_some(&b[..]);
+            let scale = 0.8 / 127.0; // clips the tails of x
+            let layer = QLinear::new(n, k, &w, b, scale).unwrap();
+            let mut scratch = vec![f32::NAN; layer.scratch_len(m)];
+            let mut y = vec![f32::NAN; m * n];
+            layer.run(&crate::pool::ThreadPool::new(threads), m, &x, &mut y, &mut scratch);
+            let mut want = vec![0f32; m * n];
+            reference_qlinear(n, k, &w, b, scale, &x, &mut want);
+            for (i, (a, r)) in y.iter().zip(&want).enumerate() {
+                // Exact integer sums; the epilogue is the same two steps.
+                prop_assert!((a - r).abs() <= 1e-6 * (1.0 + r.abs()), "at {}: {} vs {}", i, a, r);
+            }
+        }
+    }
+
+    #[test]
+    fn qlinear_refuses_bad_layers() {
+        assert!(QLinear::new(2, 3, &[0.0; 6], None, 0.1).is_ok());
+        assert!(QLinear::new(2, 3, &[0.0; 5], None, 0.1).is_err());
+        assert!(QLinear::new(2, 3, &[0.0; 6], Some(&[0.0; 3]), 0.1).is_err());
+        assert!(QLinear::new(2, 3, &[0.0; 6], None, 0.0).is_err());
+        assert!(QLinear::new(0, 3, &[], None, 0.1).is_err());
     }
 }

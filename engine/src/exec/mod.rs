@@ -13,6 +13,7 @@ use osprey_kernels::activation::Activation;
 use osprey_kernels::conv::{Conv2d, ConvTranspose2d};
 use osprey_kernels::eltwise::{BinaryOp, Broadcast};
 use osprey_kernels::gemm::{self, PackedA};
+use osprey_kernels::int8::QLinear;
 use osprey_kernels::layout::{PadMode, StridedView};
 use osprey_kernels::pooling::{Pool2dGeometry, PoolKind};
 use osprey_kernels::qconv::QConv2d;
@@ -63,6 +64,12 @@ enum Kind {
         residual: bool,
         in_i8: bool,
         out_scale: Option<f32>,
+    },
+    /// INT8 fully connected layer (a `Gemm` with constant weights): `m`
+    /// rows of f32 in, f32 out.
+    QGemm {
+        layer: QLinear,
+        m: usize,
     },
     ConvTranspose {
         layer: ConvTranspose2d,
@@ -332,6 +339,13 @@ impl Engine {
             Kind::ReduceMean { .. } => "ReduceMean".into(),
             Kind::Resize(_) => "Resize".into(),
             Kind::Gemm { .. } => "Gemm".into(),
+            Kind::QGemm { layer, m } => format!(
+                "Gemm int8 {}x{}->{} x-scale {:.3e}",
+                m,
+                layer.k(),
+                layer.n(),
+                layer.input_scale()
+            ),
             Kind::MatMulRuntime { .. } => "MatMul".into(),
             Kind::Softmax { .. } => "Softmax".into(),
             Kind::Pad { .. } => "Pad".into(),
@@ -372,6 +386,7 @@ impl Engine {
             .map(|s| match &s.kind {
                 Kind::Conv { layer, .. } => layer.scratch_len(threads),
                 Kind::QConv { layer, .. } => layer.scratch_len(threads),
+                Kind::QGemm { layer, m } => layer.scratch_len(*m),
                 Kind::ConvTranspose { layer, .. } => layer.scratch_len(threads),
                 Kind::Gemm {
                     packed,

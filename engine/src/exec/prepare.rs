@@ -328,10 +328,27 @@ impl Builder<'_> {
                 beta,
                 trans_a,
                 trans_b,
+                int8_input_scale,
             } => {
                 let (m, n) = (ys[0], ys[1]);
                 let k = if *trans_a { xs[0] } else { xs[1] };
                 let w = self.const_f32(node.inputs[1])?;
+                let chosen = self.tactics.get(ni).and_then(|t| t.as_deref());
+                if let (Some(scale), true) = (*int8_input_scale, runs_int8(&node.op, chosen)) {
+                    if *trans_a {
+                        return Err("INT8 Gemm with transposed A".into());
+                    }
+                    let c = node.inputs.get(2).map(|&c| self.const_f32(c)).transpose()?;
+                    let layer = crate::int8::gemm_int8_layer(
+                        (n, k),
+                        (*alpha, *beta),
+                        *trans_b,
+                        &w,
+                        c.as_deref(),
+                        scale,
+                    )?;
+                    return Ok(Kind::QGemm { layer, m });
+                }
                 let scaled: Vec<f32> = w.iter().map(|v| v * alpha).collect();
                 // packed = B'ᵀ, [n, k].
                 let packed = if *trans_b {

@@ -129,6 +129,7 @@ pub(super) fn run_step(
             };
             layer.run_io(pool, *batch, input, residual(*fused)?, output, scratch)
         }
+        Kind::QGemm { layer, m } => layer.run(pool, *m, x, y, scratch),
         Kind::ConvTranspose { layer, batch } => layer.run(pool, *batch, x, y, scratch),
         Kind::Affine {
             batch,

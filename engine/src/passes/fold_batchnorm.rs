@@ -110,6 +110,7 @@ fn fold_into_gemm(g: &mut Graph, gi: usize, bi: usize, epsilon: f32) -> bool {
         beta,
         trans_a,
         trans_b,
+        int8_input_scale,
     } = g.nodes[gi].op
     else {
         return false;
@@ -179,6 +180,7 @@ fn fold_into_gemm(g: &mut Graph, gi: usize, bi: usize, epsilon: f32) -> bool {
         beta: 1.0,
         trans_a,
         trans_b,
+        int8_input_scale,
     };
     gemm.inputs.truncate(1);
     gemm.inputs.push(w_id);

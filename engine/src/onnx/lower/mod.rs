@@ -1048,6 +1048,7 @@ pub fn lower_node(n: &NodeProto, ids: &[Option<TensorId>], g: &Graph, opset: i64
                     beta: a.f("beta").unwrap_or(1.0),
                     trans_a,
                     trans_b,
+                    int8_input_scale: None,
                 },
                 inputs,
                 vec![vec![m, nn]],
