@@ -106,10 +106,10 @@ fn run_allocates_nothing_after_warmup() {
     );
     // The INT8 form of the same graph: INT8 convolutions (plain and
     // depthwise) with an INT8 tensor between the depthwise and the
-    // pointwise layer.
+    // pointwise layer, and the INT8 Gemm.
     let mut graph8 = graph.clone();
     let layers = osprey_engine::int8::permit_int8(&mut graph8, &|_| Some(4.0 / 127.0), true);
-    assert_eq!(layers.iter().filter(|l| l.fallback.is_none()).count(), 3);
+    assert_eq!(layers.iter().filter(|l| l.fallback.is_none()).count(), 4);
     let engine8 = Arc::new(Engine::new(graph8).expect("int8 engine"));
     assert_eq!(engine8.int8_tensors(), 1);
     let engine = Arc::new(Engine::new(graph).expect("engine"));
