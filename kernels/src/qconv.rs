@@ -75,16 +75,6 @@ pub fn quantize(x: f32, inv_scale: f32) -> i16 {
     ((v + MAGIC) - MAGIC) as i16
 }
 
-/// The activation as a clamp `(lo, hi)`, when it is one (±∞ for none).
-fn clamp_of(act: Activation) -> Option<(f32, f32)> {
-    match act {
-        Activation::None => Some((f32::NEG_INFINITY, f32::INFINITY)),
-        Activation::Relu => Some((0.0, f32::INFINITY)),
-        Activation::Clip { lo, hi } => Some((lo, hi)),
-        _ => None,
-    }
-}
-
 /// Per-output-channel symmetric weight scales (`max |w| / 127`; 1 for an
 /// all-zero channel) and the quantized weights, `[c_out][k]`.
 pub fn quantize_weights(weights: &[f32], c_out: usize) -> (Vec<f32>, Vec<i8>) {
@@ -659,7 +649,7 @@ impl QConv2d {
             let (s, bias) = (self.out_scale[c], self.bias[c]);
             // Without a residual and with a clamp-like activation, the
             // plane kernel applies the whole epilogue in registers.
-            let fused = match (residual, clamp_of(self.act)) {
+            let fused = match (residual, crate::gemm::in_register_clamp(self.act)) {
                 (None, Some((lo, hi))) => Some(depthwise::Requant {
                     scale: s,
                     bias,
