@@ -52,6 +52,17 @@ fn model() -> Graph {
     g
 }
 
+/// An untuned INT8 engine file of `g`.
+fn int8_file(g: Graph) -> EngineFile {
+    EngineFile {
+        graph: g,
+        tactics: Vec::new(),
+        fingerprint: Fingerprint::current(),
+        precision: Precision::Int8,
+        build: serde_json::json!({}),
+    }
+}
+
 fn run(g: Graph, tactics: &[Option<String>], x: &[f32]) -> Vec<f32> {
     let e = Arc::new(Engine::with_tactics(g, tactics).expect("engine"));
     let mut ctx = ExecutionContext::new(e, 1);
@@ -115,13 +126,7 @@ fn int8_engine_stores_int8_weights_and_runs_the_same() {
     let x = data(8 * 144, 9);
     let want = run(g.clone(), &[], &x);
     let fp32 = run(osprey_engine::int8::without_int8(&g), &[], &x);
-    let ef = EngineFile {
-        graph: g,
-        tactics: Vec::new(),
-        fingerprint: Fingerprint::current(),
-        precision: Precision::Int8,
-        build: serde_json::json!({}),
-    };
+    let ef = int8_file(g);
     let bytes = file::to_bytes(&ef).unwrap();
     let e32 = EngineFile {
         precision: Precision::Fp32,
@@ -294,13 +299,7 @@ fn int8_gemm_engine_round_trips() {
     assert_eq!(layers.iter().filter(|l| l.fallback.is_none()).count(), 2);
     let x = data(k, 9);
     let want = run(g.clone(), &[], &x);
-    let ef = EngineFile {
-        graph: g,
-        tactics: Vec::new(),
-        fingerprint: Fingerprint::current(),
-        precision: Precision::Int8,
-        build: serde_json::json!({}),
-    };
+    let ef = int8_file(g);
     let bytes = file::to_bytes(&ef).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let i8_values: usize = st

@@ -343,12 +343,7 @@ pub(super) unsafe fn pack_quad_f32_avx2(
         },
         None => _mm_setzero_si128(),
     };
-    let (a, b, c, d) = (
-        row(starts[0]),
-        row(starts[1]),
-        row(starts[2]),
-        row(starts[3]),
-    );
+    let [a, b, c, d] = starts.map(row);
     // SAFETY: dst holds 64 bytes (contract).
     unsafe { interleave4_regs(a, b, c, d, dst) }
 }
@@ -367,12 +362,7 @@ pub(super) unsafe fn pack_quad_i8_avx2(x: &[i8], starts: [Option<usize>; 4], dst
         Some(s) => unsafe { _mm_loadu_si128(x.as_ptr().add(s) as *const __m128i) },
         None => _mm_setzero_si128(),
     };
-    let (a, b, c, d) = (
-        row(starts[0]),
-        row(starts[1]),
-        row(starts[2]),
-        row(starts[3]),
-    );
+    let [a, b, c, d] = starts.map(row);
     // SAFETY: dst holds 64 bytes (contract).
     unsafe { interleave4_regs(a, b, c, d, dst) }
 }
