@@ -171,7 +171,14 @@ fn teacher_forced_argmax_agrees_with_llama_cpp() {
     );
 }
 
+// The references were made by llama.cpp on x86, and our AVX2 block
+// products sum in its AVX2 order; NEON sums in the scalar reference's
+// order (under qemu: first positions up to 0.24 apart, argmax 80/86).
 #[test]
+#[cfg_attr(
+    not(target_arch = "x86_64"),
+    ignore = "reproduces llama.cpp's x86 summation order: x86 only"
+)]
 fn llama_cpp_numerics_reproduce_its_logits() {
     let Some((mut model, r)) = setup("llama_cpp_numerics_reproduce_its_logits") else {
         return;
