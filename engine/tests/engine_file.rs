@@ -63,6 +63,16 @@ fn int8_file(g: Graph) -> EngineFile {
     }
 }
 
+/// Bytes of the I8 tensors in an engine file.
+fn i8_bytes(bytes: &[u8]) -> usize {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    st.tensors()
+        .iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::I8)
+        .map(|(_, v)| v.data().len())
+        .sum()
+}
+
 fn run(g: Graph, tactics: &[Option<String>], x: &[f32]) -> Vec<f32> {
     let e = Arc::new(Engine::with_tactics(g, tactics).expect("engine"));
     let mut ctx = ExecutionContext::new(e, 1);
@@ -135,13 +145,7 @@ fn int8_engine_stores_int8_weights_and_runs_the_same() {
     let bytes32 = file::to_bytes(&e32).unwrap();
     // The three INT8 layers' weights are stored as I8 (with F32 scales per
     // output channel, 16 + 16 + 8).
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let i8_values: usize = st
-        .tensors()
-        .iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::I8)
-        .map(|(_, v)| v.data().len())
-        .sum();
+    let i8_values = i8_bytes(&bytes);
     assert_eq!(i8_values, 128 + 144 + 128);
     // 400 weights lose 3 bytes each, 40 scales cost 4; the header grows.
     let saved = bytes32.len() - bytes.len();
@@ -301,13 +305,7 @@ fn int8_gemm_engine_round_trips() {
     let want = run(g.clone(), &[], &x);
     let ef = int8_file(g);
     let bytes = file::to_bytes(&ef).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let i8_values: usize = st
-        .tensors()
-        .iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::I8)
-        .map(|(_, v)| v.data().len())
-        .sum();
+    let i8_values = i8_bytes(&bytes);
     assert_eq!(i8_values, n1 * k);
     let back = file::from_bytes(&bytes, Some(&Fingerprint::current()), "mem").unwrap();
     let got = run(back.graph, &back.tactics, &x);
