@@ -76,7 +76,7 @@ pub fn cpu_features() -> Vec<&'static str> {
     #[cfg(target_arch = "aarch64")]
     {
         f.push("neon");
-        if std::arch::is_aarch64_feature_detected!("dotprod") {
+        if has_dotprod() {
             f.push("dotprod");
         }
         if std::arch::is_aarch64_feature_detected!("fp16") {
@@ -84,6 +84,19 @@ pub fn cpu_features() -> Vec<&'static str> {
         }
     }
     f
+}
+
+/// Whether the CPU has the aarch64 dot-product extension (`sdot`; Jetson
+/// Orin's Cortex-A78AE does). Always false elsewhere.
+pub fn has_dotprod() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("dotprod")
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        false
+    }
 }
 
 static ACTIVE: OnceLock<Isa> = OnceLock::new();

@@ -29,6 +29,8 @@ pub mod color;
 pub mod conv;
 pub mod conv_transpose;
 pub mod depthwise;
+#[cfg(target_arch = "aarch64")]
+pub mod dotprod;
 pub mod eltwise;
 pub mod error;
 pub mod gemm;

@@ -900,7 +900,7 @@ pub fn dot_q8(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
     #[cfg(target_arch = "aarch64")]
     if crate::isa::active() == crate::isa::Isa::Neon {
         let mut out = [0.0f32; 1];
-        if neon_dot() {
+        if crate::isa::has_dotprod() {
             // SAFETY: the extension was just detected; the function checks
             // the bounds of every block it reads.
             unsafe { dot_q8_rows_neon::<1, true>(ty, row, row.len(), xq, t, &mut out) };
@@ -932,6 +932,7 @@ unsafe fn dot_q8_rows_neon<const R: usize, const DOT: bool>(
     t: usize,
     out: &mut [f32; R],
 ) {
+    use crate::dotprod::sdot;
     use std::arch::aarch64::*;
     let nb = xq.cols / 32;
     let bb = ty.block_bytes();
@@ -998,34 +999,6 @@ unsafe fn dot_q8_rows_neon<const R: usize, const DOT: bool>(
     *out = acc;
 }
 
-/// `acc + Σ_t w[4i + t]·x[4i + t]` per lane: `sdot` (dot-product extension).
-///
-/// # Safety
-/// The CPU must have the dot-product extension.
-#[cfg(target_arch = "aarch64")]
-#[inline(always)]
-unsafe fn sdot(
-    acc: std::arch::aarch64::int32x4_t,
-    w: std::arch::aarch64::int8x16_t,
-    x: std::arch::aarch64::int8x16_t,
-) -> std::arch::aarch64::int32x4_t {
-    let mut acc = acc;
-    // SAFETY: a register-only instruction; the caller guarantees the
-    // extension (the directive only lets the assembler accept it). The
-    // vdotq_s32 intrinsic is not stable in Rust yet.
-    unsafe {
-        std::arch::asm!(
-            ".arch_extension dotprod",
-            "sdot {acc:v}.4s, {w:v}.16b, {x:v}.16b",
-            acc = inout(vreg) acc,
-            w = in(vreg) w,
-            x = in(vreg) x,
-            options(pure, nomem, nostack, preserves_flags),
-        );
-    }
-    acc
-}
-
 /// A hint to fetch the cache line at `p` (never faults, so `p` may pass
 /// the end of its buffer).
 #[cfg(target_arch = "aarch64")]
@@ -1040,12 +1013,6 @@ fn prefetch(p: *const u8) {
             options(nostack, preserves_flags, readonly)
         );
     }
-}
-
-/// Whether this CPU runs the NEON block products with `sdot`.
-#[cfg(target_arch = "aarch64")]
-fn neon_dot() -> bool {
-    std::arch::is_aarch64_feature_detected!("dotprod")
 }
 
 /// Four rows `r..r + 4` (`rb` bytes apart in `w`) times activation row `t`
@@ -1067,7 +1034,7 @@ fn dot_q8_rows4(
     }
     #[cfg(target_arch = "aarch64")]
     if crate::isa::active() == crate::isa::Isa::Neon {
-        if neon_dot() {
+        if crate::isa::has_dotprod() {
             // SAFETY: the extension was just detected; bounds checked inside.
             unsafe { dot_q8_rows_neon::<4, true>(ty, w, rb, xq, t, out) };
         } else {

@@ -65,7 +65,7 @@ pub fn dot4_kernel() -> Option<&'static str> {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => Some("vpmaddubsw"),
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon if std::arch::is_aarch64_feature_detected!("dotprod") => Some("sdot"),
+        Isa::Neon if isa::has_dotprod() => Some("sdot"),
         _ => None,
     }
 }

@@ -93,7 +93,7 @@ pub fn tile_quad(isa: Isa, kquads: usize, a: &[i8], b: &[i8], acc: &mut [[i32; Q
         return;
     }
     #[cfg(target_arch = "aarch64")]
-    if isa == Isa::Neon && std::arch::is_aarch64_feature_detected!("dotprod") {
+    if isa == Isa::Neon && crate::isa::has_dotprod() {
         // SAFETY: the dot-product extension was just detected; lengths
         // checked above.
         unsafe { tile_quad_sdot(kquads, a, b, acc) };
@@ -122,34 +122,6 @@ pub fn tile_quad_ref(kquads: usize, a: &[i8], b: &[i8], acc: &mut [[i32; QNR]; Q
     }
 }
 
-/// One `sdot` by element: `acc[i] += Σ_t b[4i + t] · a[4L + t]`.
-///
-/// # Safety
-/// The CPU must have the dot-product extension.
-#[cfg(target_arch = "aarch64")]
-#[target_feature(enable = "dotprod")]
-#[inline]
-pub(super) unsafe fn sdot<const L: i32>(
-    acc: std::arch::aarch64::int32x4_t,
-    b: std::arch::aarch64::int8x16_t,
-    a: std::arch::aarch64::int8x16_t,
-) -> std::arch::aarch64::int32x4_t {
-    let mut acc = acc;
-    // SAFETY: a register-only instruction (the caller guarantees the
-    // extension); the vdotq_laneq_s32 intrinsic is not stable in Rust yet.
-    unsafe {
-        std::arch::asm!(
-            "sdot {acc:v}.4s, {b:v}.16b, {a:v}.4b[{l}]",
-            acc = inout(vreg) acc,
-            b = in(vreg) b,
-            a = in(vreg) a,
-            l = const L,
-            options(pure, nomem, nostack, preserves_flags),
-        );
-    }
-    acc
-}
-
 /// NEON dot product: per group of four, the panel's 16 pixels are four
 /// registers of four pixels' groups, and each weight row's group is one
 /// lane of the row registers; one `sdot` by element adds four products
@@ -167,6 +139,7 @@ pub(super) unsafe fn tile_quad_sdot(
     b: &[i8],
     acc: &mut [[i32; QNR]; QMR],
 ) {
+    use crate::dotprod::sdot_lane;
     use std::arch::aarch64::*;
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
     // SAFETY: (whole block) loads stay within the kquads groups of a and b
@@ -187,12 +160,12 @@ pub(super) unsafe fn tile_quad_sdot(
             let a0 = vld1q_s8(aq);
             let a1 = vcombine_s8(vld1_s8(aq.add(16)), vdup_n_s8(0));
             for (j, &bj) in bv.iter().enumerate() {
-                c[0][j] = sdot::<0>(c[0][j], bj, a0);
-                c[1][j] = sdot::<1>(c[1][j], bj, a0);
-                c[2][j] = sdot::<2>(c[2][j], bj, a0);
-                c[3][j] = sdot::<3>(c[3][j], bj, a0);
-                c[4][j] = sdot::<0>(c[4][j], bj, a1);
-                c[5][j] = sdot::<1>(c[5][j], bj, a1);
+                c[0][j] = sdot_lane::<0>(c[0][j], bj, a0);
+                c[1][j] = sdot_lane::<1>(c[1][j], bj, a0);
+                c[2][j] = sdot_lane::<2>(c[2][j], bj, a0);
+                c[3][j] = sdot_lane::<3>(c[3][j], bj, a0);
+                c[4][j] = sdot_lane::<0>(c[4][j], bj, a1);
+                c[5][j] = sdot_lane::<1>(c[5][j], bj, a1);
             }
         }
         for (row, cr) in acc.iter_mut().zip(&c) {
