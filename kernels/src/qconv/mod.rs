@@ -460,19 +460,24 @@ impl QConv2d {
                             let panel = &b8[pi * q4..(pi + 1) * q4];
                             let px = p0 + pi * QNR;
                             let cols = QNR.min(ohw - px);
+                            let mut acc = [[0i32; QNR]; QMR];
                             #[cfg(target_arch = "x86_64")]
-                            if isa == Isa::Avx2Fma && cols == QNR {
+                            if isa == Isa::Avx2Fma {
                                 // SAFETY: AVX2 and FMA are active; a and
                                 // panel hold kquads groups; the rows × 16
                                 // outputs at the tile's offset are this
                                 // task's own.
                                 unsafe {
                                     let c = products_quad_avx2(self.kquads, a, panel, nonneg[pi]);
-                                    epilogue_avx2(&c, &fused(blk, px));
+                                    if cols == QNR {
+                                        epilogue_avx2(&c, &fused(blk, px));
+                                        continue;
+                                    }
+                                    accumulate_avx2(&c, &mut acc);
                                 }
+                                self.store_partial(isa, blk, px, cols, ohw, &acc, res, y_ptr);
                                 continue;
                             }
-                            let mut acc = [[0i32; QNR]; QMR];
                             tile_quad(isa, self.kquads, a, panel, &mut acc);
                             self.store_partial(isa, blk, px, cols, ohw, &acc, res, y_ptr);
                         }
@@ -821,6 +826,26 @@ struct Fused<'a> {
     /// The activation as a clamp, when it is one.
     clamp: Option<(f32, f32)>,
     act: Activation,
+}
+
+/// Adds a tile of AVX2 accumulators `c` (two 8-lane vectors per row) to
+/// `acc`.
+///
+/// # Safety
+/// AVX2 must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn accumulate_avx2(c: &[[std::arch::x86_64::__m256i; 2]; QMR], acc: &mut [[i32; QNR]; QMR]) {
+    use std::arch::x86_64::*;
+    for (row, cr) in acc.iter_mut().zip(c) {
+        let mut lanes = [0i32; QNR];
+        // SAFETY: `lanes` holds 16 i32 = two 256-bit stores.
+        unsafe {
+            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, cr[0]);
+            _mm256_storeu_si256(lanes.as_mut_ptr().add(8) as *mut __m256i, cr[1]);
+        }
+        row.iter_mut().zip(lanes).for_each(|(x, l)| *x += l);
+    }
 }
 
 /// The fused epilogue of a full 16-pixel tile of accumulators `c`.

@@ -4,7 +4,7 @@
 //! its input panels. See the parent module for the layout.
 
 #[cfg(target_arch = "x86_64")]
-use super::{epilogue_avx2, Fused, QMAX};
+use super::{accumulate_avx2, epilogue_avx2, Fused, QMAX};
 use super::{quantize, QMR, QNR};
 use crate::isa::Isa;
 
@@ -214,18 +214,10 @@ pub(super) unsafe fn products_avx2(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn tile_avx2(kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; QMR]) {
-    use std::arch::x86_64::*;
     // SAFETY: forwarded contract (the caller checked the lengths).
     let c = unsafe { products_avx2(kpairs, a, b) };
-    for (r, cr) in c.iter().enumerate() {
-        let mut lanes = [0i32; QNR];
-        // SAFETY: `lanes` holds 16 i32 = two 256-bit stores.
-        unsafe {
-            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, cr[0]);
-            _mm256_storeu_si256(lanes.as_mut_ptr().add(8) as *mut __m256i, cr[1]);
-        }
-        acc[r].iter_mut().zip(lanes).for_each(|(x, l)| *x += l);
-    }
+    // SAFETY: AVX2 is enabled in this function.
+    unsafe { accumulate_avx2(&c, acc) }
 }
 
 /// [`tile`] on zeroed accumulators followed by the epilogue in registers:

@@ -79,17 +79,7 @@ pub fn tile_quad(isa: Isa, kquads: usize, a: &[i8], b: &[i8], acc: &mut [[i32; Q
     if isa == Isa::Avx2Fma {
         // SAFETY: AVX2 is present when this tier is active; lengths checked.
         // The signed form is exact on any input.
-        let c = unsafe { products_quad_avx2(kquads, a, b, false) };
-        for (row, cr) in acc.iter_mut().zip(&c) {
-            let mut lanes = [0i32; QNR];
-            // SAFETY: `lanes` holds 16 i32 = two 256-bit stores.
-            unsafe {
-                use std::arch::x86_64::*;
-                _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, cr[0]);
-                _mm256_storeu_si256(lanes.as_mut_ptr().add(8) as *mut __m256i, cr[1]);
-            }
-            row.iter_mut().zip(lanes).for_each(|(x, l)| *x += l);
-        }
+        unsafe { super::accumulate_avx2(&products_quad_avx2(kquads, a, b, false), acc) };
         return;
     }
     #[cfg(target_arch = "aarch64")]
