@@ -15,7 +15,7 @@ use osprey_engine::tune::{select_tactics, TimingCache};
 use osprey_engine::{passes, Engine};
 use serde_json::json;
 
-use crate::cli::{default_threads, human_bytes, parse_shapes, BuildArgs, PrecisionArg};
+use crate::cli::{default_threads, human_bytes, parse_shapes, BuildArgs, LayoutArg, PrecisionArg};
 
 /// Runs `osprey build`.
 pub fn build(a: BuildArgs) -> Result<()> {
@@ -65,23 +65,52 @@ pub fn build(a: BuildArgs) -> Result<()> {
             ..Default::default()
         },
     };
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("tuning {bar:30} {pos}/{len} layers  {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let (tactics, layers) = select_tactics(
-        &graph,
-        threads,
-        &mut cache,
-        &fp,
-        &mut |done, total, name| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-            bar.set_message(name.to_string());
-        },
-    )?;
-    bar.finish_and_clear();
+    // The layouts to build: NCHW, channels-last, or both to race.
+    let layouts: Vec<bool> = match (a.layout, precision) {
+        (LayoutArg::Nhwc, Precision::Int8) => {
+            bail!("--layout nhwc applies to fp32 and fp16 engines; INT8 engines run NCHW")
+        }
+        (LayoutArg::Nchw, _) | (LayoutArg::Auto, Precision::Int8) => vec![false],
+        (LayoutArg::Nhwc, _) => vec![true],
+        (LayoutArg::Auto, _) => vec![false, true],
+    };
+    let mut built = Vec::new();
+    let mut layout_report = None;
+    for &nhwc in &layouts {
+        let mut g = graph.clone();
+        if nhwc {
+            let r = passes::channels_last(&mut g);
+            layout_report = Some(r);
+            if r.converted == 0 && layouts.len() > 1 {
+                // Nothing runs channels-last: the same engine as NCHW.
+                continue;
+            }
+        }
+        let label = if nhwc { "tuning nhwc" } else { "tuning" };
+        let (tactics, layers) = tune(&g, threads, &mut cache, &fp, label)?;
+        built.push((nhwc, g, tactics, layers));
+    }
+    // Race the layouts on this device: alternating rounds, median each.
+    let mut race = None;
+    if built.len() == 2 {
+        let engines = built
+            .iter()
+            .map(|(_, g, t, _)| Engine::with_tactics(g.clone(), t).map(std::sync::Arc::new))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let ms = race_engines(&engines, threads)?;
+        let pick = usize::from(ms[1] < ms[0]);
+        race = Some(ms);
+        built.swap(0, pick);
+    }
+    let Some((nhwc, graph, tactics, layers)) = built.into_iter().next() else {
+        bail!("internal: no layout was built");
+    };
+    let layout_json = json!({
+        "layout": if nhwc { "nhwc" } else { "nchw" },
+        "requested": format!("{:?}", a.layout).to_lowercase(),
+        "channels_last": layout_report,
+        "race_ms": race.as_ref().map(|ms| json!({"nchw": ms[0], "nhwc": ms[1]})),
+    });
     let (tactics, layers) = if a.int8.strict {
         crate::int8::force_int8(tactics, layers)
     } else {
@@ -108,6 +137,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
         "arena_bytes": plan.arena_bytes(),
         "naive_bytes": plan.naive_bytes(),
         "timing_cache": {"hits": hits, "misses": layers.len() - hits},
+        "layout": layout_json,
     });
     let mut report = report;
     if let Some(o) = &int8 {
@@ -138,6 +168,22 @@ pub fn build(a: BuildArgs) -> Result<()> {
     println!("osprey build  {} -> {}", a.onnx.display(), a.out.display());
     println!("  device      {}  ({threads} threads)", fp.describe());
     println!("  precision   {}", precision.name());
+    match (layout_report, &race) {
+        (Some(r), Some(ms)) => println!(
+            "  layout      {} (timed: nchw {:.2} ms, nhwc {:.2} ms; nhwc converts {} nodes with {} transposes)",
+            if nhwc { "nhwc" } else { "nchw" },
+            ms[0],
+            ms[1],
+            r.converted,
+            r.transposes
+        ),
+        (Some(r), None) if nhwc => println!(
+            "  layout      nhwc ({} nodes channels-last, {} transposes, {} free views)",
+            r.converted, r.transposes, r.views
+        ),
+        (Some(_), None) => println!("  layout      nchw (nothing here runs channels-last)"),
+        _ => println!("  layout      nchw"),
+    }
     let applied: Vec<String> = passes_report
         .iter()
         .filter(|p| p.rewrites > 0)
@@ -177,4 +223,67 @@ pub fn build(a: BuildArgs) -> Result<()> {
     println!("  engine      {} written", human_bytes(bytes as usize));
     println!("  build time  {:.2} s", build_ms_total / 1e3);
     Ok(())
+}
+
+/// Tunes one graph's tactics with a progress bar labelled `label`.
+fn tune(
+    g: &osprey_engine::ir::Graph,
+    threads: usize,
+    cache: &mut TimingCache,
+    fp: &Fingerprint,
+    label: &str,
+) -> Result<(
+    osprey_engine::tune::Tactics,
+    Vec<osprey_engine::tune::LayerChoice>,
+)> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{label} {{bar:30}} {{pos}}/{{len}} layers  {{msg}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let r = select_tactics(g, threads, cache, fp, &mut |done, total, name| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(name.to_string());
+    })?;
+    bar.finish_and_clear();
+    Ok(r)
+}
+
+/// Median inference time (ms) of each engine on pseudo-random inputs:
+/// alternating rounds after a warm-up, so drift of a shared machine hits
+/// both alike.
+fn race_engines(engines: &[std::sync::Arc<Engine>], threads: usize) -> Result<Vec<f64>> {
+    let mut ctxs = Vec::new();
+    for e in engines {
+        let mut ctx = osprey_engine::ExecutionContext::new(e.clone(), threads);
+        let inputs: Vec<(String, usize)> =
+            e.inputs().map(|d| (d.name.clone(), d.numel())).collect();
+        for (i, (name, n)) in inputs.iter().enumerate() {
+            ctx.set_input(name, &osprey_engine::tune::pseudo_random(*n, 17 + i as u64))?;
+        }
+        ctx.run()?;
+        ctxs.push(ctx);
+    }
+    let mut samples = vec![Vec::new(); ctxs.len()];
+    let deadline = Instant::now() + std::time::Duration::from_secs(3);
+    for round in 0..15 {
+        for (ctx, s) in ctxs.iter_mut().zip(&mut samples) {
+            let t = Instant::now();
+            ctx.run()?;
+            s.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        if round >= 4 && Instant::now() > deadline {
+            break;
+        }
+    }
+    Ok(samples
+        .into_iter()
+        .map(|mut s| {
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        })
+        .collect())
 }

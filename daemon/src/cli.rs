@@ -158,6 +158,13 @@ pub struct BuildArgs {
     /// Print the build report as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Internal tensor layout. `nchw` is ONNX's. `nhwc` runs convolutions,
+    /// element-wise ops, pooling and concatenations channels-last, with
+    /// layout conversions only where that region meets the rest of the graph
+    /// (inputs and outputs keep their NCHW shapes). `auto` builds and times
+    /// both and keeps the faster. INT8 engines run NCHW.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub layout: LayoutArg,
     /// INT8: calibration cache, evaluation data, fallback and budget.
     #[command(flatten, next_help_heading = "INT8 (--precision int8)")]
     pub int8: crate::int8::Int8Args,
@@ -172,6 +179,17 @@ pub enum PrecisionArg {
     Fp16,
     /// INT8 convolutions from a calibration cache (--calib), FP32 elsewhere.
     Int8,
+}
+
+/// Internal tensor layout of an engine.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutArg {
+    /// Time NCHW and channels-last, keep the faster (NCHW for INT8).
+    Auto,
+    /// ONNX's layout throughout.
+    Nchw,
+    /// Channels-last wherever the kernels allow it.
+    Nhwc,
 }
 
 /// `osprey inspect`.

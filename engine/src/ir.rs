@@ -130,20 +130,30 @@ pub struct ConvAttrs {
     /// runs INT8 wherever this is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub int8_input_scale: Option<f32>,
+    /// Channels-last: input, output and residual are NHWC (set by the
+    /// layout pass, [`crate::passes::channels_last`]); weights stay OIHW.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub channels_last: bool,
 }
 
 impl ConvAttrs {
-    /// The kernel geometry of one image, from the NCHW input and output shapes.
+    /// The kernel geometry of one image, from the input and output shapes
+    /// (NCHW, or NHWC for a channels-last layer).
     pub fn geometry(
         &self,
         input: &[usize],
         output: &[usize],
     ) -> osprey_kernels::conv::Conv2dGeometry {
+        let (c, h, w) = if self.channels_last {
+            (3, 1, 2)
+        } else {
+            (1, 2, 3)
+        };
         osprey_kernels::conv::Conv2dGeometry {
-            c_in: input[1],
-            h: input[2],
-            w: input[3],
-            c_out: output[1],
+            c_in: input[c],
+            h: input[h],
+            w: input[w],
+            c_out: output[c],
             kh: self.kernel[0],
             kw: self.kernel[1],
             stride: self.strides,

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use osprey_kernels::conv::{Conv2d, Conv2dGeometry, ConvTactic};
+use osprey_kernels::conv_nhwc::Conv2dNhwc;
 use osprey_kernels::int8::quantize_to_i8;
 use osprey_kernels::qconv::{QConv2d, QIn, QOut};
 use osprey_kernels::ThreadPool;
@@ -183,6 +184,14 @@ pub fn select_tactics(
                 .map(ConstData::to_f32);
             (w, b)
         };
+        // A channels-last layer has one kernel; it is timed so the report
+        // shows what it costs.
+        let nhwc = if attrs.channels_last {
+            let (w, b) = weights();
+            Some(Conv2dNhwc::new(geo, &w, b.as_deref(), attrs.activation)?)
+        } else {
+            None
+        };
         // The INT8 kernel competes with the FP32 tactics where the graph
         // permits INT8 (layers it cannot run stay FP32).
         let int8 = match attrs.int8_input_scale {
@@ -210,7 +219,7 @@ pub fn select_tactics(
                 .first()
                 .is_some_and(|&t| crate::int8::nonneg_tensor(g, t));
         let key = format!(
-            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}{}{}{}{}{}",
+            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}{}{}{}{}{}{}",
             fp.key(),
             pool.threads(),
             geo.c_in,
@@ -231,14 +240,20 @@ pub fn select_tactics(
             if out_scale.is_some() { "|out:i8" } else { "" },
             if dot4.is_some() { "|dot4" } else { "" },
             if nonneg { "|nonneg" } else { "" },
+            if nhwc.is_some() { "|nhwc" } else { "" },
         );
-        let candidates = ConvTactic::candidates(&geo);
+        let candidates = if nhwc.is_some() {
+            Vec::new()
+        } else {
+            ConvTactic::candidates(&geo)
+        };
         let int8_forms: Vec<&QConv2d> = int8.iter().chain(&dot4).collect();
         let cached = cache
             .entries
             .get(&key)
             .filter(|e| {
                 candidates.iter().any(|c| c.name() == e.tactic)
+                    || nhwc.as_ref().is_some_and(|c| c.algorithm() == e.tactic)
                     || int8_forms.iter().any(|q| q.algorithm() == e.tactic)
             })
             .cloned();
@@ -262,6 +277,11 @@ pub fn select_tactics(
                         conv.run_with_residual(&pool, batch, &x, res, &mut y, &mut scratch)
                     });
                     times.insert(t.name(), ms);
+                }
+                if let Some(conv) = &nhwc {
+                    let res = attrs.residual.then_some(&r[..]);
+                    let ms = time_ms(|| conv.run(&pool, batch, &x, res, &mut y));
+                    times.insert(conv.algorithm().to_string(), ms);
                 }
                 for q in &int8_forms {
                     let mut scratch = vec![0.0f32; q.scratch_len(pool.threads())];

@@ -5,6 +5,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use osprey_kernels::activation::Activation;
 use osprey_kernels::conv::{Conv2d, Conv2dGeometry, ConvTactic};
+use osprey_kernels::conv_nhwc::Conv2dNhwc;
 use osprey_kernels::qconv::{quantize, QConv2d, QIn, QOut};
 use osprey_kernels::ThreadPool;
 
@@ -49,6 +50,21 @@ fn conv_case(c: &mut Criterion, group: &str, cases: &[(usize, usize, usize, usiz
             );
             g.bench_function(BenchmarkId::from_parameter(id), |b| {
                 b.iter(|| conv.run(&pool, 1, &x, &mut y, &mut scratch))
+            });
+        }
+        // The channels-last kernel (the layout pass's form of the layer).
+        if let Ok(conv) = Conv2dNhwc::new(geo, &w, Some(&data(cout)), Activation::Relu) {
+            let (oh, ow) = conv.out_hw();
+            let x = data(cin * hw * hw);
+            let mut y = vec![0.0; cout * oh * ow];
+            let macs = cout * (cin / groups) * k * k * oh * ow;
+            g.throughput(Throughput::Elements(2 * macs as u64));
+            let id = format!(
+                "{k}x{k}_{cin}to{cout}_at{hw}_s{stride}_g{groups}/{}",
+                conv.algorithm()
+            );
+            g.bench_function(BenchmarkId::from_parameter(id), |b| {
+                b.iter(|| conv.run(&pool, 1, &x, None, &mut y))
             });
         }
         // The INT8 kernel, with f32 tensors in and out (quantized while

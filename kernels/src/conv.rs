@@ -633,11 +633,12 @@ pub fn reference_conv2d(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn data(len: usize, seed: u64) -> Vec<f32> {
+    /// Test values in [-1, 1] (an LCG; seeds give unrelated streams).
+    pub(crate) fn data(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);

@@ -13,6 +13,7 @@
 //! | [`gemm`] | f32 GEMM: packed weights, AVX2+FMA micro-kernel, scalar reference |
 //! | [`int8`] | INT8 dot products and GEMM with exact INT32 accumulation (AVX2, NEON, scalar reference) |
 //! | [`conv`] | 2-D convolution: 1x1 as GEMM, depthwise direct, general im2col, transposed |
+//! | [`conv_nhwc`] | channels-last convolution: implicit-im2col GEMM reading pixels in place, depthwise across channels |
 //! | [`conv_transpose`] | transposed convolution (GEMM + col2im) |
 //! | [`depthwise`] | the depthwise plane kernel (padded plane, AVX2 rows) |
 //! | [`pooling`] | max/average pooling, global average pooling, mean over axes |
@@ -27,6 +28,7 @@ pub mod activation;
 pub mod attention;
 pub mod color;
 pub mod conv;
+pub mod conv_nhwc;
 pub mod conv_transpose;
 pub mod depthwise;
 #[cfg(target_arch = "aarch64")]

@@ -174,6 +174,29 @@ pub fn reduce_mean(shape: &[usize], reduce: &[bool], x: &[f32], y: &mut [f32]) {
         }
         return;
     }
+    // Reduced axes in one run in the middle (the spatial mean of a
+    // channels-last tensor): sum whole rows of `inner` values.
+    let last_reduced = rank - reduce.iter().rev().position(|&r| r).unwrap_or(0);
+    if first_reduced < rank && reduce[first_reduced..last_reduced].iter().all(|&r| r) {
+        let outer: usize = shape[..first_reduced].iter().product();
+        let count: usize = shape[first_reduced..last_reduced].iter().product();
+        let inner: usize = shape[last_reduced..].iter().product();
+        for o in 0..outer {
+            let row = &mut y[o * inner..(o + 1) * inner];
+            row.iter_mut().for_each(|v| *v = 0.0);
+            for r in 0..count {
+                let src = &x[(o * count + r) * inner..(o * count + r + 1) * inner];
+                row.iter_mut().zip(src).for_each(|(v, s)| *v += s);
+            }
+            let inv = if count == 0 {
+                f32::NAN
+            } else {
+                1.0 / count as f32
+            };
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+        return;
+    }
     // General path: accumulate into y by walking x once.
     let out_len: usize = shape
         .iter()

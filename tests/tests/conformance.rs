@@ -5,9 +5,10 @@
 //! Tolerance per output: max |osprey − onnxruntime| ≤ max(1e-3 × range, abs),
 //! where `abs` is the per-model tolerance suggested in PREPROCESS.md §6 (it
 //! matters only for the PP-OCR detector, whose probability map spans ~1e-5 on
-//! these photos). Every model runs twice: as imported ("raw") and after the
-//! default optimisation passes ("opt"). Run with `--nocapture` to see the
-//! measured errors.
+//! these photos). Every model runs three times: as imported ("raw"), after the
+//! default optimisation passes ("opt"), and optimised then laid out
+//! channels-last ("nhwc", the layout pass `osprey build --layout` may pick).
+//! Run with `--nocapture` to see the measured errors.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,18 +19,14 @@ use osprey_engine::{npy, Engine, ExecutionContext};
 use osprey_tests::{max_abs_and_range, sanitize, shared_dir};
 
 fn check_model(shared: &Path, model: &str, input: &str, abs_tol: f32) -> usize {
-    let n = check_model_mode(shared, model, input, abs_tol, false);
-    assert_eq!(check_model_mode(shared, model, input, abs_tol, true), n);
+    let n = check_model_mode(shared, model, input, abs_tol, "raw");
+    assert_eq!(check_model_mode(shared, model, input, abs_tol, "opt"), n);
+    assert_eq!(check_model_mode(shared, model, input, abs_tol, "nhwc"), n);
     n
 }
 
-fn check_model_mode(
-    shared: &Path,
-    model: &str,
-    input: &str,
-    abs_tol: f32,
-    optimize: bool,
-) -> usize {
+/// `mode`: "raw", "opt" or "nhwc" (see the module docs).
+fn check_model_mode(shared: &Path, model: &str, input: &str, abs_tol: f32, mode: &str) -> usize {
     let refs = shared.join("fixtures/reference");
     let mut images: Vec<String> = std::fs::read_dir(&refs)
         .expect("reference dir")
@@ -51,8 +48,13 @@ fn check_model_mode(
             shapes.insert(input.to_string(), x.shape.clone());
             let mut g =
                 import_file(&shared.join(format!("models/{model}.onnx")), &shapes).expect("import");
-            if optimize {
+            if mode != "raw" {
                 osprey_engine::passes::optimize(&mut g);
+            }
+            if mode == "nhwc" {
+                let r = osprey_engine::passes::channels_last(&mut g);
+                eprintln!("nhwc {model}: {r:?}");
+                assert!(r.converted > 0, "{model}: nothing ran channels-last");
             }
             let e = Arc::new(Engine::new(g).expect("engine"));
             let ctx = ExecutionContext::new(e.clone(), 2);
@@ -71,8 +73,7 @@ fn check_model_mode(
             let (max_abs, range) = max_abs_and_range(got, &want.data);
             let tol = (1e-3 * range).max(abs_tol);
             eprintln!(
-                "{} {model:26} {img:16} {:34} max_abs {max_abs:.3e}  range {range:.3e}  max_abs/range {:.2e}  tol {tol:.1e}",
-                if optimize { "opt " } else { "raw " },
+                "{mode:4} {model:26} {img:16} {:34} max_abs {max_abs:.3e}  range {range:.3e}  max_abs/range {:.2e}  tol {tol:.1e}",
                 d.name,
                 max_abs / range.max(f32::MIN_POSITIVE)
             );

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use osprey_kernels::activation::Activation;
 use osprey_kernels::conv::{Conv2d, ConvTranspose2d};
+use osprey_kernels::conv_nhwc::Conv2dNhwc;
 use osprey_kernels::eltwise::{BinaryOp, Broadcast};
 use osprey_kernels::gemm::{self, PackedA};
 use osprey_kernels::int8::QLinear;
@@ -53,6 +54,12 @@ struct CopyPart {
 enum Kind {
     Conv {
         layer: Conv2d,
+        batch: usize,
+        residual: bool,
+    },
+    /// Channels-last convolution (tensors NHWC; see the layout pass).
+    ConvNhwc {
+        layer: Conv2dNhwc,
         batch: usize,
         residual: bool,
     },
@@ -305,6 +312,24 @@ impl Engine {
                     if *residual { " +residual" } else { "" }
                 )
             }
+            Kind::ConvNhwc {
+                layer, residual, ..
+            } => {
+                let g = layer.geometry();
+                format!(
+                    "Conv {} {}x{} s{} g{} {}->{} @{}x{}{}",
+                    layer.algorithm(),
+                    g.kh,
+                    g.kw,
+                    g.stride[0],
+                    g.groups,
+                    g.c_in,
+                    g.c_out,
+                    g.h,
+                    g.w,
+                    if *residual { " +residual" } else { "" }
+                )
+            }
             Kind::QConv {
                 layer,
                 residual,
@@ -363,7 +388,7 @@ impl Engine {
         let fp = self
             .steps
             .iter()
-            .filter(|s| matches!(s.kind, Kind::Conv { .. }))
+            .filter(|s| matches!(s.kind, Kind::Conv { .. } | Kind::ConvNhwc { .. }))
             .count();
         (int8, int8 + fp)
     }

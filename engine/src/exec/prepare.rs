@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use osprey_kernels::conv::{Conv2d, ConvTactic, ConvTranspose2d};
+use osprey_kernels::conv_nhwc::Conv2dNhwc;
 use osprey_kernels::eltwise::{self, BinaryOp, Broadcast};
 use osprey_kernels::gemm::PackedA;
 use osprey_kernels::layout::{contiguous_strides, StridedView};
@@ -80,6 +81,21 @@ impl Builder<'_> {
                     return Err("fused residual without its operand".into());
                 }
                 let chosen = self.tactics.get(ni).and_then(|t| t.as_deref());
+                if a.channels_last {
+                    let layer = Conv2dNhwc::new(geo, &w, bias.as_deref(), a.activation)
+                        .map_err(|e| e.to_string())?;
+                    if let Some(name) = chosen.filter(|&n| n != layer.algorithm()) {
+                        return Err(format!(
+                            "tactic '{name}' does not fit this channels-last layer (it runs {})",
+                            layer.algorithm()
+                        ));
+                    }
+                    return Ok(Kind::ConvNhwc {
+                        layer,
+                        batch: xs[0],
+                        residual: a.residual,
+                    });
+                }
                 // INT8 where the graph permits it, unless tuning chose an
                 // FP32 tactic for this layer.
                 if let (Some(scale), true) = (a.int8_input_scale, runs_int8(&node.op, chosen)) {

@@ -110,6 +110,11 @@ pub(super) fn run_step(
             batch,
             residual: fused,
         } => layer.run_with_residual(pool, *batch, x, residual(*fused)?, y, scratch),
+        Kind::ConvNhwc {
+            layer,
+            batch,
+            residual: fused,
+        } => layer.run(pool, *batch, x, residual(*fused)?, y),
         Kind::QConv {
             layer,
             batch,

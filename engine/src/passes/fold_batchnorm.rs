@@ -37,7 +37,11 @@ pub fn fold_batchnorm(g: &mut Graph) -> usize {
         let Op::Conv(attrs) = g.nodes[ci].op else {
             continue;
         };
-        if attrs.residual || attrs.activation != osprey_kernels::Activation::None {
+        // (A channels-last convolution's BatchNorm would scale another axis.)
+        if attrs.residual
+            || attrs.activation != osprey_kernels::Activation::None
+            || attrs.channels_last
+        {
             continue;
         }
         if cons[x].len() != 1 || is_output(g, x) || dead[ci] {

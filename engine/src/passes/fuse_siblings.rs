@@ -32,7 +32,8 @@ fn find_group(g: &Graph) -> Option<Vec<usize>> {
     let candidate = |i: usize| -> Option<(TensorId, Activation)> {
         let n = &g.nodes[i];
         let Op::Conv(a) = &n.op else { return None };
-        if !pointwise(a) || n.inputs.len() > 3 {
+        // Channels-last outputs are not channel ranges of one buffer.
+        if !pointwise(a) || n.inputs.len() > 3 || a.channels_last {
             return None;
         }
         let x = n.inputs[0];

@@ -10,6 +10,7 @@
 //! (see [`crate::onnx`]); the passes here work on the typed graph.
 
 mod cancel_transposes;
+mod channels_last;
 mod dead_nodes;
 mod fold_batchnorm;
 mod fuse_activation;
@@ -19,6 +20,7 @@ mod recognize_activations;
 mod remove_identities;
 
 pub use cancel_transposes::cancel_transposes;
+pub use channels_last::{channels_last, LayoutReport};
 pub use dead_nodes::eliminate_dead_nodes;
 pub use fold_batchnorm::fold_batchnorm;
 pub use fuse_activation::fuse_activation;

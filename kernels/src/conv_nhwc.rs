@@ -1,0 +1,807 @@
+//! 2-D convolution in the channels-last layout (NHWC, f32).
+//!
+//! The engine's layout pass (`osprey_engine::passes::channels_last`) may run a model's
+//! convolutions channels-last, with the layout conversions at the graph's
+//! boundary. In NHWC every pixel's channels are contiguous, which gives two
+//! kernels without any copy of the input:
+//!
+//! * **gemm** (groups 1, any kernel, stride, dilation, padding): the output
+//!   `[pixels, c_out]` is an implicit-im2col GEMM whose A rows are the
+//!   pixels' receptive fields. For one tap, a pixel's A row segment is simply
+//!   the `c_in` contiguous input values at the tapped position (or a row of
+//!   zeros in the padding), so the micro-kernel reads A straight from the
+//!   input. Weights are packed once into panels of 16 output channels; the
+//!   AVX2 micro-kernel holds 6 pixels × 16 channels in registers. Bias,
+//!   residual and Relu/Clip are applied before the single store.
+//! * **depthwise** (one input channel per group, multiplier 1): each output
+//!   pixel's channels are one contiguous vector sum over the valid taps,
+//!   vectorised across channels — no padded plane, no row de-interleaving.
+//!
+//! The scalar reference is [`crate::conv::reference_conv2d`] on transposed
+//! data (see the tests).
+
+use crate::activation::Activation;
+use crate::conv::Conv2dGeometry;
+use crate::error::KernelError;
+use crate::isa::{self, Isa};
+use crate::pool::{SyncPtr, ThreadPool};
+
+/// Pixels per micro-tile.
+const MR: usize = 6;
+/// Output channels per weight panel.
+const NR: usize = 16;
+/// Most taps a layer may have (pointer table on the stack).
+pub const MAX_TAPS: usize = 64;
+
+#[derive(Clone, Debug)]
+enum Algo {
+    /// Weights in panels of [`NR`] output channels: element
+    /// `(t·c_in + ci, j)` of panel `p` at `p·K·NR + (t·c_in + ci)·NR + j`.
+    Gemm { panels: Vec<f32>, k: usize },
+    /// Weights `[tap][channel]`.
+    Depthwise { w: Vec<f32> },
+}
+
+/// A prepared channels-last convolution.
+#[derive(Clone, Debug)]
+pub struct Conv2dNhwc {
+    g: Conv2dGeometry,
+    oh: usize,
+    ow: usize,
+    algo: Algo,
+    /// Per output channel, padded with zeros to whole panels.
+    bias: Vec<f32>,
+    /// `c_in` zeros: the A row of a tap in the padding.
+    zeros: Vec<f32>,
+    act: Activation,
+}
+
+impl Conv2dNhwc {
+    /// True when this module implements `g` (groups 1, or depthwise with
+    /// multiplier 1; at most [`MAX_TAPS`] taps).
+    pub fn supports(g: &Conv2dGeometry) -> bool {
+        let depthwise = g.groups == g.c_in && g.c_out == g.c_in && g.groups > 1;
+        (g.groups == 1 || depthwise) && g.kh * g.kw <= MAX_TAPS && g.kh * g.kw > 0
+    }
+
+    /// Prepares a layer; `weights` is `[c_out, c_in/groups, kh, kw]` (ONNX order).
+    pub fn new(
+        g: Conv2dGeometry,
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        act: Activation,
+    ) -> Result<Conv2dNhwc, KernelError> {
+        if !Conv2dNhwc::supports(&g) {
+            return Err(KernelError::Unsupported {
+                kernel: "conv2d-nhwc",
+                detail: format!(
+                    "groups {} with {} -> {} channels, {}x{} kernel (channels-last runs groups 1 or depthwise, at most {MAX_TAPS} taps)",
+                    g.groups, g.c_in, g.c_out, g.kh, g.kw
+                ),
+            });
+        }
+        let (oh, ow) = g.validate("conv2d-nhwc")?;
+        let mut bias =
+            g.checked_bias(["conv2d-nhwc weights", "conv2d-nhwc bias"], weights, bias)?;
+        let taps = g.kh * g.kw;
+        let algo = if g.groups == 1 {
+            let k = taps * g.c_in;
+            let n_panels = g.c_out.div_ceil(NR);
+            let mut panels = vec![0.0f32; n_panels * k * NR];
+            for co in 0..g.c_out {
+                let (p, j) = (co / NR, co % NR);
+                for ci in 0..g.c_in {
+                    for t in 0..taps {
+                        panels[p * k * NR + (t * g.c_in + ci) * NR + j] =
+                            weights[(co * g.c_in + ci) * taps + t];
+                    }
+                }
+            }
+            bias.resize(n_panels * NR, 0.0);
+            Algo::Gemm { panels, k }
+        } else {
+            let c = g.c_out;
+            let mut w = vec![0.0f32; taps * c];
+            for ch in 0..c {
+                for t in 0..taps {
+                    w[t * c + ch] = weights[ch * taps + t];
+                }
+            }
+            Algo::Depthwise { w }
+        };
+        Ok(Conv2dNhwc {
+            g,
+            oh,
+            ow,
+            algo,
+            bias,
+            zeros: vec![0.0; g.c_in],
+            act,
+        })
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> &Conv2dGeometry {
+        &self.g
+    }
+
+    /// Output (height, width).
+    pub fn out_hw(&self) -> (usize, usize) {
+        (self.oh, self.ow)
+    }
+
+    /// Name of the algorithm in use (for reports).
+    pub fn algorithm(&self) -> &'static str {
+        match self.algo {
+            Algo::Gemm { .. } => "nhwc-gemm",
+            Algo::Depthwise { .. } => "nhwc-depthwise",
+        }
+    }
+
+    /// Runs `batch` images: `input` is `[batch, h, w, c_in]`, `output`
+    /// `[batch, oh, ow, c_out]`, and `residual` (added before the
+    /// activation: a fused `Conv → Add`) has the output's shape.
+    ///
+    /// # Panics
+    /// If a buffer is shorter than the geometry needs (the engine checks
+    /// shapes when it plans memory).
+    pub fn run(
+        &self,
+        pool: &ThreadPool,
+        batch: usize,
+        input: &[f32],
+        residual: Option<&[f32]>,
+        output: &mut [f32],
+    ) {
+        let g = &self.g;
+        let in_img = g.h * g.w * g.c_in;
+        let out_img = self.oh * self.ow * g.c_out;
+        assert!(input.len() >= batch * in_img && output.len() >= batch * out_img);
+        assert!(residual.is_none_or(|r| r.len() >= batch * out_img));
+        let isa = isa::active();
+        for b in 0..batch {
+            let x = &input[b * in_img..(b + 1) * in_img];
+            let res = residual.map(|r| &r[b * out_img..(b + 1) * out_img]);
+            let y = &mut output[b * out_img..(b + 1) * out_img];
+            match &self.algo {
+                Algo::Gemm { panels, k } => self.run_gemm(pool, isa, x, res, y, panels, *k),
+                Algo::Depthwise { w } => self.run_depthwise(pool, isa, x, res, y, w),
+            }
+        }
+    }
+
+    /// Input offset of tap `(ky, kx)` for output pixel `(oy, ox)`, in
+    /// pixels, or `None` in the padding.
+    #[inline(always)]
+    fn tap_pixel(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<usize> {
+        let g = &self.g;
+        let iy = (oy * g.stride[0] + ky * g.dilation[0]).checked_sub(g.pads[0])?;
+        let ix = (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.pads[1])?;
+        (iy < g.h && ix < g.w).then_some(iy * g.w + ix)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_gemm(
+        &self,
+        pool: &ThreadPool,
+        isa: Isa,
+        x: &[f32],
+        res: Option<&[f32]>,
+        y: &mut [f32],
+        panels: &[f32],
+        k: usize,
+    ) {
+        let g = &self.g;
+        let (cin, cout) = (g.c_in, g.c_out);
+        let taps = g.kh * g.kw;
+        let pixels = self.oh * self.ow;
+        let n_panels = cout.div_ceil(NR);
+        // Pixel blocks whose A rows (about k floats each) stay in L1/L2
+        // while every panel of the block's columns passes over them.
+        let pb = ((12 * 1024 / k.max(1)) / MR * MR).clamp(4 * MR, 128 * MR);
+        let n_pb = pixels.div_ceil(pb);
+        let threads = pool.threads();
+        let want = if threads > 1 { threads * 3 } else { 1 };
+        let panel_chunks = if n_pb >= want {
+            1
+        } else {
+            want.div_ceil(n_pb).min(n_panels)
+        };
+        let per_chunk = n_panels.div_ceil(panel_chunks);
+        let panel_chunks = n_panels.div_ceil(per_chunk);
+        let clamp = crate::gemm::in_register_clamp(self.act);
+        let pointwise = taps == 1 && g.stride == [1, 1] && g.pads == [0; 4];
+        let y_ptr = SyncPtr::new(y);
+        let task = |t: usize, _slot: usize| {
+            let zeros = self.zeros.as_ptr();
+            let (bi, ci) = (t / panel_chunks, t % panel_chunks);
+            let p0 = bi * pb;
+            let p1 = (p0 + pb).min(pixels);
+            let q0 = ci * per_chunk;
+            let q1 = (q0 + per_chunk).min(n_panels);
+            let mut rows = [[zeros; MR]; MAX_TAPS];
+            for q in q0..q1 {
+                let wp = &panels[q * k * NR..(q + 1) * k * NR];
+                let c0 = q * NR;
+                let cols = (cout - c0).min(NR);
+                let mut p = p0;
+                while p < p1 {
+                    let n_rows = (p1 - p).min(MR);
+                    if pointwise {
+                        for (r, slot) in rows[0].iter_mut().enumerate() {
+                            *slot = if r < n_rows {
+                                x[(p + r) * cin..(p + r + 1) * cin].as_ptr()
+                            } else {
+                                zeros
+                            };
+                        }
+                    } else {
+                        let (mut oy, mut ox) = (p / self.ow, p % self.ow);
+                        for r in 0..MR {
+                            for ky in 0..g.kh {
+                                for kx in 0..g.kw {
+                                    let src = match (r < n_rows)
+                                        .then(|| self.tap_pixel(oy, ox, ky, kx))
+                                        .flatten()
+                                    {
+                                        Some(px) => x[px * cin..(px + 1) * cin].as_ptr(),
+                                        None => zeros,
+                                    };
+                                    rows[ky * g.kw + kx][r] = src;
+                                }
+                            }
+                            ox += 1;
+                            if ox == self.ow {
+                                (oy, ox) = (oy + 1, 0);
+                            }
+                        }
+                    }
+                    let out = Tile {
+                        rows: &rows[..taps],
+                        cin,
+                        w: wp,
+                        bias: &self.bias[c0..c0 + NR],
+                        res: res.map(|r| &r[p * cout + c0..]),
+                        ldc: cout,
+                        n_rows,
+                        cols,
+                        clamp,
+                    };
+                    // SAFETY: this task alone writes pixels p..p+n_rows of
+                    // channels c0..c0+cols (disjoint (pixel block × panel
+                    // chunk) regions per task); the assert in `run` bounds
+                    // them inside `y`.
+                    let dst = unsafe { y_ptr.add(p * cout + c0) };
+                    out.compute(isa, dst);
+                    if clamp.is_none() {
+                        for r in 0..n_rows {
+                            // SAFETY: as above, the row's `cols` values
+                            // belong to this task.
+                            let row = unsafe {
+                                std::slice::from_raw_parts_mut(y_ptr.add((p + r) * cout + c0), cols)
+                            };
+                            self.act.apply_slice(row);
+                        }
+                    }
+                    p += MR;
+                }
+            }
+        };
+        pool.run(n_pb * panel_chunks, &task);
+    }
+
+    fn run_depthwise(
+        &self,
+        pool: &ThreadPool,
+        isa: Isa,
+        x: &[f32],
+        res: Option<&[f32]>,
+        y: &mut [f32],
+        w: &[f32],
+    ) {
+        let c = self.g.c_out;
+        let row_len = self.ow * c;
+        let y_ptr = SyncPtr::new(y);
+        let task = |oy: usize, _slot: usize| {
+            // SAFETY: task `oy` alone writes output row `oy`, inside `y` by
+            // the assert in `run`.
+            let yr = unsafe { std::slice::from_raw_parts_mut(y_ptr.add(oy * row_len), row_len) };
+            let rr = res.map(|r| &r[oy * row_len..(oy + 1) * row_len]);
+            self.depthwise_row(isa, x, w, oy, rr, yr);
+        };
+        pool.run(self.oh, &task);
+    }
+
+    /// One output row of a depthwise layer.
+    fn depthwise_row(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        w: &[f32],
+        oy: usize,
+        res: Option<&[f32]>,
+        y: &mut [f32],
+    ) {
+        let g = &self.g;
+        let c = g.c_out;
+        let all = g.kh * g.kw;
+        let clamp = crate::gemm::in_register_clamp(self.act);
+        let mut taps = [(0usize, 0usize); MAX_TAPS];
+        let taps_of = |ox: usize, taps: &mut [(usize, usize); MAX_TAPS]| {
+            let mut n = 0;
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    if let Some(px) = self.tap_pixel(oy, ox, ky, kx) {
+                        taps[n] = (px * c, (ky * g.kw + kx) * c);
+                        n += 1;
+                    }
+                }
+            }
+            n
+        };
+        let mut ox = 0;
+        while ox < self.ow {
+            let n = taps_of(ox, &mut taps);
+            // Two neighbours whose taps are all inside the input share the
+            // weight loads (AVX2); they are `stride · c` floats apart.
+            let pair = n == all
+                && ox + 1 < self.ow
+                && self.tap_pixel(oy, ox + 1, g.kh - 1, g.kw - 1).is_some()
+                && self.tap_pixel(oy, ox + 1, 0, 0).is_some();
+            let px = if pair { 2 } else { 1 };
+            let out = &mut y[ox * c..(ox + px) * c];
+            let r = res.map(|r| &r[ox * c..(ox + px) * c]);
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: Avx2Fma is active only when the CPU has AVX2 and
+                // FMA; every tap offset (plus, for the pair, the second
+                // pixel's `stride · c`) addresses `c` floats inside `x`, the
+                // weights hold `c` floats per tap, and `out`/`r` hold
+                // `px · c` floats.
+                Isa::Avx2Fma => unsafe {
+                    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+                    let dw = DwAvx2 {
+                        x: x.as_ptr(),
+                        w: w.as_ptr(),
+                        taps: &taps[..n],
+                        pstep: g.stride[1] * c,
+                        bias: self.bias.as_ptr(),
+                        res: r.map(|r| r.as_ptr()),
+                        out: out.as_mut_ptr(),
+                        c,
+                        lo,
+                        hi,
+                    };
+                    if pair {
+                        dw.run::<2>()
+                    } else {
+                        dw.run::<1>()
+                    }
+                },
+                _ => {
+                    for p in 0..px {
+                        let step = p * g.stride[1] * c;
+                        for t in &mut taps[..n] {
+                            t.0 += step;
+                        }
+                        depthwise_pixel_body::<{ cfg!(target_arch = "aarch64") }>(
+                            x,
+                            w,
+                            &taps[..n],
+                            &self.bias[..c],
+                            r.map(|r| &r[p * c..(p + 1) * c]),
+                            &mut out[p * c..(p + 1) * c],
+                        );
+                        if let Some((lo, hi)) = clamp {
+                            let o = &mut out[p * c..(p + 1) * c];
+                            o.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
+                        }
+                    }
+                }
+            }
+            if clamp.is_none() {
+                self.act.apply_slice(out);
+            }
+            ox += px;
+        }
+    }
+}
+
+/// The AVX2 depthwise kernel's operands for one or two neighbouring pixels.
+#[cfg(target_arch = "x86_64")]
+struct DwAvx2<'a> {
+    x: *const f32,
+    w: *const f32,
+    /// (input offset of pixel 0, weight offset) per valid tap.
+    taps: &'a [(usize, usize)],
+    /// Input offset of pixel 1 relative to pixel 0.
+    pstep: usize,
+    bias: *const f32,
+    /// Residual of pixel 0 (pixel 1 follows `c` floats later).
+    res: Option<*const f32>,
+    /// Output of pixel 0 (pixel 1 follows `c` floats later).
+    out: *mut f32,
+    c: usize,
+    lo: f32,
+    hi: f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl DwAvx2<'_> {
+    /// `P` pixels: 32 channels at a time in registers (taps inner), then
+    /// 8 at a time, then a masked tail.
+    ///
+    /// # Safety
+    /// AVX2 and FMA available; the pointers as the caller documents.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run<const P: usize>(&self) {
+        let mut c0 = 0;
+        // SAFETY: forwarded; every block stays below `c`.
+        unsafe {
+            while c0 + 32 <= self.c {
+                self.block::<4, P>(c0, None);
+                c0 += 32;
+            }
+            while c0 + 8 <= self.c {
+                self.block::<1, P>(c0, None);
+                c0 += 8;
+            }
+            if c0 < self.c {
+                self.block::<1, P>(c0, Some(self.c - c0));
+            }
+        }
+    }
+
+    /// `V` vectors of channels from `c0` (the last one `tail` lanes wide
+    /// when given) for `P` pixels.
+    ///
+    /// # Safety
+    /// As [`DwAvx2::run`].
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn block<const V: usize, const P: usize>(&self, c0: usize, tail: Option<usize>) {
+        use std::arch::x86_64::*;
+        // SAFETY: full vectors lie below `c` in every buffer; a tail vector
+        // is masked to its `tail` lanes, so no masked-out lane is touched.
+        unsafe {
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail.unwrap_or(8) as i32), lanes);
+            let ld = |p: *const f32| {
+                if tail.is_some() {
+                    _mm256_maskload_ps(p, mask)
+                } else {
+                    _mm256_loadu_ps(p)
+                }
+            };
+            let mut acc = [[_mm256_setzero_ps(); V]; P];
+            for row in acc.iter_mut() {
+                for (v, a) in row.iter_mut().enumerate() {
+                    *a = ld(self.bias.add(c0 + 8 * v));
+                }
+            }
+            for &(xo, wo) in self.taps {
+                let xp = self.x.add(xo + c0);
+                let wp = self.w.add(wo + c0);
+                for v in 0..V {
+                    let wv = ld(wp.add(8 * v));
+                    for (p, row) in acc.iter_mut().enumerate() {
+                        row[v] = _mm256_fmadd_ps(ld(xp.add(p * self.pstep + 8 * v)), wv, row[v]);
+                    }
+                }
+            }
+            let (vlo, vhi) = (_mm256_set1_ps(self.lo), _mm256_set1_ps(self.hi));
+            for (p, row) in acc.iter().enumerate() {
+                for (v, &a) in row.iter().enumerate() {
+                    let off = p * self.c + c0 + 8 * v;
+                    let mut r = a;
+                    if let Some(res) = self.res {
+                        r = _mm256_add_ps(r, ld(res.add(off)));
+                    }
+                    r = _mm256_min_ps(_mm256_max_ps(r, vlo), vhi);
+                    if tail.is_some() {
+                        _mm256_maskstore_ps(self.out.add(off), mask, r);
+                    } else {
+                        _mm256_storeu_ps(self.out.add(off), r);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `out = bias + Σ_taps x[xo..] · w[wo..] (+ res)`, across the channels.
+#[inline(always)]
+fn depthwise_pixel_body<const FMA: bool>(
+    x: &[f32],
+    w: &[f32],
+    taps: &[(usize, usize)],
+    bias: &[f32],
+    res: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let c = out.len();
+    out.copy_from_slice(bias);
+    for &(xo, wo) in taps {
+        let (xs, ws) = (&x[xo..xo + c], &w[wo..wo + c]);
+        for ((o, &a), &b) in out.iter_mut().zip(xs).zip(ws) {
+            *o = if FMA { a.mul_add(b, *o) } else { *o + a * b };
+        }
+    }
+    if let Some(r) = res {
+        out.iter_mut().zip(r).for_each(|(o, &v)| *o += v);
+    }
+}
+
+/// One micro-tile of the gemm algorithm: up to [`MR`] pixels × [`NR`]
+/// output channels.
+struct Tile<'a> {
+    /// Per tap, per pixel: the `cin` A values (input or zeros).
+    rows: &'a [[*const f32; MR]],
+    cin: usize,
+    /// The panel: `(tap·cin + ci)·NR + j`.
+    w: &'a [f32],
+    /// The panel's NR biases.
+    bias: &'a [f32],
+    /// Residual at the tile's first element, row stride `ldc`.
+    res: Option<&'a [f32]>,
+    ldc: usize,
+    n_rows: usize,
+    cols: usize,
+    /// Applied before the store (Relu, Clip, none); `None`: the caller
+    /// applies the activation afterwards.
+    clamp: Option<(f32, f32)>,
+}
+
+impl Tile<'_> {
+    /// Writes the tile at `dst` (row stride `ldc`).
+    fn compute(&self, isa: Isa, dst: *mut f32) {
+        assert!(self.w.len() >= self.rows.len() * self.cin * NR && self.bias.len() >= NR);
+        if let Some(r) = self.res {
+            assert!(r.len() >= (self.n_rows - 1) * self.ldc + self.cols);
+        }
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Avx2Fma is active only when the CPU has AVX2 and FMA;
+            // every row pointer holds `cin` readable floats (input or the
+            // zero row) and the panel length was checked above; `dst` is
+            // the caller's region of n_rows × cols.
+            Isa::Avx2Fma => unsafe { self.avx2(dst) },
+            // SAFETY: as above.
+            _ => unsafe { self.portable(dst) },
+        }
+    }
+
+    /// # Safety
+    /// As [`Tile::compute`]'s call.
+    unsafe fn portable(&self, dst: *mut f32) {
+        let mut acc = [[0.0f32; NR]; MR];
+        let mut wi = 0;
+        for taps in self.rows {
+            for ci in 0..self.cin {
+                let wr = &self.w[wi..wi + NR];
+                wi += NR;
+                for (r, row) in acc.iter_mut().enumerate() {
+                    // SAFETY: each row pointer holds `cin` floats.
+                    let a = unsafe { *taps[r].add(ci) };
+                    for (o, &b) in row.iter_mut().zip(wr) {
+                        *o += a * b;
+                    }
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate().take(self.n_rows) {
+            for j in 0..self.cols {
+                let mut v = row[j] + self.bias[j];
+                if let Some(res) = self.res {
+                    v += res[r * self.ldc + j];
+                }
+                if let Some((lo, hi)) = self.clamp {
+                    v = v.max(lo).min(hi);
+                }
+                // SAFETY: inside the caller's n_rows × cols region.
+                unsafe { *dst.add(r * self.ldc + j) = v };
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA available; otherwise as [`Tile::compute`]'s call.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(&self, dst: *mut f32) {
+        use std::arch::x86_64::*;
+        // SAFETY: loads stay inside the panel (length checked by the
+        // caller) and the row pointers' `cin` floats; stores and residual
+        // loads are masked to `cols` columns of `n_rows` rows.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+            let mut wp = self.w.as_ptr();
+            for taps in self.rows {
+                let a = *taps;
+                for ci in 0..self.cin {
+                    let b0 = _mm256_loadu_ps(wp);
+                    let b1 = _mm256_loadu_ps(wp.add(8));
+                    wp = wp.add(NR);
+                    for r in 0..MR {
+                        let av = _mm256_broadcast_ss(&*a[r].add(ci));
+                        acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+                    }
+                }
+            }
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = |n: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
+            let masks = [mask(self.cols.min(8)), mask(self.cols.saturating_sub(8))];
+            let bias = [
+                _mm256_loadu_ps(self.bias.as_ptr()),
+                _mm256_loadu_ps(self.bias.as_ptr().add(8)),
+            ];
+            let (lo, hi) = self.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+            let (vlo, vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+            for (r, row) in acc.iter().enumerate().take(self.n_rows) {
+                for h in 0..2 {
+                    if h * 8 >= self.cols {
+                        break;
+                    }
+                    let mut v = _mm256_add_ps(row[h], bias[h]);
+                    if let Some(res) = self.res {
+                        let rp = res.as_ptr().add(r * self.ldc + h * 8);
+                        v = _mm256_add_ps(v, _mm256_maskload_ps(rp, masks[h]));
+                    }
+                    v = _mm256_min_ps(_mm256_max_ps(v, vlo), vhi);
+                    let d = dst.add(r * self.ldc + h * 8);
+                    if self.cols >= (h + 1) * 8 {
+                        _mm256_storeu_ps(d, v);
+                    } else {
+                        _mm256_maskstore_ps(d, masks[h], v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::reference_conv2d;
+    use proptest::prelude::*;
+
+    use crate::conv::tests::data;
+
+    /// NCHW → NHWC of one image.
+    fn to_nhwc(x: &[f32], c: usize, hw: usize) -> Vec<f32> {
+        let mut y = vec![0.0; x.len()];
+        for ch in 0..c {
+            for p in 0..hw {
+                y[p * c + ch] = x[ch * hw + p];
+            }
+        }
+        y
+    }
+
+    /// Runs one case against the reference; returns the largest error.
+    fn check(g: Conv2dGeometry, act: Activation, residual: bool, threads: usize) -> f32 {
+        let (oh, ow) = (g.out_h().unwrap(), g.out_w().unwrap());
+        let batch = 2;
+        let x = data(batch * g.c_in * g.h * g.w, 1);
+        let w = data(g.c_out * g.c_in / g.groups * g.kh * g.kw, 2);
+        let b = data(g.c_out, 3);
+        let r = data(batch * g.c_out * oh * ow, 4);
+        let layer = Conv2dNhwc::new(g, &w, Some(&b), act).unwrap();
+        let (in_img, out_img) = (g.c_in * g.h * g.w, g.c_out * oh * ow);
+        let mut xn = Vec::new();
+        let mut rn = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..batch {
+            let xi = &x[i * in_img..(i + 1) * in_img];
+            xn.extend(to_nhwc(xi, g.c_in, g.h * g.w));
+            let ri = &r[i * out_img..(i + 1) * out_img];
+            rn.extend(to_nhwc(ri, g.c_out, oh * ow));
+            let mut yi = vec![0.0; out_img];
+            reference_conv2d(&g, xi, &w, Some(&b), Activation::None, &mut yi);
+            if residual {
+                yi.iter_mut().zip(ri).for_each(|(v, r)| *v += r);
+            }
+            yi.iter_mut().for_each(|v| *v = act.apply(*v));
+            want.extend(to_nhwc(&yi, g.c_out, oh * ow));
+        }
+        let mut y = vec![f32::NAN; batch * out_img];
+        let pool = ThreadPool::new(threads);
+        layer.run(&pool, batch, &xn, residual.then_some(&rn[..]), &mut y);
+        y.iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+            .fold(0.0, f32::max)
+    }
+
+    fn geo(
+        c_in: usize,
+        c_out: usize,
+        hw: usize,
+        k: usize,
+        s: usize,
+        pad: usize,
+        groups: usize,
+    ) -> Conv2dGeometry {
+        Conv2dGeometry {
+            c_in,
+            h: hw,
+            w: hw + 1,
+            c_out,
+            kh: k,
+            kw: k,
+            stride: [s, s],
+            dilation: [1, 1],
+            pads: [pad, pad, pad, pad],
+            groups,
+        }
+    }
+
+    #[test]
+    fn matches_the_reference_on_the_shapes_mobile_nets_use() {
+        let cases = [
+            // (c_in, c_out, hw, k, stride, pad, groups)
+            (16, 96, 12, 1, 1, 0, 1),  // pointwise expand
+            (96, 24, 9, 1, 1, 0, 1),   // pointwise project, c_out not a panel multiple
+            (3, 32, 15, 3, 2, 1, 1),   // stem: 3 channels, stride 2, padded
+            (40, 19, 7, 3, 1, 1, 1),   // 3x3, odd channel counts
+            (24, 24, 13, 3, 1, 1, 24), // depthwise 3x3
+            (40, 40, 14, 5, 2, 2, 40), // depthwise 5x5 stride 2
+            (13, 13, 6, 3, 2, 0, 13),  // depthwise, channels not a vector multiple, no pad
+        ];
+        for (ci, co, hw, k, s, p, gr) in cases {
+            for act in [
+                Activation::None,
+                Activation::Clip { lo: 0.0, hi: 6.0 },
+                Activation::Silu,
+            ] {
+                for residual in [false, true] {
+                    for threads in [1, 3] {
+                        let g = geo(ci, co, hw, k, s, p, gr);
+                        let err = check(g, act, residual, threads);
+                        assert!(err < 1e-4, "{g:?} {act:?} residual {residual}: error {err}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dilation_and_asymmetric_padding() {
+        let mut g = geo(8, 20, 11, 3, 1, 0, 1);
+        g.dilation = [2, 1];
+        g.pads = [2, 0, 1, 3];
+        assert!(check(g, Activation::Relu, false, 2) < 1e-4);
+        let mut d = geo(16, 16, 11, 3, 2, 0, 16);
+        d.dilation = [1, 2];
+        d.pads = [0, 1, 2, 1];
+        assert!(check(d, Activation::None, true, 2) < 1e-4);
+    }
+
+    #[test]
+    fn grouped_layers_are_refused_with_the_reason() {
+        let g = geo(8, 8, 5, 3, 1, 1, 2);
+        let w = data(8 * 4 * 9, 1);
+        let e = Conv2dNhwc::new(g, &w, None, Activation::None).unwrap_err();
+        assert!(e.to_string().contains("groups 2"), "{e}");
+        let short = Conv2dNhwc::new(geo(8, 8, 5, 3, 1, 1, 1), &w[..10], None, Activation::None);
+        assert!(short.is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(40))]
+        #[test]
+        fn random_layers_match_the_reference(
+            c_in in 1usize..24, c_out in 1usize..40, hw in 1usize..10, k in 1usize..4,
+            s in 1usize..3, p in 0usize..2, dw in any::<bool>(), residual in any::<bool>(),
+            threads in 1usize..4,
+        ) {
+            let (c_out, groups) = if dw && c_in > 1 { (c_in, c_in) } else { (c_out, 1) };
+            let g = geo(c_in, c_out, hw, k, s, p, groups);
+            prop_assume!(g.out_h().is_some_and(|v| v > 0) && g.out_w().is_some_and(|v| v > 0));
+            let err = check(g, Activation::Relu, residual, threads);
+            prop_assert!(err < 1e-4, "error {}", err);
+        }
+    }
+}
