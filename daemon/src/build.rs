@@ -35,6 +35,9 @@ pub fn build(a: BuildArgs) -> Result<()> {
     for (k, v) in crate::int8::desc_shapes(&a.int8)? {
         shapes.entry(k).or_insert(v);
     }
+    if a.layout == LayoutArg::Nhwc && a.precision == PrecisionArg::Int8 {
+        bail!("--layout nhwc applies to fp32 and fp16 engines; INT8 engines run NCHW");
+    }
     if a.precision != PrecisionArg::Int8 && a.int8.calib.is_some() {
         bail!("--calib applies to --precision int8");
     }
@@ -67,10 +70,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
     };
     // The layouts to build: NCHW, channels-last, or both to race.
     let layouts: Vec<bool> = match (a.layout, precision) {
-        (LayoutArg::Nhwc, Precision::Int8) => {
-            bail!("--layout nhwc applies to fp32 and fp16 engines; INT8 engines run NCHW")
-        }
-        (LayoutArg::Nchw, _) | (LayoutArg::Auto, Precision::Int8) => vec![false],
+        (LayoutArg::Nchw, _) | (_, Precision::Int8) => vec![false],
         (LayoutArg::Nhwc, _) => vec![true],
         (LayoutArg::Auto, _) => vec![false, true],
     };

@@ -341,6 +341,61 @@ fn build_then_run_and_bench_the_engine() {
         x.iter().map(|v| (2.0 * v).max(0.0)).collect::<Vec<_>>()
     );
 
+    // The channels-last layout, asked for: reported, and the same results.
+    let nhwc = d.join("nhwc.engine");
+    let out = osprey()
+        .args(["build", "--onnx"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&nhwc)
+        .args(["--layout", "nhwc", "--input-shape", "x=1,2,3,3", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["layout"]["layout"], "nhwc");
+    assert_eq!(r["layout"]["channels_last"]["converted"], 1);
+    assert_eq!(r["layers"][0]["tactic"], "nhwc-gemm");
+    let out = osprey()
+        .args(["run", "--engine"])
+        .arg(&nhwc)
+        .arg(format!("--input=x={}", d.join("x.npy").display()))
+        .arg("--output-dir")
+        .arg(d.join("n"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        npy::read(&d.join("n/head_out_0.npy"), false).unwrap().data,
+        y.data
+    );
+    // INT8 engines run NCHW: asking for channels-last is a clear error.
+    let out = osprey()
+        .args(["build", "--onnx"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&nhwc)
+        .args([
+            "--layout",
+            "nhwc",
+            "--precision",
+            "int8",
+            "--input-shape",
+            "x=1,2,3,3",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("INT8 engines run NCHW"));
+
     let out = osprey()
         .args(["bench", "--engine"])
         .arg(&engine)

@@ -313,3 +313,55 @@ fn int8_gemm_engine_round_trips() {
         assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
     }
 }
+
+/// A channels-last engine (`osprey build --layout nhwc`) keeps its layout
+/// through the file: the convolutions are still channels-last when loaded,
+/// their tactics are the NHWC kernels, and outputs match the NCHW graph.
+#[test]
+fn channels_last_engine_round_trips() {
+    let mut g = model();
+    let x = data(8 * 144, 9);
+    let want = run(g.clone(), &[], &x);
+    let layout = passes::channels_last(&mut g);
+    assert_eq!((layout.converted, layout.transposes), (3, 2), "{layout:?}");
+    let (tactics, layers) = select_tactics(
+        &g,
+        1,
+        &mut TimingCache::default(),
+        &Fingerprint::current(),
+        &mut |_, _, _| {},
+    )
+    .expect("tune");
+    let names: Vec<&str> = layers.iter().map(|l| l.tactic.as_str()).collect();
+    assert_eq!(names, ["nhwc-gemm", "nhwc-depthwise", "nhwc-gemm"]);
+    let ef = EngineFile {
+        graph: g,
+        tactics,
+        fingerprint: Fingerprint::current(),
+        precision: Precision::Fp32,
+        build: serde_json::json!({}),
+    };
+    let bytes = file::to_bytes(&ef).unwrap();
+    let back = file::from_bytes(&bytes, Some(&Fingerprint::current()), "mem").unwrap();
+    let convs = back
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| matches!(&n.op, osprey_engine::ir::Op::Conv(a) if a.channels_last))
+        .count();
+    assert_eq!(convs, 3);
+    let got = run(back.graph, &back.tactics, &x);
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    // An NCHW tactic on a channels-last layer is refused with the reason.
+    let wrong: Vec<Option<String>> = ef
+        .tactics
+        .iter()
+        .map(|t| t.as_ref().map(|_| "pointwise-gemm/nc128".to_string()))
+        .collect();
+    let e = Engine::with_tactics(ef.graph.clone(), &wrong)
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("channels-last"), "{e}");
+}

@@ -108,6 +108,14 @@ fn run_allocates_nothing_after_warmup() {
     // depthwise) with an INT8 tensor between the depthwise and the
     // pointwise layer, and the INT8 Gemm.
     let mut graph8 = graph.clone();
+    // And the channels-last form (NHWC kernels, a layout transpose).
+    let mut graph_nhwc = graph.clone();
+    let layout = osprey_engine::passes::channels_last(&mut graph_nhwc);
+    assert!(
+        layout.converted >= 3 && layout.transposes >= 1,
+        "{layout:?}"
+    );
+    let engine_nhwc = Arc::new(Engine::new(graph_nhwc).expect("nhwc engine"));
     let layers = osprey_engine::int8::permit_int8(&mut graph8, &|_| Some(4.0 / 127.0), true);
     assert_eq!(layers.iter().filter(|l| l.fallback.is_none()).count(), 4);
     let engine8 = Arc::new(Engine::new(graph8).expect("int8 engine"));
@@ -141,4 +149,19 @@ fn run_allocates_nothing_after_warmup() {
     });
     assert_eq!(n, 0, "{n} allocations on the INT8 inference path");
     assert_eq!(ctx8.output("prob").expect("prob"), &first8[..]);
+
+    let mut ctx_nhwc = ExecutionContext::new(engine_nhwc, 2);
+    ctx_nhwc.set_input("x", &x).expect("input");
+    ctx_nhwc.run().expect("warm-up");
+    let n = osprey_engine::testing::allocations_in(|| {
+        for _ in 0..20 {
+            ctx_nhwc.set_input("x", &x).expect("input");
+            ctx_nhwc.run().expect("run");
+        }
+    });
+    assert_eq!(n, 0, "{n} allocations on the channels-last inference path");
+    let got = ctx_nhwc.output("prob").expect("prob");
+    for (a, b) in got.iter().zip(&first) {
+        assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
+    }
 }
