@@ -159,7 +159,7 @@ pub struct BuildArgs {
     #[arg(long)]
     pub json: bool,
     /// Internal tensor layout. `nchw` is ONNX's. `nhwc` runs convolutions,
-    /// element-wise ops, pooling and concatenations channels-last, with
+    /// element-wise ops, global pooling and concatenations channels-last, with
     /// layout conversions only where that region meets the rest of the graph
     /// (inputs and outputs keep their NCHW shapes). `auto` builds and times
     /// both and keeps the faster. INT8 engines run NCHW.

@@ -244,7 +244,7 @@ pub enum Op {
         /// Reduced axes (non-negative).
         axes: Vec<usize>,
     },
-    /// 2-D resize over the last two dimensions.
+    /// 2-D resize over the last two dimensions (NCHW), or the middle two.
     Resize {
         /// Interpolation.
         mode: ResizeMode,
@@ -252,6 +252,10 @@ pub enum Op {
         coord: CoordMode,
         /// Output/input scale (h, w).
         scales: [f32; 2],
+        /// Channels-last: resize dimensions 1 and 2 of `[n, h, w, c]`
+        /// (set by the layout pass).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        channels_last: bool,
     },
     /// A view with another shape (Reshape, Flatten, Squeeze, Unsqueeze,
     /// Identity, Dropout): no data moves.

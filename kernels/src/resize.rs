@@ -205,6 +205,51 @@ impl Resize2d {
         };
         pool.run(self.planes, &task);
     }
+
+    /// Resizes channels-last images: `x` is `[n, h, w, channels]`, `y`
+    /// `[n, oh, ow, channels]`, with `n · channels` the planes this resize
+    /// was prepared for. The arithmetic is [`Resize2d::run`]'s, term for
+    /// term, so results are identical; parallel over output rows.
+    pub fn run_channels_last(&self, pool: &ThreadPool, channels: usize, x: &[f32], y: &mut [f32]) {
+        let (h, w, oh, ow, c) = (self.h, self.w, self.oh, self.ow, channels);
+        assert!(
+            c > 0 && self.planes % c == 0,
+            "resize: channels do not divide the planes"
+        );
+        let n = self.planes / c;
+        assert!(x.len() >= n * h * w * c && y.len() >= n * oh * ow * c);
+        if h == 0 || w == 0 {
+            return;
+        }
+        let row = ow * c;
+        let y_ptr = SyncPtr::new(y);
+        let task = |t: usize, _slot: usize| {
+            let (b, oy) = (t / oh, t % oh);
+            let ty = self.ys[oy];
+            let xb = &x[b * h * w * c..(b + 1) * h * w * c];
+            let r0 = &xb[ty.i0 * w * c..(ty.i0 + 1) * w * c];
+            let r1 = &xb[ty.i1 * w * c..(ty.i1 + 1) * w * c];
+            // SAFETY: output row (b, oy) is written by this task alone.
+            let out = unsafe { std::slice::from_raw_parts_mut(y_ptr.add(t * row), row) };
+            for (o, tx) in out.chunks_exact_mut(c).zip(&self.xs) {
+                let a0 = &r0[tx.i0 * c..(tx.i0 + 1) * c];
+                if self.nearest {
+                    o.copy_from_slice(a0);
+                    continue;
+                }
+                let a1 = &r0[tx.i1 * c..(tx.i1 + 1) * c];
+                let b0 = &r1[tx.i0 * c..(tx.i0 + 1) * c];
+                let b1 = &r1[tx.i1 * c..(tx.i1 + 1) * c];
+                for (k, v) in o.iter_mut().enumerate() {
+                    *v = a0[k] * tx.w0 * ty.w0
+                        + a1[k] * tx.w1 * ty.w0
+                        + b0[k] * tx.w0 * ty.w1
+                        + b1[k] * tx.w1 * ty.w1;
+                }
+            }
+        };
+        pool.run(n * oh, &task);
+    }
 }
 
 #[cfg(test)]
@@ -291,5 +336,44 @@ mod tests {
         );
         let idx: Vec<usize> = taps.iter().map(|t| t.i0).collect();
         assert_eq!(idx, vec![0, 1, 1, 2, 2, 3, 3, 3]);
+    }
+
+    #[test]
+    fn channels_last_gives_the_same_values() {
+        let (n, c, h, w) = (2, 5, 4, 6);
+        let x: Vec<f32> = (0..n * c * h * w)
+            .map(|i| ((i * 37) % 101) as f32 / 7.0)
+            .collect();
+        let pool = ThreadPool::new(3);
+        for mode in [ResizeMode::Linear, ResizeMode::Nearest(NearestMode::Floor)] {
+            let r = Resize2d::new(
+                n * c,
+                (h, w),
+                (7, 9),
+                (1.75, 1.5),
+                mode,
+                CoordMode::HalfPixel,
+            );
+            let mut y = vec![0.0; n * c * 63];
+            r.run(&pool, &x, &mut y);
+            // NCHW → NHWC, resize, and compare element by element.
+            let mut xl = vec![0.0; x.len()];
+            for b in 0..n {
+                for ch in 0..c {
+                    for p in 0..h * w {
+                        xl[(b * h * w + p) * c + ch] = x[(b * c + ch) * h * w + p];
+                    }
+                }
+            }
+            let mut yl = vec![0.0; y.len()];
+            r.run_channels_last(&pool, c, &xl, &mut yl);
+            for b in 0..n {
+                for ch in 0..c {
+                    for p in 0..63 {
+                        assert_eq!(yl[(b * 63 + p) * c + ch], y[(b * c + ch) * 63 + p]);
+                    }
+                }
+            }
+        }
     }
 }

@@ -102,6 +102,8 @@ enum Kind {
         reduce: Vec<bool>,
     },
     Resize(Resize2d),
+    /// Channels-last resize: the tables, and the channel count.
+    ResizeNhwc(Resize2d, usize),
     /// `out = packed · view(runtime input)`, optionally computed transposed in
     /// scratch first, plus an optional full-size addend.
     Gemm {
@@ -363,6 +365,7 @@ impl Engine {
             Kind::GlobalAverage { .. } => "GlobalAveragePool".into(),
             Kind::ReduceMean { .. } => "ReduceMean".into(),
             Kind::Resize(_) => "Resize".into(),
+            Kind::ResizeNhwc(..) => "Resize nhwc".into(),
             Kind::Gemm { .. } => "Gemm".into(),
             Kind::QGemm { layer, m } => format!(
                 "Gemm int8 {}x{}->{} x-scale {:.3e}",

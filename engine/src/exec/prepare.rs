@@ -331,14 +331,24 @@ impl Builder<'_> {
                 mode,
                 coord,
                 scales,
-            } => Kind::Resize(Resize2d::new(
-                xs[0] * xs[1],
-                (xs[2], xs[3]),
-                (ys[2], ys[3]),
-                (scales[0], scales[1]),
-                *mode,
-                *coord,
-            )),
+                channels_last,
+            } => {
+                // (n, c, h, w, oh, ow) whichever the layout.
+                let (c, h, w) = if *channels_last { (3, 1, 2) } else { (1, 2, 3) };
+                let r = Resize2d::new(
+                    xs[0] * xs[c],
+                    (xs[h], xs[w]),
+                    (ys[h], ys[w]),
+                    (scales[0], scales[1]),
+                    *mode,
+                    *coord,
+                );
+                if *channels_last {
+                    Kind::ResizeNhwc(r, xs[3])
+                } else {
+                    Kind::Resize(r)
+                }
+            }
             Op::Gemm {
                 alpha,
                 beta,

@@ -152,6 +152,7 @@ pub(super) fn run_step(
         Kind::GlobalAverage { planes, len } => pooling::global_average(pool, *planes, *len, x, y),
         Kind::ReduceMean { shape, reduce } => pooling::reduce_mean(shape, reduce, x, y),
         Kind::Resize(r) => r.run(pool, x, y),
+        Kind::ResizeNhwc(r, c) => r.run_channels_last(pool, *c, x, y),
         Kind::Gemm {
             packed,
             input: which,

@@ -11,7 +11,9 @@
 //!   [`ConvAttrs::channels_last`](crate::ir::ConvAttrs::channels_last);
 //! * element-wise `Unary`, and `Binary` whose other operand is 4-D at run
 //!   time or a per-channel / scalar constant (permuted here);
-//! * `GlobalAveragePool` → `ReduceMean` over the spatial axes;
+//! * `GlobalAveragePool`, and `ReduceMean` over H and W keeping them, →
+//!   `ReduceMean` over the channels-last spatial axes;
+//! * `Resize` → the same resize of the middle two dimensions;
 //! * `Concat` along channels → along the last axis.
 //!
 //! Element-wise ops and concatenations are converted only where one of their
@@ -248,6 +250,23 @@ fn convertible(g: &Graph, node: &Node, twin: &HashMap<TensorId, TensorId>) -> Op
             ok.then(|| node.op.clone())
         }
         Op::GlobalAveragePool if any_nhwc && rank4(x) => Some(Op::ReduceMean { axes: vec![1, 2] }),
+        // The spatial mean with kept dimensions (how TF exports squeeze-excitation).
+        Op::ReduceMean { axes }
+            if any_nhwc && rank4(x) && axes[..] == [2, 3] && g.tensors[y].shape.len() == 4 =>
+        {
+            Some(Op::ReduceMean { axes: vec![1, 2] })
+        }
+        Op::Resize {
+            mode,
+            coord,
+            scales,
+            channels_last: false,
+        } if any_nhwc && rank4(x) => Some(Op::Resize {
+            mode: *mode,
+            coord: *coord,
+            scales: *scales,
+            channels_last: true,
+        }),
         Op::Concat { axis: 1 } if any_nhwc && node.inputs.iter().all(|&t| rank4(t)) => {
             Some(Op::Concat { axis: 3 })
         }
@@ -258,7 +277,7 @@ fn convertible(g: &Graph, node: &Node, twin: &HashMap<TensorId, TensorId>) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::onnx::builder::{attr_i, attr_ints, ModelBuilder};
+    use crate::onnx::builder::{attr_i, attr_ints, attr_s, ModelBuilder};
     use crate::passes::test_util::*;
     use crate::passes::{fuse_activation, fuse_residual, recognize_activations};
 
@@ -405,19 +424,34 @@ mod tests {
     }
 
     #[test]
-    fn channel_concat_becomes_last_axis_concat() {
+    fn channel_concat_and_resize_stay_channels_last() {
         let mut m = ModelBuilder::new(13);
         m.input("x", &[1, 3, 7, 5]);
         conv(&mut m, "a", "x", 3, 5, 3, 1, "a");
         conv(&mut m, "b", "x", 3, 6, 1, 1, "b");
         m.node("Concat", &["a", "b", "x"], &["c"], vec![attr_i("axis", 1)]);
-        conv(&mut m, "c", "c", 14, 4, 3, 1, "y");
+        m.init_i64("sizes", &[4], &[1, 14, 11, 8]);
+        m.node(
+            "Resize",
+            &["c", "", "", "sizes"],
+            &["up"],
+            vec![attr_s("mode", "linear")],
+        );
+        conv(&mut m, "c", "up", 14, 4, 3, 1, "y");
         m.output("y");
         let (ops, r) = check(&m, 105);
         assert_eq!(
             ops,
-            ["Transpose", "Conv", "Conv", "Concat", "Conv", "Transpose"]
+            [
+                "Transpose",
+                "Conv",
+                "Conv",
+                "Concat",
+                "Resize",
+                "Conv",
+                "Transpose"
+            ]
         );
-        assert_eq!((r.converted, r.transposes), (4, 2));
+        assert_eq!((r.converted, r.transposes), (5, 2));
     }
 }

@@ -324,6 +324,7 @@ pub(super) fn lower_resize(a: &Attrs<'_>, ins: &Ins<'_>, op_type: &str, opset: i
             mode,
             coord,
             scales: [sc[2], sc[3]],
+            channels_last: false,
         },
         vec![ins.id(0)?],
         vec![out],
