@@ -3,7 +3,8 @@
 # iteration counts, in one run:
 #   * osprey from ONNX (imported and fused now, default tactics),
 #   * osprey from an engine built by `osprey build` for that thread count
-#     (tactics timed on this machine, shared timing cache in bench-out/),
+#     (tactics timed on this machine, shared timing cache in bench-out/; the
+#     build's --layout auto picks NCHW or channels-last, shown per row),
 #   * onnxruntime (graph optimisations ORT_ENABLE_ALL).
 # Prints a markdown table; ratio = osprey engine median / onnxruntime median
 # (< 1 means osprey is faster). Shared machines drift (we have seen the same
@@ -52,8 +53,8 @@ order="efficientnet_lite0 centernet_mbv3_coco_512 ppocr_cls_v2 ppocr_det_v4"
 
 out="$root/bench-out"
 mkdir -p "$out"
-echo "| model | threads | osprey onnx median ms | osprey engine median ms | onnxruntime median ms | ratio engine/ort (median of per-round ratios) | engine p99 ms | ort p99 ms |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| model | threads | osprey onnx median ms | osprey engine median ms | engine layout | onnxruntime median ms | ratio engine/ort (median of per-round ratios) | engine p99 ms | ort p99 ms |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for m in $order; do
   f="$models/$m.onnx"
   [ -f "$f" ] || { echo "| $m | - | missing | | | | |"; continue; }
@@ -69,14 +70,15 @@ for m in $order; do
       e="$e$("$osprey" bench --engine "$eng" --threads "$t" --iterations "$per" --warmup 3 --json)"$'\n'
       r="$r$("$venv/bin/python" "$root/scripts/ort_bench.py" --onnx "$f" "${sh_args[@]}" --threads "$t" --iterations "$per" --warmup 3)"$'\n'
     done
-    "$venv/bin/python" - "$m" "$t" "$o" "$e" "$r" <<'PY'
+    "$venv/bin/python" - "$m" "$t" "$o" "$e" "$r" "$out/$m-t$t.build.json" <<'PY'
 import json, statistics, sys
 m, t = sys.argv[1], sys.argv[2]
 runs = [[json.loads(l) for l in a.splitlines() if l.strip()] for a in sys.argv[3:6]]
+layout = json.load(open(sys.argv[6])).get("layout", {}).get("layout", "?")
 med = lambda rs, k: statistics.median(x["latency_ms"][k] for x in rs)
 om, em, rm = med(runs[0], "median"), med(runs[1], "median"), med(runs[2], "median")
 ratio = statistics.median(e["latency_ms"]["median"] / r["latency_ms"]["median"] for e, r in zip(runs[1], runs[2]))
-print(f"| {m} | {t} | {om:.2f} | {em:.2f} | {rm:.2f} | {ratio:.2f} | {med(runs[1], 'p99'):.2f} | {med(runs[2], 'p99'):.2f} |")
+print(f"| {m} | {t} | {om:.2f} | {em:.2f} | {layout} | {rm:.2f} | {ratio:.2f} | {med(runs[1], 'p99'):.2f} | {med(runs[2], 'p99'):.2f} |")
 PY
   done
 done
