@@ -540,6 +540,42 @@ fn gemm_matmul_softmax() {
     assert_close(&outs[3], &rr, 1e-4);
 }
 
+/// A one-row `Gemm` (a classifier head at batch 1) runs as a matrix-vector
+/// product: both weight orientations, alpha, beta and a per-column bias.
+#[test]
+fn one_row_gemm_is_a_matrix_vector_product() {
+    let (k, n) = (37, 21);
+    let a = data(k, 21);
+    let b = data(n * k, 22);
+    let c = data(n, 23);
+    let bt: Vec<f32> = (0..k * n).map(|i| b[(i % n) * k + i / n]).collect();
+    for trans_b in [1, 0] {
+        let mut m = ModelBuilder::new(13);
+        m.input("x", &[1, k as i64]).init_f32("c", &[n], &c);
+        if trans_b == 1 {
+            m.init_f32("b", &[n, k], &b);
+        } else {
+            m.init_f32("b", &[k, n], &bt);
+        }
+        m.node(
+            "Gemm",
+            &["x", "b", "c"],
+            &["y"],
+            vec![
+                attr_i("transB", trans_b),
+                attr_f("alpha", 0.5),
+                attr_f("beta", 2.0),
+            ],
+        );
+        m.output("y");
+        let y = run1(&m, &a);
+        let want: Vec<f32> = (0..n)
+            .map(|j| 0.5 * (0..k).map(|t| a[t] * b[j * k + t]).sum::<f32>() + 2.0 * c[j])
+            .collect();
+        assert_close(&y, &want, 1e-5);
+    }
+}
+
 #[test]
 fn softmax_axis_semantics_differ_by_opset() {
     let x = data(2 * 3 * 4, 16);

@@ -220,70 +220,88 @@ impl Conv2dNhwc {
             let q0 = ci * per_chunk;
             let q1 = (q0 + per_chunk).min(n_panels);
             let mut rows = [[zeros; MR]; MAX_TAPS];
-            for q in q0..q1 {
-                let wp = &panels[q * k * NR..(q + 1) * k * NR];
+            // Points `rows` at the A rows of pixels p..p+n_rows; returns the
+            // taps the tile reads.
+            let setup = |p: usize, n_rows: usize, rows: &mut [[*const f32; MR]; MAX_TAPS]| {
+                if pointwise {
+                    for (r, slot) in rows[0].iter_mut().enumerate() {
+                        *slot = if r < n_rows {
+                            x[(p + r) * cin..(p + r + 1) * cin].as_ptr()
+                        } else {
+                            zeros
+                        };
+                    }
+                    return 1;
+                }
+                let (mut oy, mut ox) = (p / self.ow, p % self.ow);
+                for r in 0..MR {
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            let px = (r < n_rows)
+                                .then(|| self.tap_pixel(oy, ox, ky, kx))
+                                .flatten();
+                            rows[ky * g.kw + kx][r] = match px {
+                                Some(px) => x[px * cin..(px + 1) * cin].as_ptr(),
+                                None => zeros,
+                            };
+                        }
+                    }
+                    ox += 1;
+                    if ox == self.ow {
+                        (oy, ox) = (oy + 1, 0);
+                    }
+                }
+                taps
+            };
+            let compute = |q: usize, p: usize, n_rows: usize, rows: &[[*const f32; MR]]| {
                 let c0 = q * NR;
                 let cols = (cout - c0).min(NR);
-                let mut p = p0;
-                while p < p1 {
+                let out = Tile {
+                    rows,
+                    cin,
+                    w: &panels[q * k * NR..(q + 1) * k * NR],
+                    bias: &self.bias[c0..c0 + NR],
+                    res: res.map(|r| &r[p * cout + c0..]),
+                    ldc: cout,
+                    n_rows,
+                    cols,
+                    clamp,
+                };
+                // SAFETY: this task alone writes pixels p..p+n_rows of
+                // channels c0..c0+cols (disjoint (pixel block × panel
+                // chunk) regions per task); the assert in `run` bounds
+                // them inside `y`.
+                let dst = unsafe { y_ptr.add(p * cout + c0) };
+                out.compute(isa, dst);
+                if clamp.is_none() {
+                    for r in 0..n_rows {
+                        // SAFETY: as above, the row's `cols` values belong
+                        // to this task.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(y_ptr.add((p + r) * cout + c0), cols)
+                        };
+                        self.act.apply_slice(row);
+                    }
+                }
+            };
+            // Small weights (all of this task's panels fit in L1/L2): set a
+            // tile's rows up once and sweep the panels; otherwise keep one
+            // panel hot and sweep the tiles.
+            if (q1 - q0) * k * NR * 4 <= 64 * 1024 {
+                for p in (p0..p1).step_by(MR) {
                     let n_rows = (p1 - p).min(MR);
-                    if pointwise {
-                        for (r, slot) in rows[0].iter_mut().enumerate() {
-                            *slot = if r < n_rows {
-                                x[(p + r) * cin..(p + r + 1) * cin].as_ptr()
-                            } else {
-                                zeros
-                            };
-                        }
-                    } else {
-                        let (mut oy, mut ox) = (p / self.ow, p % self.ow);
-                        for r in 0..MR {
-                            for ky in 0..g.kh {
-                                for kx in 0..g.kw {
-                                    let src = match (r < n_rows)
-                                        .then(|| self.tap_pixel(oy, ox, ky, kx))
-                                        .flatten()
-                                    {
-                                        Some(px) => x[px * cin..(px + 1) * cin].as_ptr(),
-                                        None => zeros,
-                                    };
-                                    rows[ky * g.kw + kx][r] = src;
-                                }
-                            }
-                            ox += 1;
-                            if ox == self.ow {
-                                (oy, ox) = (oy + 1, 0);
-                            }
-                        }
+                    let nt = setup(p, n_rows, &mut rows);
+                    for q in q0..q1 {
+                        compute(q, p, n_rows, &rows[..nt]);
                     }
-                    let out = Tile {
-                        rows: &rows[..taps],
-                        cin,
-                        w: wp,
-                        bias: &self.bias[c0..c0 + NR],
-                        res: res.map(|r| &r[p * cout + c0..]),
-                        ldc: cout,
-                        n_rows,
-                        cols,
-                        clamp,
-                    };
-                    // SAFETY: this task alone writes pixels p..p+n_rows of
-                    // channels c0..c0+cols (disjoint (pixel block × panel
-                    // chunk) regions per task); the assert in `run` bounds
-                    // them inside `y`.
-                    let dst = unsafe { y_ptr.add(p * cout + c0) };
-                    out.compute(isa, dst);
-                    if clamp.is_none() {
-                        for r in 0..n_rows {
-                            // SAFETY: as above, the row's `cols` values
-                            // belong to this task.
-                            let row = unsafe {
-                                std::slice::from_raw_parts_mut(y_ptr.add((p + r) * cout + c0), cols)
-                            };
-                            self.act.apply_slice(row);
-                        }
+                }
+            } else {
+                for q in q0..q1 {
+                    for p in (p0..p1).step_by(MR) {
+                        let n_rows = (p1 - p).min(MR);
+                        let nt = setup(p, n_rows, &mut rows);
+                        compute(q, p, n_rows, &rows[..nt]);
                     }
-                    p += MR;
                 }
             }
         };
@@ -746,6 +764,7 @@ mod tests {
             (96, 24, 9, 1, 1, 0, 1),   // pointwise project, c_out not a panel multiple
             (3, 32, 15, 3, 2, 1, 1),   // stem: 3 channels, stride 2, padded
             (40, 19, 7, 3, 1, 1, 1),   // 3x3, odd channel counts
+            (64, 48, 6, 3, 1, 1, 1),   // weights too big to sweep per tile
             (24, 24, 13, 3, 1, 1, 24), // depthwise 3x3
             (40, 40, 14, 5, 2, 2, 40), // depthwise 5x5 stride 2
             (13, 13, 6, 3, 2, 0, 13),  // depthwise, channels not a vector multiple, no pad

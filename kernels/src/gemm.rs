@@ -760,6 +760,76 @@ fn pack_b_im2col(v: &Im2colRef<'_>, k0: usize, kc: usize, n0: usize, n1: usize, 
     }
 }
 
+/// Matrix-vector product `y[i] = Σ_k w[i·k_len + k]·x[k] + bias[i]` for a
+/// row-major `[n, k_len]` matrix: the one-row case of a fully connected
+/// layer, which the 6×16 GEMM tile would run at 1/16 of its width. Rows are
+/// split across the pool; each is a dot product with 32 partial sums.
+///
+/// # Panics
+/// If a buffer is shorter than the shape needs (validated when prepared).
+pub fn gemv(
+    pool: &ThreadPool,
+    w: &[f32],
+    k_len: usize,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let n = y.len();
+    assert!(w.len() >= n * k_len && x.len() >= k_len && bias.is_none_or(|b| b.len() >= n));
+    let isa = isa::active();
+    let chunk = n.div_ceil(pool.threads() * 4).max(1);
+    let y_ptr = SyncPtr::new(y);
+    let task = |t: usize, _slot: usize| {
+        let r0 = t * chunk;
+        let r1 = (r0 + chunk).min(n);
+        for i in r0..r1 {
+            let row = &w[i * k_len..(i + 1) * k_len];
+            let d = match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: Avx2Fma is active only when the CPU has AVX2 and FMA.
+                Isa::Avx2Fma => unsafe { dot_avx2(row, &x[..k_len]) },
+                _ => dot_body::<{ cfg!(target_arch = "aarch64") }>(row, &x[..k_len]),
+            };
+            // SAFETY: row i is written by this task alone; i < n = y.len().
+            unsafe { *y_ptr.add(i) = d + bias.map_or(0.0, |b| b[i]) };
+        }
+    };
+    pool.run(n.div_ceil(chunk), &task);
+}
+
+/// Dot product with 32 independent partial sums (vectorised by LLVM).
+#[inline(always)]
+fn dot_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 32];
+    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..32 {
+            acc[l] = if FMA {
+                x[l].mul_add(y[l], acc[l])
+            } else {
+                acc[l] + x[l] * y[l]
+            };
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// [`dot_body`] compiled for AVX2 + FMA.
+///
+/// # Safety
+/// AVX2 and FMA must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_body::<true>(a, b)
+}
+
 /// Scalar reference: `C[i, j] = act(Σ_k A(i,k)·B(k,j) + bias[i] (+ C))`, accumulated in f64.
 #[allow(clippy::too_many_arguments)]
 pub fn reference_sgemm(
@@ -790,6 +860,35 @@ pub fn reference_sgemm(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn gemv_matches_the_reference() {
+        for (n, k) in [(1000usize, 1280usize), (7, 33), (3, 5), (1, 64)] {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let x: Vec<f32> = (0..k)
+                .map(|i| ((i * 104729) % 997) as f32 / 498.0 - 1.0)
+                .collect();
+            let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+            for threads in [1, 3] {
+                let mut y = vec![0.0; n];
+                gemv(&ThreadPool::new(threads), &w, k, &x, Some(&b), &mut y);
+                for i in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|j| w[i * k + j] as f64 * x[j] as f64)
+                        .sum::<f64>()
+                        + b[i] as f64;
+                    assert!(
+                        (y[i] as f64 - want).abs() < 1e-3 * (1.0 + want.abs()),
+                        "{n}x{k} row {i}: {} vs {want}",
+                        y[i]
+                    );
+                }
+            }
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 

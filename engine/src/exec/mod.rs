@@ -116,6 +116,12 @@ enum Kind {
         bias: Option<Vec<f32>>,
         post_add: Option<Vec<f32>>,
     },
+    /// A one-row `Gemm`: `y = w·x + bias` with `w` row-major `[n, k]`.
+    Gemv {
+        w: Vec<f32>,
+        k: usize,
+        bias: Option<Vec<f32>>,
+    },
     MatMulRuntime {
         m: usize,
         k: usize,
@@ -367,6 +373,7 @@ impl Engine {
             Kind::Resize(_) => "Resize".into(),
             Kind::ResizeNhwc(..) => "Resize nhwc".into(),
             Kind::Gemm { .. } => "Gemm".into(),
+            Kind::Gemv { w, k, .. } => format!("Gemm gemv {k}->{}", w.len() / (*k).max(1)),
             Kind::QGemm { layer, m } => format!(
                 "Gemm int8 {}x{}->{} x-scale {:.3e}",
                 m,

@@ -411,6 +411,15 @@ impl Builder<'_> {
                         }
                     }
                 };
+                if m == 1 && !*trans_a && post_add.is_none() {
+                    // One row: a matrix-vector product over row-major weights.
+                    let rows = if *trans_b {
+                        scaled
+                    } else {
+                        (0..n * k).map(|i| scaled[(i % k) * n + i / k]).collect()
+                    };
+                    return Ok(Kind::Gemv { w: rows, k, bias });
+                }
                 Kind::Gemm {
                     packed,
                     input: 0,

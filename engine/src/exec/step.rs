@@ -192,6 +192,7 @@ pub(super) fn run_step(
                 y.iter_mut().zip(add).for_each(|(v, a)| *v += a);
             }
         }
+        Kind::Gemv { w, k, bias } => gemm::gemv(pool, w, *k, x, bias.as_deref(), y),
         Kind::MatMulRuntime { m, k, n } => {
             let b = io.read(input(1)?)?;
             for i in 0..*m {
