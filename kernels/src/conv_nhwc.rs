@@ -342,7 +342,6 @@ impl Conv2dNhwc {
     ) {
         let g = &self.g;
         let c = g.c_out;
-        let all = g.kh * g.kw;
         let clamp = crate::gemm::in_register_clamp(self.act);
         let mut taps = [(0usize, 0usize); MAX_TAPS];
         let taps_of = |ox: usize, taps: &mut [(usize, usize); MAX_TAPS]| {
@@ -357,15 +356,29 @@ impl Conv2dNhwc {
             }
             n
         };
+        // A pixel is interior when every column of its window is inside
+        // the input; the taps of interior pixels of one row differ only by
+        // a shift, so they are computed once and moved along.
+        let (sx, pl, span) = (g.stride[1], g.pads[1], (g.kw - 1) * g.dilation[1]);
+        let interior = |ox: usize| ox * sx >= pl && ox * sx - pl + span < g.w;
+        let mut n = 0;
+        let mut at: Option<usize> = None;
         let mut ox = 0;
         while ox < self.ow {
-            let n = taps_of(ox, &mut taps);
-            // Two neighbours whose taps are all inside the input share the
-            // weight loads (AVX2); they are `stride · c` floats apart.
-            let pair = n == all
-                && ox + 1 < self.ow
-                && self.tap_pixel(oy, ox + 1, g.kh - 1, g.kw - 1).is_some()
-                && self.tap_pixel(oy, ox + 1, 0, 0).is_some();
+            match at {
+                Some(prev) if interior(ox) => {
+                    let shift = (ox - prev) * sx * c;
+                    taps[..n].iter_mut().for_each(|t| t.0 += shift);
+                    at = Some(ox);
+                }
+                _ => {
+                    n = taps_of(ox, &mut taps);
+                    at = interior(ox).then_some(ox);
+                }
+            }
+            // Two interior neighbours share the weight loads (AVX2); they
+            // are `stride · c` floats apart.
+            let pair = at.is_some() && ox + 1 < self.ow && interior(ox + 1);
             let px = if pair { 2 } else { 1 };
             let out = &mut y[ox * c..(ox + px) * c];
             let r = res.map(|r| &r[ox * c..(ox + px) * c]);
@@ -398,12 +411,8 @@ impl Conv2dNhwc {
                 },
                 _ => {
                     for p in 0..px {
-                        let step = p * g.stride[1] * c;
-                        for t in &mut taps[..n] {
-                            t.0 += step;
-                        }
                         depthwise_pixel_body::<{ cfg!(target_arch = "aarch64") }>(
-                            x,
+                            &x[p * sx * c..],
                             w,
                             &taps[..n],
                             &self.bias[..c],
