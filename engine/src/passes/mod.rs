@@ -12,6 +12,7 @@
 mod cancel_transposes;
 mod channels_last;
 mod dead_nodes;
+mod fold_affine;
 mod fold_batchnorm;
 mod fuse_activation;
 mod fuse_residual;
@@ -22,6 +23,7 @@ mod remove_identities;
 pub use cancel_transposes::cancel_transposes;
 pub use channels_last::{channels_last, LayoutReport};
 pub use dead_nodes::eliminate_dead_nodes;
+pub use fold_affine::fold_affine;
 pub use fold_batchnorm::fold_batchnorm;
 pub use fuse_activation::fuse_activation;
 pub use fuse_residual::fuse_residual;
@@ -45,11 +47,12 @@ pub type Pass = fn(&mut Graph) -> usize;
 
 /// The default pipeline, in order. Returns what each pass did.
 pub fn optimize(g: &mut Graph) -> Vec<PassReport> {
-    let passes: [(&'static str, Pass); 8] = [
+    let passes: [(&'static str, Pass); 9] = [
         ("remove_identities", remove_identities),
         ("cancel_transposes", cancel_transposes),
         ("eliminate_dead_nodes", eliminate_dead_nodes),
         ("fold_batchnorm", fold_batchnorm),
+        ("fold_affine", fold_affine),
         ("fuse_residual", fuse_residual),
         ("recognize_activations", recognize_activations),
         ("fuse_activation", fuse_activation),

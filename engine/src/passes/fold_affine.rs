@@ -1,0 +1,205 @@
+//! A constant scale or shift right after a convolution folded into its
+//! weights and bias: `conv(x, W) · s = conv(x, W·s)` with bias `b·s`, and
+//! `conv(x, W) + t` has bias `b + t`, for `s`, `t` scalars or one value per
+//! output channel (`[c, 1, 1]`, `[1, c, 1, 1]`). PP-OCR's "learnable affine
+//! blocks" write exactly this after every convolution.
+
+use super::{consumers, is_output, remove_nodes};
+use crate::ir::{ConstData, DType, Graph, Op, Tensor};
+use osprey_kernels::eltwise::BinaryOp;
+use osprey_kernels::Activation;
+
+/// Folds every foldable `Conv → Mul/Add/Sub/Div(constant)`. Returns how many.
+pub fn fold_affine(g: &mut Graph) -> usize {
+    let mut folded = 0;
+    // Chains (Mul then Add) fold one link per sweep.
+    loop {
+        let n = fold_once(g);
+        if n == 0 {
+            return folded;
+        }
+        folded += n;
+    }
+}
+
+fn fold_once(g: &mut Graph) -> usize {
+    let mut folded = 0;
+    let mut dead = vec![false; g.nodes.len()];
+    let cons = consumers(g);
+    for ci in 0..g.nodes.len() {
+        let Op::Conv(attrs) = g.nodes[ci].op else {
+            continue;
+        };
+        // Preconditions: a plain convolution (no fused activation or
+        // residual; NCHW), read only by one element-wise op with a
+        // constant, not a graph output, weights and bias constant.
+        if attrs.residual
+            || attrs.activation != Activation::None
+            || attrs.channels_last
+            || attrs.int8_input_scale.is_some()
+            || dead[ci]
+        {
+            continue;
+        }
+        let y = g.nodes[ci].outputs[0];
+        if cons[y].len() != 1 || is_output(g, y) {
+            continue;
+        }
+        let ei = cons[y][0];
+        let Op::Binary(op) = g.nodes[ei].op else {
+            continue;
+        };
+        let e = &g.nodes[ei];
+        let (other, conv_first) = match (e.inputs[0] == y, e.inputs[1] == y) {
+            (true, false) => (e.inputs[1], true),
+            (false, true) => (e.inputs[0], false),
+            _ => continue,
+        };
+        // Sub and Div only with the convolution on the left.
+        let op = match (op, conv_first) {
+            (BinaryOp::Mul | BinaryOp::Add, _) => op,
+            (BinaryOp::Sub | BinaryOp::Div, true) => op,
+            _ => continue,
+        };
+        let Some(ConstData::F32(k)) = g.tensors[other].value.clone() else {
+            continue;
+        };
+        let c_out = g.tensors[g.nodes[ci].inputs[1]].shape[0];
+        let ks = &g.tensors[other].shape;
+        let per_channel = {
+            let mut s4 = vec![1usize; 4usize.saturating_sub(ks.len())];
+            s4.extend_from_slice(ks);
+            ks.len() <= 4 && s4 == [1, c_out, 1, 1]
+        };
+        if !(k.len() == 1 || per_channel) || g.tensors[e.outputs[0]].shape != g.tensors[y].shape {
+            continue;
+        }
+        let at = |co: usize| if k.len() == 1 { k[0] } else { k[co] };
+        let conv = &g.nodes[ci];
+        let Some(ConstData::F32(mut w)) = g.tensors[conv.inputs[1]].value.clone() else {
+            continue;
+        };
+        let mut b = match conv.inputs.get(2) {
+            Some(&t) => match &g.tensors[t].value {
+                Some(v) => v.to_f32(),
+                None => continue,
+            },
+            None => vec![0.0; c_out],
+        };
+        let per = w.len() / c_out.max(1);
+        for co in 0..c_out {
+            let v = at(co);
+            match op {
+                BinaryOp::Mul | BinaryOp::Div => {
+                    let s = if op == BinaryOp::Mul { v } else { 1.0 / v };
+                    w[co * per..(co + 1) * per].iter_mut().for_each(|x| *x *= s);
+                    b[co] *= s;
+                }
+                BinaryOp::Add => b[co] += v,
+                _ => b[co] -= v,
+            }
+        }
+        let name = g.nodes[ci].name.clone();
+        let wshape = g.tensors[g.nodes[ci].inputs[1]].shape.clone();
+        let w_id = g.add_tensor(Tensor {
+            name: format!("{name}:w_affine"),
+            shape: wshape,
+            dtype: DType::F32,
+            value: Some(ConstData::F32(w)),
+        });
+        let b_id = g.add_tensor(Tensor {
+            name: format!("{name}:b_affine"),
+            shape: vec![c_out],
+            dtype: DType::F32,
+            value: Some(ConstData::F32(b)),
+        });
+        let out = g.nodes[ei].outputs[0];
+        let onnx = g.nodes[ei].onnx_op.clone();
+        let conv = &mut g.nodes[ci];
+        conv.inputs.truncate(1);
+        conv.inputs.push(w_id);
+        conv.inputs.push(b_id);
+        conv.outputs[0] = out;
+        conv.onnx_op = format!("{}+{onnx}", conv.onnx_op);
+        dead[ei] = true;
+        folded += 1;
+    }
+    // The folded element-wise node comes after its convolution; moving the
+    // convolution's output to the element-wise output keeps the order valid
+    // because nothing between them could read it (single consumer).
+    remove_nodes(g, &dead);
+    folded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::builder::{attr_ints, ModelBuilder};
+    use crate::passes::test_util::*;
+
+    fn model(k_shape: &[usize], ops: &[&str], extra_reader: bool) -> ModelBuilder {
+        let mut m = ModelBuilder::new(13);
+        m.input("x", &[1, 3, 6, 6]);
+        m.init_f32("w", &[4, 3, 3, 3], &data(108, 1));
+        m.init_f32("b", &[4], &data(4, 2));
+        m.node(
+            "Conv",
+            &["x", "w", "b"],
+            &["c0"],
+            vec![attr_ints("pads", &[1, 1, 1, 1])],
+        );
+        let n: usize = k_shape.iter().product();
+        for (i, op) in ops.iter().enumerate() {
+            let k = format!("k{i}");
+            let vals: Vec<f32> = data(n, 10 + i as u64).iter().map(|v| v + 1.5).collect();
+            m.init_f32(&k, k_shape, &vals);
+            m.node(
+                op,
+                &[&format!("c{i}"), &k],
+                &[&format!("c{}", i + 1)],
+                vec![],
+            );
+        }
+        m.node("Relu", &[&format!("c{}", ops.len())], &["y"], vec![]);
+        m.output("y");
+        if extra_reader {
+            m.node("Neg", &["c0"], &["z"], vec![]);
+            m.output("z");
+        }
+        m
+    }
+
+    #[test]
+    fn scalar_and_per_channel_chains_fold_into_the_convolution() {
+        for k_shape in [&[1usize][..], &[4, 1, 1], &[1, 4, 1, 1]] {
+            let mut g = import(&model(k_shape, &["Mul", "Add", "Div", "Sub"], false));
+            assert_eq!(ops(&g), ["Conv", "Mul", "Add", "Div", "Sub", "Relu"]);
+            let x = data(108, 3);
+            let before = run(g.clone(), &x);
+            assert_eq!(fold_affine(&mut g), 4);
+            assert_eq!(ops(&g), ["Conv", "Relu"]);
+            assert_same(&run(g, &x), &before);
+        }
+    }
+
+    #[test]
+    fn preconditions_that_fail_leave_the_graph_alone() {
+        // The convolution's output has a second reader.
+        let mut g = import(&model(&[1], &["Mul"], true));
+        assert_eq!(fold_affine(&mut g), 0);
+        // A spatially varying constant is not an affine of the channels.
+        let mut g = import(&model(&[1, 1, 6, 6], &["Add"], false));
+        assert_eq!(fold_affine(&mut g), 0);
+        // k / conv is not a scale of the convolution.
+        let mut m = ModelBuilder::new(13);
+        m.input("x", &[1, 3, 6, 6]);
+        m.init_f32("w", &[4, 3, 1, 1], &data(12, 1));
+        m.init_f32("k", &[1], &[2.0]);
+        m.node("Conv", &["x", "w"], &["c"], vec![]);
+        m.node("Div", &["k", "c"], &["y"], vec![]);
+        m.output("y");
+        let mut g = import(&m);
+        assert_eq!(fold_affine(&mut g), 0);
+        assert_eq!(ops(&g), ["Conv", "Div"]);
+    }
+}
