@@ -85,7 +85,7 @@ fn hardswish_from_clip(g: &mut Graph, cons: &[Vec<usize>], dead: &mut [bool]) ->
         };
         // The final scaling: `/ 6` or `· (1/6)`.
         let m = match (&g.nodes[di].op, scalar(g, b), scalar(g, a)) {
-            (Op::Binary(BinaryOp::Div), Some(k), _) if k == 6.0 => a,
+            (Op::Binary(BinaryOp::Div), Some(6.0), _) => a,
             (Op::Binary(BinaryOp::Mul), Some(k), _) if (k - 1.0 / 6.0).abs() < 1e-7 => a,
             (Op::Binary(BinaryOp::Mul), _, Some(k)) if (k - 1.0 / 6.0).abs() < 1e-7 => b,
             _ => continue,
