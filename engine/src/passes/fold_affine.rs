@@ -3,9 +3,15 @@
 //! `conv(x, W) + t` has bias `b + t`, for `s`, `t` scalars or one value per
 //! output channel (`[c, 1, 1]`, `[1, c, 1, 1]`). PP-OCR's "learnable affine
 //! blocks" write exactly this after every convolution.
+//!
+//! The same blocks also follow activations. There the affine folds
+//! forward instead, into the convolution that reads it, when that
+//! convolution has no padding (every tap reads real data, so
+//! `conv(a·x + b, W) = conv(x, W·a) + Σ W·b` exactly): a scale `a` per input
+//! channel multiplies the weights, a shift `b` adds `Σ_taps W·b` to the bias.
 
 use super::{consumers, is_output, remove_nodes};
-use crate::ir::{ConstData, DType, Graph, Op, Tensor};
+use crate::ir::{ConstData, DType, Graph, Op, Tensor, TensorId};
 use osprey_kernels::eltwise::BinaryOp;
 use osprey_kernels::Activation;
 
@@ -23,6 +29,127 @@ pub fn fold_affine(g: &mut Graph) -> usize {
 }
 
 fn fold_once(g: &mut Graph) -> usize {
+    fold_backward(g) + fold_forward(g)
+}
+
+/// Per-channel values of constant `t` for `c` channels (a scalar repeats),
+/// if it is a scalar or `[c, 1, 1]` / `[1, c, 1, 1]`.
+fn channel_values(g: &Graph, t: TensorId, c: usize) -> Option<Vec<f32>> {
+    let Some(ConstData::F32(k)) = &g.tensors[t].value else {
+        return None;
+    };
+    let ks = &g.tensors[t].shape;
+    let mut s4 = vec![1usize; 4usize.saturating_sub(ks.len())];
+    s4.extend_from_slice(ks);
+    if k.len() == 1 {
+        Some(vec![k[0]; c])
+    } else if ks.len() <= 4 && s4 == [1, c, 1, 1] {
+        Some(k.clone())
+    } else {
+        None
+    }
+}
+
+/// `Mul(x, a)` / `Add(x, b)` (constants per channel) read only by a
+/// convolution without padding: folded into that convolution.
+fn fold_forward(g: &mut Graph) -> usize {
+    let mut folded = 0;
+    let mut dead = vec![false; g.nodes.len()];
+    let cons = consumers(g);
+    for ei in 0..g.nodes.len() {
+        let Op::Binary(op @ (BinaryOp::Mul | BinaryOp::Add)) = g.nodes[ei].op else {
+            continue;
+        };
+        if dead[ei] {
+            continue;
+        }
+        let out = g.nodes[ei].outputs[0];
+        if cons[out].len() != 1 || is_output(g, out) {
+            continue;
+        }
+        let ci = cons[out][0];
+        let Op::Conv(attrs) = g.nodes[ci].op else {
+            continue;
+        };
+        if dead[ci]
+            || attrs.pads != [0; 4]
+            || attrs.channels_last
+            || attrs.int8_input_scale.is_some()
+            || g.nodes[ci].inputs[0] != out
+            || g.nodes[ci].inputs.iter().skip(1).any(|&t| t == out)
+        {
+            continue;
+        }
+        let (a, b) = (g.nodes[ei].inputs[0], g.nodes[ei].inputs[1]);
+        let (x, k) = if g.tensors[b].is_const() {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        let c_in = g.tensors[out].shape.get(1).copied().unwrap_or(0);
+        let Some(k) = channel_values(g, k, c_in) else {
+            continue;
+        };
+        if g.tensors[x].is_const() || g.tensors[x].shape != g.tensors[out].shape {
+            continue;
+        }
+        let conv = &g.nodes[ci];
+        let Some(ConstData::F32(mut w)) = g.tensors[conv.inputs[1]].value.clone() else {
+            continue;
+        };
+        let ws = g.tensors[conv.inputs[1]].shape.clone();
+        let (c_out, cin_g) = (ws[0], ws[1]);
+        let groups = attrs.groups.max(1);
+        if c_out == 0 || cin_g * groups != c_in {
+            continue;
+        }
+        let mut bias = match conv.inputs.get(2) {
+            Some(&t) => match &g.tensors[t].value {
+                Some(v) => v.to_f32(),
+                None => continue,
+            },
+            None => vec![0.0; c_out],
+        };
+        let taps = w.len() / (c_out * cin_g);
+        let cout_g = c_out / groups;
+        for co in 0..c_out {
+            for j in 0..cin_g {
+                let ch = (co / cout_g) * cin_g + j;
+                let row = &mut w[(co * cin_g + j) * taps..(co * cin_g + j + 1) * taps];
+                match op {
+                    BinaryOp::Mul => row.iter_mut().for_each(|v| *v *= k[ch]),
+                    _ => bias[co] += row.iter().sum::<f32>() * k[ch],
+                }
+            }
+        }
+        let name = g.nodes[ci].name.clone();
+        let w_id = g.add_tensor(Tensor {
+            name: format!("{name}:w_affine_in"),
+            shape: ws,
+            dtype: DType::F32,
+            value: Some(ConstData::F32(w)),
+        });
+        let b_id = g.add_tensor(Tensor {
+            name: format!("{name}:b_affine_in"),
+            shape: vec![c_out],
+            dtype: DType::F32,
+            value: Some(ConstData::F32(bias)),
+        });
+        let onnx = g.nodes[ei].onnx_op.clone();
+        let conv = &mut g.nodes[ci];
+        // (A fused residual, the 4th operand, stays.)
+        let rest: Vec<TensorId> = conv.inputs.iter().skip(3).copied().collect();
+        conv.inputs = [x, w_id, b_id].into_iter().chain(rest).collect();
+        conv.onnx_op = format!("{onnx}+{}", conv.onnx_op);
+        dead[ei] = true;
+        folded += 1;
+    }
+    remove_nodes(g, &dead);
+    folded
+}
+
+/// `Conv → Mul/Add/Sub/Div(constant)`: folded into the convolution.
+fn fold_backward(g: &mut Graph) -> usize {
     let mut folded = 0;
     let mut dead = vec![false; g.nodes.len()];
     let cons = consumers(g);
@@ -201,5 +328,66 @@ mod tests {
         let mut g = import(&m);
         assert_eq!(fold_affine(&mut g), 0);
         assert_eq!(ops(&g), ["Conv", "Div"]);
+    }
+
+    /// Scale and shift (scalar and per channel) in front of convolutions
+    /// without padding fold into them; in front of a padded one they stay
+    /// (the padding would see the shift).
+    #[test]
+    fn an_affine_folds_forward_into_an_unpadded_reader() {
+        for (k, groups, pad, folds) in [
+            (1usize, 1usize, 0i64, 2usize),
+            (3, 1, 0, 2),
+            (3, 4, 0, 2),
+            (3, 4, 1, 0),
+        ] {
+            for per_channel in [false, true] {
+                let mut m = ModelBuilder::new(13);
+                m.input("x", &[1, 4, 7, 7]);
+                let kshape: &[usize] = if per_channel { &[1, 4, 1, 1] } else { &[1] };
+                let n = kshape.iter().product();
+                m.init_f32(
+                    "s",
+                    kshape,
+                    &data(n, 4).iter().map(|v| v + 1.5).collect::<Vec<_>>(),
+                );
+                m.init_f32("t", kshape, &data(n, 5));
+                m.init_f32(
+                    "w",
+                    &[8, 4 / groups, k, k],
+                    &data(8 * 4 / groups * k * k, 6),
+                );
+                m.init_f32("b", &[8], &data(8, 7));
+                m.node("Relu", &["x"], &["r"], vec![]);
+                m.node("Mul", &["s", "r"], &["m"], vec![]);
+                m.node("Add", &["m", "t"], &["a"], vec![]);
+                let groups = groups as i64;
+                m.node(
+                    "Conv",
+                    &["a", "w", "b"],
+                    &["y"],
+                    vec![
+                        attr_ints("pads", &[pad, pad, pad, pad]),
+                        crate::onnx::builder::attr_i("group", groups),
+                    ],
+                );
+                m.output("y");
+                let mut g = import(&m);
+                let x = data(196, 8);
+                let before = run(g.clone(), &x);
+                assert_eq!(
+                    fold_affine(&mut g),
+                    folds,
+                    "k {k} groups {groups} pad {pad}"
+                );
+                let want: &[&str] = if folds > 0 {
+                    &["Relu", "Conv"]
+                } else {
+                    &["Relu", "Mul", "Add", "Conv"]
+                };
+                assert_eq!(ops(&g), want);
+                assert_same(&run(g, &x), &before);
+            }
+        }
     }
 }
