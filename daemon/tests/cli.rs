@@ -322,20 +322,24 @@ fn build_then_run_and_bench_the_engine() {
     // run --engine gives what run --onnx gives (weights 2.0 and 0.0 are exact in fp16).
     let x: Vec<f32> = (0..18).map(|i| i as f32 - 9.0).collect();
     npy::write(&d.join("x.npy"), &[1, 2, 3, 3], &x).unwrap();
-    let out = osprey()
-        .args(["run", "--engine"])
-        .arg(&engine)
-        .arg(format!("--input=x={}", d.join("x.npy").display()))
-        .arg("--output-dir")
-        .arg(d.join("e"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let y = npy::read(&d.join("e/head_out_0.npy"), false).unwrap();
+    // `osprey run --engine E` on x.npy; returns the output.
+    let run_engine = |engine: &Path, dir: &str| {
+        let out = osprey()
+            .args(["run", "--engine"])
+            .arg(engine)
+            .arg(format!("--input=x={}", d.join("x.npy").display()))
+            .arg("--output-dir")
+            .arg(d.join(dir))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        npy::read(&d.join(dir).join("head_out_0.npy"), false).unwrap()
+    };
+    let y = run_engine(&engine, "e");
     assert_eq!(
         y.data,
         x.iter().map(|v| (2.0 * v).max(0.0)).collect::<Vec<_>>()
@@ -360,23 +364,7 @@ fn build_then_run_and_bench_the_engine() {
     assert_eq!(r["layout"]["layout"], "nhwc");
     assert_eq!(r["layout"]["channels_last"]["converted"], 1);
     assert_eq!(r["layers"][0]["tactic"], "nhwc-gemm");
-    let out = osprey()
-        .args(["run", "--engine"])
-        .arg(&nhwc)
-        .arg(format!("--input=x={}", d.join("x.npy").display()))
-        .arg("--output-dir")
-        .arg(d.join("n"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        npy::read(&d.join("n/head_out_0.npy"), false).unwrap().data,
-        y.data
-    );
+    assert_eq!(run_engine(&nhwc, "n").data, y.data);
     // INT8 engines run NCHW: asking for channels-last is a clear error.
     let out = osprey()
         .args(["build", "--onnx"])

@@ -304,40 +304,10 @@ impl Engine {
         let what = match &s.kind {
             Kind::Conv {
                 layer, residual, ..
-            } => {
-                let g = layer.geometry();
-                format!(
-                    "Conv {} {}x{} s{} g{} {}->{} @{}x{}{}",
-                    layer.tactic().name(),
-                    g.kh,
-                    g.kw,
-                    g.stride[0],
-                    g.groups,
-                    g.c_in,
-                    g.c_out,
-                    g.h,
-                    g.w,
-                    if *residual { " +residual" } else { "" }
-                )
-            }
+            } => conv_info(&layer.tactic().name(), layer.geometry(), *residual),
             Kind::ConvNhwc {
                 layer, residual, ..
-            } => {
-                let g = layer.geometry();
-                format!(
-                    "Conv {} {}x{} s{} g{} {}->{} @{}x{}{}",
-                    layer.algorithm(),
-                    g.kh,
-                    g.kw,
-                    g.stride[0],
-                    g.groups,
-                    g.c_in,
-                    g.c_out,
-                    g.h,
-                    g.w,
-                    if *residual { " +residual" } else { "" }
-                )
-            }
+            } => conv_info(layer.algorithm(), layer.geometry(), *residual),
             Kind::QConv {
                 layer,
                 residual,
@@ -668,4 +638,20 @@ impl ExecutionContext {
             .position(|(d, _)| d.name == name)?;
         self.output_index(i)
     }
+}
+
+/// "Conv <kernel> KxK sS gG in->out @HxW [+residual]" for reports.
+fn conv_info(kernel: &str, g: &osprey_kernels::conv::Conv2dGeometry, residual: bool) -> String {
+    format!(
+        "Conv {kernel} {}x{} s{} g{} {}->{} @{}x{}{}",
+        g.kh,
+        g.kw,
+        g.stride[0],
+        g.groups,
+        g.c_in,
+        g.c_out,
+        g.h,
+        g.w,
+        if residual { " +residual" } else { "" }
+    )
 }

@@ -10,8 +10,8 @@
 //! `conv(a·x + b, W) = conv(x, W·a) + Σ W·b` exactly): a scale `a` per input
 //! channel multiplies the weights, a shift `b` adds `Σ_taps W·b` to the bias.
 
-use super::{consumers, is_output, remove_nodes};
-use crate::ir::{ConstData, DType, Graph, Op, Tensor, TensorId};
+use super::{consumers, conv_params, is_output, remove_nodes, set_conv_params};
+use crate::ir::{ConstData, Graph, Op, TensorId};
 use osprey_kernels::eltwise::BinaryOp;
 use osprey_kernels::Activation;
 
@@ -93,23 +93,15 @@ fn fold_forward(g: &mut Graph) -> usize {
         if g.tensors[x].is_const() || g.tensors[x].shape != g.tensors[out].shape {
             continue;
         }
-        let conv = &g.nodes[ci];
-        let Some(ConstData::F32(mut w)) = g.tensors[conv.inputs[1]].value.clone() else {
+        let Some((mut w, mut bias)) = conv_params(g, ci) else {
             continue;
         };
-        let ws = g.tensors[conv.inputs[1]].shape.clone();
+        let ws = &g.tensors[g.nodes[ci].inputs[1]].shape;
         let (c_out, cin_g) = (ws[0], ws[1]);
         let groups = attrs.groups.max(1);
         if c_out == 0 || cin_g * groups != c_in {
             continue;
         }
-        let mut bias = match conv.inputs.get(2) {
-            Some(&t) => match &g.tensors[t].value {
-                Some(v) => v.to_f32(),
-                None => continue,
-            },
-            None => vec![0.0; c_out],
-        };
         let taps = w.len() / (c_out * cin_g);
         let cout_g = c_out / groups;
         for co in 0..c_out {
@@ -122,24 +114,10 @@ fn fold_forward(g: &mut Graph) -> usize {
                 }
             }
         }
-        let name = g.nodes[ci].name.clone();
-        let w_id = g.add_tensor(Tensor {
-            name: format!("{name}:w_affine_in"),
-            shape: ws,
-            dtype: DType::F32,
-            value: Some(ConstData::F32(w)),
-        });
-        let b_id = g.add_tensor(Tensor {
-            name: format!("{name}:b_affine_in"),
-            shape: vec![c_out],
-            dtype: DType::F32,
-            value: Some(ConstData::F32(bias)),
-        });
+        set_conv_params(g, ci, w, bias, "affine_in");
         let onnx = g.nodes[ei].onnx_op.clone();
         let conv = &mut g.nodes[ci];
-        // (A fused residual, the 4th operand, stays.)
-        let rest: Vec<TensorId> = conv.inputs.iter().skip(3).copied().collect();
-        conv.inputs = [x, w_id, b_id].into_iter().chain(rest).collect();
+        conv.inputs[0] = x;
         conv.onnx_op = format!("{onnx}+{}", conv.onnx_op);
         dead[ei] = true;
         folded += 1;
@@ -202,16 +180,8 @@ fn fold_backward(g: &mut Graph) -> usize {
             continue;
         }
         let at = |co: usize| if k.len() == 1 { k[0] } else { k[co] };
-        let conv = &g.nodes[ci];
-        let Some(ConstData::F32(mut w)) = g.tensors[conv.inputs[1]].value.clone() else {
+        let Some((mut w, mut b)) = conv_params(g, ci) else {
             continue;
-        };
-        let mut b = match conv.inputs.get(2) {
-            Some(&t) => match &g.tensors[t].value {
-                Some(v) => v.to_f32(),
-                None => continue,
-            },
-            None => vec![0.0; c_out],
         };
         let per = w.len() / c_out.max(1);
         for co in 0..c_out {
@@ -226,26 +196,10 @@ fn fold_backward(g: &mut Graph) -> usize {
                 _ => b[co] -= v,
             }
         }
-        let name = g.nodes[ci].name.clone();
-        let wshape = g.tensors[g.nodes[ci].inputs[1]].shape.clone();
-        let w_id = g.add_tensor(Tensor {
-            name: format!("{name}:w_affine"),
-            shape: wshape,
-            dtype: DType::F32,
-            value: Some(ConstData::F32(w)),
-        });
-        let b_id = g.add_tensor(Tensor {
-            name: format!("{name}:b_affine"),
-            shape: vec![c_out],
-            dtype: DType::F32,
-            value: Some(ConstData::F32(b)),
-        });
+        set_conv_params(g, ci, w, b, "affine");
         let out = g.nodes[ei].outputs[0];
         let onnx = g.nodes[ei].onnx_op.clone();
         let conv = &mut g.nodes[ci];
-        conv.inputs.truncate(1);
-        conv.inputs.push(w_id);
-        conv.inputs.push(b_id);
         conv.outputs[0] = out;
         conv.onnx_op = format!("{}+{onnx}", conv.onnx_op);
         dead[ei] = true;

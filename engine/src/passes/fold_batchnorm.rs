@@ -52,21 +52,13 @@ pub fn fold_batchnorm(g: &mut Graph) -> usize {
             .map(|&t| const_f32(g, t))
             .collect();
         let Some(p) = params else { continue };
-        let conv = &g.nodes[ci];
-        let Some(w) = const_f32(g, conv.inputs[1]) else {
+        let Some((w, bias)) = super::conv_params(g, ci) else {
             continue;
         };
-        let c_out = g.tensors[conv.inputs[1]].shape[0];
+        let c_out = g.tensors[g.nodes[ci].inputs[1]].shape[0];
         if p.iter().any(|v| v.len() != c_out) || c_out == 0 {
             continue;
         }
-        let bias = match conv.inputs.get(2) {
-            Some(&b) => match const_f32(g, b) {
-                Some(v) => v,
-                None => continue,
-            },
-            None => vec![0.0; c_out],
-        };
         let (gamma, beta, mean, var) = (&p[0], &p[1], &p[2], &p[3]);
         let per = w.len() / c_out;
         let mut w2 = w.clone();
@@ -78,25 +70,9 @@ pub fn fold_batchnorm(g: &mut Graph) -> usize {
                 .for_each(|v| *v *= s);
             b2[co] = (bias[co] - mean[co]) * s + beta[co];
         }
-        let name = g.nodes[ci].name.clone();
-        let wshape = g.tensors[conv.inputs[1]].shape.clone();
-        let w_id = g.add_tensor(Tensor {
-            name: format!("{name}:w_bn"),
-            shape: wshape,
-            dtype: DType::F32,
-            value: Some(ConstData::F32(w2)),
-        });
-        let b_id = g.add_tensor(Tensor {
-            name: format!("{name}:b_bn"),
-            shape: vec![c_out],
-            dtype: DType::F32,
-            value: Some(ConstData::F32(b2)),
-        });
+        super::set_conv_params(g, ci, w2, b2, "bn");
         let y = g.nodes[bi].outputs[0];
         let conv = &mut g.nodes[ci];
-        conv.inputs.truncate(1);
-        conv.inputs.push(w_id);
-        conv.inputs.push(b_id);
         conv.outputs[0] = y;
         conv.onnx_op = format!("{}+BatchNormalization", conv.onnx_op);
         dead[bi] = true;

@@ -31,7 +31,7 @@ pub use fuse_siblings::fuse_siblings;
 pub use recognize_activations::recognize_activations;
 pub use remove_identities::remove_identities;
 
-use crate::ir::{Graph, TensorId};
+use crate::ir::{ConstData, DType, Graph, Tensor, TensorId};
 
 /// What one pass did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +88,46 @@ pub(crate) fn is_output(g: &Graph, t: TensorId) -> bool {
 /// Index of the node producing `t`, if any.
 pub(crate) fn producer(g: &Graph, t: TensorId) -> Option<usize> {
     g.nodes.iter().position(|n| n.outputs.contains(&t))
+}
+
+/// A convolution's constant weights and bias (zeros when it has none), or
+/// `None` when either is not a constant.
+pub(crate) fn conv_params(g: &Graph, ci: usize) -> Option<(Vec<f32>, Vec<f32>)> {
+    let n = &g.nodes[ci];
+    let wt = &g.tensors[*n.inputs.get(1)?];
+    let w = wt.value.as_ref()?.to_f32();
+    let c_out = *wt.shape.first()?;
+    let b = match n.inputs.get(2) {
+        Some(&t) => g.tensors[t].value.as_ref()?.to_f32(),
+        None => vec![0.0; c_out],
+    };
+    Some((w, b))
+}
+
+/// Gives convolution `ci` new constant weights (same shape) and bias,
+/// named after it with `tag`; its input and a fused residual stay.
+pub(crate) fn set_conv_params(g: &mut Graph, ci: usize, w: Vec<f32>, b: Vec<f32>, tag: &str) {
+    let name = g.nodes[ci].name.clone();
+    let wshape = g.tensors[g.nodes[ci].inputs[1]].shape.clone();
+    let b_len = b.len();
+    let w_id = g.add_tensor(Tensor {
+        name: format!("{name}:w_{tag}"),
+        shape: wshape,
+        dtype: DType::F32,
+        value: Some(ConstData::F32(w)),
+    });
+    let b_id = g.add_tensor(Tensor {
+        name: format!("{name}:b_{tag}"),
+        shape: vec![b_len],
+        dtype: DType::F32,
+        value: Some(ConstData::F32(b)),
+    });
+    let node = &mut g.nodes[ci];
+    let rest: Vec<TensorId> = node.inputs.iter().skip(3).copied().collect();
+    node.inputs = [node.inputs[0], w_id, b_id]
+        .into_iter()
+        .chain(rest)
+        .collect();
 }
 
 /// Removes the nodes marked in `dead` (keeps order).
