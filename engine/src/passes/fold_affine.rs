@@ -166,26 +166,18 @@ fn fold_backward(g: &mut Graph) -> usize {
             (BinaryOp::Sub | BinaryOp::Div, true) => op,
             _ => continue,
         };
-        let Some(ConstData::F32(k)) = g.tensors[other].value.clone() else {
+        let c_out = g.tensors[g.nodes[ci].inputs[1]].shape[0];
+        let Some(k) = channel_values(g, other, c_out) else {
             continue;
         };
-        let c_out = g.tensors[g.nodes[ci].inputs[1]].shape[0];
-        let ks = &g.tensors[other].shape;
-        let per_channel = {
-            let mut s4 = vec![1usize; 4usize.saturating_sub(ks.len())];
-            s4.extend_from_slice(ks);
-            ks.len() <= 4 && s4 == [1, c_out, 1, 1]
-        };
-        if !(k.len() == 1 || per_channel) || g.tensors[e.outputs[0]].shape != g.tensors[y].shape {
+        if g.tensors[e.outputs[0]].shape != g.tensors[y].shape {
             continue;
         }
-        let at = |co: usize| if k.len() == 1 { k[0] } else { k[co] };
         let Some((mut w, mut b)) = conv_params(g, ci) else {
             continue;
         };
         let per = w.len() / c_out.max(1);
-        for co in 0..c_out {
-            let v = at(co);
+        for (co, &v) in k.iter().enumerate() {
             match op {
                 BinaryOp::Mul | BinaryOp::Div => {
                     let s = if op == BinaryOp::Mul { v } else { 1.0 / v };
