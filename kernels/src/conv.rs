@@ -64,6 +64,11 @@ impl Conv2dGeometry {
         }
     }
 
+    /// One input channel per group, multiplier 1 (a depthwise layer).
+    pub fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.groups == self.c_in && self.c_out == self.c_in
+    }
+
     /// Output height, or `None` if the kernel does not fit.
     pub fn out_h(&self) -> Option<usize> {
         out_extent(
@@ -226,7 +231,7 @@ impl ConvTactic {
                     && g.pads == [0, 0, 0, 0]
                     && g.groups == 1
             }
-            ConvAlgorithm::Depthwise => g.groups == g.c_in && g.c_out == g.c_in && g.groups > 1,
+            ConvAlgorithm::Depthwise => g.is_depthwise(),
             ConvAlgorithm::Im2col => true,
             ConvAlgorithm::Winograd => {
                 g.kh == 3

@@ -60,8 +60,7 @@ impl Conv2dNhwc {
     /// True when this module implements `g` (groups 1, or depthwise with
     /// multiplier 1; at most [`MAX_TAPS`] taps).
     pub fn supports(g: &Conv2dGeometry) -> bool {
-        let depthwise = g.groups == g.c_in && g.c_out == g.c_in && g.groups > 1;
-        (g.groups == 1 || depthwise) && g.kh * g.kw <= MAX_TAPS && g.kh * g.kw > 0
+        (g.groups == 1 || g.is_depthwise()) && g.kh * g.kw <= MAX_TAPS && g.kh * g.kw > 0
     }
 
     /// Prepares a layer; `weights` is `[c_out, c_in/groups, kh, kw]` (ONNX order).

@@ -172,7 +172,7 @@ impl QConv2d {
             kernel: "qconv2d",
             detail,
         };
-        let depthwise = g.groups > 1 && g.groups == g.c_in && g.c_out == g.c_in;
+        let depthwise = g.is_depthwise();
         if g.groups != 1 && !depthwise {
             return Err(bad(format!(
                 "{} groups: INT8 convolution takes one group or a depthwise layer",
