@@ -763,7 +763,7 @@ fn pack_b_im2col(v: &Im2colRef<'_>, k0: usize, kc: usize, n0: usize, n1: usize, 
 /// Matrix-vector product `y[i] = Σ_k w[i·k_len + k]·x[k] + bias[i]` for a
 /// row-major `[n, k_len]` matrix: the one-row case of a fully connected
 /// layer, which the 6×16 GEMM tile would run at 1/16 of its width. Rows are
-/// split across the pool; each is a dot product with 32 partial sums.
+/// split across the pool; each is one [`crate::quant::dot_f32`].
 ///
 /// # Panics
 /// If a buffer is shorter than the shape needs (validated when prepared).
@@ -777,57 +777,18 @@ pub fn gemv(
 ) {
     let n = y.len();
     assert!(w.len() >= n * k_len && x.len() >= k_len && bias.is_none_or(|b| b.len() >= n));
-    let isa = isa::active();
     let chunk = n.div_ceil(pool.threads() * 4).max(1);
     let y_ptr = SyncPtr::new(y);
     let task = |t: usize, _slot: usize| {
         let r0 = t * chunk;
         let r1 = (r0 + chunk).min(n);
         for i in r0..r1 {
-            let row = &w[i * k_len..(i + 1) * k_len];
-            let d = match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: Avx2Fma is active only when the CPU has AVX2 and FMA.
-                Isa::Avx2Fma => unsafe { dot_avx2(row, &x[..k_len]) },
-                _ => dot_body::<{ cfg!(target_arch = "aarch64") }>(row, &x[..k_len]),
-            };
+            let d = crate::quant::dot_f32(&w[i * k_len..(i + 1) * k_len], &x[..k_len]);
             // SAFETY: row i is written by this task alone; i < n = y.len().
             unsafe { *y_ptr.add(i) = d + bias.map_or(0.0, |b| b[i]) };
         }
     };
     pool.run(n.div_ceil(chunk), &task);
-}
-
-/// Dot product with 32 independent partial sums (vectorised by LLVM).
-#[inline(always)]
-fn dot_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 32];
-    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..32 {
-            acc[l] = if FMA {
-                x[l].mul_add(y[l], acc[l])
-            } else {
-                acc[l] + x[l] * y[l]
-            };
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-/// [`dot_body`] compiled for AVX2 + FMA.
-///
-/// # Safety
-/// AVX2 and FMA must be available.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_body::<true>(a, b)
 }
 
 /// Scalar reference: `C[i, j] = act(Σ_k A(i,k)·B(k,j) + bias[i] (+ C))`, accumulated in f64.

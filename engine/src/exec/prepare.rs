@@ -376,13 +376,6 @@ impl Builder<'_> {
                     return Ok(Kind::QGemm { layer, m });
                 }
                 let scaled: Vec<f32> = w.iter().map(|v| v * alpha).collect();
-                // packed = B'ᵀ, [n, k].
-                let packed = if *trans_b {
-                    PackedA::pack(n, k, &scaled, k, 1)
-                } else {
-                    PackedA::pack(n, k, &scaled, 1, n)
-                };
-                let (b_rs, b_cs) = if *trans_a { (m, 1) } else { (1, k) };
                 let (bias, post_add) = match node.inputs.get(2) {
                     None => (None, None),
                     Some(&c) => {
@@ -420,6 +413,13 @@ impl Builder<'_> {
                     };
                     return Ok(Kind::Gemv { w: rows, k, bias });
                 }
+                // packed = B'ᵀ, [n, k].
+                let packed = if *trans_b {
+                    PackedA::pack(n, k, &scaled, k, 1)
+                } else {
+                    PackedA::pack(n, k, &scaled, 1, n)
+                };
+                let (b_rs, b_cs) = if *trans_a { (m, 1) } else { (1, k) };
                 Kind::Gemm {
                     packed,
                     input: 0,
