@@ -135,6 +135,13 @@ fn axis_taps(
         .collect()
 }
 
+/// One bilinear output from the four taps (row 0 left, right; row 1 left,
+/// right): the single formula both layouts use, so they agree bit for bit.
+#[inline(always)]
+fn bilinear(v: [f32; 4], tx: &Tap, ty: &Tap) -> f32 {
+    v[0] * tx.w0 * ty.w0 + v[1] * tx.w1 * ty.w0 + v[2] * tx.w0 * ty.w1 + v[3] * tx.w1 * ty.w1
+}
+
 /// A prepared 2-D resize of `planes` planes `h×w → oh×ow`.
 #[derive(Clone, Debug)]
 pub struct Resize2d {
@@ -196,10 +203,7 @@ impl Resize2d {
                     continue;
                 }
                 for (o, tx) in out.iter_mut().zip(&self.xs) {
-                    *o = r0[tx.i0] * tx.w0 * ty.w0
-                        + r0[tx.i1] * tx.w1 * ty.w0
-                        + r1[tx.i0] * tx.w0 * ty.w1
-                        + r1[tx.i1] * tx.w1 * ty.w1;
+                    *o = bilinear([r0[tx.i0], r0[tx.i1], r1[tx.i0], r1[tx.i1]], tx, ty);
                 }
             }
         };
@@ -241,10 +245,7 @@ impl Resize2d {
                 let b0 = &r1[tx.i0 * c..(tx.i0 + 1) * c];
                 let b1 = &r1[tx.i1 * c..(tx.i1 + 1) * c];
                 for (k, v) in o.iter_mut().enumerate() {
-                    *v = a0[k] * tx.w0 * ty.w0
-                        + a1[k] * tx.w1 * ty.w0
-                        + b0[k] * tx.w0 * ty.w1
-                        + b1[k] * tx.w1 * ty.w1;
+                    *v = bilinear([a0[k], a1[k], b0[k], b1[k]], tx, &ty);
                 }
             }
         };
