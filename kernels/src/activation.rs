@@ -92,8 +92,8 @@ impl Activation {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if crate::isa::active() == crate::isa::Isa::Avx2Fma {
-            // SAFETY: AVX2 and FMA are available when Avx2Fma is active.
+        if crate::isa::active().has_avx2() {
+            // SAFETY: AVX2 and FMA are available on the AVX2 tiers.
             unsafe { apply_slice_avx2(self, xs) };
             return;
         }
@@ -103,8 +103,8 @@ impl Activation {
     /// Writes `f(src)` into `dst` (same length), in one pass.
     pub fn apply_into(self, src: &[f32], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if crate::isa::active() == crate::isa::Isa::Avx2Fma {
-            // SAFETY: AVX2 and FMA are available when Avx2Fma is active.
+        if crate::isa::active().has_avx2() {
+            // SAFETY: AVX2 and FMA are available on the AVX2 tiers.
             unsafe { apply_into_avx2(self, src, dst) };
             return;
         }

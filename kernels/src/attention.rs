@@ -179,7 +179,7 @@ pub fn attend(
 /// `x = f16(x · scale)` (round to nearest even), F16C where present.
 fn round_to_f16(x: &mut [f32], scale: f32) {
     #[cfg(target_arch = "x86_64")]
-    let done = if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+    let done = if crate::isa::active().has_avx2() {
         // SAFETY: AVX2/F16C present (the active tier).
         unsafe { round_to_f16_avx2(x, scale) }
     } else {
@@ -218,7 +218,7 @@ const MAX_HALF_HEAD: usize = 256;
 /// `s[i] = q · row i · scale` for each `i`.
 fn scores_block(q: &[f32], rows: Rows<'_>, stride: usize, scale: f32, s: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma && q.len() % 8 == 0 {
+    if crate::isa::active().has_avx2() && q.len().is_multiple_of(8) {
         // SAFETY: AVX2/FMA/F16C present; `rows` holds s.len() rows of
         // q.len() values at `stride` (PagedKv::rows sized it; re-checked
         // inside).
@@ -243,7 +243,7 @@ fn scores_block(q: &[f32], rows: Rows<'_>, stride: usize, scale: f32, s: &mut [f
 /// `o += Σ p[i] · row i`.
 fn weighted_sum_block(p: &[f32], rows: Rows<'_>, stride: usize, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma && o.len() % 8 == 0 {
+    if crate::isa::active().has_avx2() && o.len().is_multiple_of(8) {
         // SAFETY: as in scores_block.
         unsafe {
             match rows {
@@ -313,7 +313,7 @@ unsafe fn scores_block_avx2<T: Lanes>(
     use std::arch::x86_64::*;
     let hd = q.len();
     let n = s.len();
-    assert!(hd % 8 == 0 && (n == 0 || rows.len() >= (n - 1) * stride + hd));
+    assert!(hd.is_multiple_of(8) && (n == 0 || rows.len() >= (n - 1) * stride + hd));
     let vs = _mm256_set1_ps(scale);
     let mut i = 0;
     while i + 8 <= n {
@@ -364,7 +364,7 @@ unsafe fn scores_block_avx2<T: Lanes>(
 unsafe fn weighted_sum_avx2<T: Lanes>(p: &[f32], rows: &[T], stride: usize, o: &mut [f32]) {
     let hd = o.len();
     let n = p.len();
-    assert!(hd % 8 == 0 && (n == 0 || rows.len() >= (n - 1) * stride + hd));
+    assert!(hd.is_multiple_of(8) && (n == 0 || rows.len() >= (n - 1) * stride + hd));
     // The output in chunks of up to 64 values (8 registers) kept across
     // every position.
     let mut d = 0;

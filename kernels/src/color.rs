@@ -51,7 +51,7 @@ pub fn yuv_to_rgb_planar(
     b: &mut [u8],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+    if crate::isa::active().has_avx2() {
         // SAFETY: the AVX2 tier is only active when the CPU has AVX2
         // (checked by `isa::detect`); the function body is safe code.
         unsafe { yuv_to_rgb_planar_avx2(k, luma, cu, cv, r, g, b) };
@@ -113,7 +113,7 @@ pub fn expand_nv12_chroma(uv: &[u8], cu: &mut [u8], cv: &mut [u8]) {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+    if crate::isa::active().has_avx2() {
         // SAFETY: AVX2 is present when this tier is active; the function
         // checks its block count against every slice's length.
         done = unsafe { expand_nv12_chroma_avx2(uv, &mut cu[..n], &mut cv[..n]) };
@@ -173,7 +173,7 @@ pub fn lerp_gather_u8(src: &[u8], idx: &[u32], f: &[f32], out: &mut [f32]) {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+    if crate::isa::active().has_avx2() {
         // SAFETY: AVX2 is present when this tier is active; the function
         // checks every index against `src.len() - 4` before gathering.
         done = unsafe { lerp_gather_u8_avx2(src, &idx[..n], &f[..n], &mut out[..n]) };

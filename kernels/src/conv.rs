@@ -120,7 +120,10 @@ impl Conv2dGeometry {
 
     pub(crate) fn validate(&self, kernel: &'static str) -> Result<(usize, usize), KernelError> {
         let bad = |detail: String| KernelError::Unsupported { kernel, detail };
-        if self.groups == 0 || self.c_in % self.groups != 0 || self.c_out % self.groups != 0 {
+        if self.groups == 0
+            || !self.c_in.is_multiple_of(self.groups)
+            || !self.c_out.is_multiple_of(self.groups)
+        {
             return Err(bad(format!(
                 "groups {} must divide c_in {} and c_out {}",
                 self.groups, self.c_in, self.c_out

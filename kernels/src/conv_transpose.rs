@@ -84,7 +84,7 @@ impl ConvTranspose2d {
             kernel: "conv_transpose2d",
             detail,
         };
-        if g.groups == 0 || g.c_in % g.groups != 0 || g.c_out % g.groups != 0 {
+        if g.groups == 0 || !g.c_in.is_multiple_of(g.groups) || !g.c_out.is_multiple_of(g.groups) {
             return Err(bad("groups must divide both channel counts".into()));
         }
         if g.stride.contains(&0) || g.dilation.contains(&0) || g.kh == 0 || g.kw == 0 {

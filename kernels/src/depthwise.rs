@@ -202,7 +202,7 @@ pub fn depthwise_plane_int(
     let split = g.stride[1] == 2;
     pad_plane(isa, g, x, plane, rowbuf, split);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma && g.stride[1] <= 2 && g.kh * g.kw <= MAX_TAPS {
+    if isa.has_avx2() && g.stride[1] <= 2 && g.kh * g.kw <= MAX_TAPS {
         let inf = (f32::NEG_INFINITY, f32::INFINITY);
         let (post, clamp, dst) = match out {
             IntPlaneOut::Acc(a) => {
@@ -226,7 +226,7 @@ pub fn depthwise_plane_int(
                 )
             }
         };
-        // SAFETY: AVX2 and FMA are present (Avx2Fma is active); the padded
+        // SAFETY: AVX2 and FMA are present (an AVX2 tier is active); the padded
         // plane has SLACK floats after its last row; the destination holds
         // oh·ow elements (checked above).
         unsafe { avx2_fma_depthwise_rows(g, plane, w, 0.0, post, clamp, dst) };
@@ -262,10 +262,10 @@ fn rows(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2Fma is only active when the CPU has AVX2 and FMA; the
+        // SAFETY: the AVX2 tiers are only active when the CPU has AVX2 and FMA; the
         // padded buffer has SLACK floats after the last row, which covers
         // every vector load (see `avx2_fma_depthwise_rows`).
-        Isa::Avx2Fma if g.stride[1] <= 2 && g.kh * g.kw <= MAX_TAPS => unsafe {
+        Isa::Avx2Fma | Isa::Avx512 if g.stride[1] <= 2 && g.kh * g.kw <= MAX_TAPS => unsafe {
             let clamp = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
             avx2_fma_depthwise_rows(g, buf, w, bias, None, clamp, RowDst::F32(y.as_mut_ptr()))
         },
@@ -321,8 +321,8 @@ trait Lane: Copy + Into<f32> {
 impl Lane for f32 {
     fn deinterleave_simd(isa: Isa, src: &[f32], d0: &mut [f32], d1: &mut [f32]) -> usize {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2Fma {
-            // SAFETY: AVX2 is available (Avx2Fma is active); the kernel
+        if isa.has_avx2() {
+            // SAFETY: AVX2 is available (an AVX2 tier is active); the kernel
             // touches src[..16·blocks], d0/d1[..8·blocks], checked by the
             // caller.
             return unsafe { avx2_deinterleave(src, d0, d1) };
@@ -335,7 +335,7 @@ impl Lane for f32 {
 impl Lane for i8 {
     fn deinterleave_simd(isa: Isa, src: &[i8], d0: &mut [f32], d1: &mut [f32]) -> usize {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2Fma {
+        if isa.has_avx2() {
             // SAFETY: AVX2 is available; the kernel reads src[..16·blocks]
             // and writes d0/d1[..8·blocks], checked by the caller.
             return unsafe { avx2_deinterleave_i8(src, d0, d1) };

@@ -265,8 +265,8 @@ fn row_op<F: Fn(f32, f32) -> f32 + Copy>(
     f: F,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa == crate::isa::Isa::Avx2Fma {
-        // SAFETY: AVX2 and FMA are available when Avx2Fma is active.
+    if isa.has_avx2() {
+        // SAFETY: AVX2 and FMA are available on the AVX2 tiers.
         unsafe { row_op_avx2(y, a, b, f) };
         return;
     }

@@ -542,8 +542,8 @@ unsafe fn ukernel(
     debug_assert!(a.len() >= kc * MR && b.len() >= (kc - 1) * ldb + NR);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2Fma is only active when the CPU has AVX2 and FMA.
-        Isa::Avx2Fma => unsafe {
+        // SAFETY: the AVX2 tiers are only active when the CPU has AVX2 and FMA.
+        Isa::Avx2Fma | Isa::Avx512 => unsafe {
             avx2_fma_sgemm_6x16(kc, a.as_ptr(), b.as_ptr(), ldb, c, ldc, store)
         },
         // SAFETY: forwarded contract.

@@ -29,7 +29,7 @@ pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
     let (a, b) = (&a[..n], &b[..n]);
     match isa::active() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => {
+        Isa::Avx2Fma | Isa::Avx512 => {
             // SAFETY: AVX2 is present when this tier is active; the
             // function reads whole 32-byte blocks within `n` only.
             unsafe { dot_i8_avx2(a, b) }
@@ -139,7 +139,7 @@ pub fn quantize_to_f32(isa: Isa, src: &[f32], inv: f32, dst: &mut [f32]) {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
+    if isa.has_avx2() {
         // SAFETY: AVX2 is present when this tier is active; the kernel
         // touches whole blocks of 8 within `n` only.
         done = unsafe { quantize_to_f32_avx2(&src[..n], inv, &mut dst[..n]) };
@@ -157,7 +157,7 @@ pub fn quantize_to_i8(isa: Isa, src: &[f32], inv: f32, dst: &mut [i8]) {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
+    if isa.has_avx2() {
         // SAFETY: AVX2 is present when this tier is active; whole blocks of
         // 16 within `n` only.
         done = unsafe { quantize_to_i8_avx2(&src[..n], inv, &mut dst[..n]) };
@@ -174,7 +174,7 @@ pub fn widen_i8(isa: Isa, src: &[i8], dst: &mut [f32]) {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
+    if isa.has_avx2() {
         // SAFETY: AVX2 is present when this tier is active; whole blocks of
         // 8 within `n` only.
         done = unsafe { widen_i8_avx2(&src[..n], &mut dst[..n]) };

@@ -16,6 +16,9 @@ pub enum Isa {
     Neon,
     /// x86-64 AVX2 with FMA3 and F16C.
     Avx2Fma,
+    /// x86-64 AVX-512 (F, BW, DQ, VL) on top of [`Isa::Avx2Fma`]: 32 vector
+    /// registers of 16 floats. Every AVX2 kernel runs on this tier too.
+    Avx512,
 }
 
 impl Isa {
@@ -25,7 +28,18 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Neon => "neon",
             Isa::Avx2Fma => "avx2",
+            Isa::Avx512 => "avx512",
         }
+    }
+
+    /// Whether AVX2, FMA and F16C kernels may run on this tier.
+    pub fn has_avx2(self) -> bool {
+        matches!(self, Isa::Avx2Fma | Isa::Avx512)
+    }
+
+    /// Whether AVX-512 (F, BW, DQ, VL) kernels may run on this tier.
+    pub fn has_avx512(self) -> bool {
+        self == Isa::Avx512
     }
 }
 
@@ -38,6 +52,13 @@ pub fn detect() -> Isa {
             && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c")
         {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+            {
+                return Isa::Avx512;
+            }
             return Isa::Avx2Fma;
         }
         Isa::Scalar
@@ -70,6 +91,8 @@ pub fn cpu_features() -> Vec<&'static str> {
             "f16c",
             "avx512f",
             "avx512bw",
+            "avx512dq",
+            "avx512vl",
             "avx512vnni"
         );
     }
@@ -84,6 +107,23 @@ pub fn cpu_features() -> Vec<&'static str> {
         }
     }
     f
+}
+
+/// Whether the active tier is [`Isa::Avx512`] and the CPU has AVX-512 VNNI
+/// (`vpdpbusd`: four u8 × i8 products summed into each i32 lane in one
+/// instruction; Ice Lake, Zen 4 and later). Always false elsewhere.
+pub fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static VNNI: OnceLock<bool> = OnceLock::new();
+        *VNNI.get_or_init(|| {
+            active() == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512vnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Whether the CPU has the aarch64 dot-product extension (`sdot`; Jetson
@@ -112,6 +152,8 @@ pub fn active() -> Isa {
         match crate::knobs::isa_cap() {
             Ok(Some(Isa::Scalar)) => Isa::Scalar,
             Ok(Some(cap)) if cap == best => best,
+            // A lower x86 tier is a subset of the detected one.
+            Ok(Some(Isa::Avx2Fma)) if best == Isa::Avx512 => Isa::Avx2Fma,
             Ok(Some(cap)) => {
                 eprintln!(
                     "warning: OSPREY_ISA={} is not available on this CPU; using {}",
@@ -135,7 +177,8 @@ mod tests {
 
     #[test]
     fn active_never_exceeds_detected() {
-        let a = active();
-        assert!(a == detect() || a == Isa::Scalar);
+        let (a, d) = (active(), detect());
+        assert!(a == d || a == Isa::Scalar || (a == Isa::Avx2Fma && d == Isa::Avx512));
+        assert!(!has_vnni() || a == Isa::Avx512);
     }
 }

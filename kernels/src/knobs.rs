@@ -2,7 +2,7 @@
 //!
 //! | variable | values | default | effect |
 //! |---|---|---|---|
-//! | `OSPREY_ISA` | `scalar`, `avx2`, `neon`, `auto` | `auto` | caps the ISA tier kernels may use, so CI can test every tier |
+//! | `OSPREY_ISA` | `scalar`, `avx2`, `avx512`, `neon`, `auto` | `auto` | caps the ISA tier kernels may use, so CI can test every tier |
 //! | `OSPREY_POOL_SPIN_US` | microseconds | `2000` | how long an idle kernel thread polls for work before sleeping: lower saves CPU between frames, higher avoids wake-up latency between layers |
 
 use crate::error::KernelError;
@@ -16,11 +16,12 @@ pub fn isa_cap() -> Result<Option<Isa>, KernelError> {
             "" | "auto" => Ok(None),
             "scalar" => Ok(Some(Isa::Scalar)),
             "avx2" => Ok(Some(Isa::Avx2Fma)),
+            "avx512" => Ok(Some(Isa::Avx512)),
             "neon" => Ok(Some(Isa::Neon)),
             _ => Err(KernelError::BadKnob {
                 knob: "OSPREY_ISA",
                 value: v,
-                expected: "one of scalar, avx2, neon, auto",
+                expected: "one of scalar, avx2, avx512, neon, auto",
             }),
         },
     }

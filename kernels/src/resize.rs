@@ -217,7 +217,7 @@ impl Resize2d {
     pub fn run_channels_last(&self, pool: &ThreadPool, channels: usize, x: &[f32], y: &mut [f32]) {
         let (h, w, oh, ow, c) = (self.h, self.w, self.oh, self.ow, channels);
         assert!(
-            c > 0 && self.planes % c == 0,
+            c > 0 && self.planes.is_multiple_of(c),
             "resize: channels do not divide the planes"
         );
         let n = self.planes / c;

@@ -12,7 +12,7 @@ use crate::isa::Isa;
 /// (`dst[2j] = r0[j]`, `dst[2j+1] = r1[j]`); missing values are zero.
 pub(super) fn pack_pair_rows_i8(isa: Isa, r0: &[i8], r1: Option<&[i8]>, dst: &mut [i16]) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma
+    if isa.has_avx2()
         && r0.len() == QNR
         && r1.is_none_or(|r| r.len() == QNR)
         && dst.len() >= 2 * QNR
@@ -55,7 +55,7 @@ pub(super) unsafe fn pack_pair_rows_i8_avx2(r0: &[i8], r1: Option<&[i8]>, dst: &
 /// values are zero.
 pub(super) fn pack_pair_rows(isa: Isa, r0: &[f32], r1: Option<&[f32]>, inv: f32, dst: &mut [i16]) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma
+    if isa.has_avx2()
         && r0.len() == QNR
         && r1.is_none_or(|r| r.len() == QNR)
         && dst.len() >= 2 * QNR
@@ -107,7 +107,7 @@ pub(super) unsafe fn pack_pair_rows_avx2(
 pub fn tile(isa: Isa, kpairs: usize, a: &[i16], b: &[i16], acc: &mut [[i32; QNR]; QMR]) {
     assert!(a.len() >= kpairs * QMR * 2 && b.len() >= kpairs * QNR * 2);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
+    if isa.has_avx2() {
         // SAFETY: AVX2 is present when this tier is active; lengths checked.
         unsafe { tile_avx2(kpairs, a, b, acc) };
         return;

@@ -171,7 +171,11 @@ impl Model {
         let n_heads = hc.num_attention_heads;
         let n_kv_heads = hc.num_key_value_heads.unwrap_or(n_heads);
         let dim = hc.hidden_size;
-        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || dim % n_heads != 0 {
+        if n_heads == 0
+            || n_kv_heads == 0
+            || !n_heads.is_multiple_of(n_kv_heads)
+            || !dim.is_multiple_of(n_heads)
+        {
             return Err(LlmError::Model(format!(
                 "{dim} wide with {n_heads} heads and {n_kv_heads} KV heads does not divide"
             )));

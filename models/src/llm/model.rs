@@ -254,7 +254,7 @@ impl Model {
             .get(&key("rope.dimension_count"))
             .and_then(Value::as_u64)
             .map_or(head_dim, |v| v as usize);
-        if rope_dim > head_dim || rope_dim % 2 != 0 {
+        if rope_dim > head_dim || !rope_dim.is_multiple_of(2) {
             return Err(LlmError::Model(format!(
                 "rope dimension {rope_dim} does not fit head {head_dim}"
             )));
@@ -479,7 +479,7 @@ impl Model {
         pool: &ThreadPool,
     ) {
         let w = self.data(m);
-        if self.int8_rows(rows) && quant::has_q8_product(m.ty) && m.cols % 32 == 0 {
+        if self.int8_rows(rows) && quant::has_q8_product(m.ty) && m.cols.is_multiple_of(32) {
             xq.quantize(x, rows, m.cols);
             quant::matmul_q8(m.ty, w, m.rows, xq, y, pool);
         } else {
@@ -508,7 +508,7 @@ impl Model {
         let cols = mats.first().map_or(0, |(m, _)| m.cols);
         let grouped = N <= quant::MAX_PRODUCTS
             && self.int8_rows(rows)
-            && cols % 32 == 0
+            && cols.is_multiple_of(32)
             && mats
                 .iter()
                 .all(|(m, _)| quant::has_q8_product(m.ty) && m.cols == cols);

@@ -77,7 +77,7 @@ pub(super) fn reshape_target(input: &[usize], target: &[i64], allow_zero: bool) 
     }
     if let Some(i) = infer {
         let known: usize = out.iter().product();
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(format!("cannot reshape {input:?} to {target:?}"));
         }
         out[i] = total / known;
