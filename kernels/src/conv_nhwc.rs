@@ -26,8 +26,12 @@ use crate::error::KernelError;
 use crate::isa::{self, Isa};
 use crate::pool::{SyncPtr, ThreadPool};
 
-/// Pixels per micro-tile.
+/// Pixels per micro-tile (AVX2 and portable: 6 pixels × 16 channels in
+/// 12 of the 16 ymm registers).
 const MR: usize = 6;
+/// Pixels per micro-tile with AVX-512: 12 pixels × 32 channels (two
+/// panels) in 24 of the 32 zmm registers.
+const MR512: usize = 12;
 /// Output channels per weight panel.
 const NR: usize = 16;
 /// Most taps a layer may have (pointer table on the stack).
@@ -96,7 +100,8 @@ impl Conv2dNhwc {
                     }
                 }
             }
-            bias.resize(n_panels * NR, 0.0);
+            // Whole pairs of panels: the AVX-512 tile reads two at a time.
+            bias.resize(n_panels.next_multiple_of(2) * NR, 0.0);
             Algo::Gemm { panels, k }
         } else {
             let c = g.c_out;
@@ -163,7 +168,12 @@ impl Conv2dNhwc {
             let res = residual.map(|r| &r[b * out_img..(b + 1) * out_img]);
             let y = &mut output[b * out_img..(b + 1) * out_img];
             match &self.algo {
-                Algo::Gemm { panels, k } => self.run_gemm(pool, isa, x, res, y, panels, *k),
+                Algo::Gemm { panels, k } if isa.has_avx512() => {
+                    self.run_gemm::<MR512, 2>(pool, isa, x, res, y, panels, *k)
+                }
+                Algo::Gemm { panels, k } => {
+                    self.run_gemm::<MR, 1>(pool, isa, x, res, y, panels, *k)
+                }
                 Algo::Depthwise { w } => self.run_depthwise(pool, isa, x, res, y, w),
             }
         }
@@ -180,7 +190,8 @@ impl Conv2dNhwc {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run_gemm(
+    /// The gemm algorithm with tiles of `M` pixels × `P` panels.
+    fn run_gemm<const M: usize, const P: usize>(
         &self,
         pool: &ThreadPool,
         isa: Isa,
@@ -197,7 +208,7 @@ impl Conv2dNhwc {
         let n_panels = cout.div_ceil(NR);
         // Pixel blocks whose A rows (about k floats each) stay in L1/L2
         // while every panel of the block's columns passes over them.
-        let pb = ((12 * 1024 / k.max(1)) / MR * MR).clamp(4 * MR, 128 * MR);
+        let pb = ((12 * 1024 / k.max(1)) / M * M).clamp(4 * M, 128 * M);
         let n_pb = pixels.div_ceil(pb);
         let threads = pool.threads();
         let want = if threads > 1 { threads * 3 } else { 1 };
@@ -206,7 +217,8 @@ impl Conv2dNhwc {
         } else {
             want.div_ceil(n_pb).min(n_panels)
         };
-        let per_chunk = n_panels.div_ceil(panel_chunks);
+        // A chunk holds whole tiles' worth (P) of panels.
+        let per_chunk = n_panels.div_ceil(panel_chunks).next_multiple_of(P);
         let panel_chunks = n_panels.div_ceil(per_chunk);
         let clamp = crate::gemm::in_register_clamp(self.act);
         let pointwise = taps == 1 && g.stride == [1, 1] && g.pads == [0; 4];
@@ -218,10 +230,10 @@ impl Conv2dNhwc {
             let p1 = (p0 + pb).min(pixels);
             let q0 = ci * per_chunk;
             let q1 = (q0 + per_chunk).min(n_panels);
-            let mut rows = [[zeros; MR]; MAX_TAPS];
+            let mut rows = [[zeros; M]; MAX_TAPS];
             // Points `rows` at the A rows of pixels p..p+n_rows; returns the
             // taps the tile reads.
-            let setup = |p: usize, n_rows: usize, rows: &mut [[*const f32; MR]; MAX_TAPS]| {
+            let setup = |p: usize, n_rows: usize, rows: &mut [[*const f32; M]; MAX_TAPS]| {
                 if pointwise {
                     for (r, slot) in rows[0].iter_mut().enumerate() {
                         *slot = if r < n_rows {
@@ -233,7 +245,7 @@ impl Conv2dNhwc {
                     return 1;
                 }
                 let (mut oy, mut ox) = (p / self.ow, p % self.ow);
-                for r in 0..MR {
+                for r in 0..M {
                     for ky in 0..g.kh {
                         for kx in 0..g.kw {
                             let px = (r < n_rows)
@@ -252,14 +264,15 @@ impl Conv2dNhwc {
                 }
                 taps
             };
-            let compute = |q: usize, p: usize, n_rows: usize, rows: &[[*const f32; MR]]| {
+            let compute = |q: usize, p: usize, n_rows: usize, rows: &[[*const f32; M]]| {
                 let c0 = q * NR;
-                let cols = (cout - c0).min(NR);
+                let cols = (cout - c0).min(P * NR);
                 let out = Tile {
                     rows,
                     cin,
-                    w: &panels[q * k * NR..(q + 1) * k * NR],
-                    bias: &self.bias[c0..c0 + NR],
+                    w: &panels[q * k * NR..(q + P).min(n_panels) * k * NR],
+                    panel_len: k * NR,
+                    bias: &self.bias[c0..c0 + P * NR],
                     res: res.map(|r| &r[p * cout + c0..]),
                     ldc: cout,
                     n_rows,
@@ -287,17 +300,17 @@ impl Conv2dNhwc {
             // tile's rows up once and sweep the panels; otherwise keep one
             // panel hot and sweep the tiles.
             if (q1 - q0) * k * NR * 4 <= 64 * 1024 {
-                for p in (p0..p1).step_by(MR) {
-                    let n_rows = (p1 - p).min(MR);
+                for p in (p0..p1).step_by(M) {
+                    let n_rows = (p1 - p).min(M);
                     let nt = setup(p, n_rows, &mut rows);
-                    for q in q0..q1 {
+                    for q in (q0..q1).step_by(P) {
                         compute(q, p, n_rows, &rows[..nt]);
                     }
                 }
             } else {
-                for q in q0..q1 {
-                    for p in (p0..p1).step_by(MR) {
-                        let n_rows = (p1 - p).min(MR);
+                for q in (q0..q1).step_by(P) {
+                    for p in (p0..p1).step_by(M) {
+                        let n_rows = (p1 - p).min(M);
                         let nt = setup(p, n_rows, &mut rows);
                         compute(q, p, n_rows, &rows[..nt]);
                     }
@@ -383,14 +396,14 @@ impl Conv2dNhwc {
             let r = res.map(|r| &r[ox * c..(ox + px) * c]);
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: Avx2Fma is active only when the CPU has AVX2 and
+                // SAFETY: the AVX2 tiers are active only when the CPU has AVX2 and
                 // FMA; every tap offset (plus, for the pair, the second
                 // pixel's `stride · c`) addresses `c` floats inside `x`, the
                 // weights hold `c` floats per tap, and `out`/`r` hold
                 // `px · c` floats.
-                Isa::Avx2Fma => unsafe {
+                Isa::Avx2Fma | Isa::Avx512 => unsafe {
                     let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
-                    let dw = DwAvx2 {
+                    let dw = DwSimd {
                         x: x.as_ptr(),
                         w: w.as_ptr(),
                         taps: &taps[..n],
@@ -402,10 +415,11 @@ impl Conv2dNhwc {
                         lo,
                         hi,
                     };
-                    if pair {
-                        dw.run::<2>()
-                    } else {
-                        dw.run::<1>()
+                    match (isa.has_avx512(), pair) {
+                        (true, true) => dw.run_avx512::<2>(),
+                        (true, false) => dw.run_avx512::<1>(),
+                        (false, true) => dw.run::<2>(),
+                        (false, false) => dw.run::<1>(),
                     }
                 },
                 _ => {
@@ -433,9 +447,10 @@ impl Conv2dNhwc {
     }
 }
 
-/// The AVX2 depthwise kernel's operands for one or two neighbouring pixels.
+/// The AVX2 / AVX-512 depthwise kernels' operands for one or two
+/// neighbouring pixels.
 #[cfg(target_arch = "x86_64")]
-struct DwAvx2<'a> {
+struct DwSimd<'a> {
     x: *const f32,
     w: *const f32,
     /// (input offset of pixel 0, weight offset) per valid tap.
@@ -453,7 +468,7 @@ struct DwAvx2<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl DwAvx2<'_> {
+impl DwSimd<'_> {
     /// `P` pixels: 32 channels at a time in registers (taps inner), then
     /// 8 at a time, then a masked tail.
     ///
@@ -482,7 +497,7 @@ impl DwAvx2<'_> {
     /// when given) for `P` pixels.
     ///
     /// # Safety
-    /// As [`DwAvx2::run`].
+    /// As [`DwSimd::run`].
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn block<const V: usize, const P: usize>(&self, c0: usize, tail: Option<usize>) {
@@ -533,6 +548,78 @@ impl DwAvx2<'_> {
             }
         }
     }
+
+    /// [`DwSimd::run`] in zmm registers: 64 channels at a time, then 16,
+    /// then a masked tail.
+    ///
+    /// # Safety
+    /// AVX-512 F available; the pointers as the caller documents.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn run_avx512<const P: usize>(&self) {
+        let mut c0 = 0;
+        // SAFETY: forwarded; every block stays below `c`.
+        unsafe {
+            while c0 + 64 <= self.c {
+                self.block512::<4, P>(c0, 16);
+                c0 += 64;
+            }
+            while c0 + 16 <= self.c {
+                self.block512::<1, P>(c0, 16);
+                c0 += 16;
+            }
+            if c0 < self.c {
+                self.block512::<1, P>(c0, self.c - c0);
+            }
+        }
+    }
+
+    /// `V` zmm vectors of channels from `c0`, the last `last` lanes wide,
+    /// for `P` pixels.
+    ///
+    /// # Safety
+    /// As [`DwSimd::run_avx512`].
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn block512<const V: usize, const P: usize>(&self, c0: usize, last: usize) {
+        use std::arch::x86_64::*;
+        // SAFETY: full vectors lie below `c` in every buffer; the last
+        // vector is masked to its `last` lanes, so no masked-out lane is
+        // touched.
+        unsafe {
+            let full: __mmask16 = 0xffff;
+            let tail = ((1u32 << last) - 1) as __mmask16;
+            let m = |v: usize| if v + 1 == V { tail } else { full };
+            let mut acc = [[_mm512_setzero_ps(); V]; P];
+            for row in acc.iter_mut() {
+                for (v, a) in row.iter_mut().enumerate() {
+                    *a = _mm512_maskz_loadu_ps(m(v), self.bias.add(c0 + 16 * v));
+                }
+            }
+            for &(xo, wo) in self.taps {
+                let xp = self.x.add(xo + c0);
+                let wp = self.w.add(wo + c0);
+                for v in 0..V {
+                    let wv = _mm512_maskz_loadu_ps(m(v), wp.add(16 * v));
+                    for (p, row) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_maskz_loadu_ps(m(v), xp.add(p * self.pstep + 16 * v));
+                        row[v] = _mm512_fmadd_ps(xv, wv, row[v]);
+                    }
+                }
+            }
+            let (vlo, vhi) = (_mm512_set1_ps(self.lo), _mm512_set1_ps(self.hi));
+            for (p, row) in acc.iter().enumerate() {
+                for (v, &a) in row.iter().enumerate() {
+                    let off = p * self.c + c0 + 16 * v;
+                    let mut r = a;
+                    if let Some(res) = self.res {
+                        r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(m(v), res.add(off)));
+                    }
+                    r = _mm512_min_ps(_mm512_max_ps(r, vlo), vhi);
+                    _mm512_mask_storeu_ps(self.out.add(off), m(v), r);
+                }
+            }
+        }
+    }
 }
 
 /// `out = bias + Σ_taps x[xo..] · w[wo..] (+ res)`, across the channels.
@@ -558,40 +645,54 @@ fn depthwise_pixel_body<const FMA: bool>(
     }
 }
 
-/// One micro-tile of the gemm algorithm: up to [`MR`] pixels × [`NR`]
-/// output channels.
-struct Tile<'a> {
+/// One micro-tile of the gemm algorithm: up to `M` pixels × one or two
+/// panels of [`NR`] output channels.
+struct Tile<'a, const M: usize> {
     /// Per tap, per pixel: the `cin` A values (input or zeros).
-    rows: &'a [[*const f32; MR]],
+    rows: &'a [[*const f32; M]],
     cin: usize,
-    /// The panel: `(tap·cin + ci)·NR + j`.
+    /// One or two consecutive panels: `(tap·cin + ci)·NR + j` within each.
     w: &'a [f32],
-    /// The panel's NR biases.
+    /// Floats per panel (`taps·cin·NR`).
+    panel_len: usize,
+    /// The panels' biases (NR per panel).
     bias: &'a [f32],
     /// Residual at the tile's first element, row stride `ldc`.
     res: Option<&'a [f32]>,
     ldc: usize,
     n_rows: usize,
+    /// Valid output channels, at most NR per panel in `w`.
     cols: usize,
     /// Applied before the store (Relu, Clip, none); `None`: the caller
     /// applies the activation afterwards.
     clamp: Option<(f32, f32)>,
 }
 
-impl Tile<'_> {
+impl<const M: usize> Tile<'_, M> {
     /// Writes the tile at `dst` (row stride `ldc`).
     fn compute(&self, isa: Isa, dst: *mut f32) {
-        assert!(self.w.len() >= self.rows.len() * self.cin * NR && self.bias.len() >= NR);
+        let panels = self.w.len() / self.panel_len.max(1);
+        assert!(self.panel_len == self.rows.len() * self.cin * NR);
+        assert!((1..=2).contains(&panels) && self.w.len() == panels * self.panel_len);
+        assert!(self.cols <= panels * NR && self.n_rows <= M && self.bias.len() >= panels * NR);
         if let Some(r) = self.res {
             assert!(r.len() >= (self.n_rows - 1) * self.ldc + self.cols);
         }
         match isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: Avx2Fma is active only when the CPU has AVX2 and FMA;
-            // every row pointer holds `cin` readable floats (input or the
-            // zero row) and the panel length was checked above; `dst` is
-            // the caller's region of n_rows × cols.
-            Isa::Avx2Fma => unsafe { self.avx2(dst) },
+            // SAFETY: the AVX-512 tier is active only when the CPU has
+            // AVX-512 F/BW/DQ/VL (and AVX2, FMA); every row pointer holds
+            // `cin` readable floats (input or the zero row), the panel
+            // lengths were checked above, and `dst` is the caller's region
+            // of n_rows × cols.
+            Isa::Avx512 if panels == 2 => unsafe { self.avx512::<2>(dst) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx512 => unsafe { self.avx512::<1>(dst) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the AVX2 tier is active only when the CPU has AVX2
+            // and FMA; otherwise as above (the AVX2 form takes one panel).
+            Isa::Avx2Fma if panels == 1 => unsafe { self.avx2(dst) },
             // SAFETY: as above.
             _ => unsafe { self.portable(dst) },
         }
@@ -600,24 +701,26 @@ impl Tile<'_> {
     /// # Safety
     /// As [`Tile::compute`]'s call.
     unsafe fn portable(&self, dst: *mut f32) {
-        let mut acc = [[0.0f32; NR]; MR];
-        let mut wi = 0;
-        for taps in self.rows {
-            for ci in 0..self.cin {
-                let wr = &self.w[wi..wi + NR];
-                wi += NR;
-                for (r, row) in acc.iter_mut().enumerate() {
-                    // SAFETY: each row pointer holds `cin` floats.
-                    let a = unsafe { *taps[r].add(ci) };
-                    for (o, &b) in row.iter_mut().zip(wr) {
-                        *o += a * b;
+        let mut acc = [[[0.0f32; NR]; 2]; M];
+        for (h, panel) in self.w.chunks_exact(self.panel_len).enumerate() {
+            let mut wi = 0;
+            for taps in self.rows {
+                for ci in 0..self.cin {
+                    let wr = &panel[wi..wi + NR];
+                    wi += NR;
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        // SAFETY: each row pointer holds `cin` floats.
+                        let a = unsafe { *taps[r].add(ci) };
+                        for (o, &b) in row[h].iter_mut().zip(wr) {
+                            *o += a * b;
+                        }
                     }
                 }
             }
         }
         for (r, row) in acc.iter().enumerate().take(self.n_rows) {
             for j in 0..self.cols {
-                let mut v = row[j] + self.bias[j];
+                let mut v = row[j / NR][j % NR] + self.bias[j];
                 if let Some(res) = self.res {
                     v += res[r * self.ldc + j];
                 }
@@ -630,6 +733,8 @@ impl Tile<'_> {
         }
     }
 
+    /// One panel, `M` ≤ [`MR`] rows in ymm registers.
+    ///
     /// # Safety
     /// AVX2 and FMA available; otherwise as [`Tile::compute`]'s call.
     #[cfg(target_arch = "x86_64")]
@@ -640,7 +745,7 @@ impl Tile<'_> {
         // caller) and the row pointers' `cin` floats; stores and residual
         // loads are masked to `cols` columns of `n_rows` rows.
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
             let mut wp = self.w.as_ptr();
             for taps in self.rows {
                 let a = *taps;
@@ -648,7 +753,7 @@ impl Tile<'_> {
                     let b0 = _mm256_loadu_ps(wp);
                     let b1 = _mm256_loadu_ps(wp.add(8));
                     wp = wp.add(NR);
-                    for r in 0..MR {
+                    for r in 0..M {
                         let av = _mm256_broadcast_ss(&*a[r].add(ci));
                         acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
                         acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
@@ -681,6 +786,65 @@ impl Tile<'_> {
                     } else {
                         _mm256_maskstore_ps(d, masks[h], v);
                     }
+                }
+            }
+        }
+    }
+
+    /// `P` panels (one zmm register of 16 channels each) × `M` rows.
+    ///
+    /// # Safety
+    /// AVX-512 F available, `w` holds `P` panels; otherwise as
+    /// [`Tile::compute`]'s call.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn avx512<const P: usize>(&self, dst: *mut f32) {
+        use std::arch::x86_64::*;
+        // SAFETY: loads stay inside the P panels (lengths checked by the
+        // caller) and the row pointers' `cin` floats; stores and residual
+        // loads are masked to `cols` columns of `n_rows` rows.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); P]; M];
+            let mut wp = self.w.as_ptr();
+            for taps in self.rows {
+                let a = *taps;
+                for ci in 0..self.cin {
+                    let mut b = [_mm512_setzero_ps(); P];
+                    for (h, bh) in b.iter_mut().enumerate() {
+                        *bh = _mm512_loadu_ps(wp.add(h * self.panel_len));
+                    }
+                    wp = wp.add(NR);
+                    for r in 0..M {
+                        let av = _mm512_set1_ps(*a[r].add(ci));
+                        for h in 0..P {
+                            acc[r][h] = _mm512_fmadd_ps(av, b[h], acc[r][h]);
+                        }
+                    }
+                }
+            }
+            let mut masks = [0 as __mmask16; P];
+            let mut bias = [_mm512_setzero_ps(); P];
+            for h in 0..P {
+                let n = self.cols.saturating_sub(h * NR).min(NR);
+                masks[h] = ((1u32 << n) - 1) as __mmask16;
+                bias[h] = _mm512_loadu_ps(self.bias.as_ptr().add(h * NR));
+            }
+            let (lo, hi) = self.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+            let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+            // Rows by constant index (unrolled), so the accumulators stay
+            // in registers through the loop above.
+            for r in 0..M {
+                if r >= self.n_rows {
+                    break;
+                }
+                for h in 0..P {
+                    let mut v = _mm512_add_ps(acc[r][h], bias[h]);
+                    if let Some(res) = self.res {
+                        let rp = res.as_ptr().add(r * self.ldc + h * NR);
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[h], rp));
+                    }
+                    v = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);
+                    _mm512_mask_storeu_ps(dst.add(r * self.ldc + h * NR), masks[h], v);
                 }
             }
         }
@@ -768,14 +932,17 @@ mod tests {
     fn matches_the_reference_on_the_shapes_mobile_nets_use() {
         let cases = [
             // (c_in, c_out, hw, k, stride, pad, groups)
-            (16, 96, 12, 1, 1, 0, 1),  // pointwise expand
-            (96, 24, 9, 1, 1, 0, 1),   // pointwise project, c_out not a panel multiple
-            (3, 32, 15, 3, 2, 1, 1),   // stem: 3 channels, stride 2, padded
-            (40, 19, 7, 3, 1, 1, 1),   // 3x3, odd channel counts
-            (64, 48, 6, 3, 1, 1, 1),   // weights too big to sweep per tile
-            (24, 24, 13, 3, 1, 1, 24), // depthwise 3x3
-            (40, 40, 14, 5, 2, 2, 40), // depthwise 5x5 stride 2
-            (13, 13, 6, 3, 2, 0, 13),  // depthwise, channels not a vector multiple, no pad
+            (16, 96, 12, 1, 1, 0, 1),    // pointwise expand
+            (96, 24, 9, 1, 1, 0, 1),     // pointwise project, c_out not a panel multiple
+            (3, 32, 15, 3, 2, 1, 1),     // stem: 3 channels, stride 2, padded
+            (40, 19, 7, 3, 1, 1, 1),     // 3x3, odd channel counts
+            (64, 48, 6, 3, 1, 1, 1),     // weights too big to sweep per tile
+            (24, 24, 13, 3, 1, 1, 24),   // depthwise 3x3
+            (40, 40, 14, 5, 2, 2, 40),   // depthwise 5x5 stride 2
+            (13, 13, 6, 3, 2, 0, 13),    // depthwise, channels not a vector multiple, no pad
+            (24, 40, 9, 1, 1, 0, 1),     // three panels: a pair and a lone one (AVX-512)
+            (8, 8, 7, 3, 1, 1, 1),       // one narrow panel
+            (100, 100, 6, 3, 1, 1, 100), // depthwise: 64 + 16 + 16 + 4 channels (AVX-512)
         ];
         for (ci, co, hw, k, s, p, gr) in cases {
             for act in [
