@@ -100,10 +100,10 @@ impl Builder<'_> {
                 // FP32 tactic for this layer.
                 if let (Some(scale), true) = (a.int8_input_scale, runs_int8(&node.op, chosen)) {
                     // The dot4 form where the tuner chose it; untuned, where
-                    // it is the faster on any input (NEON sdot).
+                    // it is the faster on any input (NEON sdot, AVX-512 VNNI).
                     let dot4 = match chosen {
                         Some(name) => name.ends_with("-dot4"),
-                        None => dot4_kernel() == Some("sdot"),
+                        None => matches!(dot4_kernel(), Some("sdot" | "vpdpbusd")),
                     };
                     let layer = QConv2d::new(geo, &w, bias.as_deref(), a.activation, scale)
                         .map_err(|e| e.to_string())?

@@ -57,13 +57,15 @@ const QNC: usize = 64;
 pub const QMAX: f32 = 127.0;
 
 /// The dot4 kernel this CPU runs (see [`QConv2d::with_dot4`]):
-/// `vpmaddubsw` with AVX2, `sdot` with the NEON dot-product extension
-/// (Jetson Orin's Cortex-A78AE has it); `None` without either, or under an
-/// `OSPREY_ISA` cap.
+/// `vpdpbusd` with AVX-512 VNNI, `vpmaddubsw` with AVX2, `sdot` with the
+/// NEON dot-product extension (Jetson Orin's Cortex-A78AE has it); `None`
+/// without any, or under an `OSPREY_ISA` cap.
 pub fn dot4_kernel() -> Option<&'static str> {
     match isa::active() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => Some("vpmaddubsw"),
+        Isa::Avx512 if isa::has_vnni() => Some("vpdpbusd"),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma | Isa::Avx512 => Some("vpmaddubsw"),
         #[cfg(target_arch = "aarch64")]
         Isa::Neon if isa::has_dotprod() => Some("sdot"),
         _ => None,
@@ -462,7 +464,7 @@ impl QConv2d {
                             let cols = QNR.min(ohw - px);
                             let mut acc = [[0i32; QNR]; QMR];
                             #[cfg(target_arch = "x86_64")]
-                            if isa == Isa::Avx2Fma {
+                            if isa.has_avx2() {
                                 // SAFETY: AVX2 and FMA are active; a and
                                 // panel hold kquads groups; the rows × 16
                                 // outputs at the tile's offset are this
@@ -495,7 +497,7 @@ impl QConv2d {
                         let px = p0 + pi * QNR;
                         let cols = QNR.min(ohw - px);
                         #[cfg(target_arch = "x86_64")]
-                        if isa == Isa::Avx2Fma && cols == QNR {
+                        if isa.has_avx2() && cols == QNR {
                             // SAFETY: AVX2 is active; a and panel hold kpairs
                             // pairs; the `rows` × 16 output (and residual)
                             // elements at the tile's offset are this task's own.

@@ -30,6 +30,10 @@ pub(super) unsafe fn products_quad_avx2(
     nonneg: bool,
 ) -> [[std::arch::x86_64::__m256i; 2]; QMR] {
     use std::arch::x86_64::*;
+    if crate::isa::has_vnni() {
+        // SAFETY: AVX-512 VNNI and VL were detected; forwarded contract.
+        return unsafe { products_quad_vnni(kquads, a, b, nonneg) };
+    }
     let mut c = [[_mm256_setzero_si256(); 2]; QMR];
     let ones = _mm256_set1_epi16(1);
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
@@ -70,13 +74,60 @@ pub(super) unsafe fn products_quad_avx2(
     c
 }
 
+/// [`products_quad_avx2`] with AVX-512 VNNI: one `vpdpbusd` adds the four
+/// u8 × i8 products of each group to its `i32` lane (no 16-bit
+/// intermediate, so nothing can saturate), where AVX2 needs `vpmaddubsw`,
+/// `vpmaddwd` and `vpaddd`. Same operands, same exact sums.
+///
+/// # Safety
+/// AVX-512 VNNI and VL must be present; otherwise as
+/// [`products_quad_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+pub(super) unsafe fn products_quad_vnni(
+    kquads: usize,
+    a: &[i8],
+    b: &[i8],
+    nonneg: bool,
+) -> [[std::arch::x86_64::__m256i; 2]; QMR] {
+    use std::arch::x86_64::*;
+    let mut c = [[_mm256_setzero_si256(); 2]; QMR];
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    // SAFETY: forwarded contract; every load is within the kquads groups
+    // of a and b.
+    unsafe {
+        for q in 0..kquads {
+            let b0 = _mm256_loadu_si256(bp.add(q * QNR * 4) as *const __m256i);
+            let b1 = _mm256_loadu_si256(bp.add(q * QNR * 4 + 32) as *const __m256i);
+            if nonneg {
+                for (r, cr) in c.iter_mut().enumerate() {
+                    let quad = (ap.add((q * QMR + r) * 4) as *const i32).read_unaligned();
+                    let av = _mm256_set1_epi32(quad);
+                    cr[0] = _mm256_dpbusd_epi32(cr[0], b0, av);
+                    cr[1] = _mm256_dpbusd_epi32(cr[1], b1, av);
+                }
+            } else {
+                // |input| unsigned, the input's sign moved to the weight.
+                let (m0, m1) = (_mm256_abs_epi8(b0), _mm256_abs_epi8(b1));
+                for (r, cr) in c.iter_mut().enumerate() {
+                    let quad = (ap.add((q * QMR + r) * 4) as *const i32).read_unaligned();
+                    let av = _mm256_set1_epi32(quad);
+                    cr[0] = _mm256_dpbusd_epi32(cr[0], m0, _mm256_sign_epi8(av, b0));
+                    cr[1] = _mm256_dpbusd_epi32(cr[1], m1, _mm256_sign_epi8(av, b1));
+                }
+            }
+        }
+    }
+    c
+}
+
 /// The dot4 micro-kernel: `acc[r][j] += Σ_q Σ_t a[q][r][t]·b[q][j][t]` over
 /// `kquads` groups of four INT8 values (the layout of
 /// [`super::QConv2d::with_dot4`]). Exact for every value in [-127, 127].
 pub fn tile_quad(isa: Isa, kquads: usize, a: &[i8], b: &[i8], acc: &mut [[i32; QNR]; QMR]) {
     assert!(a.len() >= kquads * QMR * 4 && b.len() >= kquads * QNR * 4);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
+    if isa.has_avx2() {
         // SAFETY: AVX2 is present when this tier is active; lengths checked.
         // The signed form is exact on any input.
         unsafe { super::accumulate_avx2(&products_quad_avx2(kquads, a, b, false), acc) };
@@ -173,7 +224,7 @@ pub(super) unsafe fn tile_quad_sdot(
 pub(super) fn interleave4(isa: Isa, rows: &[[i8; QNR]; 4], dst: &mut [i8]) -> bool {
     assert!(dst.len() >= 4 * QNR);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
+    if isa.has_avx2() {
         // SAFETY: AVX2 is present when this tier is active; dst holds 64
         // bytes (checked).
         return unsafe { interleave4_avx2(rows, dst.as_mut_ptr()) };
@@ -232,7 +283,7 @@ pub(super) fn pack_quad(
 ) -> bool {
     assert!(dst.len() >= 4 * QNR);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
+    if isa.has_avx2() {
         let len = match x {
             QIn::F32(x) => x.len(),
             QIn::I8(x) => x.len(),
