@@ -250,7 +250,7 @@ pub fn quantize(ty: QuantType, x: &[f32]) -> Option<Vec<u8>> {
 /// One row (`x.len()` elements, quantized in `row`) times `x`.
 pub fn dot(ty: QuantType, row: &[u8], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma
+    if crate::isa::active().has_avx2()
         && matches!(
             ty,
             QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q8_0 | QuantType::F32
@@ -405,7 +405,7 @@ const ROW_BUF: usize = 8192;
 /// [`dequantize`], which it falls back to).
 pub fn dequantize_row(ty: QuantType, row: &[u8], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma
+    if crate::isa::active().has_avx2()
         && matches!(ty, QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q8_0)
     {
         // SAFETY: AVX2 is present when this tier is active; whole blocks
@@ -467,7 +467,7 @@ unsafe fn dequantize_row_avx2(ty: QuantType, row: &[u8], out: &mut [f32]) {
 /// `Σ a·b` over f32 slices, eight lanes and four accumulators where AVX2 is.
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+    if crate::isa::active().has_avx2() {
         // SAFETY: AVX2/FMA present; reads stay within the shorter slice.
         return unsafe { dot_f32_avx2(a, b) };
     }
@@ -505,7 +505,7 @@ unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// every row of a product, so the `m` term costs one multiply per block).
 pub fn dot_q4_1_sums(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+    if crate::isa::active().has_avx2() {
         // SAFETY: AVX2/FMA/F16C present; whole blocks only (checked inside).
         return unsafe { dot_q4_1_sums_avx2(row, x, xsum) };
     }
@@ -557,7 +557,7 @@ unsafe fn dot_q4_1_sums_avx2(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
 /// `y += a·x` over f32 slices (the shorter length).
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+    if crate::isa::active().has_avx2() {
         // SAFETY: AVX2/FMA present; the body is safe code.
         unsafe { axpy_avx2(a, x, y) };
         return;
@@ -685,7 +685,7 @@ pub fn matmul(
 /// `x` (all `cols` long).
 fn tile_dot(w: &[f32], nr: usize, x: &[f32], nt: usize, cols: usize, acc: &mut [[f32; 2]; 4]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma && nr == 4 && nt == 2 {
+    if crate::isa::active().has_avx2() && nr == 4 && nt == 2 {
         // SAFETY: AVX2/FMA present; the function reads 4 rows of `w` and 2
         // of `x`, each `cols` long (checked inside).
         unsafe { tile_dot_4x2_avx2(w, x, cols, acc) };
@@ -797,7 +797,7 @@ fn quantize_q8_block(b: &[f32], q: &mut [i8]) -> (f32, i32) {
 /// [`quantize_q8_block`] with the fastest form this CPU has.
 fn quantize_q8_block_best(b: &[f32], q: &mut [i8]) -> (f32, i32) {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+    if crate::isa::active().has_avx2() {
         // SAFETY: AVX2 is active; the function checks the 32 values.
         return unsafe { quantize_q8_block_avx2(b, q) };
     }
@@ -892,7 +892,7 @@ pub fn dot_q8_portable(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
 /// [`dot_q8_portable`], eight-way integer SIMD where the CPU has it.
 pub fn dot_q8(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+    if crate::isa::active().has_avx2() {
         // SAFETY: AVX2/FMA are present when this tier is active; the
         // function reads whole blocks of `row` and of row `t` of `xq`.
         return unsafe { dot_q8_avx2(ty, row, xq, t) };
@@ -1027,7 +1027,14 @@ fn dot_q8_rows4(
     out: &mut [f32; 4],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+    if crate::isa::has_vnni() {
+        // SAFETY: AVX-512 VNNI/VL (and AVX2/FMA/F16C) present; the bounds
+        // are checked inside.
+        unsafe { dot_q8_rows_vnni::<4>(ty, w, rb, xq, t, out) };
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active().has_avx2() {
         // SAFETY: AVX2/FMA/F16C present; the bounds are checked inside.
         unsafe { dot_q8_rows_avx2::<4>(ty, w, rb, xq, t, out) };
         return true;
@@ -1051,88 +1058,148 @@ fn dot_q8_rows4(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_avx2(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
     let mut out = [0.0f32; 1];
-    // SAFETY: AVX2/FMA/F16C are enabled here; the bounds are checked
-    // inside.
-    unsafe { dot_q8_rows_avx2::<1>(ty, row, row.len(), xq, t, &mut out) };
+    if crate::isa::has_vnni() {
+        // SAFETY: AVX-512 VNNI/VL were detected; the bounds are checked
+        // inside.
+        unsafe { dot_q8_rows_vnni::<1>(ty, row, row.len(), xq, t, &mut out) };
+    } else {
+        // SAFETY: AVX2/FMA/F16C are enabled here; the bounds are checked
+        // inside.
+        unsafe { dot_q8_rows_avx2::<1>(ty, row, row.len(), xq, t, &mut out) };
+    }
     out[0]
 }
 
-/// `R` consecutive weight rows (`rb` bytes apart in `w`) times activation
-/// row `t`: `R` independent accumulation chains hide the FMA latency and
-/// share each activation block load. Each row's sum runs in the same order
-/// as llama.cpp's AVX2 `vec_dot_q4_1_q8_1` (one 8-lane accumulator, block
-/// by block; the `m·s` terms summed apart), so results are bit-identical
-/// to it.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q8_rows_avx2<const R: usize>(
-    ty: QuantType,
-    w: &[u8],
-    rb: usize,
-    xq: &Q8Act,
-    t: usize,
-    out: &mut [f32; R],
-) {
-    use std::arch::x86_64::*;
-    let nb = xq.cols / 32;
-    let bb = ty.block_bytes();
-    assert!(R > 0 && rb >= nb * bb && w.len() >= (R - 1) * rb + nb * bb);
-    assert!(xq.q.len() >= (t + 1) * nb * 32 && xq.d.len() >= (t + 1) * nb);
-    let ones = _mm256_set1_epi16(1);
-    let low = _mm256_set1_epi8(0x0f);
-    let eight = _mm256_set1_epi8(8);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut tail = [0.0f32; R];
-    // The next R rows follow these in memory: fetch them while these are
-    // multiplied (the weights stream from DRAM once per token, and the
-    // hardware prefetcher loses track of R interleaved short rows).
-    let ahead = w.as_ptr().wrapping_add(R * rb);
-    let pf_step = (R * rb).div_ceil(nb.max(1));
-    for k in 0..nb {
-        let xi = t * nb + k;
-        for l in (0..pf_step).step_by(64) {
-            // A prefetch never faults, so the address may pass the end.
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(k * pf_step + l) as *const i8);
-        }
-        // SAFETY: the asserts above bound every read (32 i8 of x; 16 or
-        // 32 weight bytes and the scales inside block k of each row).
-        unsafe {
-            let xv = _mm256_loadu_si256(xq.q.as_ptr().add(xi * 32) as *const __m256i);
-            let (xd, xs) = (*xq.d.get_unchecked(xi), *xq.s.get_unchecked(xi));
+/// Defines a product of `R` consecutive weight rows with activation row `t`
+/// (see [`dot_q8_rows_avx2`]) for one x86 feature set; `$sum4` adds each
+/// group of four u8 × i8 products into an `i32` lane.
+macro_rules! dot_q8_rows_x86 {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $sum4:ident) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const R: usize>(
+            ty: QuantType,
+            w: &[u8],
+            rb: usize,
+            xq: &Q8Act,
+            t: usize,
+            out: &mut [f32; R],
+        ) {
+            use std::arch::x86_64::*;
+            let nb = xq.cols / 32;
+            let bb = ty.block_bytes();
+            assert!(R > 0 && rb >= nb * bb && w.len() >= (R - 1) * rb + nb * bb);
+            assert!(xq.q.len() >= (t + 1) * nb * 32 && xq.d.len() >= (t + 1) * nb);
+            let low = _mm256_set1_epi8(0x0f);
+            let eight = _mm256_set1_epi8(8);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut tail = [0.0f32; R];
+            // The next R rows follow these in memory: fetch them while these are
+            // multiplied (the weights stream from DRAM once per token, and the
+            // hardware prefetcher loses track of R interleaved short rows).
+            let ahead = w.as_ptr().wrapping_add(R * rb);
+            let pf_step = (R * rb).div_ceil(nb.max(1));
+            for k in 0..nb {
+                let xi = t * nb + k;
+                for l in (0..pf_step).step_by(64) {
+                    // A prefetch never faults, so the address may pass the end.
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(k * pf_step + l) as *const i8);
+                }
+                // SAFETY: the asserts above bound every read (32 i8 of x; 16 or
+                // 32 weight bytes and the scales inside block k of each row).
+                unsafe {
+                    let xv = _mm256_loadu_si256(xq.q.as_ptr().add(xi * 32) as *const __m256i);
+                    let (xd, xs) = (*xq.d.get_unchecked(xi), *xq.s.get_unchecked(xi));
+                    for r in 0..R {
+                        let b = w.as_ptr().add(r * rb + k * bb);
+                        let (w_u8, x_s8, scale) = match ty {
+                            QuantType::Q8_0 => {
+                                let wv = _mm256_loadu_si256(b.add(2) as *const __m256i);
+                                // |w| · sign(x, w): unsigned × signed for maddubs.
+                                (_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv), h2p(b).0)
+                            }
+                            _ => {
+                                let off = if ty == QuantType::Q4_1 { 4 } else { 2 };
+                                let raw = _mm_loadu_si128(b.add(off) as *const __m128i);
+                                let both = _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw);
+                                let nib = _mm256_and_si256(both, low);
+                                if ty == QuantType::Q4_0 {
+                                    let wv = _mm256_sub_epi8(nib, eight);
+                                    (_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv), h2p(b).0)
+                                } else {
+                                    let (d, m) = h2p(b);
+                                    tail[r] += m * xs;
+                                    (nib, xv, d)
+                                }
+                            }
+                        };
+                        let p32 = $sum4(w_u8, x_s8);
+                        let d = _mm256_set1_ps(scale * xd);
+                        acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc[r]);
+                    }
+                }
+            }
             for r in 0..R {
-                let b = w.as_ptr().add(r * rb + k * bb);
-                let (w_u8, x_s8, scale) = match ty {
-                    QuantType::Q8_0 => {
-                        let wv = _mm256_loadu_si256(b.add(2) as *const __m256i);
-                        // |w| · sign(x, w): unsigned × signed for maddubs.
-                        (_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv), h2p(b).0)
-                    }
-                    _ => {
-                        let off = if ty == QuantType::Q4_1 { 4 } else { 2 };
-                        let raw = _mm_loadu_si128(b.add(off) as *const __m128i);
-                        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw);
-                        let nib = _mm256_and_si256(both, low);
-                        if ty == QuantType::Q4_0 {
-                            let wv = _mm256_sub_epi8(nib, eight);
-                            (_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv), h2p(b).0)
-                        } else {
-                            let (d, m) = h2p(b);
-                            tail[r] += m * xs;
-                            (nib, xv, d)
-                        }
-                    }
-                };
-                let p16 = _mm256_maddubs_epi16(w_u8, x_s8);
-                let p32 = _mm256_madd_epi16(p16, ones);
-                let d = _mm256_set1_ps(scale * xd);
-                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc[r]);
+                // SAFETY: AVX2 is enabled in this function.
+                out[r] = unsafe { hsum(acc[r]) } + tail[r];
             }
         }
-    }
-    for r in 0..R {
-        // SAFETY: AVX2 is enabled in this function.
-        out[r] = unsafe { hsum(acc[r]) } + tail[r];
-    }
+    };
+}
+
+dot_q8_rows_x86!(
+    /// `R` consecutive weight rows (`rb` bytes apart in `w`) times activation
+    /// row `t`: `R` independent accumulation chains hide the FMA latency and
+    /// share each activation block load. Each row's sum runs in the same order
+    /// as llama.cpp's AVX2 `vec_dot_q4_1_q8_1` (one 8-lane accumulator, block
+    /// by block; the `m·s` terms summed apart), so results are bit-identical
+    /// to it.
+    dot_q8_rows_avx2,
+    "avx2,fma,f16c",
+    sum4_maddubs
+);
+
+dot_q8_rows_x86!(
+    /// [`dot_q8_rows_avx2`] with AVX-512 VNNI: `vpdpbusd` forms each group's
+    /// `i32` sum in one instruction (AVX2: `vpmaddubsw` + `vpmaddwd`). The
+    /// integer sums are the same exact values, so the results are too
+    /// (llama.cpp uses the same instruction on such CPUs).
+    dot_q8_rows_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    sum4_vnni
+);
+
+/// Four u8 × i8 products per `i32` lane, summed: `vpmaddubsw` (exact here:
+/// no pair sum reaches the i16 limit with |values| ≤ 127 or nibbles ≤ 15
+/// times |x| ≤ 127) then `vpmaddwd` by ones.
+///
+/// # Safety
+/// AVX2 must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn sum4_maddubs(
+    u: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+}
+
+/// [`sum4_maddubs`] in one `vpdpbusd`.
+///
+/// # Safety
+/// AVX-512 VNNI and VL must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn sum4_vnni(
+    u: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
 }
 
 /// [`h2`] from a raw block pointer.
@@ -1388,7 +1455,7 @@ mod tests {
                 prop_assert_eq!(want[2], -56); // -55.5 → -56
             }
             #[cfg(target_arch = "x86_64")]
-            if crate::isa::active() == crate::isa::Isa::Avx2Fma {
+            if crate::isa::active().has_avx2() {
                 let mut got = [0i8; 32];
                 // SAFETY: AVX2 is active; 32 values each.
                 let (d1, s1) = unsafe { quantize_q8_block_avx2(&b, &mut got) };
@@ -1459,6 +1526,41 @@ mod tests {
                             assert_eq!(one.to_bits(), want.to_bits(), "{ty:?}");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The VNNI form forms the same exact integer sums as the AVX2 one, so
+    /// every result has the same bits (and llama.cpp's on either CPU).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vnni_rows_equal_avx2_rows_bit_for_bit() {
+        if !crate::isa::has_vnni() {
+            eprintln!("SKIPPED: this CPU has no AVX-512 VNNI (or OSPREY_ISA caps it)");
+            return;
+        }
+        let cols = 160;
+        for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
+            for seed in 0..20u64 {
+                let w = quantize(ty, &data(4 * cols, seed)).unwrap();
+                let mut xq = Q8Act::with_capacity(2, cols);
+                xq.quantize(&data(2 * cols, seed ^ 9), 2, cols);
+                let rb = ty.row_bytes(cols);
+                for t in 0..2 {
+                    let (mut a, mut b) = ([0.0f32; 4], [0.0f32; 4]);
+                    // SAFETY: VNNI was detected (so AVX2/FMA/F16C too); the
+                    // buffers hold four rows of `cols` and two activation
+                    // rows (the functions check the bounds).
+                    unsafe {
+                        dot_q8_rows_avx2::<4>(ty, &w, rb, &xq, t, &mut a);
+                        dot_q8_rows_vnni::<4>(ty, &w, rb, &xq, t, &mut b);
+                    }
+                    assert_eq!(
+                        a.map(f32::to_bits),
+                        b.map(f32::to_bits),
+                        "{ty:?} seed {seed}"
+                    );
                 }
             }
         }
