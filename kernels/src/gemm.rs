@@ -390,13 +390,21 @@ unsafe fn gemm_block(
         let mut pc = p0;
         while pc < p1 {
             let pc_end = (pc + MC / MR).min(p1);
-            for jp in 0..panels {
+            let mut jp = 0;
+            while jp < panels {
                 let j = n0 + jp * NR;
                 let nr = (n1 - j).min(NR);
                 let (bp, ldb): (&[f32], usize) = match direct {
                     Some(bm) if nr == NR => (&bm.data[k0 * bm.rs + j..], bm.rs),
                     Some(_) => (&pack[..kc * NR], NR),
                     None => (&pack[jp * kc * NR..(jp + 1) * kc * NR], NR),
+                };
+                // AVX-512: two full panels per tile (6 rows × 32 columns).
+                let pair = isa.has_avx512() && n1 - j >= 2 * NR;
+                let bp2: &[f32] = match direct {
+                    _ if !pair => &[],
+                    Some(bm) => &bm.data[k0 * bm.rs + j + NR..],
+                    None => &pack[(jp + 1) * kc * NR..(jp + 2) * kc * NR],
                 };
                 for p in pc..pc_end {
                     let i = p * MR;
@@ -421,25 +429,51 @@ unsafe fn gemm_block(
                         res,
                         ldr: ldc,
                     };
-                    // SAFETY: the tile (i..i+mr, j..j+nr) is inside C's region.
+                    let width = if pair { 2 * NR } else { nr };
+                    // SAFETY: the tile (i..i+mr, j..j+width) is inside C's
+                    // region; a pair's second panel holds kc rows of NR
+                    // floats at stride ldb like the first.
                     unsafe {
-                        tile(
-                            isa,
-                            kc,
-                            ap,
-                            bp,
-                            ldb,
-                            c.add(i * ldc + j),
-                            ldc,
-                            mr,
-                            nr,
-                            &store,
-                        );
+                        if pair && mr == MR {
+                            ukernel_pair(
+                                isa,
+                                kc,
+                                ap,
+                                bp,
+                                bp2,
+                                ldb,
+                                c.add(i * ldc + j),
+                                ldc,
+                                &store,
+                            );
+                        } else {
+                            tile(
+                                isa,
+                                kc,
+                                ap,
+                                bp,
+                                ldb,
+                                c.add(i * ldc + j),
+                                ldc,
+                                mr,
+                                nr,
+                                &store,
+                            );
+                            if pair {
+                                let mut second = store;
+                                if !res.is_null() {
+                                    second.res = res.add(NR);
+                                }
+                                let c2 = c.add(i * ldc + j + NR);
+                                tile(isa, kc, ap, bp2, ldb, c2, ldc, mr, NR, &second);
+                            }
+                        }
                         if last && clamp.is_none() {
-                            apply_activation(c.add(i * ldc + j), ldc, mr, nr, epi.act);
+                            apply_activation(c.add(i * ldc + j), ldc, mr, width, epi.act);
                         }
                     }
                 }
+                jp += if pair { 2 } else { 1 };
             }
             pc = pc_end;
         }
@@ -548,6 +582,44 @@ unsafe fn ukernel(
         },
         // SAFETY: forwarded contract.
         _ => unsafe { portable_sgemm_6x16(kc, a, b, ldb, c, ldc, store) },
+    }
+}
+
+/// A full MR × 2·NR tile from two B panels (AVX-512 only; other tiers
+/// run the two halves as two tiles).
+///
+/// # Safety
+/// As [`ukernel`], for both panels and the 2·NR-wide tile.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn ukernel_pair(
+    isa: Isa,
+    kc: usize,
+    a: &[f32],
+    b0: &[f32],
+    b1: &[f32],
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    store: &Store,
+) {
+    debug_assert!(a.len() >= kc * MR && b1.len() >= (kc - 1) * ldb + NR);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: the AVX-512 tier is only active when the CPU has
+        // AVX-512 F (and AVX2, FMA); forwarded contract.
+        unsafe { avx512_sgemm_6x32(kc, a.as_ptr(), b0.as_ptr(), b1.as_ptr(), ldb, c, ldc, store) };
+        return;
+    }
+    let mut second = *store;
+    if !store.res.is_null() {
+        // SAFETY: the residual tile is as wide as C's (forwarded contract).
+        second.res = unsafe { store.res.add(NR) };
+    }
+    // SAFETY: forwarded contract, one panel at a time.
+    unsafe {
+        ukernel(isa, kc, a, b0, ldb, c, ldc, store);
+        ukernel(isa, kc, a, b1, ldb, c.add(NR), ldc, &second);
     }
 }
 
@@ -667,6 +739,64 @@ unsafe fn avx2_fma_sgemm_6x16(
             v1 = _mm256_min_ps(_mm256_max_ps(v1, vlo), vhi);
             _mm256_storeu_ps(cp, v0);
             _mm256_storeu_ps(cp.add(8), v1);
+        }
+    }
+}
+
+/// AVX-512 micro-kernel: 6 rows × 32 columns (two B panels) in 12 zmm
+/// accumulators, A broadcast.
+///
+/// # Safety
+/// CPU must support AVX-512 F; pointers as [`ukernel_pair`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avx512_sgemm_6x32(
+    kc: usize,
+    a: *const f32,
+    b0: *const f32,
+    b1: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    store: &Store,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: every pointer offset stays inside the kc·MR A panel, the kc
+    // rows of NR floats at stride ldb of each B panel, and the MR×2·NR
+    // tile, as guaranteed by the caller.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for kk in 0..kc {
+            let v0 = _mm512_loadu_ps(b0.add(kk * ldb));
+            let v1 = _mm512_loadu_ps(b1.add(kk * ldb));
+            let ap = a.add(kk * MR);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*ap.add(r));
+                row[0] = _mm512_fmadd_ps(av, v0, row[0]);
+                row[1] = _mm512_fmadd_ps(av, v1, row[1]);
+            }
+        }
+        let (lo, hi) = store.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+        let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+        for r in 0..MR {
+            let cp = c.add(r * ldc);
+            let bias = _mm512_set1_ps(store.bias[r]);
+            let mut v = [
+                _mm512_add_ps(acc[r][0], bias),
+                _mm512_add_ps(acc[r][1], bias),
+            ];
+            for (h, vh) in v.iter_mut().enumerate() {
+                if store.load_c {
+                    *vh = _mm512_add_ps(*vh, _mm512_loadu_ps(cp.add(h * NR)));
+                }
+                if !store.res.is_null() {
+                    let rp = store.res.add(r * store.ldr + h * NR);
+                    *vh = _mm512_add_ps(*vh, _mm512_loadu_ps(rp));
+                }
+                *vh = _mm512_min_ps(_mm512_max_ps(*vh, vlo), vhi);
+                _mm512_storeu_ps(cp.add(h * NR), *vh);
+            }
         }
     }
 }
