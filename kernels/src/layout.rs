@@ -67,6 +67,36 @@ pub fn copy_strided(
     }
     let inner = dims[n - 1];
     let (si, di) = (ss[n - 1], ds[n - 1]);
+    if (si != 1 || di != 1) && n >= 2 {
+        // A transpose-like copy: the last two dimensions go tile by tile,
+        // so the strided side's cache lines are used while they are hot
+        // (an NHWC ↔ NCHW conversion reads or writes one line per element
+        // otherwise).
+        let outer: usize = dims[..n - 2].iter().product();
+        let mut idx = [0usize; MAX_RANK];
+        for _ in 0..outer {
+            let mut so = src.offset as isize;
+            let mut dof = dst.offset as isize;
+            for d in 0..n - 2 {
+                so += idx[d] as isize * ss[d];
+                dof += idx[d] as isize * ds[d];
+            }
+            let plane = Plane2d {
+                dims: [dims[n - 2], inner],
+                src: [ss[n - 2], si],
+                dst: [ds[n - 2], di],
+            };
+            plane.copy(x, so, y, dof);
+            for d in (0..n - 2).rev() {
+                idx[d] += 1;
+                if idx[d] < dims[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        return;
+    }
     let outer: usize = dims[..n - 1].iter().product();
     let mut idx = [0usize; MAX_RANK];
     for _ in 0..outer {
@@ -90,6 +120,35 @@ pub fn copy_strided(
                 break;
             }
             idx[d] = 0;
+        }
+    }
+}
+
+/// Two dimensions of a strided copy, with their source and destination
+/// strides.
+struct Plane2d {
+    dims: [usize; 2],
+    src: [isize; 2],
+    dst: [isize; 2],
+}
+
+impl Plane2d {
+    /// Side of the square tiles: 32 × 32 floats are 4 KiB on each side.
+    const TILE: usize = 32;
+
+    /// Copies the plane at source offset `so` to destination offset `dof`.
+    fn copy(&self, x: &[f32], so: isize, y: &mut [f32], dof: isize) {
+        let t = Plane2d::TILE;
+        for r0 in (0..self.dims[0]).step_by(t) {
+            for c0 in (0..self.dims[1]).step_by(t) {
+                for r in r0..(r0 + t).min(self.dims[0]) {
+                    let sb = so + r as isize * self.src[0];
+                    let db = dof + r as isize * self.dst[0];
+                    for c in c0 as isize..(c0 + t).min(self.dims[1]) as isize {
+                        y[(db + c * self.dst[1]) as usize] = x[(sb + c * self.src[1]) as usize];
+                    }
+                }
+            }
         }
     }
 }
@@ -196,6 +255,56 @@ mod tests {
             },
         );
         assert_eq!(y, vec![0., 3., 1., 4., 2., 5.]);
+    }
+
+    /// Layout conversions larger than a tile, both ways, against direct
+    /// indexing.
+    #[test]
+    fn nchw_nhwc_conversions_across_tiles() {
+        for (c, h, w) in [(3, 37, 45), (80, 9, 70), (33, 1, 65)] {
+            let x: Vec<f32> = (0..c * h * w).map(|i| i as f32).collect();
+            // NCHW -> NHWC: output [h, w, c] reads x[ch][y][x].
+            let mut s = [0isize; MAX_RANK];
+            s[..3].copy_from_slice(&[w as isize, 1, (h * w) as isize]);
+            let mut y = vec![0.0; x.len()];
+            let out = StridedView {
+                offset: 0,
+                strides: contiguous_strides(&[h, w, c]),
+            };
+            copy_strided(
+                &[h, w, c],
+                &x,
+                &StridedView {
+                    offset: 0,
+                    strides: s,
+                },
+                &mut y,
+                &out,
+            );
+            for (i, v) in y.iter().enumerate() {
+                let (p, ch) = (i / c, i % c);
+                assert_eq!(*v, x[ch * h * w + p], "{c}x{h}x{w} nhwc {i}");
+            }
+            // And back: output [c, h, w] reads y[y][x][ch].
+            let mut s = [0isize; MAX_RANK];
+            s[..3].copy_from_slice(&[1, (w * c) as isize, c as isize]);
+            let mut back = vec![0.0; x.len()];
+            let out = StridedView {
+                offset: 0,
+                strides: contiguous_strides(&[c, h, w]),
+            };
+            copy_strided(
+                &[c, h, w],
+                &y,
+                &StridedView {
+                    offset: 0,
+                    strides: s,
+                },
+                &mut back,
+                &out,
+            );
+            assert_eq!(back, x, "{c}x{h}x{w} round trip");
+        }
     }
 
     #[test]
