@@ -388,19 +388,23 @@ impl Conv2dNhwc {
                     at = interior(ox).then_some(ox);
                 }
             }
-            // Two interior neighbours share the weight loads (AVX2); they
-            // are `stride · c` floats apart.
-            let pair = at.is_some() && ox + 1 < self.ow && interior(ox + 1);
-            let px = if pair { 2 } else { 1 };
+            // Interior neighbours share the weight loads: two with AVX2,
+            // up to four with AVX-512; they are `stride · c` floats apart.
+            let most = if isa.has_avx512() { 4 } else { 2 };
+            let mut px = 1;
+            while at.is_some() && px < most && ox + px < self.ow && interior(ox + px) {
+                px += 1;
+            }
             let out = &mut y[ox * c..(ox + px) * c];
             let r = res.map(|r| &r[ox * c..(ox + px) * c]);
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: the AVX2 tiers are active only when the CPU has AVX2 and
-                // FMA; every tap offset (plus, for the pair, the second
-                // pixel's `stride · c`) addresses `c` floats inside `x`, the
-                // weights hold `c` floats per tap, and `out`/`r` hold
-                // `px · c` floats.
+                // SAFETY: the AVX2 tiers are active only when the CPU has
+                // AVX2 and FMA (AVX-512 on its tier); every tap offset (plus,
+                // for the later pixels of a group, `p · stride · c`: they are
+                // interior) addresses `c` floats inside `x`, the weights
+                // hold `c` floats per tap, and `out`/`r` hold `px · c`
+                // floats.
                 Isa::Avx2Fma | Isa::Avx512 => unsafe {
                     let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
                     let dw = DwSimd {
@@ -415,11 +419,13 @@ impl Conv2dNhwc {
                         lo,
                         hi,
                     };
-                    match (isa.has_avx512(), pair) {
-                        (true, true) => dw.run_avx512::<2>(),
-                        (true, false) => dw.run_avx512::<1>(),
-                        (false, true) => dw.run::<2>(),
-                        (false, false) => dw.run::<1>(),
+                    match (isa.has_avx512(), px) {
+                        (true, 4) => dw.run_avx512::<4>(),
+                        (true, 3) => dw.run_avx512::<3>(),
+                        (true, 2) => dw.run_avx512::<2>(),
+                        (true, _) => dw.run_avx512::<1>(),
+                        (false, 2) => dw.run::<2>(),
+                        (false, _) => dw.run::<1>(),
                     }
                 },
                 _ => {
@@ -447,20 +453,20 @@ impl Conv2dNhwc {
     }
 }
 
-/// The AVX2 / AVX-512 depthwise kernels' operands for one or two
-/// neighbouring pixels.
+/// The AVX2 / AVX-512 depthwise kernels' operands for a group of
+/// neighbouring pixels (up to two with AVX2, four with AVX-512).
 #[cfg(target_arch = "x86_64")]
 struct DwSimd<'a> {
     x: *const f32,
     w: *const f32,
     /// (input offset of pixel 0, weight offset) per valid tap.
     taps: &'a [(usize, usize)],
-    /// Input offset of pixel 1 relative to pixel 0.
+    /// Input offset of pixel `p + 1` relative to pixel `p`.
     pstep: usize,
     bias: *const f32,
-    /// Residual of pixel 0 (pixel 1 follows `c` floats later).
+    /// Residual of pixel 0 (each next pixel's `c` floats later).
     res: Option<*const f32>,
-    /// Output of pixel 0 (pixel 1 follows `c` floats later).
+    /// Output of pixel 0 (each next pixel's `c` floats later).
     out: *mut f32,
     c: usize,
     lo: f32,
