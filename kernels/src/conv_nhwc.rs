@@ -245,6 +245,36 @@ impl Conv2dNhwc {
                     return 1;
                 }
                 let (mut oy, mut ox) = (p / self.ow, p % self.ow);
+                // A tile inside one output row whose windows are all inside
+                // the input's width: every tap's pixels are one pointer
+                // apart by `stride · cin` floats (most tiles).
+                let (sx, pl, span) = (g.stride[1], g.pads[1], (g.kw - 1) * g.dilation[1]);
+                let last = ox + n_rows - 1;
+                if last < self.ow && ox * sx >= pl && last * sx - pl + span < g.w {
+                    let step = sx * cin;
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            let t = ky * g.kw + kx;
+                            match self.tap_pixel(oy, ox, ky, kx) {
+                                Some(px) => {
+                                    // In bounds: the last pixel's tap is
+                                    // `px + (n_rows - 1)·stride`, inside the
+                                    // row by the test above.
+                                    let base = &x[px * cin..(px + (n_rows - 1) * sx + 1) * cin];
+                                    for (r, slot) in rows[t].iter_mut().enumerate() {
+                                        *slot = if r < n_rows {
+                                            base[r * step..].as_ptr()
+                                        } else {
+                                            zeros
+                                        };
+                                    }
+                                }
+                                None => rows[t].iter_mut().for_each(|slot| *slot = zeros),
+                            }
+                        }
+                    }
+                    return taps;
+                }
                 for r in 0..M {
                     for ky in 0..g.kh {
                         for kx in 0..g.kw {
@@ -285,16 +315,6 @@ impl Conv2dNhwc {
                 // them inside `y`.
                 let dst = unsafe { y_ptr.add(p * cout + c0) };
                 out.compute(isa, dst);
-                if clamp.is_none() {
-                    for r in 0..n_rows {
-                        // SAFETY: as above, the row's `cols` values belong
-                        // to this task.
-                        let row = unsafe {
-                            std::slice::from_raw_parts_mut(y_ptr.add((p + r) * cout + c0), cols)
-                        };
-                        self.act.apply_slice(row);
-                    }
-                }
             };
             // Small weights (all of this task's panels fit in L1/L2): set a
             // tile's rows up once and sweep the panels; otherwise keep one
@@ -313,6 +333,29 @@ impl Conv2dNhwc {
                         let n_rows = (p1 - p).min(M);
                         let nt = setup(p, n_rows, &mut rows);
                         compute(q, p, n_rows, &rows[..nt]);
+                    }
+                }
+            }
+            // An activation the tiles could not apply in registers goes
+            // over the task's block once it is written (still in cache):
+            // one slice when the task has every channel.
+            if clamp.is_none() {
+                let (c0, c1) = (q0 * NR, (q1 * NR).min(cout));
+                if c1 - c0 == cout {
+                    // SAFETY: pixels p0..p1, every channel, are this task's
+                    // (see `compute`).
+                    let block = unsafe {
+                        std::slice::from_raw_parts_mut(y_ptr.add(p0 * cout), (p1 - p0) * cout)
+                    };
+                    self.act.apply_slice(block);
+                } else {
+                    for p in p0..p1 {
+                        // SAFETY: channels c0..c1 of pixel p are this
+                        // task's (see `compute`).
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(y_ptr.add(p * cout + c0), c1 - c0)
+                        };
+                        self.act.apply_slice(row);
                     }
                 }
             }
@@ -949,6 +992,8 @@ mod tests {
             (24, 40, 9, 1, 1, 0, 1),     // three panels: a pair and a lone one (AVX-512)
             (8, 8, 7, 3, 1, 1, 1),       // one narrow panel
             (100, 100, 6, 3, 1, 1, 100), // depthwise: 64 + 16 + 16 + 4 channels (AVX-512)
+            (8, 20, 40, 3, 1, 1, 1),     // wide rows: tiles inside one row share tap pointers
+            (3, 16, 60, 3, 2, 1, 1),     // a wide stem, stride 2
         ];
         for (ci, co, hw, k, s, p, gr) in cases {
             for act in [
