@@ -209,6 +209,12 @@ impl Conv2dNhwc {
         // Pixel blocks whose A rows (about k floats each) stay in L1/L2
         // while every panel of the block's columns passes over them.
         let pb = ((12 * 1024 / k.max(1)) / M * M).clamp(4 * M, 128 * M);
+        // Blocks of even size, never a small remainder block: each block
+        // streams all the weights once (a 7×7 map would otherwise be a
+        // block of 48 pixels and one of a single pixel, reading megabytes
+        // of weights twice).
+        let n_pb = ((pixels + pb / 2) / pb).max(1);
+        let pb = pixels.div_ceil(n_pb).next_multiple_of(M).max(M);
         let n_pb = pixels.div_ceil(pb);
         let threads = pool.threads();
         let want = if threads > 1 { threads * 3 } else { 1 };
@@ -734,10 +740,18 @@ impl<const M: usize> Tile<'_, M> {
             // `cin` readable floats (input or the zero row), the panel
             // lengths were checked above, and `dst` is the caller's region
             // of n_rows × cols.
-            Isa::Avx512 if panels == 2 => unsafe { self.avx512::<2>(dst) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::Avx512 => unsafe { self.avx512::<1>(dst) },
+            Isa::Avx512 => unsafe {
+                // Short tiles (the end of a pixel block) compute only the
+                // rows they have, in steps of four.
+                match (panels, self.n_rows.div_ceil(4)) {
+                    (2, 1) => self.avx512::<2, 4>(dst),
+                    (2, 2) => self.avx512::<2, 8>(dst),
+                    (2, _) => self.avx512::<2, M>(dst),
+                    (_, 1) => self.avx512::<1, 4>(dst),
+                    (_, 2) => self.avx512::<1, 8>(dst),
+                    _ => self.avx512::<1, M>(dst),
+                }
+            },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the AVX2 tier is active only when the CPU has AVX2
             // and FMA; otherwise as above (the AVX2 form takes one panel).
@@ -840,20 +854,22 @@ impl<const M: usize> Tile<'_, M> {
         }
     }
 
-    /// `P` panels (one zmm register of 16 channels each) × `M` rows.
+    /// `P` panels (one zmm register of 16 channels each) × the first `R`
+    /// rows (`n_rows ≤ R ≤ M`).
     ///
     /// # Safety
     /// AVX-512 F available, `w` holds `P` panels; otherwise as
     /// [`Tile::compute`]'s call.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn avx512<const P: usize>(&self, dst: *mut f32) {
+    unsafe fn avx512<const P: usize, const R: usize>(&self, dst: *mut f32) {
+        assert!(self.n_rows <= R && R <= M);
         use std::arch::x86_64::*;
         // SAFETY: loads stay inside the P panels (lengths checked by the
         // caller) and the row pointers' `cin` floats; stores and residual
         // loads are masked to `cols` columns of `n_rows` rows.
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); P]; M];
+            let mut acc = [[_mm512_setzero_ps(); P]; R];
             let mut wp = self.w.as_ptr();
             for taps in self.rows {
                 let a = *taps;
@@ -863,7 +879,7 @@ impl<const M: usize> Tile<'_, M> {
                         *bh = _mm512_loadu_ps(wp.add(h * self.panel_len));
                     }
                     wp = wp.add(NR);
-                    for r in 0..M {
+                    for r in 0..R {
                         let av = _mm512_set1_ps(*a[r].add(ci));
                         for h in 0..P {
                             acc[r][h] = _mm512_fmadd_ps(av, b[h], acc[r][h]);
@@ -882,7 +898,7 @@ impl<const M: usize> Tile<'_, M> {
             let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
             // Rows by constant index (unrolled), so the accumulators stay
             // in registers through the loop above.
-            for r in 0..M {
+            for r in 0..R {
                 if r >= self.n_rows {
                     break;
                 }
