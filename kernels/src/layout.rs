@@ -1,6 +1,7 @@
 //! Data movement: strided copies (transpose, slice, concat, split, gather) and padding.
 
 use crate::eltwise::MAX_RANK;
+use crate::pool::{SyncPtr, ThreadPool};
 
 /// A strided view: element `idx` lives at `offset + Σ idx[d] * strides[d]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +123,59 @@ pub fn copy_strided(
             idx[d] = 0;
         }
     }
+}
+
+/// [`copy_strided`] split over the pool when the copy is large and its
+/// destination is a whole contiguous tensor (a layout conversion, a
+/// transpose): each task writes its own contiguous range of outermost
+/// indices.
+///
+/// # Panics
+/// As [`copy_strided`].
+pub fn copy_strided_parallel(
+    pool: &ThreadPool,
+    shape: &[usize],
+    x: &[f32],
+    src: &StridedView,
+    y: &mut [f32],
+    dst: &StridedView,
+) {
+    let total: usize = shape.iter().product();
+    let whole = dst.strides[..shape.len()] == contiguous_strides(shape)[..shape.len()];
+    let outer = shape.iter().position(|&n| n > 1);
+    let (Some(d), true) = (outer, whole) else {
+        return copy_strided(shape, x, src, y, dst);
+    };
+    if pool.threads() == 1 || total < 64 * 1024 {
+        return copy_strided(shape, x, src, y, dst);
+    }
+    let step = dst.strides[d] as usize;
+    assert!(
+        dst.offset + total <= y.len(),
+        "copy destination past its buffer"
+    );
+    let tasks = shape[d].min(4 * pool.threads());
+    let per = shape[d].div_ceil(tasks);
+    let base = SyncPtr::new(&mut y[dst.offset..dst.offset + total]);
+    pool.run(shape[d].div_ceil(per), &|t, _| {
+        let (lo, hi) = (t * per, ((t + 1) * per).min(shape[d]));
+        let mut part = [0usize; MAX_RANK];
+        part[..shape.len()].copy_from_slice(shape);
+        part[d] = hi - lo;
+        // SAFETY: indices lo..hi along the outermost non-unit dimension of
+        // a contiguous destination are the elements lo·step..hi·step of it
+        // (inside `y`, asserted above), and the tasks' ranges are disjoint.
+        let out = unsafe { std::slice::from_raw_parts_mut(base.add(lo * step), (hi - lo) * step) };
+        let sub_src = StridedView {
+            offset: (src.offset as isize + lo as isize * src.strides[d]) as usize,
+            strides: src.strides,
+        };
+        let sub_dst = StridedView {
+            offset: 0,
+            strides: dst.strides,
+        };
+        copy_strided(&part[..shape.len()], x, &sub_src, out, &sub_dst);
+    });
 }
 
 /// Two dimensions of a strided copy, with their source and destination
@@ -304,6 +358,43 @@ mod tests {
                 &out,
             );
             assert_eq!(back, x, "{c}x{h}x{w} round trip");
+        }
+    }
+
+    /// The pool's split copies every element once, to the same place, for
+    /// conversions, slices and reversed views.
+    #[test]
+    fn parallel_copies_equal_serial_ones() {
+        let (c, h, w) = (80, 40, 37);
+        let x: Vec<f32> = (0..c * h * w).map(|i| i as f32).collect();
+        let nhwc = {
+            let mut s = [0isize; MAX_RANK];
+            s[..3].copy_from_slice(&[1, (w * c) as isize, c as isize]);
+            StridedView {
+                offset: 0,
+                strides: s,
+            }
+        };
+        let reversed = {
+            let mut s = contiguous_strides(&[c, h, w]);
+            s[1] = -s[1];
+            StridedView {
+                offset: (h - 1) * w,
+                strides: s,
+            }
+        };
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for src in [nhwc, reversed] {
+                let out = StridedView {
+                    offset: 0,
+                    strides: contiguous_strides(&[c, h, w]),
+                };
+                let (mut a, mut b) = (vec![-1.0; x.len()], vec![-2.0; x.len()]);
+                copy_strided(&[c, h, w], &x, &src, &mut a, &out);
+                copy_strided_parallel(&pool, &[c, h, w], &x, &src, &mut b, &out);
+                assert_eq!(a, b, "{threads} threads, {src:?}");
+            }
         }
     }
 
