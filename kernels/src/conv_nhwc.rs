@@ -468,13 +468,18 @@ impl Conv2dNhwc {
                         lo,
                         hi,
                     };
-                    match (isa.has_avx512(), px) {
-                        (true, 4) => dw.run_avx512::<4>(),
-                        (true, 3) => dw.run_avx512::<3>(),
-                        (true, 2) => dw.run_avx512::<2>(),
-                        (true, _) => dw.run_avx512::<1>(),
-                        (false, 2) => dw.run::<2>(),
-                        (false, _) => dw.run::<1>(),
+                    // Four interior pixels of a stride-1 layer: taps come
+                    // in whole rows of `kw` columns (a sliding window).
+                    let rows = px == 4 && g.stride[1] == 1 && g.dilation[1] == 1 && n % g.kw == 0;
+                    match (isa.has_avx512(), px, if rows { g.kw } else { 0 }) {
+                        (true, 4, 3) => dw.run_avx512::<4, 3>(),
+                        (true, 4, 5) => dw.run_avx512::<4, 5>(),
+                        (true, 4, _) => dw.run_avx512::<4, 0>(),
+                        (true, 3, _) => dw.run_avx512::<3, 0>(),
+                        (true, 2, _) => dw.run_avx512::<2, 0>(),
+                        (true, _, _) => dw.run_avx512::<1, 0>(),
+                        (false, 2, _) => dw.run::<2>(),
+                        (false, _, _) => dw.run::<1>(),
                     }
                 },
                 _ => {
@@ -610,32 +615,39 @@ impl DwSimd<'_> {
     /// # Safety
     /// AVX-512 F available; the pointers as the caller documents.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn run_avx512<const P: usize>(&self) {
+    unsafe fn run_avx512<const P: usize, const KW: usize>(&self) {
         let mut c0 = 0;
         // SAFETY: forwarded; every block stays below `c`.
         unsafe {
             while c0 + 64 <= self.c {
-                self.block512::<4, P>(c0, 16);
+                self.block512::<4, P, KW>(c0, 16);
                 c0 += 64;
             }
             while c0 + 16 <= self.c {
-                self.block512::<1, P>(c0, 16);
+                self.block512::<1, P, KW>(c0, 16);
                 c0 += 16;
             }
             if c0 < self.c {
-                self.block512::<1, P>(c0, self.c - c0);
+                self.block512::<1, P, KW>(c0, self.c - c0);
             }
         }
     }
 
     /// `V` zmm vectors of channels from `c0`, the last `last` lanes wide,
-    /// for `P` pixels.
+    /// for `P` pixels. `KW > 0` (stride 1, no dilation, `P + KW ≤ 9`):
+    /// the taps are rows of `KW` neighbouring columns, and each row's
+    /// `P + KW − 1` input columns are loaded once and shared by the
+    /// pixels (a sliding window) instead of once per pixel and tap.
     ///
     /// # Safety
     /// As [`DwSimd::run_avx512`].
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[inline]
-    unsafe fn block512<const V: usize, const P: usize>(&self, c0: usize, last: usize) {
+    unsafe fn block512<const V: usize, const P: usize, const KW: usize>(
+        &self,
+        c0: usize,
+        last: usize,
+    ) {
         use std::arch::x86_64::*;
         // SAFETY: full vectors lie below `c` in every buffer; the last
         // vector is masked to its `last` lanes, so no masked-out lane is
@@ -650,14 +662,37 @@ impl DwSimd<'_> {
                     *a = _mm512_maskz_loadu_ps(m(v), self.bias.add(c0 + 16 * v));
                 }
             }
-            for &(xo, wo) in self.taps {
-                let xp = self.x.add(xo + c0);
-                let wp = self.w.add(wo + c0);
-                for v in 0..V {
-                    let wv = _mm512_maskz_loadu_ps(m(v), wp.add(16 * v));
-                    for (p, row) in acc.iter_mut().enumerate() {
-                        let xv = _mm512_maskz_loadu_ps(m(v), xp.add(p * self.pstep + 16 * v));
-                        row[v] = _mm512_fmadd_ps(xv, wv, row[v]);
+            if KW > 0 {
+                // Row `ky`'s taps: input columns `kx` of pixel `p` are
+                // column `p + kx` of the row (`c` floats apart), weights
+                // `c` apart too.
+                for row in self.taps.chunks_exact(KW) {
+                    let (xo, wo) = row[0];
+                    let xp = self.x.add(xo + c0);
+                    let wp = self.w.add(wo + c0);
+                    for v in 0..V {
+                        let mut cols = [_mm512_setzero_ps(); 8];
+                        for (j, col) in cols.iter_mut().enumerate().take(P + KW - 1) {
+                            *col = _mm512_maskz_loadu_ps(m(v), xp.add(j * self.c + 16 * v));
+                        }
+                        for kx in 0..KW {
+                            let wv = _mm512_maskz_loadu_ps(m(v), wp.add(kx * self.c + 16 * v));
+                            for (p, acc_p) in acc.iter_mut().enumerate() {
+                                acc_p[v] = _mm512_fmadd_ps(cols[p + kx], wv, acc_p[v]);
+                            }
+                        }
+                    }
+                }
+            } else {
+                for &(xo, wo) in self.taps {
+                    let xp = self.x.add(xo + c0);
+                    let wp = self.w.add(wo + c0);
+                    for v in 0..V {
+                        let wv = _mm512_maskz_loadu_ps(m(v), wp.add(16 * v));
+                        for (p, row) in acc.iter_mut().enumerate() {
+                            let xv = _mm512_maskz_loadu_ps(m(v), xp.add(p * self.pstep + 16 * v));
+                            row[v] = _mm512_fmadd_ps(xv, wv, row[v]);
+                        }
                     }
                 }
             }
@@ -1010,6 +1045,8 @@ mod tests {
             (100, 100, 6, 3, 1, 1, 100), // depthwise: 64 + 16 + 16 + 4 channels (AVX-512)
             (8, 20, 40, 3, 1, 1, 1),     // wide rows: tiles inside one row share tap pointers
             (3, 16, 60, 3, 2, 1, 1),     // a wide stem, stride 2
+            (80, 80, 10, 5, 1, 2, 80),   // depthwise 5x5 stride 1: sliding rows (AVX-512)
+            (48, 48, 12, 5, 1, 2, 48),   // the same, 16-channel blocks
         ];
         for (ci, co, hw, k, s, p, gr) in cases {
             for act in [
