@@ -940,7 +940,7 @@ unsafe fn dot_q8_rows_neon<const R: usize, const DOT: bool>(
     assert!(xq.q.len() >= (t + 1) * nb * 32);
     assert!(xq.d.len() >= (t + 1) * nb && xq.s.len() >= (t + 1) * nb);
     let mut acc = [0.0f32; R];
-    let ahead = w.as_ptr().wrapping_add(R * rb);
+    let ahead = w.as_ptr().wrapping_add(PREFETCH_GROUPS_AHEAD * R * rb);
     let pf_step = (R * rb).div_ceil(nb.max(1));
     for k in 0..nb {
         for l in (0..pf_step).step_by(64) {
@@ -998,6 +998,15 @@ unsafe fn dot_q8_rows_neon<const R: usize, const DOT: bool>(
     }
     *out = acc;
 }
+
+/// How many groups of rows ahead the block products prefetch weights. One
+/// group (a few KiB) is too close to hide DRAM latency: decode, SmolLM2
+/// Q4_1, AVX-512 machine, `osprey chat --int8-activations --kv-f16`, 3
+/// alternated runs each: 1 group 102-112 tok/s on 1 thread, 161-171 on 2;
+/// 3 groups 139-152 / 182-196; 6 groups 149-156 / 179-192; 12 groups
+/// 139-153 / 183-187. (The NEON form uses the same distance; not timed on
+/// a Jetson.)
+const PREFETCH_GROUPS_AHEAD: usize = 4;
 
 /// A hint to fetch the cache line at `p` (never faults, so `p` may pass
 /// the end of its buffer).
@@ -1095,10 +1104,11 @@ macro_rules! dot_q8_rows_x86 {
             let eight = _mm256_set1_epi8(8);
             let mut acc = [_mm256_setzero_ps(); R];
             let mut tail = [0.0f32; R];
-            // The next R rows follow these in memory: fetch them while these are
-            // multiplied (the weights stream from DRAM once per token, and the
-            // hardware prefetcher loses track of R interleaved short rows).
-            let ahead = w.as_ptr().wrapping_add(R * rb);
+            // Later rows follow these in memory: fetch the group of R rows
+            // PREFETCH_GROUPS_AHEAD groups on while these are multiplied
+            // (the weights stream from DRAM once per token, and the hardware
+            // prefetcher loses track of R interleaved short rows).
+            let ahead = w.as_ptr().wrapping_add(PREFETCH_GROUPS_AHEAD * R * rb);
             let pf_step = (R * rb).div_ceil(nb.max(1));
             for k in 0..nb {
                 let xi = t * nb + k;
