@@ -934,11 +934,7 @@ unsafe fn dot_q8_rows_neon<const R: usize, const DOT: bool>(
 ) {
     use crate::dotprod::sdot;
     use std::arch::aarch64::*;
-    let nb = xq.cols / 32;
-    let bb = ty.block_bytes();
-    assert!(R > 0 && rb >= nb * bb && w.len() >= (R - 1) * rb + nb * bb);
-    assert!(xq.q.len() >= (t + 1) * nb * 32);
-    assert!(xq.d.len() >= (t + 1) * nb && xq.s.len() >= (t + 1) * nb);
+    let (nb, bb) = rows_operands(ty, w, rb, xq, t, R);
     let mut acc = [0.0f32; R];
     let ahead = w.as_ptr().wrapping_add(PREFETCH_GROUPS_AHEAD * R * rb);
     let pf_step = (R * rb).div_ceil(nb.max(1));
@@ -997,6 +993,25 @@ unsafe fn dot_q8_rows_neon<const R: usize, const DOT: bool>(
         }
     }
     *out = acc;
+}
+
+/// Checks the operands of a `rows`-row block product (`rows` weight rows
+/// `rb` bytes apart in `w`, activation row `t` of `xq`); returns the blocks
+/// per row and the bytes per block.
+fn rows_operands(
+    ty: QuantType,
+    w: &[u8],
+    rb: usize,
+    xq: &Q8Act,
+    t: usize,
+    rows: usize,
+) -> (usize, usize) {
+    let nb = xq.cols / 32;
+    let bb = ty.block_bytes();
+    assert!(rows > 0 && rb >= nb * bb && w.len() >= (rows - 1) * rb + nb * bb);
+    assert!(xq.q.len() >= (t + 1) * nb * 32);
+    assert!(xq.d.len() >= (t + 1) * nb && xq.s.len() >= (t + 1) * nb);
+    (nb, bb)
 }
 
 /// How many groups of rows ahead the block products prefetch weights. One
@@ -1096,10 +1111,7 @@ macro_rules! dot_q8_rows_x86 {
             out: &mut [f32; R],
         ) {
             use std::arch::x86_64::*;
-            let nb = xq.cols / 32;
-            let bb = ty.block_bytes();
-            assert!(R > 0 && rb >= nb * bb && w.len() >= (R - 1) * rb + nb * bb);
-            assert!(xq.q.len() >= (t + 1) * nb * 32 && xq.d.len() >= (t + 1) * nb);
+            let (nb, bb) = rows_operands(ty, w, rb, xq, t, R);
             let low = _mm256_set1_epi8(0x0f);
             let eight = _mm256_set1_epi8(8);
             let mut acc = [_mm256_setzero_ps(); R];
