@@ -41,6 +41,9 @@ struct Shared {
     closing: AtomicBool,
     /// Workers that have entered their loop (thread start-up done).
     started: AtomicUsize,
+    /// Workers asleep on `wake` (changed only under `state`'s lock), so
+    /// `run` makes the wake-up system call only when one is.
+    sleepers: AtomicUsize,
 }
 
 /// A fixed set of worker threads shared by all kernels of an execution context.
@@ -73,6 +76,7 @@ impl ThreadPool {
             panicked: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             started: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
         });
         // Spinning only pays when every thread has a core: oversubscribed,
         // a spinning worker steals the core the thread it waits for needs.
@@ -144,7 +148,14 @@ impl ThreadPool {
             st.job = Some(JobPtr(ptr));
             sh.generation.fetch_add(1, Ordering::Release);
         }
-        sh.wake.notify_all();
+        // A worker goes to sleep only after seeing the old generation and
+        // counting itself as a sleeper, both under the lock taken above; so
+        // either it saw the new generation, or its count is visible here.
+        // Spinning workers (the usual case between layers) need no system
+        // call.
+        if sh.sleepers.load(Ordering::SeqCst) > 0 {
+            sh.wake.notify_all();
+        }
 
         // The caller works too, as the last slot.
         let caller_slot = self.threads - 1;
@@ -219,7 +230,9 @@ fn worker_loop(sh: &Shared, slot: usize, spin: std::time::Duration) {
                     seen = gen;
                     break st.job;
                 }
+                sh.sleepers.fetch_add(1, Ordering::SeqCst);
                 st = sh.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+                sh.sleepers.fetch_sub(1, Ordering::SeqCst);
             }
         };
         if let Some(JobPtr(ptr)) = job {
