@@ -193,8 +193,17 @@ impl Plane2d {
     /// Copies the plane at source offset `so` to destination offset `dof`.
     fn copy(&self, x: &[f32], so: isize, y: &mut [f32], dof: isize) {
         let t = Plane2d::TILE;
+        let transpose = self.transpose_form();
         for r0 in (0..self.dims[0]).step_by(t) {
             for c0 in (0..self.dims[1]).step_by(t) {
+                if let Some(form) = transpose {
+                    if r0 + t <= self.dims[0]
+                        && c0 + t <= self.dims[1]
+                        && self.tile_simd(form, x, so, y, dof, r0, c0)
+                    {
+                        continue;
+                    }
+                }
                 for r in r0..(r0 + t).min(self.dims[0]) {
                     let sb = so + r as isize * self.src[0];
                     let db = dof + r as isize * self.dst[0];
@@ -203,6 +212,136 @@ impl Plane2d {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether the plane is a transpose of contiguous rows (all strides
+    /// positive): `Some(false)` when source rows run along the second
+    /// dimension and destination rows along the first, `Some(true)` the
+    /// other way round.
+    fn transpose_form(&self) -> Option<bool> {
+        let positive = self.src.iter().chain(&self.dst).all(|&v| v > 0);
+        match (self.src, self.dst) {
+            _ if !positive => None,
+            ([_, 1], [1, _]) => Some(false),
+            ([1, _], [_, 1]) => Some(true),
+            _ => None,
+        }
+    }
+
+    /// One full tile as 8 × 8 register transposes (AVX2); `false` (nothing
+    /// written) without AVX2.
+    #[allow(clippy::too_many_arguments)]
+    fn tile_simd(
+        &self,
+        swapped: bool,
+        x: &[f32],
+        so: isize,
+        y: &mut [f32],
+        dof: isize,
+        r0: usize,
+        c0: usize,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if crate::isa::active().has_avx2() {
+            let t = Plane2d::TILE as isize;
+            let (r0, c0) = (r0 as isize, c0 as isize);
+            // Every index of the tile lies between its first and last
+            // element (positive strides): check those once.
+            let span = |o: isize, s: [isize; 2]| {
+                (
+                    o + r0 * s[0] + c0 * s[1],
+                    o + (r0 + t - 1) * s[0] + (c0 + t - 1) * s[1],
+                )
+            };
+            let (slo, shi) = span(so, self.src);
+            let (dlo, dhi) = span(dof, self.dst);
+            assert!(
+                slo >= 0 && (shi as usize) < x.len(),
+                "copy source past its buffer"
+            );
+            assert!(
+                dlo >= 0 && (dhi as usize) < y.len(),
+                "copy destination past its buffer"
+            );
+            // Source rows: along the contiguous dimension of the source.
+            let (s_row, d_row) = if swapped {
+                (self.src[1], self.dst[0])
+            } else {
+                (self.src[0], self.dst[1])
+            };
+            for i in (0..t).step_by(8) {
+                for j in (0..t).step_by(8) {
+                    // Block rows `i..` of the first dimension, `j..` of the second.
+                    let (r, c) = (r0 + i, c0 + j);
+                    let (src, dst) = if swapped {
+                        // Source rows are columns c.. (r contiguous),
+                        // destination rows are r.. (c contiguous).
+                        (so + r + c * self.src[1], dof + r * self.dst[0] + c)
+                    } else {
+                        (so + r * self.src[0] + c, dof + r + c * self.dst[1])
+                    };
+                    // SAFETY: AVX2 is active; the block's 8 rows of 8
+                    // floats on either side lie inside the tile, whose
+                    // extent was checked against both buffers above.
+                    unsafe {
+                        transpose8_avx2(
+                            x.as_ptr().offset(src),
+                            s_row,
+                            y.as_mut_ptr().offset(dst),
+                            d_row,
+                        )
+                    };
+                }
+            }
+            return true;
+        }
+        let _ = (swapped, x, so, y, dof, r0, c0);
+        false
+    }
+}
+
+/// `dst` row `j` = column `j` of the 8 × 8 block whose row `i` is the 8
+/// floats at `src + i·ss`; destination rows are `ds` floats apart.
+///
+/// # Safety
+/// AVX2 available; the 8 rows of 8 floats are readable at `src` and
+/// writable at `dst`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8_avx2(src: *const f32, ss: isize, dst: *mut f32, ds: isize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees the 8 rows on both sides.
+    unsafe {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.offset(i as isize * ss)));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let out = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (j, v) in out.iter().enumerate() {
+            _mm256_storeu_ps(dst.offset(j as isize * ds), *v);
         }
     }
 }
@@ -358,6 +497,36 @@ mod tests {
                 &out,
             );
             assert_eq!(back, x, "{c}x{h}x{w} round trip");
+        }
+    }
+
+    /// A row-major matrix written through a column-major view (the other
+    /// transposing form), larger than a tile, against direct indexing.
+    #[test]
+    fn transposed_destination_views() {
+        let (r, c) = (45, 70);
+        let x: Vec<f32> = (0..r * c).map(|i| i as f32).collect();
+        let mut y = vec![0.0; r * c];
+        let mut ds = [0isize; MAX_RANK];
+        ds[..2].copy_from_slice(&[1, r as isize]);
+        let src = StridedView {
+            offset: 0,
+            strides: contiguous_strides(&[r, c]),
+        };
+        copy_strided(
+            &[r, c],
+            &x,
+            &src,
+            &mut y,
+            &StridedView {
+                offset: 0,
+                strides: ds,
+            },
+        );
+        for i in 0..r {
+            for j in 0..c {
+                assert_eq!(y[i + j * r], x[i * c + j], "({i}, {j})");
+            }
         }
     }
 
