@@ -192,6 +192,9 @@ impl Plane2d {
 
     /// Copies the plane at source offset `so` to destination offset `dof`.
     fn copy(&self, x: &[f32], so: isize, y: &mut [f32], dof: isize) {
+        if self.interleave(x, so, y, dof) {
+            return;
+        }
         let t = Plane2d::TILE;
         let transpose = self.transpose_form();
         for r0 in (0..self.dims[0]).step_by(t) {
@@ -213,6 +216,42 @@ impl Plane2d {
                 }
             }
         }
+    }
+
+    /// Planes to interleaved pixels (a 1–4 channel image to channels-last):
+    /// the second dimension is a few planes of contiguous rows, written
+    /// densely, pixel after pixel. `false` (nothing written) for any other
+    /// plane.
+    fn interleave(&self, x: &[f32], so: isize, y: &mut [f32], dof: isize) -> bool {
+        match self.dims[1] {
+            1 => self.interleave_n::<1>(x, so, y, dof),
+            2 => self.interleave_n::<2>(x, so, y, dof),
+            3 => self.interleave_n::<3>(x, so, y, dof),
+            4 => self.interleave_n::<4>(x, so, y, dof),
+            _ => false,
+        }
+    }
+
+    fn interleave_n<const C: usize>(
+        &self,
+        x: &[f32],
+        so: isize,
+        y: &mut [f32],
+        dof: isize,
+    ) -> bool {
+        let n = self.dims[0];
+        let dense = self.src[0] == 1 && self.dst == [C as isize, 1] && self.src[1] > 0;
+        if !dense || so < 0 || dof < 0 {
+            return false;
+        }
+        let (so, dof, plane) = (so as usize, dof as usize, self.src[1] as usize);
+        let planes: [&[f32]; C] = std::array::from_fn(|c| &x[so + c * plane..so + c * plane + n]);
+        for (r, px) in y[dof..dof + n * C].chunks_exact_mut(C).enumerate() {
+            for (c, v) in px.iter_mut().enumerate() {
+                *v = planes[c][r];
+            }
+        }
+        true
     }
 
     /// Whether the plane is a transpose of contiguous rows (all strides
