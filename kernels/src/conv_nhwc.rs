@@ -179,6 +179,15 @@ impl Conv2dNhwc {
         }
     }
 
+    /// Whether every column of output column `ox`'s window lies inside the
+    /// input's width (no padding on either side).
+    #[inline(always)]
+    fn interior_col(&self, ox: usize) -> bool {
+        let g = &self.g;
+        let (sx, pl, span) = (g.stride[1], g.pads[1], (g.kw - 1) * g.dilation[1]);
+        ox * sx >= pl && ox * sx - pl + span < g.w
+    }
+
     /// Input offset of tap `(ky, kx)` for output pixel `(oy, ox)`, in
     /// pixels, or `None` in the padding.
     #[inline(always)]
@@ -254,9 +263,8 @@ impl Conv2dNhwc {
                 // A tile inside one output row whose windows are all inside
                 // the input's width: every tap's pixels are one pointer
                 // apart by `stride · cin` floats (most tiles).
-                let (sx, pl, span) = (g.stride[1], g.pads[1], (g.kw - 1) * g.dilation[1]);
-                let last = ox + n_rows - 1;
-                if last < self.ow && ox * sx >= pl && last * sx - pl + span < g.w {
+                let (sx, last) = (g.stride[1], ox + n_rows - 1);
+                if last < self.ow && self.interior_col(ox) && self.interior_col(last) {
                     let step = sx * cin;
                     for ky in 0..g.kh {
                         for kx in 0..g.kw {
@@ -420,28 +428,27 @@ impl Conv2dNhwc {
         // A pixel is interior when every column of its window is inside
         // the input; the taps of interior pixels of one row differ only by
         // a shift, so they are computed once and moved along.
-        let (sx, pl, span) = (g.stride[1], g.pads[1], (g.kw - 1) * g.dilation[1]);
-        let interior = |ox: usize| ox * sx >= pl && ox * sx - pl + span < g.w;
+        let sx = g.stride[1];
         let mut n = 0;
         let mut at: Option<usize> = None;
         let mut ox = 0;
         while ox < self.ow {
             match at {
-                Some(prev) if interior(ox) => {
+                Some(prev) if self.interior_col(ox) => {
                     let shift = (ox - prev) * sx * c;
                     taps[..n].iter_mut().for_each(|t| t.0 += shift);
                     at = Some(ox);
                 }
                 _ => {
                     n = taps_of(ox, &mut taps);
-                    at = interior(ox).then_some(ox);
+                    at = self.interior_col(ox).then_some(ox);
                 }
             }
             // Interior neighbours share the weight loads: two with AVX2,
             // up to four with AVX-512; they are `stride · c` floats apart.
             let most = if isa.has_avx512() { 4 } else { 2 };
             let mut px = 1;
-            while at.is_some() && px < most && ox + px < self.ow && interior(ox + px) {
+            while at.is_some() && px < most && ox + px < self.ow && self.interior_col(ox + px) {
                 px += 1;
             }
             let out = &mut y[ox * c..(ox + px) * c];
