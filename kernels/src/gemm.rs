@@ -434,18 +434,9 @@ unsafe fn gemm_block(
                     // region; a pair's second panel holds kc rows of NR
                     // floats at stride ldb like the first.
                     unsafe {
-                        if pair && mr == MR {
-                            ukernel_pair(
-                                isa,
-                                kc,
-                                ap,
-                                bp,
-                                bp2,
-                                ldb,
-                                c.add(i * ldc + j),
-                                ldc,
-                                &store,
-                            );
+                        if pair {
+                            let c0 = c.add(i * ldc + j);
+                            tile_pair(isa, kc, ap, bp, bp2, ldb, c0, ldc, mr, &store);
                         } else {
                             tile(
                                 isa,
@@ -459,14 +450,6 @@ unsafe fn gemm_block(
                                 nr,
                                 &store,
                             );
-                            if pair {
-                                let mut second = store;
-                                if !res.is_null() {
-                                    second.res = res.add(NR);
-                                }
-                                let c2 = c.add(i * ldc + j + NR);
-                                tile(isa, kc, ap, bp2, ldb, c2, ldc, mr, NR, &second);
-                            }
                         }
                         if last && clamp.is_none() {
                             apply_activation(c.add(i * ldc + j), ldc, mr, width, epi.act);
@@ -585,14 +568,14 @@ unsafe fn ukernel(
     }
 }
 
-/// A full MR × 2·NR tile from two B panels (AVX-512 only; other tiers
-/// run the two halves as two tiles).
+/// An `mr` × 2·NR tile from two full B panels: the AVX-512 6 × 32
+/// micro-kernel when the rows are whole, else the two halves as two tiles.
 ///
 /// # Safety
-/// As [`ukernel`], for both panels and the 2·NR-wide tile.
+/// As [`tile`], for both panels and the 2·NR-wide tile.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn ukernel_pair(
+unsafe fn tile_pair(
     isa: Isa,
     kc: usize,
     a: &[f32],
@@ -601,11 +584,12 @@ unsafe fn ukernel_pair(
     ldb: usize,
     c: *mut f32,
     ldc: usize,
+    mr: usize,
     store: &Store,
 ) {
     debug_assert!(a.len() >= kc * MR && b1.len() >= (kc - 1) * ldb + NR);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
+    if isa == Isa::Avx512 && mr == MR {
         // SAFETY: the AVX-512 tier is only active when the CPU has
         // AVX-512 F (and AVX2, FMA); forwarded contract.
         unsafe { avx512_sgemm_6x32(kc, a.as_ptr(), b0.as_ptr(), b1.as_ptr(), ldb, c, ldc, store) };
@@ -618,8 +602,8 @@ unsafe fn ukernel_pair(
     }
     // SAFETY: forwarded contract, one panel at a time.
     unsafe {
-        ukernel(isa, kc, a, b0, ldb, c, ldc, store);
-        ukernel(isa, kc, a, b1, ldb, c.add(NR), ldc, &second);
+        tile(isa, kc, a, b0, ldb, c, ldc, mr, NR, store);
+        tile(isa, kc, a, b1, ldb, c.add(NR), ldc, mr, NR, &second);
     }
 }
 
@@ -747,7 +731,7 @@ unsafe fn avx2_fma_sgemm_6x16(
 /// accumulators, A broadcast.
 ///
 /// # Safety
-/// CPU must support AVX-512 F; pointers as [`ukernel_pair`].
+/// CPU must support AVX-512 F; pointers as [`tile_pair`] with whole rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
