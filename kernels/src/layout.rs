@@ -68,46 +68,28 @@ pub fn copy_strided(
     }
     let inner = dims[n - 1];
     let (si, di) = (ss[n - 1], ds[n - 1]);
-    if (si != 1 || di != 1) && n >= 2 {
-        // A transpose-like copy: the last two dimensions go tile by tile,
-        // so the strided side's cache lines are used while they are hot
-        // (an NHWC ↔ NCHW conversion reads or writes one line per element
-        // otherwise).
-        let outer: usize = dims[..n - 2].iter().product();
-        let mut idx = [0usize; MAX_RANK];
-        for _ in 0..outer {
-            let mut so = src.offset as isize;
-            let mut dof = dst.offset as isize;
-            for d in 0..n - 2 {
-                so += idx[d] as isize * ss[d];
-                dof += idx[d] as isize * ds[d];
-            }
-            let plane = Plane2d {
-                dims: [dims[n - 2], inner],
-                src: [ss[n - 2], si],
-                dst: [ds[n - 2], di],
-            };
-            plane.copy(x, so, y, dof);
-            for d in (0..n - 2).rev() {
-                idx[d] += 1;
-                if idx[d] < dims[d] {
-                    break;
-                }
-                idx[d] = 0;
-            }
-        }
-        return;
-    }
-    let outer: usize = dims[..n - 1].iter().product();
+    // A transpose-like copy takes its last two dimensions as one plane,
+    // tile by tile, so the strided side's cache lines are used while they
+    // are hot (an NHWC ↔ NCHW conversion reads or writes one line per
+    // element otherwise); any other copy goes row by row.
+    let plane = ((si != 1 || di != 1) && n >= 2).then(|| Plane2d {
+        dims: [dims[n - 2], inner],
+        src: [ss[n - 2], si],
+        dst: [ds[n - 2], di],
+    });
+    let walked = if plane.is_some() { n - 2 } else { n - 1 };
+    let outer: usize = dims[..walked].iter().product();
     let mut idx = [0usize; MAX_RANK];
     for _ in 0..outer {
         let mut so = src.offset as isize;
         let mut dof = dst.offset as isize;
-        for d in 0..n - 1 {
+        for d in 0..walked {
             so += idx[d] as isize * ss[d];
             dof += idx[d] as isize * ds[d];
         }
-        if si == 1 && di == 1 {
+        if let Some(p) = &plane {
+            p.copy(x, so, y, dof);
+        } else if si == 1 && di == 1 {
             let (so, dof) = (so as usize, dof as usize);
             y[dof..dof + inner].copy_from_slice(&x[so..so + inner]);
         } else {
@@ -115,7 +97,7 @@ pub fn copy_strided(
                 y[(dof + i * di) as usize] = x[(so + i * si) as usize];
             }
         }
-        for d in (0..n.saturating_sub(1)).rev() {
+        for d in (0..walked).rev() {
             idx[d] += 1;
             if idx[d] < dims[d] {
                 break;
