@@ -1051,16 +1051,9 @@ fn dot_q8_rows4(
     out: &mut [f32; 4],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa::has_vnni() {
-        // SAFETY: AVX-512 VNNI/VL (and AVX2/FMA/F16C) present; the bounds
-        // are checked inside.
-        unsafe { dot_q8_rows_vnni::<4>(ty, w, rb, xq, t, out) };
-        return true;
-    }
-    #[cfg(target_arch = "x86_64")]
     if crate::isa::active().has_avx2() {
         // SAFETY: AVX2/FMA/F16C present; the bounds are checked inside.
-        unsafe { dot_q8_rows_avx2::<4>(ty, w, rb, xq, t, out) };
+        unsafe { dot_q8_rows_best::<4>(ty, w, rb, xq, t, out) };
         return true;
     }
     #[cfg(target_arch = "aarch64")]
@@ -1082,16 +1075,32 @@ fn dot_q8_rows4(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_avx2(ty: QuantType, row: &[u8], xq: &Q8Act, t: usize) -> f32 {
     let mut out = [0.0f32; 1];
-    if crate::isa::has_vnni() {
-        // SAFETY: AVX-512 VNNI/VL were detected; the bounds are checked
-        // inside.
-        unsafe { dot_q8_rows_vnni::<1>(ty, row, row.len(), xq, t, &mut out) };
-    } else {
-        // SAFETY: AVX2/FMA/F16C are enabled here; the bounds are checked
-        // inside.
-        unsafe { dot_q8_rows_avx2::<1>(ty, row, row.len(), xq, t, &mut out) };
-    }
+    // SAFETY: AVX2/FMA/F16C are enabled here; the bounds are checked
+    // inside.
+    unsafe { dot_q8_rows_best::<1>(ty, row, row.len(), xq, t, &mut out) };
     out[0]
+}
+
+/// `R` rows with the x86 form this CPU has: VNNI where present, else AVX2.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be present; the bounds are checked inside.
+#[cfg(target_arch = "x86_64")]
+unsafe fn dot_q8_rows_best<const R: usize>(
+    ty: QuantType,
+    w: &[u8],
+    rb: usize,
+    xq: &Q8Act,
+    t: usize,
+    out: &mut [f32; R],
+) {
+    if crate::isa::has_vnni() {
+        // SAFETY: AVX-512 VNNI/VL were detected; forwarded contract.
+        unsafe { dot_q8_rows_vnni::<R>(ty, w, rb, xq, t, out) };
+    } else {
+        // SAFETY: forwarded contract.
+        unsafe { dot_q8_rows_avx2::<R>(ty, w, rb, xq, t, out) };
+    }
 }
 
 /// Defines a product of `R` consecutive weight rows with activation row `t`
