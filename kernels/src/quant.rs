@@ -1104,10 +1104,10 @@ unsafe fn dot_q8_rows_best<const R: usize>(
 }
 
 /// Defines a product of `R` consecutive weight rows with activation row `t`
-/// (see [`dot_q8_rows_avx2`]) for one x86 feature set; `$sum4` adds each
+/// (see [`dot_q8_rows_avx2`]) for one x86 feature set; `$acc4` adds each
 /// group of four u8 × i8 products into an `i32` lane.
 macro_rules! dot_q8_rows_x86 {
-    ($(#[$doc:meta])* $name:ident, $features:literal, $sum4:ident) => {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $acc4:ident) => {
         $(#[$doc])*
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
@@ -1165,7 +1165,7 @@ macro_rules! dot_q8_rows_x86 {
                                 }
                             }
                         };
-                        let p32 = $sum4(w_u8, x_s8);
+                        let p32 = $acc4(_mm256_setzero_si256(), w_u8, x_s8);
                         let d = _mm256_set1_ps(scale * xd);
                         acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc[r]);
                     }
@@ -1188,7 +1188,7 @@ dot_q8_rows_x86!(
     /// to it.
     dot_q8_rows_avx2,
     "avx2,fma,f16c",
-    sum4_maddubs
+    acc4_maddubs
 );
 
 dot_q8_rows_x86!(
@@ -1198,39 +1198,45 @@ dot_q8_rows_x86!(
     /// (llama.cpp uses the same instruction on such CPUs).
     dot_q8_rows_vnni,
     "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-    sum4_vnni
+    acc4_vnni
 );
 
-/// Four u8 × i8 products per `i32` lane, summed: `vpmaddubsw` (exact here:
-/// no pair sum reaches the i16 limit with |values| ≤ 127 or nibbles ≤ 15
-/// times |x| ≤ 127) then `vpmaddwd` by ones.
+/// `acc` plus, per `i32` lane, the sum of its four u8 × i8 products:
+/// `vpmaddubsw` (exact here: no pair sum reaches the i16 limit with
+/// |values| ≤ 127, or nibbles ≤ 15 times |x| ≤ 127), `vpmaddwd` by ones,
+/// `vpaddd`. Shared by the LLM block products and the INT8 convolution.
 ///
 /// # Safety
 /// AVX2 must be present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn sum4_maddubs(
+pub(crate) unsafe fn acc4_maddubs(
+    acc: std::arch::x86_64::__m256i,
     u: std::arch::x86_64::__m256i,
     s: std::arch::x86_64::__m256i,
 ) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    _mm256_add_epi32(
+        acc,
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)),
+    )
 }
 
-/// [`sum4_maddubs`] in one `vpdpbusd`.
+/// [`acc4_maddubs`] in one `vpdpbusd` (nothing can saturate).
 ///
 /// # Safety
 /// AVX-512 VNNI and VL must be present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn sum4_vnni(
+pub(crate) unsafe fn acc4_vnni(
+    acc: std::arch::x86_64::__m256i,
     u: std::arch::x86_64::__m256i,
     s: std::arch::x86_64::__m256i,
 ) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+    _mm256_dpbusd_epi32(acc, u, s)
 }
 
 /// [`h2`] from a raw block pointer.

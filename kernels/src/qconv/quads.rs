@@ -8,14 +8,14 @@ use super::QMAX;
 use super::{QIn, QMR, QNR};
 use crate::isa::Isa;
 
-/// The AVX2 `vpmaddubsw` product loop on groups of four reduction indices
-/// (INT8 bytes; see [`super::QConv2d`]'s quad layout): `QMR` rows × 16 pixels of
-/// `i32` sums. `vpmaddubsw` multiplies unsigned by signed bytes and adds
-/// pairs into saturating `i16`; with every value in [-127, 127] a pair sum
-/// is at most 2·127·127 = 32258, so nothing saturates and the sums are
-/// exact. Non-negative inputs (`nonneg`, e.g. after a ReLU) go in as they
-/// are; otherwise the input's magnitude goes in and its sign moves to the
-/// weight (`vpabsb`, `vpsignb`).
+/// The dot4 product loop on groups of four reduction indices (INT8 bytes;
+/// see [`super::QConv2d`]'s quad layout): `QMR` rows × 16 pixels of `i32`
+/// sums, with AVX-512 VNNI where present, else AVX2. Each group's four
+/// products go in as unsigned input bytes times signed weights:
+/// non-negative inputs (`nonneg`, e.g. after a ReLU) as they are; otherwise
+/// the input's magnitude goes in and its sign moves to the weight
+/// (`vpabsb`, `vpsignb`). Exact for every value in [-127, 127] (see
+/// [`crate::quant::acc4_maddubs`]).
 ///
 /// # Safety
 /// AVX2 must be present; `a` must hold `kquads·QMR·4` bytes and `b`
@@ -29,97 +29,81 @@ pub(super) unsafe fn products_quad_avx2(
     b: &[i8],
     nonneg: bool,
 ) -> [[std::arch::x86_64::__m256i; 2]; QMR] {
-    use std::arch::x86_64::*;
     if crate::isa::has_vnni() {
         // SAFETY: AVX-512 VNNI and VL were detected; forwarded contract.
-        return unsafe { products_quad_vnni(kquads, a, b, nonneg) };
+        unsafe { products_quad_vnni(kquads, a, b, nonneg) }
+    } else {
+        // SAFETY: forwarded contract.
+        unsafe { products_quad_maddubs(kquads, a, b, nonneg) }
     }
-    let mut c = [[_mm256_setzero_si256(); 2]; QMR];
-    let ones = _mm256_set1_epi16(1);
-    let (ap, bp) = (a.as_ptr(), b.as_ptr());
-    // SAFETY: forwarded contract; every load is within the kquads groups
-    // of a and b.
-    unsafe {
-        if nonneg {
-            for q in 0..kquads {
-                let b0 = _mm256_loadu_si256(bp.add(q * QNR * 4) as *const __m256i);
-                let b1 = _mm256_loadu_si256(bp.add(q * QNR * 4 + 32) as *const __m256i);
-                for (r, cr) in c.iter_mut().enumerate() {
-                    let quad = (ap.add((q * QMR + r) * 4) as *const i32).read_unaligned();
-                    let av = _mm256_set1_epi32(quad);
-                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(b0, av), ones);
-                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(b1, av), ones);
-                    cr[0] = _mm256_add_epi32(cr[0], p0);
-                    cr[1] = _mm256_add_epi32(cr[1], p1);
-                }
-            }
-        } else {
-            for q in 0..kquads {
-                let b0 = _mm256_loadu_si256(bp.add(q * QNR * 4) as *const __m256i);
-                let b1 = _mm256_loadu_si256(bp.add(q * QNR * 4 + 32) as *const __m256i);
-                let (m0, m1) = (_mm256_abs_epi8(b0), _mm256_abs_epi8(b1));
-                for (r, cr) in c.iter_mut().enumerate() {
-                    let quad = (ap.add((q * QMR + r) * 4) as *const i32).read_unaligned();
-                    let av = _mm256_set1_epi32(quad);
-                    let s0 = _mm256_sign_epi8(av, b0);
-                    let s1 = _mm256_sign_epi8(av, b1);
-                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(m0, s0), ones);
-                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(m1, s1), ones);
-                    cr[0] = _mm256_add_epi32(cr[0], p0);
-                    cr[1] = _mm256_add_epi32(cr[1], p1);
-                }
-            }
-        }
-    }
-    c
 }
 
-/// [`products_quad_avx2`] with AVX-512 VNNI: one `vpdpbusd` adds the four
-/// u8 × i8 products of each group to its `i32` lane (no 16-bit
-/// intermediate, so nothing can saturate), where AVX2 needs `vpmaddubsw`,
-/// `vpmaddwd` and `vpaddd`. Same operands, same exact sums.
-///
-/// # Safety
-/// AVX-512 VNNI and VL must be present; otherwise as
-/// [`products_quad_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-pub(super) unsafe fn products_quad_vnni(
-    kquads: usize,
-    a: &[i8],
-    b: &[i8],
-    nonneg: bool,
-) -> [[std::arch::x86_64::__m256i; 2]; QMR] {
-    use std::arch::x86_64::*;
-    let mut c = [[_mm256_setzero_si256(); 2]; QMR];
-    let (ap, bp) = (a.as_ptr(), b.as_ptr());
-    // SAFETY: forwarded contract; every load is within the kquads groups
-    // of a and b.
-    unsafe {
-        for q in 0..kquads {
-            let b0 = _mm256_loadu_si256(bp.add(q * QNR * 4) as *const __m256i);
-            let b1 = _mm256_loadu_si256(bp.add(q * QNR * 4 + 32) as *const __m256i);
-            if nonneg {
-                for (r, cr) in c.iter_mut().enumerate() {
-                    let quad = (ap.add((q * QMR + r) * 4) as *const i32).read_unaligned();
-                    let av = _mm256_set1_epi32(quad);
-                    cr[0] = _mm256_dpbusd_epi32(cr[0], b0, av);
-                    cr[1] = _mm256_dpbusd_epi32(cr[1], b1, av);
-                }
-            } else {
-                // |input| unsigned, the input's sign moved to the weight.
-                let (m0, m1) = (_mm256_abs_epi8(b0), _mm256_abs_epi8(b1));
-                for (r, cr) in c.iter_mut().enumerate() {
-                    let quad = (ap.add((q * QMR + r) * 4) as *const i32).read_unaligned();
-                    let av = _mm256_set1_epi32(quad);
-                    cr[0] = _mm256_dpbusd_epi32(cr[0], m0, _mm256_sign_epi8(av, b0));
-                    cr[1] = _mm256_dpbusd_epi32(cr[1], m1, _mm256_sign_epi8(av, b1));
+/// Defines the product loop of [`products_quad_avx2`] for one x86 feature
+/// set; `$acc4` adds each group of four u8 × i8 products to an `i32` lane.
+macro_rules! products_quad_x86 {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $acc4:path) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            kquads: usize,
+            a: &[i8],
+            b: &[i8],
+            nonneg: bool,
+        ) -> [[std::arch::x86_64::__m256i; 2]; QMR] {
+            use std::arch::x86_64::*;
+            let mut c = [[_mm256_setzero_si256(); 2]; QMR];
+            let (ap, bp) = (a.as_ptr(), b.as_ptr());
+            // SAFETY: forwarded contract; every load is within the kquads
+            // groups of a and b.
+            unsafe {
+                for q in 0..kquads {
+                    let b0 = _mm256_loadu_si256(bp.add(q * QNR * 4) as *const __m256i);
+                    let b1 = _mm256_loadu_si256(bp.add(q * QNR * 4 + 32) as *const __m256i);
+                    if nonneg {
+                        for (r, cr) in c.iter_mut().enumerate() {
+                            let quad = (ap.add((q * QMR + r) * 4) as *const i32).read_unaligned();
+                            let av = _mm256_set1_epi32(quad);
+                            cr[0] = $acc4(cr[0], b0, av);
+                            cr[1] = $acc4(cr[1], b1, av);
+                        }
+                    } else {
+                        // |input| unsigned, the input's sign moved to the weight.
+                        let (m0, m1) = (_mm256_abs_epi8(b0), _mm256_abs_epi8(b1));
+                        for (r, cr) in c.iter_mut().enumerate() {
+                            let quad = (ap.add((q * QMR + r) * 4) as *const i32).read_unaligned();
+                            let av = _mm256_set1_epi32(quad);
+                            cr[0] = $acc4(cr[0], m0, _mm256_sign_epi8(av, b0));
+                            cr[1] = $acc4(cr[1], m1, _mm256_sign_epi8(av, b1));
+                        }
+                    }
                 }
             }
+            c
         }
-    }
-    c
+    };
 }
+
+products_quad_x86!(
+    /// [`products_quad_avx2`] with `vpmaddubsw` + `vpmaddwd` + `vpaddd`.
+    ///
+    /// # Safety
+    /// As [`products_quad_avx2`].
+    products_quad_maddubs,
+    "avx2",
+    crate::quant::acc4_maddubs
+);
+
+products_quad_x86!(
+    /// [`products_quad_avx2`] with AVX-512 VNNI: one `vpdpbusd` per group.
+    ///
+    /// # Safety
+    /// AVX-512 VNNI and VL must be present; otherwise as
+    /// [`products_quad_avx2`].
+    products_quad_vnni,
+    "avx2,avx512f,avx512vl,avx512vnni",
+    crate::quant::acc4_vnni
+);
 
 /// The dot4 micro-kernel: `acc[r][j] += Σ_q Σ_t a[q][r][t]·b[q][j][t]` over
 /// `kquads` groups of four INT8 values (the layout of
