@@ -182,7 +182,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         None => default_threads(),
     };
     let mut model = load(&a.model)?;
-    model.int8_activations = a.int8_activations;
+    model.set_int8_activations(a.int8_activations);
     if a.kv_f16 {
         model.kv_precision = osprey_models::llm::kv::KvPrecision::F16;
     }

@@ -140,7 +140,9 @@ fn activations(c: &mut Criterion) {
 /// 512 cached positions (9 heads, 3 KV heads of 64), f32 and f16 cache.
 fn llm(c: &mut Criterion) {
     use osprey_kernels::attention::{attend, Heads, KvData, PagedKv};
-    use osprey_kernels::quant::{dot_q8, matmul_q8, quantize, Q8Act, QuantType};
+    use osprey_kernels::quant::{
+        dot_q8, matmul_q8, matmul_q8_many, quantize, Packed, Q8Act, Q8Product, QuantType,
+    };
     let pool = ThreadPool::new(1);
     let mut g = c.benchmark_group("llm-decode");
     for (ty, rows, cols) in [
@@ -157,6 +159,22 @@ fn llm(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("matmul_q8", &id), |b| {
             b.iter(|| matmul_q8(ty, &w, rows, &xq, &mut y, &pool))
         });
+        // The row-interleaved copy the model makes with 8-bit activations
+        // (x86 with AVX2 only).
+        if let Some(p) = Packed::new(ty, &w, rows, cols) {
+            g.bench_function(BenchmarkId::new("matmul_q8 packed", &id), |b| {
+                b.iter(|| {
+                    let mut product = [Q8Product {
+                        ty,
+                        w: &w,
+                        packed: Some(&p),
+                        rows,
+                        y: &mut y,
+                    }];
+                    matmul_q8_many(&mut product, &xq, &pool)
+                })
+            });
+        }
         let rb = ty.row_bytes(cols);
         g.bench_function(BenchmarkId::new("dot_q8 row by row", &id), |b| {
             b.iter(|| {

@@ -23,7 +23,7 @@ fn decode_passes_allocate_nothing_after_warmup() {
         (true, KvPrecision::F16),
     ] {
         let mut model = Model::from_gguf(Gguf::from_bytes(tiny_gguf(256)).unwrap()).unwrap();
-        model.int8_activations = int8;
+        model.set_int8_activations(int8);
         let pool = ThreadPool::new(2);
         let c = &model.cfg;
         let mut kv =

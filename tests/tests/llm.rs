@@ -85,7 +85,7 @@ fn tokenizer_matches_llama_cpp() {
 /// llama.cpp's arithmetic: every product against activations rounded to
 /// 8 bits, K/V (and so the query and attention weights) in f16.
 fn llama_cpp_numerics(model: &mut Model) {
-    model.int8_activations = true;
+    model.set_int8_activations(true);
     model.int8_prompt = true;
     model.kv_precision = KvPrecision::F16;
 }

@@ -41,7 +41,7 @@ impl Assistant {
         if a.kv_f16 {
             model.kv_precision = osprey_models::llm::kv::KvPrecision::F16;
         }
-        model.int8_activations = a.int8_activations;
+        model.set_int8_activations(a.int8_activations);
         let model = Arc::new(model);
         let li = cfg
             .scheduler

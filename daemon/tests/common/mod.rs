@@ -281,7 +281,7 @@ pub fn reference_answer(dir: &Path, q: &str) -> String {
         .unwrap();
     let mut model = Model::load(&dir.join("tiny.gguf")).unwrap();
     // The arithmetic the config asks for.
-    model.int8_activations = a.int8_activations;
+    model.set_int8_activations(a.int8_activations);
     if a.kv_f16 {
         model.kv_precision = osprey_models::llm::kv::KvPrecision::F16;
     }

@@ -238,6 +238,7 @@ impl Model {
                 bytes: t.bytes,
                 rows,
                 cols,
+                packed: None,
             })
         };
         let vec_of = |name: &str, n: usize| -> Result<Vec<f32>, LlmError> {

@@ -69,6 +69,9 @@ pub(crate) struct Mat {
     pub(crate) bytes: usize,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
+    /// Row-interleaved copy for the 8-bit-activation products (made by
+    /// [`Model::set_int8_activations`] where the CPU has the kernels).
+    pub(crate) packed: Option<quant::Packed>,
 }
 
 /// Where weights live: a GGUF file, or mapped safetensors files.
@@ -302,6 +305,7 @@ impl Model {
                 bytes: t.bytes,
                 rows,
                 cols,
+                packed: None,
             })
         };
         let vec_of = |name: &str, n: usize| -> Result<Vec<f32>, LlmError> {
@@ -412,6 +416,56 @@ impl Model {
         &self.stores[m.src].bytes()[m.offset..m.offset + m.bytes]
     }
 
+    /// Turns 8-bit activations on or off (see [`Model::int8_activations`]).
+    /// Turning them on also makes the row-interleaved copies of the Q4_1 /
+    /// Q8_0 matrices that the x86 products read ([`quant::Packed`]: the
+    /// same bytes reordered, about the size of those weights again, made
+    /// once here and never on the inference path).
+    pub fn set_int8_activations(&mut self, on: bool) {
+        self.int8_activations = on;
+        if !on {
+            return;
+        }
+        let stores = &self.stores;
+        let mut mats: Vec<&mut Mat> = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.wq,
+                    &mut l.wk,
+                    &mut l.wv,
+                    &mut l.wo,
+                    &mut l.gate,
+                    &mut l.up,
+                    &mut l.down,
+                ]
+            })
+            .chain(std::iter::once(&mut self.output))
+            .filter(|m| m.packed.is_none())
+            .collect();
+        let sources: Vec<quant::PackSource<'_>> = mats
+            .iter()
+            .map(|m| {
+                let w = &stores[m.src].bytes()[m.offset..m.offset + m.bytes];
+                (m.ty, w, m.rows, m.cols)
+            })
+            .collect();
+        for (m, p) in mats.iter_mut().zip(quant::Packed::pack_all(&sources)) {
+            m.packed = p;
+        }
+    }
+
+    /// Heap bytes held by the row-interleaved weight copies.
+    pub fn packed_bytes(&self) -> usize {
+        let b = |m: &Mat| m.packed.as_ref().map_or(0, |p| p.bytes());
+        self.layers
+            .iter()
+            .map(|l| b(&l.wq) + b(&l.wk) + b(&l.wv) + b(&l.wo) + b(&l.gate) + b(&l.up) + b(&l.down))
+            .sum::<usize>()
+            + b(&self.output)
+    }
+
     /// How RoPE pairs dimensions in this model.
     pub fn rope_style(&self) -> RopeStyle {
         self.rope
@@ -481,7 +535,14 @@ impl Model {
         let w = self.data(m);
         if self.int8_rows(rows) && quant::has_q8_product(m.ty) && m.cols.is_multiple_of(32) {
             xq.quantize(x, rows, m.cols);
-            quant::matmul_q8(m.ty, w, m.rows, xq, y, pool);
+            let mut product = [quant::Q8Product {
+                ty: m.ty,
+                w,
+                packed: m.packed.as_ref(),
+                rows: m.rows,
+                y,
+            }];
+            quant::matmul_q8_many(&mut product, xq, pool);
         } else {
             let need = quant::matmul_scratch(pool, m.cols);
             if wbuf.len() < need {
@@ -517,6 +578,7 @@ impl Model {
             let mut products = mats.map(|(m, y)| quant::Q8Product {
                 ty: m.ty,
                 w: self.data(m),
+                packed: m.packed.as_ref(),
                 rows: m.rows,
                 y,
             });

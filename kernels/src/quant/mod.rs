@@ -20,6 +20,9 @@ use half::{bf16, f16};
 
 use crate::pool::{SyncPtr, ThreadPool};
 
+mod packed;
+pub use packed::{PackSource, Packed, GROUP_ROWS};
+
 /// A weight storage type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[allow(non_camel_case_types)]
@@ -1264,7 +1267,17 @@ pub fn matmul_q8(
     y: &mut [f32],
     pool: &ThreadPool,
 ) {
-    matmul_q8_many(&mut [Q8Product { ty, w, rows, y }], xq, pool);
+    matmul_q8_many(
+        &mut [Q8Product {
+            ty,
+            w,
+            packed: None,
+            rows,
+            y,
+        }],
+        xq,
+        pool,
+    );
 }
 
 /// One weight matrix of [`matmul_q8_many`]: `y = xq · wᵀ`, `rows` rows.
@@ -1274,6 +1287,9 @@ pub struct Q8Product<'a> {
     pub ty: QuantType,
     /// The weights, `rows` rows of `xq.cols` values.
     pub w: &'a [u8],
+    /// The same weights' first rows row-interleaved ([`Packed::new`] of
+    /// `w`), which the products then read instead.
+    pub packed: Option<&'a Packed>,
     /// Output rows (weight rows).
     pub rows: usize,
     /// `[token][row]` outputs.
@@ -1281,8 +1297,15 @@ pub struct Q8Product<'a> {
 }
 
 /// A product of [`matmul_q8_many`] as its tasks see it: type, weights,
-/// rows, output, first task.
-type GroupJob<'a> = (QuantType, &'a [u8], usize, SyncPtr<f32>, usize);
+/// packed weights, rows, output, first task.
+type GroupJob<'a> = (
+    QuantType,
+    &'a [u8],
+    Option<&'a Packed>,
+    usize,
+    SyncPtr<f32>,
+    usize,
+);
 
 /// Most matrices one [`matmul_q8_many`] call takes.
 pub const MAX_PRODUCTS: usize = 4;
@@ -1300,18 +1323,24 @@ pub fn matmul_q8_many(products: &mut [Q8Product<'_>], xq: &Q8Act, pool: &ThreadP
     // prefetched past its end belong to a task another thread may have).
     // Decode tok/s, 2 threads, 5-6 alternated runs (medians): 8 tasks per
     // thread 171, 4: 204, 2: 200-234, 1: 236.
-    let chunk = (total / (2 * pool.threads())).max(16).next_multiple_of(4);
+    // Whole packed groups per task.
+    let chunk = (total / (2 * pool.threads()))
+        .max(16)
+        .next_multiple_of(GROUP_ROWS);
     let mut jobs: [Option<GroupJob<'_>>; MAX_PRODUCTS] = [None; MAX_PRODUCTS];
     let mut tasks = 0;
     for (slot, p) in jobs.iter_mut().zip(products.iter_mut()) {
         let rb = p.ty.row_bytes(xq.cols);
         assert!(has_q8_product(p.ty) && p.w.len() >= p.rows * rb && p.y.len() >= tokens * p.rows);
-        *slot = Some((p.ty, p.w, p.rows, SyncPtr::new(p.y), tasks));
+        let packed = p
+            .packed
+            .filter(|k| k.ty() == p.ty && k.cols() == xq.cols && k.rows() <= p.rows);
+        *slot = Some((p.ty, p.w, packed, p.rows, SyncPtr::new(p.y), tasks));
         tasks += p.rows.div_ceil(chunk);
     }
     pool.run(tasks, &|task, _| {
-        let Some(&(ty, w, rows, out, first)) =
-            jobs.iter().flatten().take_while(|j| j.4 <= task).last()
+        let Some(&(ty, w, packed, rows, out, first)) =
+            jobs.iter().flatten().take_while(|j| j.5 <= task).last()
         else {
             return;
         };
@@ -1319,6 +1348,21 @@ pub fn matmul_q8_many(products: &mut [Q8Product<'_>], xq: &Q8Act, pool: &ThreadP
         let r0 = (task - first) * chunk;
         let r1 = (r0 + chunk).min(rows);
         let mut r = r0;
+        // Packed groups first (tasks start on group boundaries) ...
+        if let Some(pk) = packed {
+            let mut v = [0.0f32; GROUP_ROWS];
+            while r + GROUP_ROWS <= r1.min(pk.rows()) {
+                for t in 0..tokens {
+                    pk.dot_group(r / GROUP_ROWS, xq, t, &mut v);
+                    for (i, &x) in v.iter().enumerate() {
+                        // SAFETY: as below.
+                        unsafe { *out.add(t * rows + r + i) = x };
+                    }
+                }
+                r += GROUP_ROWS;
+            }
+        }
+        // ... then the row-major rows.
         let mut v = [0.0f32; 4];
         // Four rows at a time where the CPU has the SIMD form (the first
         // token's product is the test), then single rows.
@@ -1614,6 +1658,7 @@ mod tests {
             (QuantType::Q4_1, 37),
             (QuantType::Q8_0, 5),
             (QuantType::Q4_0, 70),
+            (QuantType::Q8_0, 44),
         ];
         let ws: Vec<Vec<u8>> = shapes
             .iter()
@@ -1623,7 +1668,21 @@ mod tests {
         let tokens = 2;
         let mut xq = Q8Act::with_capacity(tokens, cols);
         xq.quantize(&data(tokens * cols, 9), tokens, cols);
-        for threads in [1, 2, 3] {
+        // Packed where this CPU packs (Q4_1 and Q8_0 with eight rows or
+        // more; the rows past the last whole group stay row-major).
+        let packs: Vec<Option<Packed>> = shapes
+            .iter()
+            .zip(&ws)
+            .map(|(&(ty, rows), w)| Packed::new(ty, w, rows, cols))
+            .collect();
+        for (threads, pack) in [
+            (1, false),
+            (2, false),
+            (3, false),
+            (1, true),
+            (2, true),
+            (3, true),
+        ] {
             let pool = ThreadPool::new(threads);
             let mut ys: Vec<Vec<f32>> = shapes
                 .iter()
@@ -1634,7 +1693,14 @@ mod tests {
                     .iter()
                     .zip(&ws)
                     .zip(ys.iter_mut())
-                    .map(|((&(ty, rows), w), y)| Q8Product { ty, w, rows, y })
+                    .zip(&packs)
+                    .map(|(((&(ty, rows), w), y), k)| Q8Product {
+                        ty,
+                        w,
+                        packed: k.as_ref().filter(|_| pack),
+                        rows,
+                        y,
+                    })
                     .collect();
                 matmul_q8_many(&mut products, &xq, &pool);
             }
@@ -1642,7 +1708,7 @@ mod tests {
                 let mut want = vec![0.0; tokens * rows];
                 matmul_q8(ty, w, rows, &xq, &mut want, &ThreadPool::new(1));
                 let same = y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{ty:?} with {threads} threads");
+                assert!(same, "{ty:?} with {threads} threads, packed {pack}");
             }
         }
     }
