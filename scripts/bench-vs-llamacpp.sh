@@ -7,8 +7,8 @@
 # --rounds rounds alternating the two (A B A B ...) so machine drift
 # cancels in the per-round ratios. Prints a markdown table (medians of the
 # rounds; ratio = osprey / llama.cpp, > 1 means osprey is faster) and the
-# decode memory-bandwidth bound: weight bytes per token / measured copy
-# bandwidth.
+# decode memory-bandwidth bound: bytes read per token (weights; weights
+# plus KV cache) / measured copy bandwidth.
 #
 # usage: scripts/bench-vs-llamacpp.sh [--rounds N] [--threads "1 2"] [--exact]
 set -euo pipefail
@@ -62,10 +62,15 @@ for t in $threads; do
     otok=$(echo "$o" | field prompt_tokens); ltok=$(echo "$l" | field prompt_tokens)
   done
   echo "| $t | $(med "${op[@]}") | $(med "${lp[@]}") | $(med2 "${rp[@]}") | $(med "${od[@]}") | $(med "${ld[@]}") | $(med2 "${rd[@]}") | $otok / $ltok |"
+  last_t=$t; last_od=$(med "${od[@]}"); last_ld=$(med "${ld[@]}")
 done
-# Bandwidth bound for decoding: bytes of weights read per token over the
-# machine's copy bandwidth (numpy copy of 512 MiB, best of 5).
-bytes=$("$osprey" chat --model "$model" --raw --prompt "x" --max-tokens 1 --json --threads 1 | field weight_bytes_per_token)
+# Bandwidth bound for decoding: bytes read per token over the machine's
+# copy bandwidth (numpy copy of 512 MiB, best of 5). Two numerators: the
+# weights alone, and the weights plus the KV cache a step reads (every
+# cached position, on average the prompt plus half the generated tokens).
+info=$("$osprey" chat --model "$model" --raw --prompt "x" --max-tokens 1 --json --threads 1 "${mode[@]}")
+bytes=$(echo "$info" | field weight_bytes_per_token)
+kvpos=$(echo "$info" | field kv_bytes_per_position)
 bw=$("$venv/bin/python" - <<'PY'
 import time, numpy as np
 a = np.ones(512 << 18, dtype=np.float32); b = np.empty_like(a)
@@ -76,8 +81,12 @@ for _ in range(5):
 print(best)
 PY
 )
-python3 - "$bytes" "$bw" <<'PY'
+python3 - "$bytes" "$bw" "$kvpos" "$otok" "$gen" "$last_t" "$last_od" "$last_ld" <<'PY'
 import sys
-b, bw = float(sys.argv[1]), float(sys.argv[2])
+b, bw, kvpos, ptok, gen = (float(v) for v in sys.argv[1:6])
+t, od, ld = sys.argv[6], float(sys.argv[7]), float(sys.argv[8])
+kv = kvpos * (ptok + gen / 2)
 print(f"\nweights read per token: {b/2**20:.1f} MiB; copy bandwidth {bw/1e9:.1f} GB/s (read+write); decode bound {bw/b:.0f} tok/s")
+print(f"with the KV cache a step reads ({kv/2**20:.1f} MiB at {ptok + gen/2:.0f} positions on average): {bw/(b+kv):.0f} tok/s")
+print(f"at {t} threads: osprey {100*od*b/bw:.0f}% / {100*od*(b+kv)/bw:.0f}% of the two bounds, llama.cpp {100*ld*b/bw:.0f}% / {100*ld*(b+kv)/bw:.0f}%")
 PY

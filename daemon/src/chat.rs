@@ -220,6 +220,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
                 "prefill_tok_s": stats.prefill_tok_s,
                 "decode_tok_s": stats.decode_tok_s,
                 "weight_bytes_per_token": model.weight_bytes_per_token(),
+                "kv_bytes_per_position": model.kv_bytes_per_position(),
             });
             if a.speculative {
                 v["drafted_tokens"] = json!(stats.drafted);

@@ -482,6 +482,13 @@ impl Model {
             + m(&self.output)
     }
 
+    /// Bytes of KV cache a decode step reads per cached position (every
+    /// layer's K and V in [`Model::kv_precision`]): with
+    /// [`Model::weight_bytes_per_token`], what one step touches.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        self.cfg.n_layers * 2 * self.cfg.kv_dim() * self.kv_precision.bytes()
+    }
+
     /// Buffers for passes of up to `max_rows` rows (`all_logits`: room for
     /// logits of every row).
     pub fn scratch(&self, max_rows: usize, all_logits: bool) -> Scratch {
