@@ -1395,7 +1395,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn data(n: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) (the packed layout's tests use
+    /// them too).
+    pub(super) fn data(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);

@@ -421,20 +421,9 @@ dot_group_x86!(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::data;
     use super::super::{dot_q8, dot_q8_portable, quantize};
     use super::*;
-
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Every packed group, on every CPU form, gives the bits of the
     /// row-major product of the same rows (and the portable form those of
