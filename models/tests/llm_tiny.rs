@@ -262,3 +262,71 @@ fn f16_kv_cache_holds_twice_the_blocks_and_stays_close() {
         run_alone(&half, &prompt, greedy(12))
     );
 }
+
+/// 8-bit decode steps on the row-interleaved weight copies that
+/// `set_int8_activations` makes (x86) give the logits of the row-major
+/// weights bit for bit; turning 8-bit activations off drops the copies.
+#[test]
+fn packed_weights_change_no_logit() {
+    use osprey_kernels::pool::ThreadPool;
+    use osprey_models::llm::kv::KvCache;
+    use osprey_models::llm::model::Logits;
+    let load = || Model::from_gguf(Gguf::from_bytes(tiny_gguf(CONTEXT)).unwrap()).unwrap();
+    let mut packed = load();
+    packed.set_int8_activations(true);
+    // The same switch without the copies: the products read the rows.
+    let mut rows = load();
+    rows.int8_activations = true;
+    assert_eq!(rows.packed_bytes(), 0);
+    #[cfg(target_arch = "x86_64")]
+    if osprey_kernels::isa::active().has_avx2() {
+        assert!(packed.packed_bytes() > 0, "nothing packed");
+    }
+    let prompt = packed.tokenizer.encode("robot arm torque", false).unwrap();
+    let logits = |m: &Model, threads: usize| {
+        let pool = ThreadPool::new(threads);
+        let mut kv = KvCache::new(m.cfg.n_layers, m.cfg.kv_dim(), 16, 1 << 20).unwrap();
+        let mut seq = kv.new_seq(prompt.len() + 8);
+        let mut scratch = m.scratch(prompt.len(), false);
+        let batch: Vec<(usize, u32)> = prompt.iter().map(|&t| (0, t)).collect();
+        let mut out = Vec::new();
+        m.forward(
+            &mut kv,
+            &mut [&mut seq],
+            &batch,
+            Logits::LastPerSeq,
+            &mut scratch,
+            &pool,
+        )
+        .unwrap();
+        for step in 0..8u32 {
+            // Decode steps (one row: 8-bit activations).
+            let tok = (step * 37 + 5) % m.cfg.vocab as u32;
+            m.forward(
+                &mut kv,
+                &mut [&mut seq],
+                &[(0, tok)],
+                Logits::LastPerSeq,
+                &mut scratch,
+                &pool,
+            )
+            .unwrap();
+            out.extend(
+                scratch
+                    .logits_row(0, m.cfg.vocab)
+                    .iter()
+                    .map(|v| v.to_bits()),
+            );
+        }
+        out
+    };
+    for threads in [1, 2] {
+        assert_eq!(
+            logits(&packed, threads),
+            logits(&rows, threads),
+            "{threads} threads"
+        );
+    }
+    packed.set_int8_activations(false);
+    assert_eq!(packed.packed_bytes(), 0);
+}

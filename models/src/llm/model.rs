@@ -423,9 +423,6 @@ impl Model {
     /// once here and never on the inference path).
     pub fn set_int8_activations(&mut self, on: bool) {
         self.int8_activations = on;
-        if !on {
-            return;
-        }
         let stores = &self.stores;
         let mut mats: Vec<&mut Mat> = self
             .layers
@@ -442,8 +439,15 @@ impl Model {
                 ]
             })
             .chain(std::iter::once(&mut self.output))
-            .filter(|m| m.packed.is_none())
             .collect();
+        if !on {
+            // Nothing reads the copies now: give the memory back.
+            for m in mats {
+                m.packed = None;
+            }
+            return;
+        }
+        mats.retain(|m| m.packed.is_none());
         let sources: Vec<quant::PackSource<'_>> = mats
             .iter()
             .map(|m| {
@@ -456,7 +460,7 @@ impl Model {
         }
     }
 
-    /// Heap bytes held by the row-interleaved weight copies.
+    /// Bytes held by the row-interleaved weight copies.
     pub fn packed_bytes(&self) -> usize {
         let b = |m: &Mat| m.packed.as_ref().map_or(0, |p| p.bytes());
         self.layers
