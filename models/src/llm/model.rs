@@ -74,6 +74,13 @@ pub(crate) struct Mat {
     pub(crate) packed: Option<quant::Packed>,
 }
 
+impl Mat {
+    /// This matrix's bytes, row-major, in the model's `stores`.
+    fn data<'a>(&self, stores: &'a [Store]) -> &'a [u8] {
+        &stores[self.src].bytes()[self.offset..self.offset + self.bytes]
+    }
+}
+
 /// Where weights live: a GGUF file, or mapped safetensors files.
 #[derive(Debug)]
 pub(crate) enum Store {
@@ -114,6 +121,28 @@ pub(crate) struct Layer {
     pub(crate) gate: Mat,
     pub(crate) up: Mat,
     pub(crate) down: Mat,
+}
+
+impl Layer {
+    /// The layer's weight matrices (every product of a decode step).
+    fn mats(&self) -> [&Mat; 7] {
+        [
+            &self.wq, &self.wk, &self.wv, &self.wo, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    /// [`Layer::mats`], to change.
+    fn mats_mut(&mut self) -> [&mut Mat; 7] {
+        [
+            &mut self.wq,
+            &mut self.wk,
+            &mut self.wv,
+            &mut self.wo,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
 }
 
 /// A loaded model: metadata, tokenizer and weights (mapped, not copied).
@@ -413,7 +442,16 @@ impl Model {
     }
 
     fn data(&self, m: &Mat) -> &[u8] {
-        &self.stores[m.src].bytes()[m.offset..m.offset + m.bytes]
+        m.data(&self.stores)
+    }
+
+    /// Every matrix a decode step multiplies by: the layers' and the
+    /// output projection.
+    fn product_mats(&self) -> impl Iterator<Item = &Mat> {
+        self.layers
+            .iter()
+            .flat_map(Layer::mats)
+            .chain(std::iter::once(&self.output))
     }
 
     /// Turns 8-bit activations on or off (see [`Model::int8_activations`]).
@@ -427,17 +465,7 @@ impl Model {
         let mut mats: Vec<&mut Mat> = self
             .layers
             .iter_mut()
-            .flat_map(|l| {
-                [
-                    &mut l.wq,
-                    &mut l.wk,
-                    &mut l.wv,
-                    &mut l.wo,
-                    &mut l.gate,
-                    &mut l.up,
-                    &mut l.down,
-                ]
-            })
+            .flat_map(Layer::mats_mut)
             .chain(std::iter::once(&mut self.output))
             .collect();
         if !on {
@@ -450,10 +478,7 @@ impl Model {
         mats.retain(|m| m.packed.is_none());
         let sources: Vec<quant::PackSource<'_>> = mats
             .iter()
-            .map(|m| {
-                let w = &stores[m.src].bytes()[m.offset..m.offset + m.bytes];
-                (m.ty, w, m.rows, m.cols)
-            })
+            .map(|m| (m.ty, m.data(stores), m.rows, m.cols))
             .collect();
         for (m, p) in mats.iter_mut().zip(quant::Packed::pack_all(&sources)) {
             m.packed = p;
@@ -462,12 +487,9 @@ impl Model {
 
     /// Bytes held by the row-interleaved weight copies.
     pub fn packed_bytes(&self) -> usize {
-        let b = |m: &Mat| m.packed.as_ref().map_or(0, |p| p.bytes());
-        self.layers
-            .iter()
-            .map(|l| b(&l.wq) + b(&l.wk) + b(&l.wv) + b(&l.wo) + b(&l.gate) + b(&l.up) + b(&l.down))
-            .sum::<usize>()
-            + b(&self.output)
+        self.product_mats()
+            .map(|m| m.packed.as_ref().map_or(0, |p| p.bytes()))
+            .sum()
     }
 
     /// How RoPE pairs dimensions in this model.
@@ -478,12 +500,7 @@ impl Model {
     /// Bytes of weights one decode step reads (every matrix once, the
     /// embedding row aside): the memory-bandwidth bound's numerator.
     pub fn weight_bytes_per_token(&self) -> usize {
-        let m = |m: &Mat| m.bytes;
-        self.layers
-            .iter()
-            .map(|l| m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo) + m(&l.gate) + m(&l.up) + m(&l.down))
-            .sum::<usize>()
-            + m(&self.output)
+        self.product_mats().map(|m| m.bytes).sum()
     }
 
     /// Bytes of KV cache a decode step reads per cached position (every
@@ -546,14 +563,7 @@ impl Model {
         let w = self.data(m);
         if self.int8_rows(rows) && quant::has_q8_product(m.ty) && m.cols.is_multiple_of(32) {
             xq.quantize(x, rows, m.cols);
-            let mut product = [quant::Q8Product {
-                ty: m.ty,
-                w,
-                packed: m.packed.as_ref(),
-                rows: m.rows,
-                y,
-            }];
-            quant::matmul_q8_many(&mut product, xq, pool);
+            quant::matmul_q8_many(&mut [self.q8_product(m, y)], xq, pool);
         } else {
             let need = quant::matmul_scratch(pool, m.cols);
             if wbuf.len() < need {
@@ -561,6 +571,18 @@ impl Model {
                 wbuf.resize(need, 0.0);
             }
             quant::matmul(m.ty, w, m.rows, m.cols, x, rows, y, wbuf, pool);
+        }
+    }
+
+    /// `m` as an 8-bit-activation product into `y` (its packed copy where
+    /// there is one).
+    fn q8_product<'a>(&'a self, m: &'a Mat, y: &'a mut [f32]) -> quant::Q8Product<'a> {
+        quant::Q8Product {
+            ty: m.ty,
+            w: self.data(m),
+            packed: m.packed.as_ref(),
+            rows: m.rows,
+            y,
         }
     }
 
@@ -586,13 +608,7 @@ impl Model {
                 .all(|(m, _)| quant::has_q8_product(m.ty) && m.cols == cols);
         if grouped {
             xq.quantize(x, rows, cols);
-            let mut products = mats.map(|(m, y)| quant::Q8Product {
-                ty: m.ty,
-                w: self.data(m),
-                packed: m.packed.as_ref(),
-                rows: m.rows,
-                y,
-            });
+            let mut products = mats.map(|(m, y)| self.q8_product(m, y));
             quant::matmul_q8_many(&mut products, xq, pool);
         } else {
             for (m, y) in mats {
