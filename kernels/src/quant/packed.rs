@@ -214,9 +214,9 @@ impl Packed {
         let gb = group_block_bytes(self.ty);
         let grp = &self.data()[g * nb * gb..(g + 1) * nb * gb];
         #[cfg(target_arch = "x86_64")]
-        if crate::isa::active().has_avx2() {
-            // SAFETY: AVX2/FMA/F16C present (VNNI checked inside); bounds
-            // checked inside.
+        if cpu_reads_packed() {
+            // SAFETY: the AVX2 tier (AVX2/FMA/F16C) is active (VNNI is
+            // checked inside); bounds checked inside.
             unsafe { dot_group_best(self.ty, grp, xq, t, out) };
             return;
         }
@@ -324,7 +324,7 @@ macro_rules! dot_group_x86 {
         ) {
             use std::arch::x86_64::*;
             let nb = xq.cols / 32;
-            let gb = if Q4 { 160 } else { 272 };
+            let gb = group_block_bytes(if Q4 { QuantType::Q4_1 } else { QuantType::Q8_0 });
             assert!(grp.len() >= nb * gb && xq.q.len() >= (t + 1) * nb * 32);
             assert!(xq.d.len() >= (t + 1) * nb && xq.s.len() >= (t + 1) * nb);
             let low = _mm256_set1_epi8(0x0f);
