@@ -205,6 +205,7 @@ fn llm(c: &mut Criterion) {
             layers,
             layer: 0,
             kv_dim,
+            head_dim: 64,
         };
         g.bench_function(BenchmarkId::new("attention 512 positions", name), |b| {
             b.iter(|| attend(&pool, &paged, &q, len, heads, 0.125, &mut out, &mut scores))

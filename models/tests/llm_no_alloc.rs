@@ -27,7 +27,8 @@ fn decode_passes_allocate_nothing_after_warmup() {
         let pool = ThreadPool::new(2);
         let c = &model.cfg;
         let mut kv =
-            KvCache::with_precision(c.n_layers, c.kv_dim(), 16, 1 << 20, precision).unwrap();
+            KvCache::with_precision(c.n_layers, c.kv_dim(), c.head_dim, 16, 1 << 20, precision)
+                .unwrap();
         let mut a = kv.new_seq(200);
         let mut b = kv.new_seq(200);
         let mut scratch = model.scratch(16, false);

@@ -205,7 +205,8 @@ fn hf_checkpoint_of_the_same_model_gives_the_same_logits() {
     assert_eq!(hf.tokenizer.eos, Some(257));
     let pool = ThreadPool::new(1);
     let logits = |m: &Model| {
-        let mut kv = KvCache::new(m.cfg.n_layers, m.cfg.kv_dim(), 16, 1 << 20).unwrap();
+        let mut kv =
+            KvCache::new(m.cfg.n_layers, m.cfg.kv_dim(), m.cfg.head_dim, 16, 1 << 20).unwrap();
         let mut seq = kv.new_seq(ids.len());
         let mut scratch = m.scratch(ids.len(), true);
         let batch: Vec<(usize, u32)> = ids.iter().map(|&t| (0, t)).collect();
@@ -285,7 +286,8 @@ fn packed_weights_change_no_logit() {
     let prompt = packed.tokenizer.encode("robot arm torque", false).unwrap();
     let logits = |m: &Model, threads: usize| {
         let pool = ThreadPool::new(threads);
-        let mut kv = KvCache::new(m.cfg.n_layers, m.cfg.kv_dim(), 16, 1 << 20).unwrap();
+        let mut kv =
+            KvCache::new(m.cfg.n_layers, m.cfg.kv_dim(), m.cfg.head_dim, 16, 1 << 20).unwrap();
         let mut seq = kv.new_seq(prompt.len() + 8);
         let mut scratch = m.scratch(prompt.len(), false);
         let batch: Vec<(usize, u32)> = prompt.iter().map(|&t| (0, t)).collect();

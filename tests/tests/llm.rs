@@ -44,8 +44,15 @@ fn ids(v: &Value) -> Vec<u32> {
 /// model's precision).
 fn teacher_forced(model: &Model, toks: &[u32], pool: &ThreadPool) -> Scratch {
     let c = &model.cfg;
-    let mut kv =
-        KvCache::with_precision(c.n_layers, c.kv_dim(), 16, 64 << 20, model.kv_precision).unwrap();
+    let mut kv = KvCache::with_precision(
+        c.n_layers,
+        c.kv_dim(),
+        c.head_dim,
+        16,
+        64 << 20,
+        model.kv_precision,
+    )
+    .unwrap();
     let mut seq = kv.new_seq(toks.len());
     let mut scratch = model.scratch(toks.len(), true);
     let batch: Vec<(usize, u32)> = toks.iter().map(|&t| (0, t)).collect();
@@ -212,7 +219,14 @@ fn greedy_completions_match_llama_cpp() {
             .iter()
             .map(|v| v.as_f64().unwrap())
             .collect();
-        let mut kv = KvCache::new(model.cfg.n_layers, model.cfg.kv_dim(), 16, 64 << 20).unwrap();
+        let mut kv = KvCache::new(
+            model.cfg.n_layers,
+            model.cfg.kv_dim(),
+            model.cfg.head_dim,
+            16,
+            64 << 20,
+        )
+        .unwrap();
         let mut seq = kv.new_seq(prompt.len() + want.len());
         let mut scratch = model.scratch(prompt.len().max(1), false);
         let batch: Vec<(usize, u32)> = prompt.iter().map(|&t| (0, t)).collect();

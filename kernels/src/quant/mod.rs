@@ -1026,11 +1026,11 @@ fn rows_operands(
 /// a Jetson.)
 const PREFETCH_GROUPS_AHEAD: usize = 4;
 
-/// A hint to fetch the cache line at `p` (never faults, so `p` may pass
-/// the end of its buffer).
-#[cfg(target_arch = "aarch64")]
+/// A hint to fetch the cache line at `p` into L1 (never faults, so `p`
+/// may pass the end of its buffer).
 #[inline(always)]
-fn prefetch(p: *const u8) {
+pub(crate) fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "aarch64")]
     // SAFETY: `prfm` is a hint: it reads nothing architecturally and never
     // faults, whatever the address.
     unsafe {
@@ -1040,6 +1040,15 @@ fn prefetch(p: *const u8) {
             options(nostack, preserves_flags, readonly)
         );
     }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86_64; a prefetch is a hint that never
+    // faults, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+    }
+    #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
+    let _ = p;
 }
 
 /// Four rows `r..r + 4` (`rb` bytes apart in `w`) times activation row `t`

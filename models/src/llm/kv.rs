@@ -3,9 +3,10 @@
 //! sequence takes blocks from the free list — never an allocation — and a
 //! sequence that would exceed the budget gets [`LlmError::KvFull`].
 //!
-//! Layout of one block: `[layer][K or V][slot][kv_dim]`, f32 or f16
-//! ([`KvPrecision`]), so a block holds `block_tokens` positions of every
-//! layer.
+//! Layout of one block: `[layer][K or V][kv_head][slot][head_dim]`, f32
+//! or f16 ([`KvPrecision`]), so a block holds `block_tokens` positions of
+//! every layer, and one head's keys (or values) of a block are contiguous
+//! (see `osprey_kernels::attention`).
 
 use super::LlmError;
 use half::f16;
@@ -80,6 +81,7 @@ impl<const N: usize> SeqSet for [&mut SeqKv; N] {
 pub struct KvCache {
     layers: usize,
     kv_dim: usize,
+    head_dim: usize,
     block_tokens: usize,
     n_blocks: usize,
     budget_bytes: usize,
@@ -124,21 +126,35 @@ impl KvCache {
     pub fn new(
         layers: usize,
         kv_dim: usize,
+        head_dim: usize,
         block_tokens: usize,
         budget_bytes: usize,
     ) -> Result<KvCache, LlmError> {
-        KvCache::with_precision(layers, kv_dim, block_tokens, budget_bytes, KvPrecision::F32)
+        KvCache::with_precision(
+            layers,
+            kv_dim,
+            head_dim,
+            block_tokens,
+            budget_bytes,
+            KvPrecision::F32,
+        )
     }
 
     /// A pool of as many blocks of `precision` as `budget_bytes` holds (at
-    /// least one).
+    /// least one); `kv_dim` is a whole number of heads of `head_dim`.
     pub fn with_precision(
         layers: usize,
         kv_dim: usize,
+        head_dim: usize,
         block_tokens: usize,
         budget_bytes: usize,
         precision: KvPrecision,
     ) -> Result<KvCache, LlmError> {
+        if head_dim == 0 || !kv_dim.is_multiple_of(head_dim) {
+            return Err(LlmError::Request(format!(
+                "K/V width {kv_dim} is not a whole number of heads of {head_dim}"
+            )));
+        }
         let block_tokens = block_tokens.max(1);
         let block_floats = layers * 2 * block_tokens * kv_dim;
         let block_bytes = block_floats * precision.bytes();
@@ -151,6 +167,7 @@ impl KvCache {
         Ok(KvCache {
             layers,
             kv_dim,
+            head_dim,
             block_tokens,
             n_blocks,
             budget_bytes,
@@ -263,30 +280,34 @@ impl KvCache {
             layers: self.layers,
             layer,
             kv_dim: self.kv_dim,
+            head_dim: self.head_dim,
         }
     }
 
-    /// Writes K and V of `pos` in `layer`.
+    /// Writes K and V of `pos` in `layer` (rows of `kv_dim`, head after
+    /// head).
     pub fn write(&mut self, seq: &SeqKv, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let (ok, ov) = {
-            let p = self.paged(seq, layer);
-            (p.offset(0, pos), p.offset(1, pos))
-        };
-        let n = self.kv_dim;
-        match &mut self.data {
-            Store::F32(d) => {
-                d[ok..ok + n].copy_from_slice(k);
-                d[ov..ov + n].copy_from_slice(v);
-            }
-            Store::F16(d) => {
-                d[ok..ok + n]
-                    .iter_mut()
-                    .zip(k)
-                    .for_each(|(o, &x)| *o = f16::from_f32(x));
-                d[ov..ov + n]
-                    .iter_mut()
-                    .zip(v)
-                    .for_each(|(o, &x)| *o = f16::from_f32(x));
+        let hd = self.head_dim;
+        for (head, (k, v)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
+            let (ok, ov) = {
+                let p = self.paged(seq, layer);
+                (p.offset(0, pos, head), p.offset(1, pos, head))
+            };
+            match &mut self.data {
+                Store::F32(d) => {
+                    d[ok..ok + hd].copy_from_slice(k);
+                    d[ov..ov + hd].copy_from_slice(v);
+                }
+                Store::F16(d) => {
+                    d[ok..ok + hd]
+                        .iter_mut()
+                        .zip(k)
+                        .for_each(|(o, &x)| *o = f16::from_f32(x));
+                    d[ov..ov + hd]
+                        .iter_mut()
+                        .zip(v)
+                        .for_each(|(o, &x)| *o = f16::from_f32(x));
+                }
             }
         }
     }
@@ -307,7 +328,7 @@ mod tests {
         // 2 layers × K,V × 4 tokens × 8 values × 4 (or 2) bytes = 512 (256)
         // bytes a block.
         let block = 128 * precision.bytes();
-        let mut kv = KvCache::with_precision(2, 8, 4, block * 3 + 100, precision).unwrap();
+        let mut kv = KvCache::with_precision(2, 8, 4, 4, block * 3 + 100, precision).unwrap();
         assert_eq!(kv.capacity_blocks(), 3);
         assert_eq!((kv.block_bytes(), kv.bytes()), (block, 3 * block));
         let mut a = kv.new_seq(100);
@@ -336,14 +357,23 @@ mod tests {
         kv.advance(&mut b, 4);
         kv.write(&b, 1, 0, &[99.0; 8], &[98.0; 8]);
         for p in 0..6 {
-            assert_eq!(kv.paged(&a, 1).k(p)[0], p as f32);
-            assert_eq!(kv.paged(&a, 1).v(p)[3], -(p as f32));
+            kv.write(&a, 0, p, &[0.5; 8], &[0.25; 8]);
         }
+        for p in 0..6 {
+            // Every value of both heads reads back as written, and the
+            // other layer's writes did not land on it.
+            assert_eq!(kv.paged(&a, 1).k(p), vec![p as f32; 8]);
+            assert_eq!(kv.paged(&a, 1).v(p), vec![-(p as f32); 8]);
+            assert_eq!(kv.paged(&a, 0).k(p), vec![0.5; 8]);
+        }
+        assert_eq!(kv.paged(&b, 1).v(0), vec![98.0; 8]);
         kv.truncate(&mut a, 3);
         assert_eq!((a.len(), a.blocks(), kv.free_blocks()), (3, 1, 1));
         kv.release(&mut a);
         kv.release(&mut b);
         assert_eq!(kv.free_blocks(), 3);
-        assert!(KvCache::with_precision(2, 8, 4, block - 1, precision).is_err());
+        assert!(KvCache::with_precision(2, 8, 4, 4, block - 1, precision).is_err());
+        assert!(KvCache::with_precision(2, 8, 3, 4, block * 3, precision).is_err());
+        assert!(KvCache::with_precision(2, 8, 0, 4, block * 3, precision).is_err());
     }
 }

@@ -129,6 +129,7 @@ impl Runtime {
         let kv = KvCache::with_precision(
             c.n_layers,
             c.kv_dim(),
+            c.head_dim,
             16,
             kv_budget_bytes,
             model.kv_precision,
