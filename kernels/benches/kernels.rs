@@ -139,7 +139,7 @@ fn activations(c: &mut Criterion) {
 /// kernel against one row at a time), and attention of one query row over
 /// 512 cached positions (9 heads, 3 KV heads of 64), f32 and f16 cache.
 fn llm(c: &mut Criterion) {
-    use osprey_kernels::attention::{attend, Heads, KvData, PagedKv};
+    use osprey_kernels::attention::{attend, scratch_floats, Heads, KvData, PagedKv};
     use osprey_kernels::quant::{
         dot_q8, matmul_q8, matmul_q8_many, quantize, Packed, Q8Act, Q8Product, QuantType,
     };
@@ -195,7 +195,7 @@ fn llm(c: &mut Criterion) {
     let f16s: Vec<half::f16> = f32s.iter().map(|&v| half::f16::from_f32(v)).collect();
     let q = data(9 * 64);
     let mut out = vec![0.0; 9 * 64];
-    let mut scores = vec![0.0; len];
+    let mut scratch = vec![0.0; scratch_floats(heads, bt, len)];
     g.throughput(Throughput::Elements((2 * 2 * 9 * 64 * len) as u64));
     for (name, kv) in [("f32", KvData::F32(&f32s)), ("f16", KvData::F16(&f16s))] {
         let paged = PagedKv {
@@ -208,7 +208,7 @@ fn llm(c: &mut Criterion) {
             head_dim: 64,
         };
         g.bench_function(BenchmarkId::new("attention 512 positions", name), |b| {
-            b.iter(|| attend(&pool, &paged, &q, len, heads, 0.125, &mut out, &mut scores))
+            b.iter(|| attend(&pool, &paged, &q, len, heads, 0.125, &mut out, &mut scratch))
         });
     }
     g.finish();

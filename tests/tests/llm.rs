@@ -16,7 +16,7 @@
 
 use osprey_kernels::pool::ThreadPool;
 use osprey_models::llm::kv::{KvCache, KvPrecision};
-use osprey_models::llm::model::{Logits, Model, Scratch};
+use osprey_models::llm::model::{Logits, Model, Scratch, KV_BLOCK_TOKENS};
 use osprey_models::llm::sample::argmax;
 use osprey_tests::{llm_model, shared_dir};
 use serde_json::Value;
@@ -48,7 +48,7 @@ fn teacher_forced(model: &Model, toks: &[u32], pool: &ThreadPool) -> Scratch {
         c.n_layers,
         c.kv_dim(),
         c.head_dim,
-        16,
+        KV_BLOCK_TOKENS,
         64 << 20,
         model.kv_precision,
     )
@@ -223,7 +223,7 @@ fn greedy_completions_match_llama_cpp() {
             model.cfg.n_layers,
             model.cfg.kv_dim(),
             model.cfg.head_dim,
-            16,
+            KV_BLOCK_TOKENS,
             64 << 20,
         )
         .unwrap();

@@ -3,10 +3,11 @@
 //! sequence takes blocks from the free list — never an allocation — and a
 //! sequence that would exceed the budget gets [`LlmError::KvFull`].
 //!
-//! Layout of one block: `[layer][K or V][kv_head][slot][head_dim]`, f32
-//! or f16 ([`KvPrecision`]), so a block holds `block_tokens` positions of
-//! every layer, and one head's keys (or values) of a block are contiguous
-//! (see `osprey_kernels::attention`).
+//! Layout of one block: `[layer][K or V][kv_head][run]`, f32 or f16
+//! ([`KvPrecision`]), so a block holds `block_tokens` positions of every
+//! layer, and one head's keys (or values) of a block are one contiguous
+//! run, keys transposed in it (`osprey_kernels::attention` owns the
+//! layout).
 
 use super::LlmError;
 use half::f16;
@@ -285,28 +286,18 @@ impl KvCache {
     }
 
     /// Writes K and V of `pos` in `layer` (rows of `kv_dim`, head after
-    /// head).
+    /// head) where the attention kernel reads them.
     pub fn write(&mut self, seq: &SeqKv, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let hd = self.head_dim;
-        for (head, (k, v)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
-            let (ok, ov) = {
-                let p = self.paged(seq, layer);
-                (p.offset(0, pos, head), p.offset(1, pos, head))
-            };
-            match &mut self.data {
-                Store::F32(d) => {
-                    d[ok..ok + hd].copy_from_slice(k);
-                    d[ov..ov + hd].copy_from_slice(v);
-                }
-                Store::F16(d) => {
-                    d[ok..ok + hd]
-                        .iter_mut()
-                        .zip(k)
-                        .for_each(|(o, &x)| *o = f16::from_f32(x));
-                    d[ov..ov + hd]
-                        .iter_mut()
-                        .zip(v)
-                        .for_each(|(o, &x)| *o = f16::from_f32(x));
+        let heads = self.kv_dim / hd;
+        for (which, row) in [(0, k), (1, v)] {
+            for (head, x) in row.chunks_exact(hd).take(heads).enumerate() {
+                for (d, &x) in x.iter().enumerate() {
+                    let i = self.paged(seq, layer).index(which, pos, head, d);
+                    match &mut self.data {
+                        Store::F32(s) => s[i] = x,
+                        Store::F16(s) => s[i] = f16::from_f32(x),
+                    }
                 }
             }
         }

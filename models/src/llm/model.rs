@@ -53,6 +53,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// The head geometry attention works with.
+    pub fn heads(&self) -> attention::Heads {
+        attention::Heads {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
     /// Width of K (and V) per position.
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
@@ -173,8 +182,13 @@ pub struct Model {
     pub kv_precision: super::kv::KvPrecision,
 }
 
-/// Most pool threads the attention scratch is sized for.
+/// Most pool threads a runtime runs.
 pub const MAX_THREADS: usize = 64;
+
+/// Positions per KV-cache block: the block size [`Model::scratch`] sizes
+/// the attention scratch for, so every [`KvCache`] a model's passes use
+/// has blocks of this size.
+pub const KV_BLOCK_TOKENS: usize = 16;
 
 /// Most sequences one pass may serve.
 pub const MAX_SEQS: usize = 256;
@@ -526,7 +540,7 @@ impl Model {
             o: vec![0.0; r * c.dim],
             g: vec![0.0; r * c.ffn],
             u: vec![0.0; r * c.ffn],
-            scores: vec![0.0; c.context * MAX_THREADS],
+            scores: vec![0.0; attention::scratch_floats(c.heads(), KV_BLOCK_TOKENS, c.context)],
             last: vec![0.0; r * c.dim],
             logit_rows: Vec::with_capacity(r),
             xq: quant::Q8Act::with_capacity(r, c.dim.max(c.ffn)),
@@ -809,17 +823,12 @@ impl Model {
                 let pos = scratch.pos[s];
                 scratch.pos[s] += 1;
                 let seq = seqs.seq(s);
-                let heads = attention::Heads {
-                    n_heads: c.n_heads,
-                    n_kv_heads: c.n_kv_heads,
-                    head_dim: hd,
-                };
                 attention::attend(
                     pool,
                     &kv.paged(seq, l),
                     &scratch.q[r * dim..(r + 1) * dim],
                     pos + 1,
-                    heads,
+                    c.heads(),
                     scale,
                     &mut scratch.att[r * dim..(r + 1) * dim],
                     &mut scratch.scores,

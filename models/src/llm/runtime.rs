@@ -130,7 +130,7 @@ impl Runtime {
             c.n_layers,
             c.kv_dim(),
             c.head_dim,
-            16,
+            super::model::KV_BLOCK_TOKENS,
             kv_budget_bytes,
             model.kv_precision,
         )?;
