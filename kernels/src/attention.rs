@@ -86,18 +86,25 @@ impl PagedKv<'_> {
             * self.head_dim
     }
 
-    /// Index in `data` of value `d` of K (`which` = 0) or V (1) of `pos` in
-    /// K/V head `head`: with [`PagedKv::run_start`], the one place the cache
-    /// layout is written down (keys transposed in their run, values not).
-    pub fn index(&self, which: usize, pos: usize, head: usize, d: usize) -> usize {
+    /// Where K (`which` = 0) or V (1) of `pos` in K/V head `head` lies in
+    /// `data`: value `d` at `start + d · step`. With
+    /// [`PagedKv::run_start`], the one place the cache layout is written
+    /// down (keys transposed in their run, values not).
+    pub fn place(&self, which: usize, pos: usize, head: usize) -> (usize, usize) {
         let start = self.run_start(which, pos / self.block_tokens, head);
         let slot = pos % self.block_tokens;
-        start
-            + if which == 0 {
-                d * self.block_tokens + slot
-            } else {
-                slot * self.head_dim + d
-            }
+        if which == 0 {
+            (start + slot, self.block_tokens)
+        } else {
+            (start + slot * self.head_dim, 1)
+        }
+    }
+
+    /// Index in `data` of value `d` of K (`which` = 0) or V (1) of `pos` in
+    /// K/V head `head`.
+    pub fn index(&self, which: usize, pos: usize, head: usize, d: usize) -> usize {
+        let (start, step) = self.place(which, pos, head);
+        start + d * step
     }
 
     /// The run of K (`which` = 0) or V (1) of K/V head `head` in the

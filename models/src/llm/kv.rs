@@ -10,7 +10,7 @@
 //! layout).
 
 use super::LlmError;
-use half::f16;
+use half::{f16, slice::HalfFloatSliceExt};
 use osprey_kernels::attention::KvData;
 
 /// How cached K/V values are stored.
@@ -292,11 +292,17 @@ impl KvCache {
         let heads = self.kv_dim / hd;
         for (which, row) in [(0, k), (1, v)] {
             for (head, x) in row.chunks_exact(hd).take(heads).enumerate() {
-                for (d, &x) in x.iter().enumerate() {
-                    let i = self.paged(seq, layer).index(which, pos, head, d);
-                    match &mut self.data {
-                        Store::F32(s) => s[i] = x,
-                        Store::F16(s) => s[i] = f16::from_f32(x),
+                let (start, step) = self.paged(seq, layer).place(which, pos, head);
+                let end = start + (hd - 1) * step + 1;
+                match &mut self.data {
+                    Store::F32(s) => {
+                        let dst = s[start..end].iter_mut().step_by(step);
+                        dst.zip(x).for_each(|(o, &x)| *o = x);
+                    }
+                    Store::F16(s) if step == 1 => s[start..end].convert_from_f32_slice(x),
+                    Store::F16(s) => {
+                        let dst = s[start..end].iter_mut().step_by(step);
+                        dst.zip(x).for_each(|(o, &x)| *o = f16::from_f32(x));
                     }
                 }
             }
