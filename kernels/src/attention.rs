@@ -494,6 +494,16 @@ fn scores_run(
             return;
         }
         if isa.has_avx2() && bt.is_multiple_of(8) {
+            // Sixteen ymm registers: four heads' four accumulator sets
+            // would spill, so four heads go as two pairs.
+            if nh == 4 {
+                let hd = q.len() / 4;
+                let (q0, q1) = q.split_at(2 * hd);
+                let (o0, o1) = out.split_at_mut(2 * stride);
+                scores_run(q0, 2, k, bt, cnt, scale, o0, stride);
+                scores_run(q1, 2, k, bt, cnt, scale, o1, stride);
+                return;
+            }
             match k {
                 Rows::F32(r) => go!(scores_run_avx2, f32, r),
                 Rows::F16(r) => go!(scores_run_avx2, f16, r),
@@ -703,7 +713,8 @@ unsafe fn scores_run_avx512<T: Lanes, const NH: usize>(
     }
 }
 
-/// [`scores_run`] eight slots per vector, two accumulator sets.
+/// [`scores_run`] eight slots per vector, with the AVX-512 form's four
+/// accumulator sets and their order of sums, so both give the same bits.
 ///
 /// # Safety
 /// AVX2/FMA/F16C present; `k` holds `hd × bt` values, `bt` a multiple of
@@ -726,9 +737,9 @@ unsafe fn scores_run_avx2<T: Lanes, const NH: usize>(
     while g < cnt {
         // SAFETY: as in scores_run_avx512, eight slots at a time.
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); NH]; 2];
+            let mut acc = [[_mm256_setzero_ps(); NH]; 4];
             let mut d = 0;
-            while d + 2 <= hd {
+            while d + 4 <= hd {
                 for (u, a) in acc.iter_mut().enumerate() {
                     let kv = load8(k.as_ptr().add((d + u) * bt + g));
                     for (i, ai) in a.iter_mut().enumerate() {
@@ -736,19 +747,23 @@ unsafe fn scores_run_avx2<T: Lanes, const NH: usize>(
                         *ai = _mm256_fmadd_ps(kv, qv, *ai);
                     }
                 }
-                d += 2;
+                d += 4;
             }
-            if d < hd {
+            while d < hd {
                 let kv = load8(k.as_ptr().add(d * bt + g));
                 for (i, ai) in acc[0].iter_mut().enumerate() {
                     let qv = _mm256_broadcast_ss(q.get_unchecked(i * hd + d));
                     *ai = _mm256_fmadd_ps(kv, qv, *ai);
                 }
+                d += 1;
             }
             let take = (cnt - g).min(8);
             let mut lanes = [0.0f32; 8];
             for i in 0..NH {
-                let s = _mm256_add_ps(acc[0][i], acc[1][i]);
+                let s = _mm256_add_ps(
+                    _mm256_add_ps(acc[0][i], acc[1][i]),
+                    _mm256_add_ps(acc[2][i], acc[3][i]),
+                );
                 _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_mul_ps(s, _mm256_set1_ps(scale)));
                 out[i * stride + g..i * stride + g + take].copy_from_slice(&lanes[..take]);
             }
@@ -980,6 +995,58 @@ mod tests {
         check(128, 16, heads(12, 2, 64), &many[..9], 140);
         check(16, 16, heads(8, 1, 16), &many[..10], 150);
         check(8, 4, heads(4, 2, 4), &many, 77);
+    }
+
+    /// The AVX2 and AVX-512 forms of both kernels give the same bits (same
+    /// FMAs, same order of sums), so attention, and the LLM's logits, do
+    /// not depend on which tier a CPU runs.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_and_avx512_forms_agree_bit_for_bit() {
+        if !crate::isa::detect().has_avx512() {
+            eprintln!("skipped: no AVX-512 on this CPU (nothing to compare the AVX2 form with)");
+            return;
+        }
+        let val = |i: usize| ((i * 7919 % 1013) as f32 - 506.0) / 317.0;
+        let (bt, stride) = (16, 40);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        macro_rules! both {
+            ($t:ty, $nh:literal, $hd:expr, $cnt:expr, $conv:expr) => {{
+                let (hd, cnt) = ($hd, $cnt);
+                let run: Vec<$t> = (0..hd * bt).map(|i| $conv(val(i))).collect();
+                let q: Vec<f32> = (0..$nh * hd).map(|i| val(i + 5)).collect();
+                let w: Vec<f32> = (0..stride * $nh).map(|i| val(i + 11).abs()).collect();
+                let (mut a, mut b) = (vec![0.5f32; stride * $nh], vec![0.5f32; stride * $nh]);
+                let (mut c, mut d) = (vec![0.25f32; $nh * hd], vec![0.25f32; $nh * hd]);
+                // SAFETY: AVX-512 (so AVX2) present; sizes as the kernels
+                // require (run hd × bt, out/weights (NH-1)·stride + cnt,
+                // accumulators NH × hd, hd a multiple of 64).
+                unsafe {
+                    scores_run_avx2::<$t, $nh>(&q, &run, bt, cnt, 0.3, &mut a, stride);
+                    scores_run_avx512::<$t, $nh>(&q, &run, bt, cnt, 0.3, &mut b, stride);
+                    wsum_run_avx2::<$t, $nh>(&w, stride, &run, hd, cnt, &mut c);
+                    wsum_run_avx512::<$t, $nh>(&w, stride, &run, hd, cnt, &mut d);
+                }
+                assert_eq!(
+                    bits(&a),
+                    bits(&b),
+                    "scores, {} heads, hd {hd}, {cnt} slots",
+                    $nh
+                );
+                assert_eq!(
+                    bits(&c),
+                    bits(&d),
+                    "sums, {} heads, hd {hd}, {cnt} slots",
+                    $nh
+                );
+            }};
+        }
+        for (hd, cnt) in [(64, 16), (64, 5), (128, 11)] {
+            both!(f32, 1, hd, cnt, |x| x);
+            both!(f32, 3, hd, cnt, |x| x);
+            both!(f16, 2, hd, cnt, f16::from_f32);
+            both!(f16, 3, hd, cnt, f16::from_f32);
+        }
     }
 
     /// Every (K or V, position, head, value) of a sequence has its own

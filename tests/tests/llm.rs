@@ -198,8 +198,11 @@ fn llama_cpp_numerics_reproduce_its_logits() {
     let (agree, total, first) = agreement(&model, &r, 2);
     eprintln!("first two positions: max |logit diff| {first:e}");
     assert!(first < 1e-5, "first positions differ by {first}");
+    // The 0.98: 85/86 since attention works a K/V head's query
+    // heads together (83/86 before; the AVX2 and AVX-512 forms give the
+    // same bits, so every x86 tier sees the same).
     assert!(
-        agree as f64 / total as f64 >= 0.96,
+        agree as f64 / total as f64 >= 0.98,
         "agreement {agree}/{total}"
     );
 }
