@@ -8,7 +8,7 @@
 use osprey_kernels::pool::ThreadPool;
 use osprey_models::llm::gguf::Gguf;
 use osprey_models::llm::kv::{KvCache, KvPrecision};
-use osprey_models::llm::model::{Logits, Model, KV_BLOCK_TOKENS};
+use osprey_models::llm::model::{Logits, Model};
 use osprey_models::llm::sample::{Sampler, SamplingParams};
 use osprey_models::llm::testing::tiny_gguf;
 
@@ -25,16 +25,7 @@ fn decode_passes_allocate_nothing_after_warmup() {
         let mut model = Model::from_gguf(Gguf::from_bytes(tiny_gguf(256)).unwrap()).unwrap();
         model.set_int8_activations(int8);
         let pool = ThreadPool::new(2);
-        let c = &model.cfg;
-        let mut kv = KvCache::with_precision(
-            c.n_layers,
-            c.kv_dim(),
-            c.head_dim,
-            KV_BLOCK_TOKENS,
-            1 << 20,
-            precision,
-        )
-        .unwrap();
+        let mut kv = KvCache::for_model(&model.cfg, 1 << 20, precision).unwrap();
         let mut a = kv.new_seq(200);
         let mut b = kv.new_seq(200);
         let mut scratch = model.scratch(16, false);

@@ -187,8 +187,8 @@ fn hostile_model_files_are_errors() {
 #[test]
 fn hf_checkpoint_of_the_same_model_gives_the_same_logits() {
     use osprey_kernels::pool::ThreadPool;
-    use osprey_models::llm::kv::KvCache;
-    use osprey_models::llm::model::{Logits, RopeStyle, KV_BLOCK_TOKENS};
+    use osprey_models::llm::kv::{KvCache, KvPrecision};
+    use osprey_models::llm::model::{Logits, RopeStyle};
     let dir = std::env::temp_dir().join(format!("osprey-tiny-hf-{}", std::process::id()));
     osprey_models::llm::testing::write_tiny_hf_dir(&dir, CONTEXT).unwrap();
     let hf = Model::from_hf_dir(&dir).unwrap();
@@ -205,14 +205,7 @@ fn hf_checkpoint_of_the_same_model_gives_the_same_logits() {
     assert_eq!(hf.tokenizer.eos, Some(257));
     let pool = ThreadPool::new(1);
     let logits = |m: &Model| {
-        let mut kv = KvCache::new(
-            m.cfg.n_layers,
-            m.cfg.kv_dim(),
-            m.cfg.head_dim,
-            KV_BLOCK_TOKENS,
-            1 << 20,
-        )
-        .unwrap();
+        let mut kv = KvCache::for_model(&m.cfg, 1 << 20, KvPrecision::F32).unwrap();
         let mut seq = kv.new_seq(ids.len());
         let mut scratch = m.scratch(ids.len(), true);
         let batch: Vec<(usize, u32)> = ids.iter().map(|&t| (0, t)).collect();
@@ -276,8 +269,8 @@ fn f16_kv_cache_holds_twice_the_blocks_and_stays_close() {
 #[test]
 fn packed_weights_change_no_logit() {
     use osprey_kernels::pool::ThreadPool;
-    use osprey_models::llm::kv::KvCache;
-    use osprey_models::llm::model::{Logits, KV_BLOCK_TOKENS};
+    use osprey_models::llm::kv::{KvCache, KvPrecision};
+    use osprey_models::llm::model::Logits;
     let load = || Model::from_gguf(Gguf::from_bytes(tiny_gguf(CONTEXT)).unwrap()).unwrap();
     let mut packed = load();
     packed.set_int8_activations(true);
@@ -292,14 +285,7 @@ fn packed_weights_change_no_logit() {
     let prompt = packed.tokenizer.encode("robot arm torque", false).unwrap();
     let logits = |m: &Model, threads: usize| {
         let pool = ThreadPool::new(threads);
-        let mut kv = KvCache::new(
-            m.cfg.n_layers,
-            m.cfg.kv_dim(),
-            m.cfg.head_dim,
-            KV_BLOCK_TOKENS,
-            1 << 20,
-        )
-        .unwrap();
+        let mut kv = KvCache::for_model(&m.cfg, 1 << 20, KvPrecision::F32).unwrap();
         let mut seq = kv.new_seq(prompt.len() + 8);
         let mut scratch = m.scratch(prompt.len(), false);
         let batch: Vec<(usize, u32)> = prompt.iter().map(|&t| (0, t)).collect();

@@ -16,7 +16,7 @@
 
 use osprey_kernels::pool::ThreadPool;
 use osprey_models::llm::kv::{KvCache, KvPrecision};
-use osprey_models::llm::model::{Logits, Model, Scratch, KV_BLOCK_TOKENS};
+use osprey_models::llm::model::{Logits, Model, Scratch};
 use osprey_models::llm::sample::argmax;
 use osprey_tests::{llm_model, shared_dir};
 use serde_json::Value;
@@ -43,16 +43,7 @@ fn ids(v: &Value) -> Vec<u32> {
 /// One pass over `toks` with logits for every position (KV cache in the
 /// model's precision).
 fn teacher_forced(model: &Model, toks: &[u32], pool: &ThreadPool) -> Scratch {
-    let c = &model.cfg;
-    let mut kv = KvCache::with_precision(
-        c.n_layers,
-        c.kv_dim(),
-        c.head_dim,
-        KV_BLOCK_TOKENS,
-        64 << 20,
-        model.kv_precision,
-    )
-    .unwrap();
+    let mut kv = KvCache::for_model(&model.cfg, 64 << 20, model.kv_precision).unwrap();
     let mut seq = kv.new_seq(toks.len());
     let mut scratch = model.scratch(toks.len(), true);
     let batch: Vec<(usize, u32)> = toks.iter().map(|&t| (0, t)).collect();
@@ -222,14 +213,7 @@ fn greedy_completions_match_llama_cpp() {
             .iter()
             .map(|v| v.as_f64().unwrap())
             .collect();
-        let mut kv = KvCache::new(
-            model.cfg.n_layers,
-            model.cfg.kv_dim(),
-            model.cfg.head_dim,
-            KV_BLOCK_TOKENS,
-            64 << 20,
-        )
-        .unwrap();
+        let mut kv = KvCache::for_model(&model.cfg, 64 << 20, KvPrecision::F32).unwrap();
         let mut seq = kv.new_seq(prompt.len() + want.len());
         let mut scratch = model.scratch(prompt.len().max(1), false);
         let batch: Vec<(usize, u32)> = prompt.iter().map(|&t| (0, t)).collect();

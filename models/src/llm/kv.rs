@@ -9,6 +9,7 @@
 //! run, keys transposed in it (`osprey_kernels::attention` owns the
 //! layout).
 
+use super::model::{Config, KV_BLOCK_TOKENS};
 use super::LlmError;
 use half::{f16, slice::HalfFloatSliceExt};
 use osprey_kernels::attention::KvData;
@@ -123,21 +124,21 @@ impl SeqKv {
 }
 
 impl KvCache {
-    /// A pool of as many f32 blocks as `budget_bytes` holds (at least one).
-    pub fn new(
-        layers: usize,
-        kv_dim: usize,
-        head_dim: usize,
-        block_tokens: usize,
+    /// The pool a model's passes read: its layers and heads, blocks of
+    /// [`KV_BLOCK_TOKENS`] (the size the model's attention scratch is
+    /// sized for), as many as `budget_bytes` holds (at least one).
+    pub fn for_model(
+        cfg: &Config,
         budget_bytes: usize,
+        precision: KvPrecision,
     ) -> Result<KvCache, LlmError> {
         KvCache::with_precision(
-            layers,
-            kv_dim,
-            head_dim,
-            block_tokens,
+            cfg.n_layers,
+            cfg.kv_dim(),
+            cfg.head_dim,
+            KV_BLOCK_TOKENS,
             budget_bytes,
-            KvPrecision::F32,
+            precision,
         )
     }
 

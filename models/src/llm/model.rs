@@ -186,8 +186,7 @@ pub struct Model {
 pub const MAX_THREADS: usize = 64;
 
 /// Positions per KV-cache block: the block size [`Model::scratch`] sizes
-/// the attention scratch for, so every [`KvCache`] a model's passes use
-/// has blocks of this size.
+/// the attention scratch for, and the one [`KvCache::for_model`] makes.
 pub const KV_BLOCK_TOKENS: usize = 16;
 
 /// Most sequences one pass may serve.

@@ -125,15 +125,7 @@ impl Runtime {
         threads: usize,
         max_rows: usize,
     ) -> Result<Runtime, LlmError> {
-        let c = &model.cfg;
-        let kv = KvCache::with_precision(
-            c.n_layers,
-            c.kv_dim(),
-            c.head_dim,
-            super::model::KV_BLOCK_TOKENS,
-            kv_budget_bytes,
-            model.kv_precision,
-        )?;
+        let kv = KvCache::for_model(&model.cfg, kv_budget_bytes, model.kv_precision)?;
         let rows = max_rows.max(MAX_DRAFT + 1);
         let scratch = model.scratch(rows, true);
         Ok(Runtime {
