@@ -35,9 +35,6 @@ pub fn build(a: BuildArgs) -> Result<()> {
     for (k, v) in crate::int8::desc_shapes(&a.int8)? {
         shapes.entry(k).or_insert(v);
     }
-    if a.layout == LayoutArg::Nhwc && a.precision == PrecisionArg::Int8 {
-        bail!("--layout nhwc applies to fp32 and fp16 engines; INT8 engines run NCHW");
-    }
     if a.precision != PrecisionArg::Int8 && a.int8.calib.is_some() {
         bail!("--calib applies to --precision int8");
     }
@@ -51,7 +48,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
         PrecisionArg::Fp16 => Precision::Fp16,
         PrecisionArg::Int8 => Precision::Int8,
     };
-    let int8 = if precision == Precision::Int8 {
+    let mut int8 = if precision == Precision::Int8 {
         Some(crate::int8::prepare(&mut graph, &a.int8, threads, a.json)?)
     } else {
         None
@@ -70,7 +67,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
     };
     // The layouts to build: NCHW, channels-last, or both to race.
     let layouts: Vec<bool> = match (a.layout, precision) {
-        (LayoutArg::Nchw, _) | (_, Precision::Int8) => vec![false],
+        (LayoutArg::Nchw, _) => vec![false],
         (LayoutArg::Nhwc, _) => vec![true],
         (LayoutArg::Auto, _) => vec![false, true],
     };
@@ -118,6 +115,11 @@ pub fn build(a: BuildArgs) -> Result<()> {
     };
     if let Some(p) = &a.timing_cache {
         cache.save(p)?;
+    }
+    // The accuracy report describes the engine written: its layout and the
+    // kernels tuning chose.
+    if let Some(o) = int8.as_mut() {
+        crate::int8::measure_engine(o, &graph, &tactics, threads, a.json)?;
     }
 
     let engine = Engine::with_tactics(graph.clone(), &tactics)?;

@@ -162,7 +162,8 @@ pub struct BuildArgs {
     /// element-wise ops, global pooling and concatenations channels-last, with
     /// layout conversions only where that region meets the rest of the graph
     /// (inputs and outputs keep their NCHW shapes). `auto` builds and times
-    /// both and keeps the faster. INT8 engines run NCHW.
+    /// both and keeps the faster (INT8 engines too: their channels-last
+    /// layers run the channels-last INT8 kernels).
     #[arg(long, value_enum, default_value = "auto")]
     pub layout: LayoutArg,
     /// INT8: calibration cache, evaluation data, fallback and budget.

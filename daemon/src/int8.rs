@@ -107,10 +107,13 @@ pub struct Int8Outcome {
     pub layers: Vec<Int8Layer>,
     /// Isolated SQNR (dB) per entry of `layers` (None: not measured).
     pub sqnr: Vec<Option<f64>>,
-    /// End-to-end comparison of the final INT8 graph with FP32.
+    /// End-to-end comparison of the final INT8 graph with FP32 (after
+    /// [`measure_engine`]: of the engine written).
     pub end_to_end: Option<EndToEnd>,
     /// Evaluation samples used.
     pub samples: usize,
+    /// The evaluation data, kept for [`measure_engine`].
+    eval: Option<Eval>,
 }
 
 /// End-to-end agreement of the INT8 engine with the FP32 engine.
@@ -141,6 +144,15 @@ struct Eval {
     data: Dataset,
     desc: Option<ModelDesc>,
     images: bool,
+}
+
+impl std::fmt::Debug for Eval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Eval")
+            .field("files", &self.data.files().len())
+            .field("images", &self.images)
+            .finish()
+    }
 }
 
 /// Input shapes a model description implies (merged into `--input-shape`).
@@ -236,6 +248,7 @@ pub fn prepare(
             sqnr,
             end_to_end: None,
             samples: 0,
+            eval: None,
         });
     };
     let samples = layer_sqnr(graph, &layers, ev, threads, &mut sqnr, quiet)?;
@@ -305,6 +318,7 @@ pub fn prepare(
         sqnr,
         end_to_end: Some(e2e),
         samples,
+        eval,
     })
 }
 
@@ -513,10 +527,42 @@ fn layer_sqnr(
     Ok(used)
 }
 
-/// Compares the INT8 graph with its FP32 twin over the evaluation set.
+/// Compares the INT8 graph (every permitted layer INT8, default kernels)
+/// with its FP32 twin over the evaluation set.
 fn end_to_end(graph: &Graph, ev: &mut Eval, threads: usize, quiet: bool) -> Result<EndToEnd> {
     let fp32 = Arc::new(Engine::new(without_int8(graph))?);
     let int8 = Arc::new(Engine::new(graph.clone())?);
+    compare_engines(fp32, int8, ev, threads, quiet)
+}
+
+/// Measures the end-to-end agreement again on the engine the build writes
+/// (its layout and the kernels tuning chose, some layers possibly FP32),
+/// so the report describes that engine. A no-op without evaluation data.
+pub fn measure_engine(
+    o: &mut Int8Outcome,
+    graph: &Graph,
+    tactics: &[Option<String>],
+    threads: usize,
+    quiet: bool,
+) -> Result<()> {
+    let Some(ev) = o.eval.as_mut() else {
+        return Ok(());
+    };
+    let fp32 = Arc::new(Engine::new(without_int8(graph))?);
+    let int8 = Arc::new(Engine::with_tactics(graph.clone(), tactics)?);
+    o.end_to_end = Some(compare_engines(fp32, int8, ev, threads, quiet)?);
+    Ok(())
+}
+
+/// Runs both engines over the evaluation set and compares their outputs
+/// (and decoded results, for images).
+fn compare_engines(
+    fp32: Arc<Engine>,
+    int8: Arc<Engine>,
+    ev: &mut Eval,
+    threads: usize,
+    quiet: bool,
+) -> Result<EndToEnd> {
     let names: Vec<String> = fp32.outputs().map(|d| d.name.clone()).collect();
     let mut out_sqnr = vec![Sqnr::default(); names.len()];
     let n = ev.data.files().len();

@@ -82,6 +82,8 @@ fn int8_build_of_a_model_made_here() {
             "1",
             "--json",
             "--strict-int8",
+            "--layout",
+            "nchw",
         ])
         .output()
         .unwrap());
@@ -139,6 +141,56 @@ fn int8_build_of_a_model_made_here() {
     let mut acc = osprey_engine::int8::Sqnr::default();
     acc.add(&f, &q);
     assert!(acc.db() > 20.0 && acc.db().is_finite(), "{}", acc.db());
+
+    // The same INT8 engine channels-last: both layers run the channels-last
+    // INT8 kernel, the ReLU output between them still passes as INT8, and
+    // the outputs are the NCHW INT8 engine's (same quantization, same sums).
+    let engine_nhwc = d.join("m-nhwc.engine");
+    let out = ok(&osprey()
+        .args(["build", "--onnx", s(&model), "--out", s(&engine_nhwc)])
+        .args(["--precision", "int8", "--calib", s(&calib)])
+        .args([
+            "--threads",
+            "1",
+            "--json",
+            "--strict-int8",
+            "--layout",
+            "nhwc",
+        ])
+        .output()
+        .unwrap());
+    let build: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(build["layout"]["layout"], "nhwc", "{build}");
+    let tactics: Vec<&str> = build["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["tactic"].as_str().unwrap())
+        .collect();
+    assert_eq!(tactics, ["int8-nhwc-gemm", "int8-nhwc-gemm"], "{build}");
+    ok(&osprey()
+        .args(["run", "--engine", s(&engine_nhwc), "--input"])
+        .arg(format!("x={}", s(&input)))
+        .args(["--output-dir", s(&d.join("qn"))])
+        .output()
+        .unwrap());
+    let inspect = ok(&osprey()
+        .args(["inspect", "--engine", s(&engine_nhwc), "--json"])
+        .output()
+        .unwrap());
+    let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(inspect["int8_convolutions"], 2, "{inspect}");
+    assert_eq!(inspect["int8_tensors"], 1, "{inspect}");
+    let qn = read_npy(&d.join("qn/y.npy"));
+    assert_eq!(qn.len(), q.len());
+    let max = qn
+        .iter()
+        .zip(&q)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        max <= 1e-5 * (1.0 + q.iter().fold(0f32, |m, v| m.max(v.abs()))),
+        "{max}"
+    );
 
     // Bad input.
     let run = |extra: &[&str]| {
@@ -208,7 +260,11 @@ fn qdq_models_build_to_int8_without_a_calibration_file() {
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["int8"]["int8_layers"], 1, "{r}");
     let tactic = r["layers"][0]["tactic"].as_str().unwrap();
-    assert_eq!(tactic.trim_end_matches("-dot4"), "int8-im2col", "{r}");
+    // Whichever layout won the race, the layer runs an INT8 kernel.
+    assert!(
+        ["int8-im2col", "int8-nhwc-gemm"].contains(&tactic.trim_end_matches("-dot4")),
+        "{r}"
+    );
     // The engine computes the scalar INT8 reference with the model's input
     // scale (0.02) and its dequantized weights, requantized per channel.
     let x: Vec<f32> = (0..3 * 64)

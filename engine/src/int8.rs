@@ -578,17 +578,39 @@ mod tests {
         );
         // The kernels' FMA epilogue may round a value at a half-step
         // boundary the other way: rare, and one step of one term.
-        let close = got
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| (*a - *b).abs() <= 1e-5 * (1.0 + b.abs()))
-            .count();
-        assert!(close * 100 >= want.len() * 98, "{close} of {}", want.len());
-        let max = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(max <= 0.05, "max difference {max}");
+        let check = |got: &[f32]| {
+            let close = got
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| (*a - *b).abs() <= 1e-5 * (1.0 + b.abs()))
+                .count();
+            assert!(close * 100 >= want.len() * 98, "{close} of {}", want.len());
+            let max = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(max <= 0.05, "max difference {max}");
+        };
+        check(&got);
+
+        // The same chain channels-last: the three layers run the NHWC INT8
+        // kernels, INT8 tensors between them, the conversions at the ends.
+        let mut gl = g.clone();
+        crate::passes::channels_last(&mut gl);
+        let engine = std::sync::Arc::new(Engine::new(gl).unwrap());
+        let infos: Vec<String> = (0..engine.step_count())
+            .map(|i| engine.step_info(i).unwrap().1)
+            .collect();
+        let convs: Vec<&String> = infos.iter().filter(|i| i.starts_with("Conv")).collect();
+        assert_eq!(convs.len(), 3, "{infos:?}");
+        assert!(convs[0].contains("int8-nhwc-gemm") && convs[0].ends_with("out:i8"));
+        assert!(convs[1].contains("int8-nhwc-depthwise") && convs[1].ends_with("in:i8 out:i8"));
+        assert!(convs[2].contains("int8-nhwc-gemm") && convs[2].ends_with("in:i8"));
+        let mut ctx = ExecutionContext::new(engine, 2);
+        ctx.input_mut(0).unwrap().copy_from_slice(&x);
+        ctx.run().unwrap();
+        let nhwc = ctx.output_index(0).unwrap().to_vec();
+        check(&nhwc);
     }
 
     /// The pair and dot4 forms of the INT8 kernels are two tactics of one

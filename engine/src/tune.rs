@@ -14,7 +14,11 @@ use osprey_kernels::conv::{Conv2d, Conv2dGeometry, ConvTactic};
 use osprey_kernels::conv_nhwc::Conv2dNhwc;
 use osprey_kernels::int8::quantize_to_i8;
 use osprey_kernels::qconv::{QConv2d, QIn, QOut};
+use osprey_kernels::qconv_nhwc::QConv2dNhwc;
 use osprey_kernels::ThreadPool;
+
+/// One run of an INT8 layer form: input, residual, output, scratch.
+type RunInt8<'a> = dyn Fn(QIn, Option<&[f32]>, QOut, &mut [f32]) + 'a;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
@@ -192,16 +196,25 @@ pub fn select_tactics(
         } else {
             None
         };
+        // The channels-last INT8 kernel competes with the channels-last
+        // FP32 one where the graph permits INT8.
+        let int8_nhwc = match (attrs.int8_input_scale, &nhwc) {
+            (Some(s), Some(_)) => {
+                let (w, b) = weights();
+                QConv2dNhwc::new(geo, &w, b.as_deref(), attrs.activation, s).ok()
+            }
+            _ => None,
+        };
         // The INT8 kernel competes with the FP32 tactics where the graph
         // permits INT8 (layers it cannot run stay FP32).
-        let int8 = match attrs.int8_input_scale {
+        let int8 = match attrs.int8_input_scale.filter(|_| nhwc.is_none()) {
             Some(s) => {
                 let (w, b) = weights();
                 QConv2d::new(geo, &w, b.as_deref(), attrs.activation, s).ok()
             }
             None => None,
         };
-        let (in_i8, out_scale) = if int8.is_some() {
+        let (in_i8, out_scale) = if int8.is_some() || int8_nhwc.is_some() {
             (flow_of(node.inputs.first()), flow_of(node.outputs.first()))
         } else {
             (None, None)
@@ -235,7 +248,11 @@ pub fn select_tactics(
             batch,
             attrs.activation,
             attrs.residual,
-            if int8.is_some() { "|int8" } else { "" },
+            if int8.is_some() || int8_nhwc.is_some() {
+                "|int8"
+            } else {
+                ""
+            },
             if in_i8.is_some() { "|in:i8" } else { "" },
             if out_scale.is_some() { "|out:i8" } else { "" },
             if dot4.is_some() { "|dot4" } else { "" },
@@ -255,6 +272,9 @@ pub fn select_tactics(
                 candidates.iter().any(|c| c.name() == e.tactic)
                     || nhwc.as_ref().is_some_and(|c| c.algorithm() == e.tactic)
                     || int8_forms.iter().any(|q| q.algorithm() == e.tactic)
+                    || int8_nhwc
+                        .as_ref()
+                        .is_some_and(|q| q.algorithm() == e.tactic)
             })
             .cloned();
         let entry = match cached {
@@ -283,15 +303,17 @@ pub fn select_tactics(
                     let ms = time_ms(|| conv.run(&pool, batch, &x, res, &mut y));
                     times.insert(conv.algorithm().to_string(), ms);
                 }
-                for q in &int8_forms {
-                    let mut scratch = vec![0.0f32; q.scratch_len(pool.threads())];
+                // An INT8 form, timed with the tensors it would read and
+                // write (INT8 where the flow allows).
+                let mut time_int8 = |scratch_len: usize, run: &RunInt8| {
+                    let mut scratch = vec![0.0f32; scratch_len];
                     let res = attrs.residual.then_some(&r[..]);
                     let mut x8 = vec![0i8; if in_i8.is_some() { x.len() } else { 0 }];
                     if let Some(s) = in_i8 {
                         quantize_to_i8(osprey_kernels::isa::active(), &x, 1.0 / s, &mut x8);
                     }
                     let mut y8 = vec![0i8; if out_scale.is_some() { y.len() } else { 0 }];
-                    let ms = time_ms(|| {
+                    time_ms(|| {
                         let input = if in_i8.is_some() {
                             QIn::I8(&x8)
                         } else {
@@ -301,7 +323,18 @@ pub fn select_tactics(
                             Some(s) => QOut::I8(&mut y8, s),
                             None => QOut::F32(&mut y),
                         };
-                        q.run_io(&pool, batch, input, res, output, &mut scratch)
+                        run(input, res, output, &mut scratch)
+                    })
+                };
+                if let Some(q) = &int8_nhwc {
+                    let ms = time_int8(q.scratch_len(pool.threads()), &|i, r, o, s| {
+                        q.run_io(&pool, batch, i, r, o, s)
+                    });
+                    times.insert(q.algorithm().to_string(), ms);
+                }
+                for q in &int8_forms {
+                    let ms = time_int8(q.scratch_len(pool.threads()), &|i, r, o, s| {
+                        q.run_io(&pool, batch, i, r, o, s)
                     });
                     times.insert(q.algorithm().to_string(), ms);
                 }

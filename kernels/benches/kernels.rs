@@ -7,6 +7,7 @@ use osprey_kernels::activation::Activation;
 use osprey_kernels::conv::{Conv2d, Conv2dGeometry, ConvTactic};
 use osprey_kernels::conv_nhwc::Conv2dNhwc;
 use osprey_kernels::qconv::{quantize, QConv2d, QIn, QOut};
+use osprey_kernels::qconv_nhwc::QConv2dNhwc;
 use osprey_kernels::ThreadPool;
 
 fn data(n: usize) -> Vec<f32> {
@@ -65,6 +66,30 @@ fn conv_case(c: &mut Criterion, group: &str, cases: &[(usize, usize, usize, usiz
             );
             g.bench_function(BenchmarkId::from_parameter(id), |b| {
                 b.iter(|| conv.run(&pool, 1, &x, None, &mut y))
+            });
+        }
+        // The channels-last INT8 kernel with INT8 tensors in and out (as
+        // inside an INT8 channels-last engine).
+        let scale = 2.0 / 127.0;
+        if let Ok(q) = QConv2dNhwc::new(geo, &w, Some(&data(cout)), Activation::Relu, scale) {
+            let (oh, ow) = q.out_hw();
+            let x8: Vec<i8> = data(cin * hw * hw)
+                .iter()
+                .map(|&v| quantize(v, 1.0 / scale) as i8)
+                .collect();
+            let mut y8 = vec![0i8; cout * oh * ow];
+            let mut scratch = vec![0.0; q.scratch_len(1)];
+            let macs = cout * (cin / groups) * k * k * oh * ow;
+            g.throughput(Throughput::Elements(2 * macs as u64));
+            let id = format!(
+                "{k}x{k}_{cin}to{cout}_at{hw}_s{stride}_g{groups}/{}-i8",
+                q.algorithm()
+            );
+            g.bench_function(BenchmarkId::from_parameter(id), |b| {
+                b.iter(|| {
+                    let out = QOut::I8(&mut y8, 4.0 / 127.0);
+                    q.run_io(&pool, 1, QIn::I8(&x8), None, out, &mut scratch)
+                })
             });
         }
         // The INT8 kernel, with f32 tensors in and out (quantized while

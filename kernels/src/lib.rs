@@ -43,6 +43,7 @@ pub mod layout;
 pub mod pool;
 pub mod pooling;
 pub mod qconv;
+pub mod qconv_nhwc;
 pub mod quant;
 pub mod resize;
 pub mod softmax;

@@ -17,7 +17,8 @@ use osprey_kernels::gemm::{self, PackedA};
 use osprey_kernels::int8::QLinear;
 use osprey_kernels::layout::{PadMode, StridedView};
 use osprey_kernels::pooling::{Pool2dGeometry, PoolKind};
-use osprey_kernels::qconv::QConv2d;
+use osprey_kernels::qconv::{QConv2d, QIn, QOut};
+use osprey_kernels::qconv_nhwc::QConv2dNhwc;
 use osprey_kernels::resize::Resize2d;
 use osprey_kernels::ThreadPool;
 
@@ -50,6 +51,60 @@ struct CopyPart {
     dst: StridedView,
 }
 
+/// An INT8 convolution: NCHW (`osprey_kernels::qconv`) or channels-last
+/// (`osprey_kernels::qconv_nhwc`).
+#[derive(Clone, Debug)]
+pub(crate) enum QLayer {
+    Nchw(QConv2d),
+    Nhwc(QConv2dNhwc),
+}
+
+impl QLayer {
+    pub(crate) fn geometry(&self) -> &osprey_kernels::conv::Conv2dGeometry {
+        match self {
+            QLayer::Nchw(l) => l.geometry(),
+            QLayer::Nhwc(l) => l.geometry(),
+        }
+    }
+
+    pub(crate) fn algorithm(&self) -> &'static str {
+        match self {
+            QLayer::Nchw(l) => l.algorithm(),
+            QLayer::Nhwc(l) => l.algorithm(),
+        }
+    }
+
+    pub(crate) fn input_scale(&self) -> f32 {
+        match self {
+            QLayer::Nchw(l) => l.input_scale(),
+            QLayer::Nhwc(l) => l.input_scale(),
+        }
+    }
+
+    pub(crate) fn scratch_len(&self, threads: usize) -> usize {
+        match self {
+            QLayer::Nchw(l) => l.scratch_len(threads),
+            QLayer::Nhwc(l) => l.scratch_len(threads),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_io(
+        &self,
+        pool: &osprey_kernels::pool::ThreadPool,
+        batch: usize,
+        input: QIn,
+        residual: Option<&[f32]>,
+        output: QOut,
+        scratch: &mut [f32],
+    ) {
+        match self {
+            QLayer::Nchw(l) => l.run_io(pool, batch, input, residual, output, scratch),
+            QLayer::Nhwc(l) => l.run_io(pool, batch, input, residual, output, scratch),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Kind {
     Conv {
@@ -66,7 +121,7 @@ enum Kind {
     /// INT8 convolution (see `osprey_kernels::qconv`): input f32 or INT8
     /// (`in_i8`), output f32 or INT8 with `out_scale`.
     QConv {
-        layer: QConv2d,
+        layer: QLayer,
         batch: usize,
         residual: bool,
         in_i8: bool,

@@ -10,10 +10,11 @@ use osprey_kernels::gemm::PackedA;
 use osprey_kernels::layout::{contiguous_strides, StridedView};
 use osprey_kernels::pooling::Pool2dGeometry;
 use osprey_kernels::qconv::{dot4_kernel, QConv2d};
+use osprey_kernels::qconv_nhwc::QConv2dNhwc;
 use osprey_kernels::resize::Resize2d;
 use osprey_kernels::ThreadPool;
 
-use super::{CopyPart, Kind, Operand};
+use super::{CopyPart, Kind, Operand, QLayer};
 use crate::int8::runs_int8;
 use crate::ir::{ConstData, Graph, Op, TensorId};
 use crate::plan::MemoryPlan;
@@ -82,6 +83,26 @@ impl Builder<'_> {
                 }
                 let chosen = self.tactics.get(ni).and_then(|t| t.as_deref());
                 if a.channels_last {
+                    // INT8 where the graph permits it, unless tuning chose
+                    // the FP32 kernel.
+                    if let (Some(scale), true) = (a.int8_input_scale, runs_int8(&node.op, chosen)) {
+                        let layer = QConv2dNhwc::new(geo, &w, bias.as_deref(), a.activation, scale)
+                            .map_err(|e| e.to_string())?;
+                        if let Some(name) = chosen.filter(|&n| n != layer.algorithm()) {
+                            return Err(format!(
+                                "tactic '{name}' does not fit this channels-last INT8 layer (it runs {})",
+                                layer.algorithm()
+                            ));
+                        }
+                        let flow = |t: TensorId| self.flow.get(t).copied().flatten();
+                        return Ok(Kind::QConv {
+                            layer: QLayer::Nhwc(layer),
+                            batch: xs[0],
+                            residual: a.residual,
+                            in_i8: flow(x).is_some(),
+                            out_scale: flow(y),
+                        });
+                    }
                     let layer = Conv2dNhwc::new(geo, &w, bias.as_deref(), a.activation)
                         .map_err(|e| e.to_string())?;
                     if let Some(name) = chosen.filter(|&n| n != layer.algorithm()) {
@@ -119,7 +140,7 @@ impl Builder<'_> {
                     }
                     let flow = |t: TensorId| self.flow.get(t).copied().flatten();
                     return Ok(Kind::QConv {
-                        layer,
+                        layer: QLayer::Nchw(layer),
                         batch: xs[0],
                         residual: a.residual,
                         in_i8: flow(x).is_some(),

@@ -7,7 +7,7 @@
 //! [`osprey_kernels::conv_nhwc`]). This pass gives every 4-D tensor produced
 //! by a node it can convert a channels-last twin, and converts:
 //!
-//! * `Conv` (FP32; groups 1 or depthwise) → the same convolution with
+//! * `Conv` (FP32 or INT8; groups 1 or depthwise) → the same convolution with
 //!   [`ConvAttrs::channels_last`](crate::ir::ConvAttrs::channels_last);
 //! * element-wise `Unary`, and `Binary` whose other operand is 4-D at run
 //!   time or a per-channel / scalar constant (permuted here);
@@ -30,6 +30,7 @@
 use std::collections::HashMap;
 
 use osprey_kernels::conv_nhwc::Conv2dNhwc;
+use osprey_kernels::qconv_nhwc::QConv2dNhwc;
 
 use crate::ir::{ConstData, Graph, Node, Op, Tensor, TensorId};
 
@@ -216,7 +217,7 @@ fn convertible(g: &Graph, node: &Node, twin: &HashMap<TensorId, TensorId>) -> Op
     let y = *node.outputs.first()?;
     let any_nhwc = node.inputs.iter().any(|t| twin.contains_key(t));
     match &node.op {
-        Op::Conv(a) if !a.channels_last && a.int8_input_scale.is_none() => {
+        Op::Conv(a) if !a.channels_last => {
             if !rank4(x) || g.tensors[y].shape.len() != 4 {
                 return None;
             }
@@ -231,7 +232,9 @@ fn convertible(g: &Graph, node: &Node, twin: &HashMap<TensorId, TensorId>) -> Op
                 return None;
             }
             let geo = a.geometry(&g.tensors[x].shape, &g.tensors[y].shape);
-            Conv2dNhwc::supports(&geo).then(|| {
+            // An INT8 layer needs both kernels: tuning may keep it FP32.
+            let int8_ok = a.int8_input_scale.is_none() || QConv2dNhwc::supports(&geo);
+            (Conv2dNhwc::supports(&geo) && int8_ok).then(|| {
                 let mut b = *a;
                 b.channels_last = true;
                 Op::Conv(b)

@@ -1,0 +1,1335 @@
+//! INT8 convolution, channels-last (NHWC): the INT8 twin of
+//! [`crate::conv_nhwc`], so an INT8 engine can keep the channels-last layout
+//! of the FP32 engine and pass INT8 tensors through whole inverted-residual
+//! blocks (expand → depthwise → project).
+//!
+//! Same quantization as [`crate::qconv`]: weights symmetric per output
+//! channel, the input symmetric per tensor, exact INT32 sums, and the
+//! dequantization, bias, residual (f32), activation and — for an INT8
+//! output — requantization with the consumer's scale fused into the
+//! epilogue. Results equal [`crate::qconv::reference_qconv2d`]'s on the same
+//! values in NHWC order, up to the rounding of the epilogue's fused
+//! multiply-add (tested against [`reference_qconv2d_nhwc`], bit for bit).
+//!
+//! * **One group**: each task packs the input patches of up to [`PIX`]
+//!   output pixels as unsigned bytes (`x + 128`; padding is `128`, a zero),
+//!   reduction index `(ky·kw + kx)·c_in + ci`, rounded up to groups of four.
+//!   The AVX-512 VNNI tile is 12 pixels × 32 output channels in 24 `zmm`
+//!   accumulators: per group of four reduction indices, two weight loads
+//!   (16 channels × 4 bytes each), one broadcast of each pixel's four bytes
+//!   and one `vpdpbusd` per accumulator (64 products). The `+128` offset is
+//!   removed exactly by starting each channel's sums at `-128 · Σ w`.
+//!   Other CPUs run a portable tile with the same integer sums.
+//! * **Depthwise** (multiplier 1): products of integer-valued floats, which
+//!   are exact (|x·w| ≤ 127², and at most 1024 taps keep every partial sum
+//!   below 2^24), so the f32 FMA form vectorised over channels gives the
+//!   exact INT32 sums.
+
+use crate::activation::Activation;
+use crate::conv::Conv2dGeometry;
+use crate::error::KernelError;
+use crate::isa::{self, Isa};
+use crate::pool::{SyncPtr, ThreadPool};
+#[cfg(target_arch = "x86_64")]
+use crate::qconv::QMAX;
+use crate::qconv::{quantize, quantize_weights, QIn, QOut};
+
+/// Output pixels per register tile.
+const MR: usize = 12;
+/// Output channels per weight block (one 512-bit register of `i32`).
+const NB: usize = 16;
+/// Longest reduction whose INT32 sums stay exact (`MAX_K · 127² < 2^31`).
+const MAX_K: usize = 131_072;
+/// Output pixels per task (a multiple of [`MR`]).
+pub const PIX: usize = 48;
+
+/// A prepared channels-last INT8 convolution (one group or depthwise).
+#[derive(Clone, Debug)]
+pub struct QConv2dNhwc {
+    g: Conv2dGeometry,
+    oh: usize,
+    ow: usize,
+    /// Reduction length `kh·kw·c_in` (one group).
+    k: usize,
+    /// Groups of four reduction indices.
+    kq: usize,
+    /// Blocks of [`NB`] output channels.
+    cblocks: usize,
+    /// One group: `[cblocks][kq][NB][4]`, zero-padded.
+    w: Vec<i8>,
+    /// One group: `-128 · Σ_k w[c][k]` per (padded) output channel.
+    comp: Vec<i32>,
+    /// Depthwise: integer-valued weights `[kh·kw][c]`.
+    dw: Option<Vec<f32>>,
+    /// `weight_scale[c] · input_scale`, padded to `cblocks · NB`.
+    scale: Vec<f32>,
+    /// Bias, padded to `cblocks · NB`.
+    bias: Vec<f32>,
+    act: Activation,
+    input_scale: f32,
+    inv_input_scale: f32,
+    weight_scales: Vec<f32>,
+}
+
+/// The output as the epilogue writes it.
+#[derive(Clone, Copy)]
+enum Dst {
+    F32(SyncPtr<f32>),
+    /// Pointer and the reciprocal of the output scale.
+    I8(SyncPtr<i8>, f32),
+}
+
+impl QConv2dNhwc {
+    /// Whether this kernel runs `g`: one group, or depthwise with
+    /// multiplier 1 and at most 1024 taps.
+    pub fn supports(g: &Conv2dGeometry) -> bool {
+        (g.groups == 1 || (g.is_depthwise() && g.kh * g.kw <= 1024))
+            && g.out_h().is_some_and(|h| h > 0)
+            && g.out_w().is_some_and(|w| w > 0)
+    }
+
+    /// Quantizes `weights` (`[c_out, c_in/groups, kh, kw]`, ONNX order) per
+    /// output channel for inputs quantized with `input_scale`.
+    pub fn new(
+        g: Conv2dGeometry,
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        act: Activation,
+        input_scale: f32,
+    ) -> Result<QConv2dNhwc, KernelError> {
+        let bad = |detail: String| KernelError::Unsupported {
+            kernel: "qconv2d-nhwc",
+            detail,
+        };
+        if !Self::supports(&g) {
+            return Err(bad(format!(
+                "{} groups, {}x{} kernel: channels-last INT8 takes one group or a depthwise layer of at most 1024 taps",
+                g.groups, g.kh, g.kw
+            )));
+        }
+        if !(input_scale.is_finite() && input_scale > 0.0) {
+            return Err(bad(format!("input scale {input_scale} is not positive")));
+        }
+        let (oh, ow) = g.validate("qconv2d-nhwc")?;
+        // |Σ x·w| ≤ k·127² must fit INT32 exactly.
+        let k_total = g.c_in / g.groups.max(1) * g.kh * g.kw;
+        if k_total > MAX_K {
+            return Err(bad(format!(
+                "reduction of {k_total} products: INT8 sums are exact up to {MAX_K}"
+            )));
+        }
+        let b = g.checked_bias(["qconv2d-nhwc weights", "qconv2d-nhwc bias"], weights, bias)?;
+        let (weight_scales, q) = quantize_weights(weights, g.c_out);
+        let cblocks = g.c_out.div_ceil(NB);
+        let padded = cblocks * NB;
+        let mut scale = vec![0f32; padded];
+        let mut bias = vec![0f32; padded];
+        for c in 0..g.c_out {
+            scale[c] = weight_scales[c] * input_scale;
+            bias[c] = b[c];
+        }
+        let taps = g.kh * g.kw;
+        let (k, kq, w, comp, dw) = if g.groups == 1 {
+            let k = taps * g.c_in;
+            let kq = k.div_ceil(4);
+            let mut w = vec![0i8; cblocks * kq * NB * 4];
+            let mut comp = vec![0i32; padded];
+            for co in 0..g.c_out {
+                let (blk, lane) = (co / NB, co % NB);
+                let mut sum = 0i32;
+                for ci in 0..g.c_in {
+                    for t in 0..taps {
+                        let v = q[(co * g.c_in + ci) * taps + t];
+                        let kk = t * g.c_in + ci;
+                        w[((blk * kq + kk / 4) * NB + lane) * 4 + kk % 4] = v;
+                        sum += v as i32;
+                    }
+                }
+                comp[co] = -128 * sum;
+            }
+            (k, kq, w, comp, None)
+        } else {
+            let mut dw = vec![0f32; taps * g.c_out];
+            for c in 0..g.c_out {
+                for t in 0..taps {
+                    dw[t * g.c_out + c] = q[c * taps + t] as f32;
+                }
+            }
+            (taps, 0, Vec::new(), Vec::new(), Some(dw))
+        };
+        Ok(QConv2dNhwc {
+            g,
+            oh,
+            ow,
+            k,
+            kq,
+            cblocks,
+            w,
+            comp,
+            dw,
+            scale,
+            bias,
+            act,
+            input_scale,
+            inv_input_scale: 1.0 / input_scale,
+            weight_scales,
+        })
+    }
+
+    /// The geometry (`c_in`, `h`, `w` of the NHWC input).
+    pub fn geometry(&self) -> &Conv2dGeometry {
+        &self.g
+    }
+
+    /// Output (height, width).
+    pub fn out_hw(&self) -> (usize, usize) {
+        (self.oh, self.ow)
+    }
+
+    /// The input scale the layer quantizes with.
+    pub fn input_scale(&self) -> f32 {
+        self.input_scale
+    }
+
+    /// Per-output-channel weight scales.
+    pub fn weight_scales(&self) -> &[f32] {
+        &self.weight_scales
+    }
+
+    /// Bytes of packed weights held.
+    pub fn weight_bytes(&self) -> usize {
+        self.w.len() + self.comp.len() * 4 + self.dw.as_ref().map_or(0, |w| w.len() * 4)
+    }
+
+    /// Name for reports and the tactic name: `int8-nhwc-depthwise` or
+    /// `int8-nhwc-gemm`.
+    pub fn algorithm(&self) -> &'static str {
+        if self.dw.is_some() {
+            "int8-nhwc-depthwise"
+        } else {
+            "int8-nhwc-gemm"
+        }
+    }
+
+    /// The instructions the one-group tile runs on this CPU.
+    pub fn tile_kernel() -> &'static str {
+        if vnni() {
+            "vpdpbusd zmm"
+        } else {
+            "portable"
+        }
+    }
+
+    /// Bytes of scratch per thread.
+    fn slot_bytes(&self) -> usize {
+        match &self.dw {
+            // One output row of f32 sums and the input rows one output
+            // row reads, as f32 values.
+            Some(_) => (self.ow * self.g.c_out + (self.window() + 1) * self.padded_row()) * 4,
+            None => PIX * self.kq * 4,
+        }
+    }
+
+    /// Depthwise: floats of one input row with its pad columns.
+    fn padded_row(&self) -> usize {
+        (self.g.pads[1] + self.g.w + self.g.pads[3]) * self.g.c_in
+    }
+
+    /// Depthwise: input rows one output row reads.
+    fn window(&self) -> usize {
+        (self.g.kh - 1) * self.g.dilation[0] + 1
+    }
+
+    /// Scratch f32 elements [`QConv2dNhwc::run_io`] needs on a pool of
+    /// `threads`.
+    pub fn scratch_len(&self, threads: usize) -> usize {
+        self.shared_floats() + threads.max(1) * self.slot_bytes().div_ceil(64) * 16
+    }
+
+    /// One group: scratch floats holding an f32 input image quantized to
+    /// INT8 (once, before the tasks pack it).
+    fn shared_floats(&self) -> usize {
+        match self.dw {
+            Some(_) => 0,
+            None => (self.g.h * self.g.w * self.g.c_in).div_ceil(64) * 16,
+        }
+    }
+
+    /// Runs `batch` images: `input` `[batch, h, w, c_in]` (f32, quantized
+    /// as it is read, or INT8 with this layer's input scale), `output`
+    /// `[batch, oh, ow, c_out]` (f32, or INT8 requantized with the given
+    /// scale); `residual` (output-shaped, f32) is added before the
+    /// activation.
+    ///
+    /// # Panics
+    /// If a buffer is shorter than the geometry needs (the engine checks
+    /// sizes when it plans memory).
+    pub fn run_io(
+        &self,
+        pool: &ThreadPool,
+        batch: usize,
+        input: QIn,
+        residual: Option<&[f32]>,
+        output: QOut,
+        scratch: &mut [f32],
+    ) {
+        let g = &self.g;
+        let in_img = g.h * g.w * g.c_in;
+        let out_img = self.oh * self.ow * g.c_out;
+        let in_len = match input {
+            QIn::F32(x) => x.len(),
+            QIn::I8(x) => x.len(),
+        };
+        let (out_len, dst) = match output {
+            QOut::F32(y) => (y.len(), Dst::F32(SyncPtr::new(y))),
+            QOut::I8(y, s) => (y.len(), Dst::I8(SyncPtr::new(y), 1.0 / s)),
+        };
+        assert!(in_len >= batch * in_img && out_len >= batch * out_img);
+        assert!(residual.is_none_or(|r| r.len() >= batch * out_img));
+        assert!(scratch.len() >= self.scratch_len(pool.threads()));
+        let slot_f32 = self.slot_bytes().div_ceil(64) * 16;
+        let (shared, scratch) = scratch.split_at_mut(self.shared_floats());
+        // SAFETY: the shared floats viewed as bytes (4 per float).
+        let shared = unsafe {
+            std::slice::from_raw_parts_mut(shared.as_mut_ptr() as *mut i8, shared.len() * 4)
+        };
+        let s_ptr = SyncPtr::new(scratch);
+        for b in 0..batch {
+            let x = match input {
+                QIn::F32(x) => QIn::F32(&x[b * in_img..(b + 1) * in_img]),
+                QIn::I8(x) => QIn::I8(&x[b * in_img..(b + 1) * in_img]),
+            };
+            let res = residual.map(|r| &r[b * out_img..(b + 1) * out_img]);
+            // SAFETY: image b's output starts at b·out_img < out_len.
+            let y = unsafe {
+                match dst {
+                    Dst::F32(p) => Dst::F32(SyncPtr(p.add(b * out_img))),
+                    Dst::I8(p, inv) => Dst::I8(SyncPtr(p.add(b * out_img)), inv),
+                }
+            };
+            let slot = |s: usize| {
+                // SAFETY: each thread slot owns a disjoint window of
+                // `slot_f32` floats of scratch (sized by `scratch_len` for
+                // the pool's thread count).
+                unsafe { std::slice::from_raw_parts_mut(s_ptr.add(s * slot_f32), slot_f32) }
+            };
+            if let Some(w) = &self.dw {
+                // Tasks of output rows, a few per thread.
+                let rows_per = self.oh.div_ceil(4 * pool.threads()).max(1);
+                let tasks = self.oh.div_ceil(rows_per);
+                pool.run(tasks, &|t, s| {
+                    let r0 = t * rows_per;
+                    let r1 = (r0 + rows_per).min(self.oh);
+                    self.depthwise_rows(w, x, res, y, r0..r1, slot(s));
+                });
+                continue;
+            }
+            // An f32 input is quantized once, split over the pool.
+            let x: &[i8] = match x {
+                QIn::I8(x) => x,
+                QIn::F32(xf) => {
+                    const QCHUNK: usize = 16 * 1024;
+                    let q = &mut shared[..in_img];
+                    let qp = SyncPtr::new(q);
+                    let isa = isa::active();
+                    pool.run(in_img.div_ceil(QCHUNK), &|t, _| {
+                        let (lo, hi) = (t * QCHUNK, ((t + 1) * QCHUNK).min(in_img));
+                        // SAFETY: each task writes its own range.
+                        let d = unsafe { std::slice::from_raw_parts_mut(qp.add(lo), hi - lo) };
+                        crate::int8::quantize_to_i8(isa, &xf[lo..hi], self.inv_input_scale, d);
+                    });
+                    q
+                }
+            };
+            let ohw = self.oh * self.ow;
+            let chunks = ohw.div_ceil(PIX);
+            let pairs = self.cblocks.div_ceil(2);
+            // Few pixels (late, small layers): split the channels as well.
+            let parts = if chunks >= 2 * pool.threads() {
+                1
+            } else {
+                pool.threads().min(pairs).max(1)
+            };
+            pool.run(chunks * parts, &|t, s| {
+                let (chunk, part) = (t / parts, t % parts);
+                let p0 = chunk * PIX;
+                let n = PIX.min(ohw - p0);
+                let buf = slot(s);
+                // SAFETY: the slot's floats viewed as bytes (4 per float).
+                let packed = unsafe {
+                    std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, buf.len() * 4)
+                };
+                self.pack(x, p0, n, packed);
+                let (c0, c1) = (part * pairs / parts * 2, (part + 1) * pairs / parts * 2);
+                self.gemm_chunk(packed, p0, n, c0..c1.min(self.cblocks), res, y);
+            });
+        }
+    }
+
+    /// Packs the input patches of output pixels `p0..p0+n` as `x + 128`
+    /// bytes, one row of `kq·4` per pixel: a pointwise layer's rows are
+    /// the input's own (one contiguous run), and a kernel row inside the
+    /// image is one run of `kw·c_in` bytes.
+    fn pack(&self, x: &[i8], p0: usize, n: usize, packed: &mut [u8]) {
+        let g = &self.g;
+        let row = self.kq * 4;
+        if g.kh == 1 && g.kw == 1 && g.stride == [1, 1] && g.pads == [0; 4] && row == g.c_in {
+            offset_i8(&x[p0 * row..(p0 + n) * row], &mut packed[..n * row]);
+            return;
+        }
+        let run = g.kw * g.c_in;
+        for i in 0..n {
+            let p = p0 + i;
+            let (oy, ox) = (p / self.ow, p % self.ow);
+            let dst = &mut packed[i * row..(i + 1) * row];
+            let ix0 = (ox * g.stride[1]) as isize - g.pads[1] as isize;
+            let whole = g.dilation[1] == 1 && ix0 >= 0 && ix0 as usize + g.kw <= g.w;
+            for ky in 0..g.kh {
+                let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pads[0] as isize;
+                let d0 = ky * run;
+                if iy < 0 || iy >= g.h as isize {
+                    dst[d0..d0 + run].fill(128);
+                    continue;
+                }
+                let src_row = iy as usize * g.w;
+                if whole {
+                    let s0 = (src_row + ix0 as usize) * g.c_in;
+                    offset_i8(&x[s0..s0 + run], &mut dst[d0..d0 + run]);
+                    continue;
+                }
+                for kx in 0..g.kw {
+                    let ix = ix0 + (kx * g.dilation[1]) as isize;
+                    let d = &mut dst[d0 + kx * g.c_in..d0 + (kx + 1) * g.c_in];
+                    if ix < 0 || ix >= g.w as isize {
+                        d.fill(128);
+                        continue;
+                    }
+                    let s0 = (src_row + ix as usize) * g.c_in;
+                    offset_i8(&x[s0..s0 + g.c_in], d);
+                }
+            }
+            dst[self.k..].fill(128);
+        }
+    }
+
+    /// The tiles of one packed chunk, output channel blocks `blocks`.
+    fn gemm_chunk(
+        &self,
+        packed: &[u8],
+        p0: usize,
+        n: usize,
+        blocks: std::ops::Range<usize>,
+        res: Option<&[f32]>,
+        y: Dst,
+    ) {
+        let row = self.kq * 4;
+        #[cfg(target_arch = "x86_64")]
+        let clamp = crate::gemm::in_register_clamp(self.act);
+        let mut blk = blocks.start;
+        while blk < blocks.end {
+            let nb = (blocks.end - blk).min(2);
+            let mut i = 0;
+            while i < n {
+                let m = MR.min(n - i);
+                let ep = Epi {
+                    layer: self,
+                    pix: p0 + i,
+                    blk,
+                    res,
+                    y,
+                };
+                let a = &packed[i * row..(i + m) * row];
+                #[cfg(target_arch = "x86_64")]
+                if vnni() {
+                    // SAFETY: AVX-512 F/BW and VNNI are present; `a` holds
+                    // m packed rows, the weights nb blocks from blk; the
+                    // epilogue writes this task's own pixels and channels.
+                    unsafe { vnni::tile(self, a, m, nb, blk, &ep, clamp) };
+                    i += m;
+                    continue;
+                }
+                self.tile_portable(a, m, nb, blk, &ep);
+                i += m;
+            }
+            blk += nb;
+        }
+    }
+
+    /// Portable tile: the same integer sums as the VNNI one.
+    fn tile_portable(&self, a: &[u8], m: usize, nb: usize, blk: usize, ep: &Epi) {
+        let row = self.kq * 4;
+        let mut acc = [0i32; NB];
+        for r in 0..m {
+            let pa = &a[r * row..(r + 1) * row];
+            for b in blk..blk + nb {
+                acc.copy_from_slice(&self.comp[b * NB..(b + 1) * NB]);
+                let wb = &self.w[b * self.kq * NB * 4..(b + 1) * self.kq * NB * 4];
+                for (q, wq) in wb.chunks_exact(NB * 4).enumerate() {
+                    let xq = &pa[q * 4..q * 4 + 4];
+                    for (lane, w4) in acc.iter_mut().zip(wq.chunks_exact(4)) {
+                        // Wrapping, as vpdpbusd: the offset sums may pass
+                        // i32 on the way; the true sum fits (`new` caps k).
+                        let s = xq
+                            .iter()
+                            .zip(w4)
+                            .fold(0i32, |s, (&x, &w)| s.wrapping_add(x as i32 * w as i32));
+                        *lane = lane.wrapping_add(s);
+                    }
+                }
+                let mut v = [0f32; NB];
+                for (o, &s) in v.iter_mut().zip(&acc) {
+                    *o = s as f32;
+                }
+                ep.finish_scalar(r, b, &mut v);
+            }
+        }
+    }
+
+    /// Depthwise: output rows `rows` of one image.
+    fn depthwise_rows(
+        &self,
+        w: &[f32],
+        x: QIn,
+        res: Option<&[f32]>,
+        y: Dst,
+        rows: std::ops::Range<usize>,
+        slot: &mut [f32],
+    ) {
+        let g = &self.g;
+        let c = g.c_out;
+        let isa = isa::active();
+        #[cfg(target_arch = "x86_64")]
+        if isa.has_avx512() && g.kh <= 32 && g.kh * g.kw <= dw512::MAX_TAPS && self.window() <= 64 {
+            let (_, ring) = slot.split_at_mut(self.ow * c);
+            // SAFETY: AVX-512 F/BW/VL are present; `ring` holds window() + 1
+            // padded rows (slot_bytes); the rows are this task's own.
+            unsafe { dw512::rows(self, w, x, res, y, rows, ring) };
+            return;
+        }
+        let (acc, xrow) = slot.split_at_mut(self.ow * c);
+        let xrow = &mut xrow[..g.w * c];
+        for oy in rows {
+            acc.fill(0.0);
+            for ky in 0..g.kh {
+                let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pads[0] as isize;
+                if iy < 0 || iy >= g.h as isize {
+                    continue;
+                }
+                let src = iy as usize * g.w * c;
+                match x {
+                    QIn::F32(s) => {
+                        let inv = self.inv_input_scale;
+                        for (d, &v) in xrow.iter_mut().zip(&s[src..src + g.w * c]) {
+                            *d = quantize(v, inv) as f32;
+                        }
+                    }
+                    QIn::I8(s) => widen(isa, &s[src..src + g.w * c], xrow),
+                }
+                for kx in 0..g.kw {
+                    let wt = &w[(ky * g.kw + kx) * c..(ky * g.kw + kx + 1) * c];
+                    for ox in 0..self.ow {
+                        let ix =
+                            (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pads[1] as isize;
+                        if ix < 0 || ix >= g.w as isize {
+                            continue;
+                        }
+                        let xs = &xrow[ix as usize * c..(ix as usize + 1) * c];
+                        fma_row(isa, &mut acc[ox * c..(ox + 1) * c], xs, wt);
+                    }
+                }
+            }
+            let o0 = oy * self.ow * c;
+            let res_row = res.map(|r| &r[o0..o0 + self.ow * c]);
+            self.finish_rows(isa, acc, res_row, y, o0);
+        }
+    }
+
+    /// Depthwise epilogue of one output row of sums.
+    fn finish_rows(&self, isa: Isa, acc: &mut [f32], res: Option<&[f32]>, y: Dst, o0: usize) {
+        let c = self.g.c_out;
+        let (scale, bias) = (&self.scale[..c], &self.bias[..c]);
+        for (px, v) in acc.chunks_exact_mut(c).enumerate() {
+            let r = res.map(|r| &r[px * c..(px + 1) * c]);
+            affine_row(isa, v, scale, bias, r);
+        }
+        self.act.apply_slice(acc);
+        match y {
+            // SAFETY: this task owns output row elements o0..o0+len.
+            Dst::F32(p) => unsafe {
+                std::slice::from_raw_parts_mut(p.add(o0), acc.len()).copy_from_slice(acc)
+            },
+            Dst::I8(p, inv) => {
+                // SAFETY: as above.
+                let out = unsafe { std::slice::from_raw_parts_mut(p.add(o0), acc.len()) };
+                crate::int8::quantize_to_i8(isa, acc, inv, out);
+            }
+        }
+    }
+}
+
+/// Whether the VNNI tile runs.
+fn vnni() -> bool {
+    isa::has_vnni()
+}
+
+/// `x + 128` of INT8 values.
+fn offset_i8(src: &[i8], dst: &mut [u8]) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = (v as u8) ^ 0x80;
+    }
+}
+
+/// INT8 values to f32.
+fn widen(isa: Isa, src: &[i8], dst: &mut [f32]) {
+    crate::int8::widen_i8(isa, src, dst);
+}
+
+/// `acc += x · w`, element-wise (exact on the integer values it sees).
+fn fma_row(isa: Isa, acc: &mut [f32], x: &[f32], w: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx512() {
+        // SAFETY: AVX-512 F is present.
+        unsafe { fma_row_avx512(acc, x, w) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: AVX2 and FMA are present.
+        unsafe { fma_row_avx2(acc, x, w) };
+        return;
+    }
+    let _ = isa;
+    fma_row_body(acc, x, w);
+}
+
+#[inline(always)]
+fn fma_row_body(acc: &mut [f32], x: &[f32], w: &[f32]) {
+    for ((a, &xv), &wv) in acc.iter_mut().zip(x).zip(w) {
+        // Exact either way (integer values below 2^24): a plain
+        // multiply-add, which vectorises on every target.
+        *a += xv * wv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_row_avx512(acc: &mut [f32], x: &[f32], w: &[f32]) {
+    fma_row_body(acc, x, w)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_row_avx2(acc: &mut [f32], x: &[f32], w: &[f32]) {
+    fma_row_body(acc, x, w)
+}
+
+/// `v = v · scale + bias (+ r)` with a fused multiply-add.
+fn affine_row(isa: Isa, v: &mut [f32], scale: &[f32], bias: &[f32], r: Option<&[f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: AVX2 and FMA are present.
+        unsafe { affine_row_fma(v, scale, bias, r) };
+        return;
+    }
+    let _ = isa;
+    affine_row_body(v, scale, bias, r);
+}
+
+#[inline(always)]
+fn affine_row_body(v: &mut [f32], scale: &[f32], bias: &[f32], r: Option<&[f32]>) {
+    for ((x, &s), &b) in v.iter_mut().zip(scale).zip(bias) {
+        *x = x.mul_add(s, b);
+    }
+    if let Some(r) = r {
+        v.iter_mut().zip(r).for_each(|(x, &r)| *x += r);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn affine_row_fma(v: &mut [f32], scale: &[f32], bias: &[f32], r: Option<&[f32]>) {
+    affine_row_body(v, scale, bias, r)
+}
+
+/// Where one tile's epilogue writes.
+struct Epi<'a> {
+    layer: &'a QConv2dNhwc,
+    /// First output pixel of the tile.
+    pix: usize,
+    /// First channel block of the tile.
+    blk: usize,
+    res: Option<&'a [f32]>,
+    y: Dst,
+}
+
+impl Epi<'_> {
+    /// Scalar epilogue of pixel `pix + r`, channel block `b` (sums in `v`,
+    /// as f32).
+    fn finish_scalar(&self, r: usize, b: usize, v: &mut [f32; NB]) {
+        let l = self.layer;
+        let c_out = l.g.c_out;
+        let c0 = b * NB;
+        let lanes = NB.min(c_out - c0);
+        let o = (self.pix + r) * c_out + c0;
+        for (j, x) in v.iter_mut().enumerate().take(lanes) {
+            let mut t = x.mul_add(l.scale[c0 + j], l.bias[c0 + j]);
+            if let Some(res) = self.res {
+                t += res[o + j];
+            }
+            *x = t;
+        }
+        l.act.apply_slice(&mut v[..lanes]);
+        let _ = self.blk;
+        match self.y {
+            // SAFETY: the tile owns these `lanes` outputs.
+            Dst::F32(p) => unsafe {
+                std::slice::from_raw_parts_mut(p.add(o), lanes).copy_from_slice(&v[..lanes])
+            },
+            Dst::I8(p, inv) => {
+                // SAFETY: as above.
+                let out = unsafe { std::slice::from_raw_parts_mut(p.add(o), lanes) };
+                for (d, &x) in out.iter_mut().zip(v.iter()) {
+                    *d = quantize(x, inv) as i8;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::epi512::epi16;
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// One tile: `m` (≤ 12) pixels × `nb` (1 or 2) channel blocks.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW and VNNI must be present; `a` holds `m` packed rows;
+    /// blocks `blk..blk+nb` exist; the epilogue's outputs are the caller's.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn tile(
+        l: &QConv2dNhwc,
+        a: &[u8],
+        m: usize,
+        nb: usize,
+        blk: usize,
+        ep: &Epi,
+        clamp: Option<(f32, f32)>,
+    ) {
+        // Constant row counts, so the accumulators stay in registers.
+        macro_rules! go {
+            ($($m:literal)*) => {
+                match (m, nb) {
+                    // SAFETY: forwarded contract.
+                    $( ($m, 2) => unsafe { tile_mn::<$m, 2>(l, a, blk, ep, clamp) }, )*
+                    // SAFETY: forwarded contract.
+                    $( ($m, _) => unsafe { tile_mn::<$m, 1>(l, a, blk, ep, clamp) }, )*
+                    _ => {}
+                }
+            };
+        }
+        go!(1 2 3 4 5 6 7 8 9 10 11 12);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tile_mn<const M: usize, const N: usize>(
+        l: &QConv2dNhwc,
+        a: &[u8],
+        blk: usize,
+        ep: &Epi,
+        clamp: Option<(f32, f32)>,
+    ) {
+        let kq = l.kq;
+        let row = kq * 4;
+        debug_assert!(a.len() >= M * row);
+        let wstride = kq * NB * 4;
+        // SAFETY: blocks blk..blk+N hold kq groups of 64 bytes each; rows
+        // 0..M of `a` hold kq groups of 4 bytes.
+        unsafe {
+            let wp = l.w.as_ptr().add(blk * wstride);
+            let ap = a.as_ptr();
+            let mut acc = [[_mm512_setzero_si512(); N]; M];
+            for n in 0..N {
+                let c = _mm512_loadu_si512(l.comp.as_ptr().add((blk + n) * NB) as *const _);
+                for accm in acc.iter_mut() {
+                    accm[n] = c;
+                }
+            }
+            for q in 0..kq {
+                let mut b = [_mm512_setzero_si512(); N];
+                for (n, bn) in b.iter_mut().enumerate() {
+                    *bn = _mm512_loadu_si512(wp.add(n * wstride + q * 64) as *const _);
+                }
+                for (r, accr) in acc.iter_mut().enumerate() {
+                    let x =
+                        _mm512_set1_epi32((ap.add(r * row + q * 4) as *const i32).read_unaligned());
+                    for n in 0..N {
+                        accr[n] = _mm512_dpbusd_epi32(accr[n], x, b[n]);
+                    }
+                }
+            }
+            for (r, accr) in acc.iter().enumerate() {
+                for (n, &c) in accr.iter().enumerate() {
+                    finish(ep, r, blk + n, c, clamp);
+                }
+            }
+        }
+    }
+
+    /// The fused epilogue of one pixel × 16 channels of integer sums.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn finish(ep: &Epi, r: usize, b: usize, acc: __m512i, clamp: Option<(f32, f32)>) {
+        let l = ep.layer;
+        let o = (ep.pix + r) * l.g.c_out + b * NB;
+        // SAFETY: forwarded contract (the tile's own outputs).
+        unsafe { epi16(l, o, b * NB, _mm512_cvtepi32_ps(acc), ep.res, ep.y, clamp) }
+    }
+}
+
+/// The AVX-512 epilogue shared by both INT8 channels-last forms.
+#[cfg(target_arch = "x86_64")]
+mod epi512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// `act(sum · scale + bias (+ residual))` of channels `c0..c0+16` (fewer
+    /// at the end) of the pixel whose outputs start at `o - c0`, stored as
+    /// f32 or requantized.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW must be present; output (and residual) elements
+    /// `o..o+lanes` must be valid and the caller's own.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn epi16(
+        l: &QConv2dNhwc,
+        o: usize,
+        c0: usize,
+        sum: __m512,
+        res: Option<&[f32]>,
+        y: Dst,
+        clamp: Option<(f32, f32)>,
+    ) {
+        let lanes = NB.min(l.g.c_out - c0);
+        let mask: __mmask16 = if lanes == NB {
+            0xffff
+        } else {
+            (1u16 << lanes) - 1
+        };
+        // SAFETY: scale and bias are padded to whole blocks; the residual
+        // and output lanes under `mask` are the caller's.
+        unsafe {
+            let s = _mm512_loadu_ps(l.scale.as_ptr().add(c0));
+            let bias = _mm512_loadu_ps(l.bias.as_ptr().add(c0));
+            let mut v = _mm512_fmadd_ps(sum, s, bias);
+            if let Some(res) = res {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, res.as_ptr().add(o)));
+            }
+            match clamp {
+                Some((lo, hi)) => {
+                    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+                }
+                None => {
+                    let mut t = [0f32; NB];
+                    _mm512_storeu_ps(t.as_mut_ptr(), v);
+                    l.act.apply_slice(&mut t[..lanes]);
+                    v = _mm512_loadu_ps(t.as_ptr());
+                }
+            }
+            match y {
+                Dst::F32(p) => _mm512_mask_storeu_ps(p.add(o), mask, v),
+                Dst::I8(p, inv) => {
+                    let q = _mm512_cvtps_epi32(_mm512_min_ps(
+                        _mm512_max_ps(_mm512_mul_ps(v, _mm512_set1_ps(inv)), _mm512_set1_ps(-QMAX)),
+                        _mm512_set1_ps(QMAX),
+                    ));
+                    _mm_mask_storeu_epi8(p.add(o), mask, _mm512_cvtepi32_epi8(q));
+                }
+            }
+        }
+    }
+}
+
+/// Depthwise with AVX-512: the input rows of the window widened to f32 once
+/// each into a ring of rows padded with zero columns (and a zero row for
+/// rows above and below the image), so every pixel takes every tap without
+/// a check; sums of up to eight pixels × 16 channels in registers, one
+/// weight load per tap shared by the pixels.
+#[cfg(target_arch = "x86_64")]
+mod dw512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Most taps this path takes (up to 8×8 kernels; larger ones run the
+    /// portable path).
+    pub(super) const MAX_TAPS: usize = 64;
+
+    /// Output rows `rows` of one image.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL must be present; `g.kh ≤ 32`, `kh·kw ≤ MAX_TAPS`
+    /// and `window() ≤ 64`; `ring` holds `window() + 1` padded rows
+    /// ([`QConv2dNhwc::padded_row`] floats each); the output rows are the
+    /// caller's own.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn rows(
+        l: &QConv2dNhwc,
+        w: &[f32],
+        x: QIn,
+        res: Option<&[f32]>,
+        y: Dst,
+        rows: std::ops::Range<usize>,
+        ring: &mut [f32],
+    ) {
+        let g = &l.g;
+        let c = g.c_out;
+        let win = l.window();
+        let row_len = g.w * c;
+        let prow = l.padded_row();
+        let (left, right) = (g.pads[1] * c, prow - g.pads[1] * c - row_len);
+        let clamp = crate::gemm::in_register_clamp(l.act);
+        // The pad columns and the zero row (slot `win`) are zero for the
+        // whole call; widening writes between the pad columns only.
+        for r in 0..win {
+            let row = &mut ring[r * prow..(r + 1) * prow];
+            row[..left].fill(0.0);
+            row[prow - right..].fill(0.0);
+        }
+        ring[win * prow..(win + 1) * prow].fill(0.0);
+        // Which input row each ring slot holds.
+        let mut held = [usize::MAX; 64];
+        let mut taps = [(std::ptr::null::<f32>(), std::ptr::null::<f32>()); MAX_TAPS];
+        for oy in rows {
+            let mut nt = 0;
+            for ky in 0..g.kh {
+                let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pads[0] as isize;
+                let slot = if iy < 0 || iy >= g.h as isize {
+                    win
+                } else {
+                    let iy = iy as usize;
+                    let slot = iy % win;
+                    if held[slot] != iy {
+                        let dst = &mut ring[slot * prow + left..slot * prow + left + row_len];
+                        let src = iy * row_len;
+                        match x {
+                            QIn::F32(s) => {
+                                let inv = l.inv_input_scale;
+                                for (d, &v) in dst.iter_mut().zip(&s[src..src + row_len]) {
+                                    *d = quantize(v, inv) as f32;
+                                }
+                            }
+                            QIn::I8(s) => widen(Isa::Avx512, &s[src..src + row_len], dst),
+                        }
+                        held[slot] = iy;
+                    }
+                    slot
+                };
+                let rp = ring[slot * prow..].as_ptr();
+                for kx in 0..g.kw {
+                    // SAFETY: kh·kw rows of c weights; column kx·d of the
+                    // padded row.
+                    taps[nt] = unsafe {
+                        (
+                            w.as_ptr().add((ky * g.kw + kx) * c),
+                            rp.add(kx * g.dilation[1] * c),
+                        )
+                    };
+                    nt += 1;
+                }
+            }
+            let o_row = oy * l.ow * c;
+            // One block of 16 channels along the whole row at a time: the
+            // window's lines of that block stay in L1 while the pixels
+            // sweep over them.
+            for cb in (0..c).step_by(NB) {
+                let mut ox = 0;
+                while ox < l.ow {
+                    let n = match l.ow - ox {
+                        8.. => 8,
+                        4..=7 => 4,
+                        _ => 1,
+                    };
+                    // SAFETY: forwarded contract; every pixel's taps lie in
+                    // the padded rows.
+                    unsafe {
+                        let t = &taps[..nt];
+                        match n {
+                            8 => pixels::<8>(l, t, cb, ox, o_row, res, y, clamp),
+                            4 => pixels::<4>(l, t, cb, ox, o_row, res, y, clamp),
+                            _ => pixels::<1>(l, t, cb, ox, o_row, res, y, clamp),
+                        }
+                    }
+                    ox += n;
+                }
+            }
+        }
+    }
+
+    /// Sums of `N` pixels × 16 channels from `cb` over `taps` (weights of
+    /// channel 0, input of padded column 0; pixel j reads `base + j · step`
+    /// floats further, `base` including `cb`). Full blocks load unmasked (the loads fold into the
+    /// multiply-adds).
+    ///
+    /// # Safety
+    /// AVX-512 F; every pointer valid for the channels under `mask`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn sums<const N: usize, const MASKED: bool>(
+        taps: &[(*const f32, *const f32)],
+        cb: usize,
+        base: usize,
+        step: usize,
+        mask: __mmask16,
+    ) -> [__m512; N] {
+        let ld = |p: *const f32| {
+            // SAFETY: forwarded contract.
+            unsafe {
+                if MASKED {
+                    _mm512_maskz_loadu_ps(mask, p)
+                } else {
+                    _mm512_loadu_ps(p)
+                }
+            }
+        };
+        let mut acc = [_mm512_setzero_ps(); N];
+        for &(wp, xp) in taps {
+            // SAFETY: forwarded contract.
+            unsafe {
+                let wv = ld(wp.add(cb));
+                let xp = xp.add(base);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(ld(xp.add(j * step)), wv, *a);
+                }
+            }
+        }
+        acc
+    }
+
+    /// `N` pixels from `ox` on, 16 channels from `cb`.
+    ///
+    /// # Safety
+    /// As [`rows`]; `taps` as [`rows`] builds them.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pixels<const N: usize>(
+        l: &QConv2dNhwc,
+        taps: &[(*const f32, *const f32)],
+        cb: usize,
+        ox: usize,
+        o_row: usize,
+        res: Option<&[f32]>,
+        y: Dst,
+        clamp: Option<(f32, f32)>,
+    ) {
+        let c = l.g.c_out;
+        let step = l.g.stride[1] * c;
+        let lanes = NB.min(c - cb);
+        let mask: __mmask16 = if lanes == NB {
+            0xffff
+        } else {
+            (1u16 << lanes) - 1
+        };
+        let base = ox * step + cb;
+        // SAFETY: forwarded contract (channels cb.. under `mask`).
+        let acc = unsafe {
+            if lanes == NB {
+                sums::<N, false>(taps, cb, base, step, mask)
+            } else {
+                sums::<N, true>(taps, cb, base, step, mask)
+            }
+        };
+        for (j, a) in acc.iter().enumerate() {
+            let o = o_row + (ox + j) * c + cb;
+            // SAFETY: this task's output row; caller's contract.
+            unsafe { epi512::epi16(l, o, cb, *a, res, y, clamp) };
+        }
+    }
+}
+
+/// Plain-loop reference (one image, NHWC in and out): the layer's
+/// quantization, sums in `i64`, then `act(sum·s_w·s_x + bias (+ residual))`
+/// with the multiply-add fused and the activation's slice form
+/// ([`Activation::apply_fast`]), as the kernels compute them; `out_scale`
+/// requantizes the result (returned as the integer values, as f32).
+#[allow(clippy::too_many_arguments)]
+pub fn reference_qconv2d_nhwc(
+    g: &Conv2dGeometry,
+    x: &[f32],
+    weights: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    act: Activation,
+    input_scale: f32,
+    out_scale: Option<f32>,
+    y: &mut [f32],
+) {
+    let (oh, ow) = (g.out_h().unwrap_or(0), g.out_w().unwrap_or(0));
+    let (ws, wq) = quantize_weights(weights, g.c_out);
+    let groups = g.groups.max(1);
+    let (cin_g, cout_g) = (g.c_in / groups, g.c_out / groups);
+    let inv = 1.0 / input_scale;
+    for oy in 0..oh {
+        for ox in 0..ow {
+            for co in 0..g.c_out {
+                let first = co / cout_g.max(1) * cin_g;
+                let mut acc = 0i64;
+                for ci in first..first + cin_g {
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize
+                                - g.pads[0] as isize;
+                            let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize
+                                - g.pads[1] as isize;
+                            if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                                continue;
+                            }
+                            let xv = x[(iy as usize * g.w + ix as usize) * g.c_in + ci];
+                            let wv = wq[((co * cin_g + ci - first) * g.kh + ky) * g.kw + kx];
+                            acc += quantize(xv, inv) as i64 * wv as i64;
+                        }
+                    }
+                }
+                let o = (oy * ow + ox) * g.c_out + co;
+                let mut v = (acc as f32).mul_add(ws[co] * input_scale, bias.map_or(0.0, |b| b[co]));
+                if let Some(r) = residual {
+                    v += r[o];
+                }
+                let v = act.apply_fast(v);
+                y[o] = match out_scale {
+                    Some(s) => quantize(v, 1.0 / s) as f32,
+                    None => v,
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rand_vec(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn geo(
+        c_in: usize,
+        h: usize,
+        w: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        groups: usize,
+    ) -> Conv2dGeometry {
+        Conv2dGeometry {
+            c_in,
+            h,
+            w,
+            c_out,
+            kh: k,
+            kw: k,
+            stride: [stride; 2],
+            pads: [pad; 4],
+            dilation: [1; 2],
+            groups,
+        }
+    }
+
+    /// Runs the layer every way (f32 / INT8 input, f32 / INT8 output) on
+    /// pools of 1 and 3 threads and compares with the reference, bit for bit.
+    fn check(g: Conv2dGeometry, act: Activation, residual: bool, seed: u64) {
+        let taps = g.kh * g.kw;
+        let wlen = g.c_out * g.c_in / g.groups * taps;
+        let w = rand_vec(seed, wlen, -1.0, 1.0);
+        let bias = rand_vec(seed + 1, g.c_out, -0.5, 0.5);
+        let x = rand_vec(seed + 2, g.h * g.w * g.c_in, -2.0, 2.0);
+        let in_scale = 2.0 / 127.0;
+        let l = QConv2dNhwc::new(g, &w, Some(&bias), act, in_scale).unwrap();
+        let (oh, ow) = l.out_hw();
+        let n = oh * ow * g.c_out;
+        let r = rand_vec(seed + 3, n, -1.0, 1.0);
+        let res = residual.then_some(&r[..]);
+        // INT8 input: the same values, quantized first.
+        let x8: Vec<i8> = x
+            .iter()
+            .map(|&v| quantize(v, 1.0 / in_scale) as i8)
+            .collect();
+        let out_scale = 0.05f32;
+        let mut want = vec![0f32; n];
+        reference_qconv2d_nhwc(&g, &x, &w, Some(&bias), res, act, in_scale, None, &mut want);
+        let mut want8 = vec![0f32; n];
+        reference_qconv2d_nhwc(
+            &g,
+            &x,
+            &w,
+            Some(&bias),
+            res,
+            act,
+            in_scale,
+            Some(out_scale),
+            &mut want8,
+        );
+        for threads in [1, 3] {
+            let pool = ThreadPool::new(threads);
+            let mut scratch = vec![0f32; l.scratch_len(threads)];
+            for in8 in [false, true] {
+                let input = if in8 { QIn::I8(&x8) } else { QIn::F32(&x) };
+                let mut y = vec![f32::NAN; n];
+                l.run_io(&pool, 1, input, res, QOut::F32(&mut y), &mut scratch);
+                for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        a == b,
+                        "{g:?} {act:?} in8 {in8} t{threads}: y[{i}] {a} != {b}"
+                    );
+                }
+                let mut y8 = vec![0i8; n];
+                l.run_io(
+                    &pool,
+                    1,
+                    input,
+                    res,
+                    QOut::I8(&mut y8, out_scale),
+                    &mut scratch,
+                );
+                for (i, (&a, &b)) in y8.iter().zip(&want8).enumerate() {
+                    assert!(
+                        a as f32 == b,
+                        "{g:?} in8 {in8} t{threads}: q[{i}] {a} != {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pointwise_matches_reference() {
+        check(geo(16, 9, 11, 24, 1, 1, 0, 1), Activation::None, false, 1);
+        check(geo(32, 7, 7, 48, 1, 1, 0, 1), Activation::Relu, true, 2);
+        check(
+            geo(13, 5, 6, 35, 1, 1, 0, 1),
+            Activation::Clip { lo: 0.0, hi: 6.0 },
+            false,
+            3,
+        );
+        check(
+            geo(40, 14, 14, 16, 1, 1, 0, 1),
+            Activation::HardSwish,
+            true,
+            4,
+        );
+    }
+
+    #[test]
+    fn spatial_kernels_match_reference() {
+        check(geo(3, 17, 19, 16, 3, 2, 1, 1), Activation::Relu, false, 5);
+        check(geo(8, 9, 9, 33, 3, 1, 1, 1), Activation::Silu, true, 6);
+        check(geo(5, 8, 8, 7, 5, 2, 2, 1), Activation::None, false, 7);
+    }
+
+    #[test]
+    fn depthwise_matches_reference() {
+        check(geo(24, 13, 13, 24, 3, 1, 1, 24), Activation::Relu, false, 8);
+        check(
+            geo(40, 12, 12, 40, 5, 2, 2, 40),
+            Activation::Clip { lo: 0.0, hi: 6.0 },
+            true,
+            9,
+        );
+        check(
+            geo(17, 7, 9, 17, 3, 2, 1, 17),
+            Activation::HardSwish,
+            false,
+            10,
+        );
+        // Asymmetric padding (TF "SAME" with stride 2) and a dilation.
+        let mut g = geo(32, 10, 11, 32, 3, 2, 0, 32);
+        g.pads = [0, 0, 1, 1];
+        check(g, Activation::Relu, false, 11);
+        let mut g = geo(20, 12, 12, 20, 3, 1, 2, 20);
+        g.dilation = [2, 2];
+        check(g, Activation::None, true, 12);
+        let mut g = geo(16, 9, 9, 16, 3, 1, 2, 1);
+        g.dilation = [2, 2];
+        check(g, Activation::None, false, 13);
+    }
+
+    /// The tiers agree: the portable tile against the VNNI one (each
+    /// checked against the reference above; here on the largest sums).
+    #[test]
+    fn extreme_values_are_exact() {
+        // Every input at ±127 after quantization and every weight at ±127:
+        // the largest sums the kernel can form.
+        let g = geo(64, 4, 4, 32, 3, 1, 1, 1);
+        let w: Vec<f32> = (0..32 * 64 * 9)
+            .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let x: Vec<f32> = (0..16 * 64)
+            .map(|i| if i % 5 == 0 { -9.0 } else { 9.0 })
+            .collect();
+        let l = QConv2dNhwc::new(g, &w, None, Activation::None, 1.0 / 127.0).unwrap();
+        let mut want = vec![0f32; 16 * 32];
+        reference_qconv2d_nhwc(
+            &g,
+            &x,
+            &w,
+            None,
+            None,
+            Activation::None,
+            1.0 / 127.0,
+            None,
+            &mut want,
+        );
+        let pool = ThreadPool::new(1);
+        let mut scratch = vec![0f32; l.scratch_len(1)];
+        let mut y = vec![0f32; 16 * 32];
+        l.run_io(
+            &pool,
+            1,
+            QIn::F32(&x),
+            None,
+            QOut::F32(&mut y),
+            &mut scratch,
+        );
+        assert_eq!(y, want);
+    }
+
+    #[test]
+    fn rejects_grouped_and_bad_scales() {
+        let w = vec![0.5f32; 8 * 4 * 9];
+        assert!(
+            QConv2dNhwc::new(geo(8, 5, 5, 8, 3, 1, 1, 2), &w, None, Activation::None, 0.1).is_err()
+        );
+        let w1 = vec![0.5f32; 8 * 8];
+        for s in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            assert!(
+                QConv2dNhwc::new(geo(8, 5, 5, 8, 1, 1, 0, 1), &w1, None, Activation::None, s)
+                    .is_err()
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn random_layers_match_reference(
+            c_in in 1usize..40, c_out in 1usize..50, hw in 1usize..12, k in prop::sample::select(vec![1usize, 3]),
+            stride in 1usize..3, dw in any::<bool>(), seed in 0u64..1000,
+        ) {
+            let pad = k / 2;
+            let (c_out, groups) = if dw { (c_in, c_in) } else { (c_out, 1) };
+            check(geo(c_in, hw, hw + 1, c_out, k, stride, pad, groups), Activation::Relu, seed % 2 == 0, seed);
+        }
+    }
+}
