@@ -225,7 +225,7 @@ impl QConv2dNhwc {
         match &self.dw {
             // One output row of f32 sums and the input rows one output
             // row reads, as f32 values.
-            Some(_) => (self.ow * self.g.c_out + (self.window() + 1) * self.padded_row()) * 4,
+            Some(_) => (self.ow * self.g.c_out + self.window() * self.padded_row()) * 4,
             None => PIX * self.kq * 4,
         }
     }
@@ -243,7 +243,8 @@ impl QConv2dNhwc {
     /// Scratch f32 elements [`QConv2dNhwc::run_io`] needs on a pool of
     /// `threads`.
     pub fn scratch_len(&self, threads: usize) -> usize {
-        self.shared_floats() + threads.max(1) * self.slot_bytes().div_ceil(64) * 16
+        // 16 floats of slack to start the slots on a cache line.
+        self.shared_floats() + threads.max(1) * self.slot_bytes().div_ceil(64) * 16 + 16
     }
 
     /// One group: scratch floats holding an f32 input image quantized to
@@ -293,7 +294,10 @@ impl QConv2dNhwc {
         let shared = unsafe {
             std::slice::from_raw_parts_mut(shared.as_mut_ptr() as *mut i8, shared.len() * 4)
         };
-        let s_ptr = SyncPtr::new(scratch);
+        // Slots start on a cache line (64-byte stores of widened rows
+        // would otherwise split lines).
+        let skip = scratch.as_ptr().align_offset(64).min(16);
+        let s_ptr = SyncPtr::new(&mut scratch[skip..]);
         for b in 0..batch {
             let x = match input {
                 QIn::F32(x) => QIn::F32(&x[b * in_img..(b + 1) * in_img]),
@@ -499,9 +503,9 @@ impl QConv2dNhwc {
         let c = g.c_out;
         let isa = isa::active();
         #[cfg(target_arch = "x86_64")]
-        if isa.has_avx512() && g.kh <= 32 && g.kh * g.kw <= dw512::MAX_TAPS && self.window() <= 64 {
+        if isa.has_avx512() && g.kh * g.kw <= dw512::MAX_TAPS && self.window() <= 64 {
             let (_, ring) = slot.split_at_mut(self.ow * c);
-            // SAFETY: AVX-512 F/BW/VL are present; `ring` holds window() + 1
+            // SAFETY: AVX-512 F/BW/VL are present; `ring` holds window()
             // padded rows (slot_bytes); the rows are this task's own.
             unsafe { dw512::rows(self, w, x, res, y, rows, ring) };
             return;
@@ -579,9 +583,38 @@ fn offset_i8(src: &[i8], dst: &mut [u8]) {
     }
 }
 
-/// INT8 values to f32.
+/// INT8 values to f32 (16 per instruction with AVX-512: the depthwise
+/// path widens every input row once, and with stride 2 that is as many
+/// values as it multiplies).
 fn widen(isa: Isa, src: &[i8], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx512() {
+        // SAFETY: AVX-512 F is present.
+        unsafe { widen_avx512(src, dst) };
+        return;
+    }
     crate::int8::widen_i8(isa, src, dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_avx512(src: &[i8], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let len = src.len().min(dst.len());
+    let n = len / 16 * 16;
+    for i in (0..n).step_by(16) {
+        // SAFETY: 16 bytes read and 16 floats written at i < n.
+        unsafe {
+            let b = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+            _mm512_storeu_ps(
+                dst.as_mut_ptr().add(i),
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)),
+            );
+        }
+    }
+    for (d, &s) in dst[n..len].iter_mut().zip(&src[n..len]) {
+        *d = s as f32;
+    }
 }
 
 /// `acc += x · w`, element-wise (exact on the integer values it sees).
@@ -852,10 +885,11 @@ mod epi512 {
 }
 
 /// Depthwise with AVX-512: the input rows of the window widened to f32 once
-/// each into a ring of rows padded with zero columns (and a zero row for
-/// rows above and below the image), so every pixel takes every tap without
-/// a check; sums of up to eight pixels × 16 channels in registers, one
-/// weight load per tap shared by the pixels.
+/// each into a ring of rows padded with zero columns, so groups of pixels
+/// take every tap without a check (single pixels skip their zero columns,
+/// and kernel rows outside the image are skipped); sums of up to eight
+/// pixels × 16 channels in registers, one weight load per tap shared by
+/// the pixels.
 #[cfg(target_arch = "x86_64")]
 mod dw512 {
     use super::*;
@@ -868,8 +902,8 @@ mod dw512 {
     /// Output rows `rows` of one image.
     ///
     /// # Safety
-    /// AVX-512 F/BW/VL must be present; `g.kh ≤ 32`, `kh·kw ≤ MAX_TAPS`
-    /// and `window() ≤ 64`; `ring` holds `window() + 1` padded rows
+    /// AVX-512 F/BW/VL must be present; `kh·kw ≤ MAX_TAPS`
+    /// and `window() ≤ 64`; `ring` holds `window()` padded rows
     /// ([`QConv2dNhwc::padded_row`] floats each); the output rows are the
     /// caller's own.
     #[allow(clippy::too_many_arguments)]
@@ -890,42 +924,55 @@ mod dw512 {
         let prow = l.padded_row();
         let (left, right) = (g.pads[1] * c, prow - g.pads[1] * c - row_len);
         let clamp = crate::gemm::in_register_clamp(l.act);
-        // The pad columns and the zero row (slot `win`) are zero for the
-        // whole call; widening writes between the pad columns only.
+        // The pad columns are zero for the whole call; widening writes
+        // between them only.
         for r in 0..win {
             let row = &mut ring[r * prow..(r + 1) * prow];
             row[..left].fill(0.0);
             row[prow - right..].fill(0.0);
         }
-        ring[win * prow..(win + 1) * prow].fill(0.0);
         // Which input row each ring slot holds.
         let mut held = [usize::MAX; 64];
+        // Per kernel row inside the image, its kw taps: (weights of
+        // channel 0, input of padded column kx·d).
         let mut taps = [(std::ptr::null::<f32>(), std::ptr::null::<f32>()); MAX_TAPS];
+        // The kernel columns inside the image for output column ox.
+        let kx_range = |ox: usize| {
+            let first = (ox * g.stride[1]) as isize - g.pads[1] as isize;
+            let d = g.dilation[1] as isize;
+            let a = (0..g.kw)
+                .find(|&kx| first + kx as isize * d >= 0)
+                .unwrap_or(g.kw);
+            let b = (0..g.kw)
+                .rev()
+                .find(|&kx| first + (kx as isize * d) < g.w as isize)
+                .map_or(0, |kx| kx + 1);
+            (a, b.max(a))
+        };
         for oy in rows {
             let mut nt = 0;
             for ky in 0..g.kh {
                 let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pads[0] as isize;
-                let slot = if iy < 0 || iy >= g.h as isize {
-                    win
-                } else {
-                    let iy = iy as usize;
-                    let slot = iy % win;
-                    if held[slot] != iy {
-                        let dst = &mut ring[slot * prow + left..slot * prow + left + row_len];
-                        let src = iy * row_len;
-                        match x {
-                            QIn::F32(s) => {
-                                let inv = l.inv_input_scale;
-                                for (d, &v) in dst.iter_mut().zip(&s[src..src + row_len]) {
-                                    *d = quantize(v, inv) as f32;
-                                }
+                if iy < 0 || iy >= g.h as isize {
+                    // Zero rows add nothing: no taps.
+                    continue;
+                }
+                let iy = iy as usize;
+                let slot = iy % win;
+                if held[slot] != iy {
+                    let dst = &mut ring[slot * prow + left..slot * prow + left + row_len];
+                    let src = iy * row_len;
+                    match x {
+                        QIn::F32(s) => {
+                            let inv = l.inv_input_scale;
+                            for (d, &v) in dst.iter_mut().zip(&s[src..src + row_len]) {
+                                *d = quantize(v, inv) as f32;
                             }
-                            QIn::I8(s) => widen(Isa::Avx512, &s[src..src + row_len], dst),
                         }
-                        held[slot] = iy;
+                        QIn::I8(s) => widen(Isa::Avx512, &s[src..src + row_len], dst),
                     }
-                    slot
-                };
+                    held[slot] = iy;
+                }
                 let rp = ring[slot * prow..].as_ptr();
                 for kx in 0..g.kw {
                     // SAFETY: kh·kw rows of c weights; column kx·d of the
@@ -940,25 +987,31 @@ mod dw512 {
                 }
             }
             let o_row = oy * l.ow * c;
+            let t = Taps {
+                taps: &taps[..nt],
+                kw: g.kw,
+            };
             // One block of 16 channels along the whole row at a time: the
             // window's lines of that block stay in L1 while the pixels
             // sweep over them.
             for cb in (0..c).step_by(NB) {
                 let mut ox = 0;
                 while ox < l.ow {
+                    // Groups take every column (the zero pad columns
+                    // included: one weight load serves the whole group);
+                    // single pixels skip the columns outside the image.
                     let n = match l.ow - ox {
                         8.. => 8,
-                        4..=7 => 4,
+                        4.. => 4,
                         _ => 1,
                     };
-                    // SAFETY: forwarded contract; every pixel's taps lie in
+                    // SAFETY: forwarded contract; every tap summed lies in
                     // the padded rows.
                     unsafe {
-                        let t = &taps[..nt];
                         match n {
-                            8 => pixels::<8>(l, t, cb, ox, o_row, res, y, clamp),
-                            4 => pixels::<4>(l, t, cb, ox, o_row, res, y, clamp),
-                            _ => pixels::<1>(l, t, cb, ox, o_row, res, y, clamp),
+                            8 => pixels::<8>(l, &t, (0, g.kw), cb, ox, o_row, res, y, clamp),
+                            4 => pixels::<4>(l, &t, (0, g.kw), cb, ox, o_row, res, y, clamp),
+                            _ => pixels::<1>(l, &t, kx_range(ox), cb, ox, o_row, res, y, clamp),
                         }
                     }
                     ox += n;
@@ -967,16 +1020,24 @@ mod dw512 {
         }
     }
 
-    /// Sums of `N` pixels × 16 channels from `cb` over `taps` (weights of
-    /// channel 0, input of padded column 0; pixel j reads `base + j · step`
-    /// floats further, `base` including `cb`). Full blocks load unmasked (the loads fold into the
+    /// The taps of one output row: `kw` per kernel row inside the image.
+    struct Taps<'a> {
+        taps: &'a [(*const f32, *const f32)],
+        kw: usize,
+    }
+
+    /// Sums of `N` pixels × 16 channels from `cb` over the taps of kernel
+    /// columns `kx.0..kx.1` (weights of channel 0, input of padded column
+    /// 0; pixel j reads `base + j · step` floats further, `base` including
+    /// `cb`). Full blocks load unmasked (the loads fold into the
     /// multiply-adds).
     ///
     /// # Safety
     /// AVX-512 F; every pointer valid for the channels under `mask`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn sums<const N: usize, const MASKED: bool>(
-        taps: &[(*const f32, *const f32)],
+        t: &Taps,
+        kx: (usize, usize),
         cb: usize,
         base: usize,
         step: usize,
@@ -993,28 +1054,45 @@ mod dw512 {
             }
         };
         let mut acc = [_mm512_setzero_ps(); N];
-        for &(wp, xp) in taps {
-            // SAFETY: forwarded contract.
-            unsafe {
-                let wv = ld(wp.add(cb));
-                let xp = xp.add(base);
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(ld(xp.add(j * step)), wv, *a);
+        macro_rules! tap {
+            ($wp:expr, $xp:expr) => {
+                // SAFETY: forwarded contract.
+                unsafe {
+                    let wv = ld($wp.add(cb));
+                    let xp = $xp.add(base);
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(ld(xp.add(j * step)), wv, *a);
+                    }
+                }
+            };
+        }
+        if kx == (0, t.kw) {
+            // All columns: one flat loop (short rows would cost a loop
+            // each).
+            for &(wp, xp) in t.taps {
+                tap!(wp, xp);
+            }
+        } else {
+            for row in t.taps.chunks_exact(t.kw) {
+                for &(wp, xp) in &row[kx.0..kx.1] {
+                    tap!(wp, xp);
                 }
             }
         }
         acc
     }
 
-    /// `N` pixels from `ox` on, 16 channels from `cb`.
+    /// `N` pixels from `ox` on, 16 channels from `cb`, kernel columns
+    /// `kx.0..kx.1` (the others must be zero pad columns for every pixel).
     ///
     /// # Safety
-    /// As [`rows`]; `taps` as [`rows`] builds them.
+    /// As [`rows`]; `t` as [`rows`] builds it.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn pixels<const N: usize>(
         l: &QConv2dNhwc,
-        taps: &[(*const f32, *const f32)],
+        t: &Taps,
+        kx: (usize, usize),
         cb: usize,
         ox: usize,
         o_row: usize,
@@ -1034,9 +1112,9 @@ mod dw512 {
         // SAFETY: forwarded contract (channels cb.. under `mask`).
         let acc = unsafe {
             if lanes == NB {
-                sums::<N, false>(taps, cb, base, step, mask)
+                sums::<N, false>(t, kx, cb, base, step, mask)
             } else {
-                sums::<N, true>(taps, cb, base, step, mask)
+                sums::<N, true>(t, kx, cb, base, step, mask)
             }
         };
         for (j, a) in acc.iter().enumerate() {
