@@ -438,7 +438,6 @@ impl QConv2dNhwc {
                 let ep = Epi {
                     layer: self,
                     pix: p0 + i,
-                    blk,
                     res,
                     y,
                 };
@@ -544,28 +543,38 @@ impl QConv2dNhwc {
             }
             let o0 = oy * self.ow * c;
             let res_row = res.map(|r| &r[o0..o0 + self.ow * c]);
-            self.finish_rows(isa, acc, res_row, y, o0);
+            self.finish(isa, acc, 0..c, res_row, y, o0);
         }
     }
 
-    /// Depthwise epilogue of one output row of sums.
-    fn finish_rows(&self, isa: Isa, acc: &mut [f32], res: Option<&[f32]>, y: Dst, o0: usize) {
-        let c = self.g.c_out;
-        let (scale, bias) = (&self.scale[..c], &self.bias[..c]);
-        for (px, v) in acc.chunks_exact_mut(c).enumerate() {
-            let r = res.map(|r| &r[px * c..(px + 1) * c]);
-            affine_row(isa, v, scale, bias, r);
+    /// The portable epilogue: `v` holds the sums of whole pixels' channels
+    /// `ch` (one run of `ch.len()` per pixel), written from output element
+    /// `o` on; `res` (if any) is the residual from `o` on.
+    fn finish(
+        &self,
+        isa: Isa,
+        v: &mut [f32],
+        ch: std::ops::Range<usize>,
+        res: Option<&[f32]>,
+        y: Dst,
+        o: usize,
+    ) {
+        let n = ch.len();
+        let (scale, bias) = (&self.scale[ch.clone()], &self.bias[ch]);
+        for (px, vp) in v.chunks_exact_mut(n).enumerate() {
+            let r = res.map(|r| &r[px * n..(px + 1) * n]);
+            affine_row(isa, vp, scale, bias, r);
         }
-        self.act.apply_slice(acc);
+        self.act.apply_slice(v);
         match y {
-            // SAFETY: this task owns output row elements o0..o0+len.
+            // SAFETY: the caller owns output elements o..o+len.
             Dst::F32(p) => unsafe {
-                std::slice::from_raw_parts_mut(p.add(o0), acc.len()).copy_from_slice(acc)
+                std::slice::from_raw_parts_mut(p.add(o), v.len()).copy_from_slice(v)
             },
             Dst::I8(p, inv) => {
                 // SAFETY: as above.
-                let out = unsafe { std::slice::from_raw_parts_mut(p.add(o0), acc.len()) };
-                crate::int8::quantize_to_i8(isa, acc, inv, out);
+                let out = unsafe { std::slice::from_raw_parts_mut(p.add(o), v.len()) };
+                crate::int8::quantize_to_i8(isa, v, inv, out);
             }
         }
     }
@@ -689,43 +698,27 @@ struct Epi<'a> {
     layer: &'a QConv2dNhwc,
     /// First output pixel of the tile.
     pix: usize,
-    /// First channel block of the tile.
-    blk: usize,
     res: Option<&'a [f32]>,
     y: Dst,
 }
 
 impl Epi<'_> {
-    /// Scalar epilogue of pixel `pix + r`, channel block `b` (sums in `v`,
-    /// as f32).
+    /// Portable epilogue of pixel `pix + r`, channel block `b` (sums in
+    /// `v`, as f32).
     fn finish_scalar(&self, r: usize, b: usize, v: &mut [f32; NB]) {
         let l = self.layer;
-        let c_out = l.g.c_out;
         let c0 = b * NB;
-        let lanes = NB.min(c_out - c0);
-        let o = (self.pix + r) * c_out + c0;
-        for (j, x) in v.iter_mut().enumerate().take(lanes) {
-            let mut t = x.mul_add(l.scale[c0 + j], l.bias[c0 + j]);
-            if let Some(res) = self.res {
-                t += res[o + j];
-            }
-            *x = t;
-        }
-        l.act.apply_slice(&mut v[..lanes]);
-        let _ = self.blk;
-        match self.y {
-            // SAFETY: the tile owns these `lanes` outputs.
-            Dst::F32(p) => unsafe {
-                std::slice::from_raw_parts_mut(p.add(o), lanes).copy_from_slice(&v[..lanes])
-            },
-            Dst::I8(p, inv) => {
-                // SAFETY: as above.
-                let out = unsafe { std::slice::from_raw_parts_mut(p.add(o), lanes) };
-                for (d, &x) in out.iter_mut().zip(v.iter()) {
-                    *d = quantize(x, inv) as i8;
-                }
-            }
-        }
+        let lanes = NB.min(l.g.c_out - c0);
+        let o = (self.pix + r) * l.g.c_out + c0;
+        let res = self.res.map(|res| &res[o..o + lanes]);
+        l.finish(
+            isa::active(),
+            &mut v[..lanes],
+            c0..c0 + lanes,
+            res,
+            self.y,
+            o,
+        );
     }
 }
 
