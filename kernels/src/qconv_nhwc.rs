@@ -724,7 +724,7 @@ impl Epi<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::epi512::epi16;
+    use super::epi512::block;
     use super::*;
     use std::arch::x86_64::*;
 
@@ -795,21 +795,16 @@ mod vnni {
                     }
                 }
             }
-            for (r, accr) in acc.iter().enumerate() {
-                for (n, &c) in accr.iter().enumerate() {
-                    finish(ep, r, blk + n, c, clamp);
+            for n in 0..N {
+                let mut sums = [_mm512_setzero_ps(); M];
+                for (v, accr) in sums.iter_mut().zip(&acc) {
+                    *v = _mm512_cvtepi32_ps(accr[n]);
                 }
+                let c0 = (blk + n) * NB;
+                let o0 = ep.pix * l.g.c_out + c0;
+                block(l, &mut sums, o0, l.g.c_out, c0, ep.res, ep.y, clamp);
             }
         }
-    }
-
-    /// The fused epilogue of one pixel × 16 channels of integer sums.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn finish(ep: &Epi, r: usize, b: usize, acc: __m512i, clamp: Option<(f32, f32)>) {
-        let l = ep.layer;
-        let o = (ep.pix + r) * l.g.c_out + b * NB;
-        // SAFETY: forwarded contract (the tile's own outputs).
-        unsafe { epi16(l, o, b * NB, _mm512_cvtepi32_ps(acc), ep.res, ep.y, clamp) }
     }
 }
 
@@ -819,58 +814,136 @@ mod epi512 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// `act(sum · scale + bias (+ residual))` of channels `c0..c0+16` (fewer
-    /// at the end) of the pixel whose outputs start at `o - c0`, stored as
-    /// f32 or requantized.
+    /// `act(sum · scale + bias (+ residual))` of one block of 16 channels
+    /// (fewer at the end) from `c0`, for `sums.len()` pixels whose outputs
+    /// start at `o0 + j · step` (`o0` includes `c0`), stored as f32 or
+    /// requantized. Everything that is the same for the block (scale,
+    /// bias, mask, bounds, the output form) is decided once, not once per
+    /// pixel; an activation that is not a clamp runs once over all the
+    /// block's sums.
     ///
     /// # Safety
     /// AVX-512 F/BW must be present; output (and residual) elements
-    /// `o..o+lanes` must be valid and the caller's own.
+    /// `o0 + j · step ..+lanes` must be valid and the caller's own.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn epi16(
+    pub(super) unsafe fn block(
         l: &QConv2dNhwc,
-        o: usize,
+        sums: &mut [__m512],
+        o0: usize,
+        step: usize,
         c0: usize,
-        sum: __m512,
         res: Option<&[f32]>,
         y: Dst,
         clamp: Option<(f32, f32)>,
     ) {
         let lanes = NB.min(l.g.c_out - c0);
-        let mask: __mmask16 = if lanes == NB {
-            0xffff
-        } else {
-            (1u16 << lanes) - 1
-        };
+        let full = lanes == NB;
+        let mask: __mmask16 = if full { 0xffff } else { (1u16 << lanes) - 1 };
         // SAFETY: scale and bias are padded to whole blocks; the residual
         // and output lanes under `mask` are the caller's.
         unsafe {
             let s = _mm512_loadu_ps(l.scale.as_ptr().add(c0));
             let bias = _mm512_loadu_ps(l.bias.as_ptr().add(c0));
-            let mut v = _mm512_fmadd_ps(sum, s, bias);
-            if let Some(res) = res {
-                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, res.as_ptr().add(o)));
+            let rp = res.map(|r| r.as_ptr().add(o0));
+            // sum · scale + bias (+ residual) of pixel j.
+            let affine = |j: usize, v: __m512| {
+                let v = _mm512_fmadd_ps(v, s, bias);
+                match rp {
+                    Some(rp) => _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, rp.add(j * step))),
+                    None => v,
+                }
+            };
+            // The stores, given the finished value of pixel j: one pass,
+            // the values stay in registers.
+            macro_rules! store {
+                ($fin:expr) => {
+                    match y {
+                        Dst::F32(p) => {
+                            let p = p.add(o0);
+                            for j in 0..sums.len() {
+                                let v = $fin(j);
+                                if full {
+                                    _mm512_storeu_ps(p.add(j * step), v);
+                                } else {
+                                    _mm512_mask_storeu_ps(p.add(j * step), mask, v);
+                                }
+                            }
+                        }
+                        Dst::I8(p, inv) => {
+                            let p = p.add(o0);
+                            let (inv, lo, hi) = (
+                                _mm512_set1_ps(inv),
+                                _mm512_set1_ps(-QMAX),
+                                _mm512_set1_ps(QMAX),
+                            );
+                            let q = |v: __m512| {
+                                _mm512_cvtps_epi32(_mm512_min_ps(
+                                    _mm512_max_ps(_mm512_mul_ps(v, inv), lo),
+                                    hi,
+                                ))
+                            };
+                            let mut j = 0;
+                            if full {
+                                // Four pixels at a time: two rounds of packs
+                                // put each pixel's 4 bytes of every 128-bit
+                                // lane side by side, one dword permute
+                                // gathers each pixel's 16 bytes into a lane.
+                                let idx = _mm512_setr_epi32(
+                                    0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                );
+                                while j + 4 <= sums.len() {
+                                    let ab = _mm512_packs_epi32(q($fin(j)), q($fin(j + 1)));
+                                    let cd = _mm512_packs_epi32(q($fin(j + 2)), q($fin(j + 3)));
+                                    let t =
+                                        _mm512_permutexvar_epi32(idx, _mm512_packs_epi16(ab, cd));
+                                    let d = p.add(j * step);
+                                    _mm_storeu_si128(d as *mut __m128i, _mm512_castsi512_si128(t));
+                                    _mm_storeu_si128(
+                                        d.add(step) as *mut __m128i,
+                                        _mm512_extracti32x4_epi32::<1>(t),
+                                    );
+                                    _mm_storeu_si128(
+                                        d.add(2 * step) as *mut __m128i,
+                                        _mm512_extracti32x4_epi32::<2>(t),
+                                    );
+                                    _mm_storeu_si128(
+                                        d.add(3 * step) as *mut __m128i,
+                                        _mm512_extracti32x4_epi32::<3>(t),
+                                    );
+                                    j += 4;
+                                }
+                            }
+                            while j < sums.len() {
+                                let b = _mm512_cvtepi32_epi8(q($fin(j)));
+                                if full {
+                                    _mm_storeu_si128(p.add(j * step) as *mut __m128i, b);
+                                } else {
+                                    _mm_mask_storeu_epi8(p.add(j * step), mask, b);
+                                }
+                                j += 1;
+                            }
+                        }
+                    }
+                };
             }
             match clamp {
                 Some((lo, hi)) => {
-                    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+                    let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+                    store!(|j: usize| _mm512_min_ps(_mm512_max_ps(affine(j, sums[j]), lo), hi));
                 }
                 None => {
-                    let mut t = [0f32; NB];
-                    _mm512_storeu_ps(t.as_mut_ptr(), v);
-                    l.act.apply_slice(&mut t[..lanes]);
-                    v = _mm512_loadu_ps(t.as_ptr());
-                }
-            }
-            match y {
-                Dst::F32(p) => _mm512_mask_storeu_ps(p.add(o), mask, v),
-                Dst::I8(p, inv) => {
-                    let q = _mm512_cvtps_epi32(_mm512_min_ps(
-                        _mm512_max_ps(_mm512_mul_ps(v, _mm512_set1_ps(inv)), _mm512_set1_ps(-QMAX)),
-                        _mm512_set1_ps(QMAX),
-                    ));
-                    _mm_mask_storeu_epi8(p.add(o), mask, _mm512_cvtepi32_epi8(q));
+                    for (j, v) in sums.iter_mut().enumerate() {
+                        *v = affine(j, *v);
+                    }
+                    // The vectors as one run of floats (lanes past `lanes`
+                    // are computed and never stored).
+                    let f = std::slice::from_raw_parts_mut(
+                        sums.as_mut_ptr() as *mut f32,
+                        sums.len() * NB,
+                    );
+                    l.act.apply_slice(f);
+                    store!(|j: usize| sums[j]);
                 }
             }
         }
@@ -1110,11 +1183,9 @@ mod dw512 {
                 sums::<N, true>(t, kx, cb, base, step, mask)
             }
         };
-        for (j, a) in acc.iter().enumerate() {
-            let o = o_row + (ox + j) * c + cb;
-            // SAFETY: this task's output row; caller's contract.
-            unsafe { epi512::epi16(l, o, cb, *a, res, y, clamp) };
-        }
+        let mut acc = acc;
+        // SAFETY: this task's output row; caller's contract.
+        unsafe { epi512::block(l, &mut acc, o_row + ox * c + cb, c, cb, res, y, clamp) };
     }
 }
 
