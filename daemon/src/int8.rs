@@ -36,7 +36,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use osprey_calibration::cache::CalibrationCache;
 use osprey_calibration::dataset::Dataset;
-use osprey_engine::int8::{permit_int8, revert, without_int8, Int8Layer, Sqnr};
+use osprey_engine::int8::{permit_int8, revert, set_input_scale, without_int8, Int8Layer, Sqnr};
 use osprey_engine::ir::{ConstData, Graph, Op};
 use osprey_engine::tune::{LayerChoice, Tactics};
 use osprey_engine::{Engine, ExecutionContext};
@@ -75,7 +75,9 @@ pub struct Int8Args {
     #[arg(long = "max-images", value_name = "N")]
     pub max_images: Option<usize>,
     /// A layer whose INT8 output SQNR (run alone, on FP32 inputs) is below
-    /// this many dB runs FP32.
+    /// this many dB runs FP32. Before that, a calibrated input scale is
+    /// widened to the range the input showed on the evaluation set where
+    /// that gives the layer a higher SQNR (reported as re-scaled).
     #[arg(long = "min-sqnr", value_name = "DB", default_value_t = 20.0)]
     pub min_sqnr: f64,
     /// Least acceptable end-to-end agreement with FP32 (classifier top-1
@@ -251,7 +253,14 @@ pub fn prepare(
             eval: None,
         });
     };
-    let samples = layer_sqnr(graph, &layers, ev, threads, &mut sqnr, quiet)?;
+    // Calibrated scales may be widened to the observed range where that
+    // rescues a layer (a QDQ model's own scales are kept as they are).
+    let rescue = a.calib.is_some().then_some(a.min_sqnr);
+    let (samples, rescaled) = layer_sqnr(graph, &layers, ev, threads, &mut sqnr, rescue, quiet)?;
+    for r in rescaled {
+        set_input_scale(graph, &mut layers[r.idx], r.scale);
+        sqnr[r.idx] = Some(r.db);
+    }
     for (l, s) in layers.iter_mut().zip(&sqnr) {
         if let (None, Some(db)) = (&l.fallback, s) {
             if *db < a.min_sqnr {
@@ -364,100 +373,175 @@ fn bar(len: usize, what: &str, quiet: bool) -> ProgressBar {
     b
 }
 
+/// An INT8 layer's kernel, prepared alone for [`layer_sqnr`].
+enum Kernel {
+    Conv(Box<QConv2d>),
+    Gemm(QLinear),
+}
+
+/// One INT8 layer run alone on the FP32 engine's tensors.
+struct Probe {
+    /// Index into the layers.
+    idx: usize,
+    /// The input scale it was prepared with.
+    scale: f32,
+    layer: Kernel,
+    batch: usize,
+    input: String,
+    residual: Option<String>,
+    output: String,
+    out_len: usize,
+    acc: Sqnr,
+    samples: usize,
+    /// Largest |input| seen.
+    amax: f32,
+}
+
+/// The probe of layer `l` (entry `idx`) with input scale `scale`; `None`
+/// for a node without the shapes it needs.
+fn make_probe(graph: &Graph, l: &Int8Layer, idx: usize, scale: f32) -> Result<Option<Probe>> {
+    let node = &graph.nodes[l.node];
+    let shape = |i: usize| node.inputs.get(i).map(|&t| graph.tensors[t].shape.clone());
+    let (Some(xs), Some(&y)) = (shape(0), node.outputs.first()) else {
+        return Ok(None);
+    };
+    let ys = graph.tensors[y].shape.clone();
+    let value = |i: usize| {
+        node.inputs
+            .get(i)
+            .and_then(|&t| graph.tensors[t].value.as_ref())
+            .map(ConstData::to_f32)
+    };
+    let w = value(1).context("layer without constant weights")?;
+    let b = value(2);
+    let (layer, residual) = match &node.op {
+        Op::Conv(attrs) => {
+            let geo = attrs.geometry(&xs, &ys);
+            let layer = QConv2d::new(geo, &w, b.as_deref(), attrs.activation, scale)?;
+            let residual = attrs
+                .residual
+                .then(|| node.inputs.get(3).map(|&t| graph.tensors[t].name.clone()))
+                .flatten();
+            (Kernel::Conv(Box::new(layer)), residual)
+        }
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_b,
+            ..
+        } => {
+            let (n, k) = (ys.get(1).copied(), xs.get(1).copied());
+            let (Some(n), Some(k)) = (n, k) else {
+                return Ok(None);
+            };
+            let layer = osprey_engine::int8::gemm_int8_layer(
+                (n, k),
+                (*alpha, *beta),
+                *trans_b,
+                &w,
+                b.as_deref(),
+                scale,
+            )
+            .map_err(|e| anyhow::anyhow!("layer '{}': {e}", l.name))?;
+            (Kernel::Gemm(layer), None)
+        }
+        _ => return Ok(None),
+    };
+    // A Gemm reading a Flatten sees the values of the flattened tensor
+    // (the view itself is never computed, so never observed).
+    let source = osprey_engine::int8::view_source(graph, node.inputs[0]);
+    Ok(Some(Probe {
+        idx,
+        scale,
+        layer,
+        batch: xs.first().copied().unwrap_or(1),
+        input: graph.tensors[source].name.clone(),
+        residual,
+        output: l.output.clone(),
+        out_len: ys.iter().product(),
+        acc: Sqnr::default(),
+        samples: 0,
+        amax: 0.0,
+    }))
+}
+
+/// A layer whose calibrated input scale was replaced by the range its
+/// input showed on the evaluation set (see [`layer_sqnr`]).
+struct Rescaled {
+    idx: usize,
+    scale: f32,
+    db: f64,
+}
+
 /// Runs each INT8 layer alone on the FP32 engine's tensors; fills `sqnr`.
-/// Returns the number of samples used.
+/// Returns the number of samples used, and with `rescue = Some(min_db)`
+/// the layers below `min_db` whose SQNR is higher with their input's
+/// observed range as the scale (`max |x| / 127`): a calibration threshold
+/// (entropy, percentile) can clip a bounded activation, such as a ReLU6
+/// output, well inside its range, which costs the one layer reading it
+/// far more than the resolution a wider scale gives up.
 fn layer_sqnr(
     graph: &Graph,
     layers: &[Int8Layer],
     ev: &mut Eval,
     threads: usize,
     sqnr: &mut [Option<f64>],
+    rescue: Option<f64>,
     quiet: bool,
-) -> Result<usize> {
+) -> Result<(usize, Vec<Rescaled>)> {
     let fp32 = Arc::new(Engine::new(without_int8(graph))?);
     let mut ctx = ExecutionContext::new(fp32.clone(), threads);
     let pool = ThreadPool::new(threads);
-    // The INT8 layers, prepared once.
-    enum Kernel {
-        Conv(Box<QConv2d>),
-        Gemm(QLinear),
-    }
-    struct Probe {
-        idx: usize,
-        layer: Kernel,
-        batch: usize,
-        input: String,
-        residual: Option<String>,
-        output: String,
-        out_len: usize,
-        acc: Sqnr,
-        samples: usize,
-    }
     let mut probes = Vec::new();
     for (idx, l) in layers.iter().enumerate() {
         let (Some(scale), None) = (l.input_scale, &l.fallback) else {
             continue;
         };
-        let node = &graph.nodes[l.node];
-        let shape = |i: usize| node.inputs.get(i).map(|&t| graph.tensors[t].shape.clone());
-        let (Some(xs), Some(&y)) = (shape(0), node.outputs.first()) else {
-            continue;
-        };
-        let ys = graph.tensors[y].shape.clone();
-        let value = |i: usize| {
-            node.inputs
-                .get(i)
-                .and_then(|&t| graph.tensors[t].value.as_ref())
-                .map(ConstData::to_f32)
-        };
-        let w = value(1).context("layer without constant weights")?;
-        let b = value(2);
-        let (layer, residual) = match &node.op {
-            Op::Conv(attrs) => {
-                let geo = attrs.geometry(&xs, &ys);
-                let layer = QConv2d::new(geo, &w, b.as_deref(), attrs.activation, scale)?;
-                let residual = attrs
-                    .residual
-                    .then(|| node.inputs.get(3).map(|&t| graph.tensors[t].name.clone()))
-                    .flatten();
-                (Kernel::Conv(Box::new(layer)), residual)
-            }
-            Op::Gemm {
-                alpha,
-                beta,
-                trans_b,
-                ..
-            } => {
-                let (n, k) = (ys.get(1).copied(), xs.get(1).copied());
-                let (Some(n), Some(k)) = (n, k) else { continue };
-                let layer = osprey_engine::int8::gemm_int8_layer(
-                    (n, k),
-                    (*alpha, *beta),
-                    *trans_b,
-                    &w,
-                    b.as_deref(),
-                    scale,
-                )
-                .map_err(|e| anyhow::anyhow!("layer '{}': {e}", l.name))?;
-                (Kernel::Gemm(layer), None)
-            }
-            _ => continue,
-        };
-        // A Gemm reading a Flatten sees the values of the flattened
-        // tensor (the view itself is never computed, so never observed).
-        let source = osprey_engine::int8::view_source(graph, node.inputs[0]);
-        probes.push(Probe {
-            idx,
-            layer,
-            batch: xs.first().copied().unwrap_or(1),
-            input: graph.tensors[source].name.clone(),
-            residual,
-            output: l.output.clone(),
-            out_len: ys.iter().product(),
-            acc: Sqnr::default(),
-            samples: 0,
-        });
+        probes.extend(make_probe(graph, l, idx, scale)?);
     }
+    let used = sqnr_pass(&mut ctx, &pool, ev, &mut probes, "INT8 layer SQNR", quiet)?;
+    for p in probes.iter().filter(|p| p.samples > 0) {
+        sqnr[p.idx] = Some(p.acc.db());
+    }
+    let Some(min_db) = rescue else {
+        return Ok((used, Vec::new()));
+    };
+    let mut wider = Vec::new();
+    for p in probes
+        .iter()
+        .filter(|p| p.samples > 0 && p.acc.db() < min_db)
+    {
+        let scale = p.amax / osprey_kernels::qconv::QMAX;
+        if scale.is_finite() && scale > p.scale {
+            wider.extend(make_probe(graph, &layers[p.idx], p.idx, scale)?);
+        }
+    }
+    if wider.is_empty() {
+        return Ok((used, Vec::new()));
+    }
+    sqnr_pass(&mut ctx, &pool, ev, &mut wider, "INT8 re-scaled", quiet)?;
+    let rescaled = wider
+        .iter()
+        .filter(|p| p.samples > 0 && sqnr[p.idx].is_some_and(|db| p.acc.db() > db))
+        .map(|p| Rescaled {
+            idx: p.idx,
+            scale: p.scale,
+            db: p.acc.db(),
+        })
+        .collect();
+    Ok((used, rescaled))
+}
+
+/// One pass over the evaluation set: every probe runs on the FP32
+/// engine's own input to its layer and is compared with its output.
+fn sqnr_pass(
+    ctx: &mut ExecutionContext,
+    pool: &ThreadPool,
+    ev: &mut Eval,
+    probes: &mut [Probe],
+    what: &str,
+    quiet: bool,
+) -> Result<usize> {
     let wanted: HashSet<String> = probes
         .iter()
         .flat_map(|p| {
@@ -470,12 +554,12 @@ fn layer_sqnr(
         .flatten()
         .collect();
     let n = ev.data.files().len();
-    let pb = bar(n, "INT8 layer SQNR", quiet);
+    let pb = bar(n, what, quiet);
     let mut used = 0;
     let scratch_len = probes
         .iter()
         .map(|p| match &p.layer {
-            Kernel::Conv(l) => l.scratch_len(threads),
+            Kernel::Conv(l) => l.scratch_len(pool.threads()),
             Kernel::Gemm(l) => l.scratch_len(p.batch),
         })
         .max()
@@ -493,7 +577,7 @@ fn layer_sqnr(
                 seen.insert(name.to_string(), x.to_vec());
             }
         })?;
-        for p in &mut probes {
+        for p in probes.iter_mut() {
             let (Some(x), Some(want)) = (seen.get(&p.input), seen.get(&p.output)) else {
                 continue;
             };
@@ -504,15 +588,16 @@ fn layer_sqnr(
             let mut y = vec![0f32; p.out_len];
             match &p.layer {
                 Kernel::Conv(l) => l.run(
-                    &pool,
+                    pool,
                     p.batch,
                     x,
                     res.map(|r| r.as_slice()),
                     &mut y,
                     &mut scratch,
                 ),
-                Kernel::Gemm(l) => l.run(&pool, p.batch, x, &mut y, &mut scratch),
+                Kernel::Gemm(l) => l.run(pool, p.batch, x, &mut y, &mut scratch),
             }
+            p.amax = x.iter().fold(p.amax, |m, v| m.max(v.abs()));
             p.acc.add(want, &y);
             p.samples += 1;
         }
@@ -520,9 +605,6 @@ fn layer_sqnr(
     pb.finish_and_clear();
     if used == 0 {
         bail!("none of the {n} evaluation files could be used");
-    }
-    for p in probes.iter().filter(|p| p.samples > 0) {
-        sqnr[p.idx] = Some(p.acc.db());
     }
     Ok(used)
 }
@@ -704,6 +786,7 @@ pub fn report_json(o: &Int8Outcome) -> serde_json::Value {
             "output": l.output,
             "precision": if l.fallback.is_none() { "int8" } else { "fp32" },
             "input_scale": l.input_scale,
+            "calibrated_scale": l.calibrated_scale,
             "sqnr_db": s.map(finite),
             "fallback": l.fallback,
         })).collect::<Vec<_>>(),
@@ -744,6 +827,15 @@ pub fn print_summary(o: &Int8Outcome) {
                 } else {
                     ""
                 }
+            );
+        }
+    }
+    for l in o.layers.iter().filter(|l| l.fallback.is_none()) {
+        if let (Some(c), Some(s)) = (l.calibrated_scale, l.input_scale) {
+            println!(
+                "    re-scaled {}: input scale {c:.3e} (calibrated) -> {s:.3e} (observed range {:.3})",
+                l.name,
+                s * osprey_kernels::qconv::QMAX
             );
         }
     }

@@ -45,10 +45,8 @@ fn write_model(d: &Path) -> PathBuf {
     p
 }
 
-#[test]
-fn int8_build_of_a_model_made_here() {
-    let d = dir("int8", "small");
-    let model = write_model(&d);
+/// Four input samples for [`write_model`]'s model, in `d/npy`.
+fn write_samples(d: &Path) -> PathBuf {
     let npy = d.join("npy");
     std::fs::create_dir_all(&npy).unwrap();
     for k in 0..4 {
@@ -57,6 +55,14 @@ fn int8_build_of_a_model_made_here() {
             .collect();
         write_npy(&npy.join(format!("s{k}.npy")), &[1, 8, 12, 12], &data);
     }
+    npy
+}
+
+#[test]
+fn int8_build_of_a_model_made_here() {
+    let d = dir("int8", "small");
+    let model = write_model(&d);
+    let npy = write_samples(&d);
     let calib = d.join("m.calib");
     ok(&osprey()
         .args(["calibrate", "--onnx", s(&model), "--npy", s(&npy)])
@@ -234,6 +240,87 @@ fn int8_build_of_a_model_made_here() {
         ]),
         "--accuracy-budget needs --images",
     );
+}
+
+/// A calibrated scale that clips most of a tensor (as an entropy threshold
+/// can clip a ReLU6 output) costs the layer reading it its SQNR; the
+/// builder widens that layer's scale to the input's observed range, which
+/// is the min-max calibration's scale for the same samples, and says so.
+#[test]
+fn a_clipping_calibration_scale_is_widened_to_the_observed_range() {
+    let d = dir("int8", "rescale");
+    let model = write_model(&d);
+    let npy = write_samples(&d);
+    let minmax = d.join("minmax.calib");
+    ok(&osprey()
+        .args(["calibrate", "--onnx", s(&model), "--npy", s(&npy)])
+        .args(["--method", "minmax", "--out", s(&minmax)])
+        .output()
+        .unwrap());
+    let text = std::fs::read_to_string(&minmax).unwrap();
+    let scale_of = |name: &str| {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}:")))
+            .unwrap();
+        let hex = line.rsplit(':').next().unwrap().trim();
+        f32::from_bits(u32::from_str_radix(hex, 16).unwrap())
+    };
+    let (x_scale, r_scale) = (scale_of("x"), scale_of("r1"));
+    // The ReLU output's threshold at a tenth of its range.
+    let tight = r_scale / 10.0;
+    let clipped = d.join("clipped.calib");
+    std::fs::write(
+        &clipped,
+        format!(
+            "TRT-8601-EntropyCalibration2\nx: {:08x}\nr1: {:08x}\n",
+            x_scale.to_bits(),
+            tight.to_bits()
+        ),
+    )
+    .unwrap();
+    let build = |calib: &Path, extra: &[&str]| {
+        let out = ok(&osprey()
+            .args([
+                "build",
+                "--onnx",
+                s(&model),
+                "--out",
+                s(&d.join("m.engine")),
+            ])
+            .args(["--precision", "int8", "--calib", s(calib), "--npy", s(&npy)])
+            .args(["--threads", "1", "--json", "--strict-int8"])
+            .args(extra)
+            .output()
+            .unwrap());
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["int8"].clone()
+    };
+    let r = build(&clipped, &[]);
+    let layers = r["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2, "{r}");
+    // The first layer keeps its calibrated scale.
+    assert!(layers[0]["calibrated_scale"].is_null(), "{r}");
+    // The second is INT8 with the observed range, well conditioned again.
+    let l = &layers[1];
+    assert_eq!(l["precision"], "int8", "{r}");
+    assert_eq!(l["calibrated_scale"].as_f64().unwrap() as f32, tight, "{r}");
+    let s1 = l["input_scale"].as_f64().unwrap() as f32;
+    assert!(
+        (s1 - r_scale).abs() <= 1e-6 * r_scale,
+        "{s1} vs {r_scale}: {r}"
+    );
+    assert!(l["sqnr_db"].as_f64().unwrap() > 25.0, "{r}");
+    assert!(
+        r["end_to_end"]["outputs"][0]["sqnr_db"].as_f64().unwrap() > 20.0,
+        "{r}"
+    );
+    // With the scale left as calibrated the layer is far worse: the
+    // rescue is what made it pass (--min-sqnr 0 keeps it INT8 unrescued).
+    let kept = build(&clipped, &["--min-sqnr", "0"]);
+    let k = &kept["layers"][1];
+    assert!(k["calibrated_scale"].is_null(), "{kept}");
+    assert!(k["sqnr_db"].as_f64().unwrap() < 20.0, "{kept}");
 }
 
 #[test]

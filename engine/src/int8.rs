@@ -31,6 +31,9 @@ pub struct Int8Layer {
     pub output: String,
     /// The input's scale, when INT8 is permitted.
     pub input_scale: Option<f32>,
+    /// The calibrated scale, when the builder replaced it with the range
+    /// the input showed on the evaluation set ([`set_input_scale`]).
+    pub calibrated_scale: Option<f32>,
     /// Why the layer stays FP32 (`None` while it is INT8).
     pub fallback: Option<String>,
 }
@@ -78,6 +81,7 @@ pub fn permit_int8(
                 input,
                 output,
                 input_scale: if fallback.is_none() { scale } else { None },
+                calibrated_scale: None,
                 fallback,
             });
             continue;
@@ -105,6 +109,7 @@ pub fn permit_int8(
             input,
             output,
             input_scale: a.int8_input_scale,
+            calibrated_scale: None,
             fallback,
         });
     }
@@ -302,6 +307,31 @@ pub fn revert(g: &mut Graph, layer: &mut Int8Layer, why: String) {
     }
     layer.input_scale = None;
     layer.fallback = Some(why);
+}
+
+/// Gives INT8 `layer` a new input scale, keeping the calibrated one in
+/// [`Int8Layer::calibrated_scale`]. The scale is the reading node's own:
+/// a tensor whose readers then disagree stays f32 between them
+/// ([`int8_flow`]) and each reader quantizes it with its scale.
+pub fn set_input_scale(g: &mut Graph, layer: &mut Int8Layer, scale: f32) {
+    let Some(node) = g.nodes.get_mut(layer.node) else {
+        return;
+    };
+    let s = match &mut node.op {
+        Op::Conv(a) => &mut a.int8_input_scale,
+        Op::Gemm {
+            int8_input_scale, ..
+        } => int8_input_scale,
+        _ => return,
+    };
+    if s.is_none() {
+        return;
+    }
+    *s = Some(scale);
+    if layer.calibrated_scale.is_none() {
+        layer.calibrated_scale = layer.input_scale;
+    }
+    layer.input_scale = Some(scale);
 }
 
 /// Whether any node is marked INT8.
