@@ -60,11 +60,17 @@ pub fn build(a: BuildArgs) -> Result<()> {
     let fp = Fingerprint::current();
     let mut cache = match &a.timing_cache {
         Some(p) => TimingCache::load(p)?,
-        None => TimingCache {
-            version: 1,
-            ..Default::default()
-        },
+        None => TimingCache::new(),
     };
+    if let (Some(p), n @ 1..) = (&a.timing_cache, cache.discarded) {
+        if !a.json {
+            eprintln!(
+                "note: timing cache {} was written by another osprey build ({n} entries): every layer is timed again and the file rewritten",
+                p.display()
+            );
+        }
+    }
+    let discarded = cache.discarded;
     // The layouts to build: NCHW, channels-last, or both to race.
     let layouts: Vec<bool> = match (a.layout, precision) {
         (LayoutArg::Nchw, _) => vec![false],
@@ -138,7 +144,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
         "layers": layers,
         "arena_bytes": plan.arena_bytes(),
         "naive_bytes": plan.naive_bytes(),
-        "timing_cache": {"hits": hits, "misses": layers.len() - hits},
+        "timing_cache": {"hits": hits, "misses": layers.len() - hits, "discarded": discarded},
         "layout": layout_json,
     });
     let mut report = report;

@@ -37,22 +37,64 @@ pub struct CacheEntry {
 }
 
 /// A reusable record of tactic timings.
+///
+/// Timings describe the kernels of the osprey build that measured them, so
+/// a cache names that build ([`build_id`]) and another build starts it
+/// afresh (as TensorRT ties its timing caches to its version): a newer
+/// kernel must not lose its race to its predecessor's time.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TimingCache {
     /// Format version of the cache file.
     pub version: u32,
+    /// The osprey build whose kernels were timed ([`build_id`]).
+    #[serde(default)]
+    pub build: String,
     /// Decisions by key (`device | threads | op signature`).
     pub entries: BTreeMap<String, CacheEntry>,
+    /// Entries of another build dropped by [`TimingCache::load`].
+    #[serde(skip)]
+    pub discarded: usize,
+}
+
+/// This osprey build: the version and the running executable's size and
+/// modification time (a rebuilt or upgraded binary is another build; an
+/// installed package keeps its files' times, so robots running the same
+/// package share caches).
+pub fn build_id() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let exe = std::env::current_exe()
+            .and_then(std::fs::metadata)
+            .ok()
+            .map(|m| {
+                let t = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                format!(" exe {} bytes t{t}", m.len())
+            })
+            .unwrap_or_default();
+        format!("osprey {}{exe}", env!("CARGO_PKG_VERSION"))
+    })
+    .clone()
 }
 
 impl TimingCache {
-    /// Reads a cache file; a missing file is an empty cache.
+    /// An empty cache of this build.
+    pub fn new() -> TimingCache {
+        TimingCache {
+            version: 1,
+            build: build_id(),
+            ..Default::default()
+        }
+    }
+
+    /// Reads a cache file; a missing file is an empty cache, and so is one
+    /// written by another osprey build (its entry count in `discarded`).
     pub fn load(path: &Path) -> Result<TimingCache> {
         match std::fs::read(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TimingCache {
-                version: 1,
-                ..Default::default()
-            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TimingCache::new()),
             Err(source) => Err(EngineError::Io {
                 path: path.display().to_string(),
                 error: source,
@@ -67,6 +109,12 @@ impl TimingCache {
                         path.display(),
                         c.version
                     )));
+                }
+                if c.build != build_id() {
+                    return Ok(TimingCache {
+                        discarded: c.entries.len(),
+                        ..TimingCache::new()
+                    });
                 }
                 Ok(c)
             }

@@ -254,15 +254,15 @@ fn unusable_files_are_clear_errors() {
 fn timing_cache_makes_the_second_tuning_free() {
     let g = model();
     let fp = Fingerprint::current();
-    let mut cache = TimingCache::default();
+    let mut cache = TimingCache::new();
     let (t1, l1) = select_tactics(&g, 1, &mut cache, &fp, &mut |_, _, _| {}).unwrap();
     assert!(l1.iter().any(|l| !l.cached));
     let dir = std::env::temp_dir().join(format!("osprey-tc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("cache.json");
-    cache.version = 1;
     cache.save(&path).unwrap();
     let mut loaded = TimingCache::load(&path).unwrap();
+    assert_eq!(loaded.discarded, 0);
     assert_eq!(loaded.entries.len(), cache.entries.len());
     for (k, e) in &cache.entries {
         assert_eq!(loaded.entries[k].tactic, e.tactic);
@@ -273,6 +273,17 @@ fn timing_cache_makes_the_second_tuning_free() {
     // Another thread count is another key.
     let (_, l3) = select_tactics(&g, 2, &mut loaded, &fp, &mut |_, _, _| {}).unwrap();
     assert!(l3.iter().any(|l| !l.cached));
+    // A cache another osprey build wrote (its kernels timed, not ours)
+    // starts afresh, and says how many entries it dropped.
+    let mut foreign = cache.clone();
+    foreign.build = "osprey 0.0.1 exe 1 bytes t0".into();
+    foreign.save(&path).unwrap();
+    let mut fresh = TimingCache::load(&path).unwrap();
+    assert!(fresh.entries.is_empty());
+    assert_eq!(fresh.discarded, cache.entries.len());
+    assert_eq!(fresh.build, osprey_engine::tune::build_id());
+    let (_, l4) = select_tactics(&g, 1, &mut fresh, &fp, &mut |_, _, _| {}).unwrap();
+    assert!(l4.iter().all(|l| !l.cached));
     std::fs::write(&path, b"{ not json").unwrap();
     assert!(TimingCache::load(&path).is_err());
 }
