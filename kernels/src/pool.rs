@@ -1,8 +1,14 @@
 //! A bounded, reusable thread pool for kernels.
 //!
 //! The pool owns `threads - 1` workers; the calling thread is the last one.
-//! [`ThreadPool::run`] hands out task indices `0..n_tasks` through one atomic
-//! counter and returns when every task has finished. Nothing is allocated per
+//! [`ThreadPool::run`] splits task indices `0..n_tasks` into one contiguous
+//! range per thread, each handed out through its own atomic counter; a
+//! thread that finishes its range takes the next tasks of the others'
+//! (work stealing), and `run` returns when every task has finished. Kernels
+//! number their tasks in memory order (rows, pixel chunks), so a thread
+//! works on the same part of the image layer after layer and mostly reads
+//! what it wrote itself, from its own cache; stealing keeps the threads
+//! busy when one is slowed. Nothing is allocated per
 //! call: the job is a borrowed closure published through the pool's shared
 //! state, workers spin briefly for new work (the next layer usually follows
 //! within microseconds) and then sleep on a condition variable.
@@ -33,8 +39,8 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     generation: AtomicU64,
-    next_task: AtomicUsize,
-    n_tasks: AtomicUsize,
+    /// One task range per thread slot.
+    ranges: Box<[Range]>,
     busy_workers: AtomicUsize,
     panicked: AtomicBool,
     /// Set when the pool is dropped, so spinning workers leave at once.
@@ -70,8 +76,7 @@ impl ThreadPool {
             }),
             wake: Condvar::new(),
             generation: AtomicU64::new(0),
-            next_task: AtomicUsize::new(0),
-            n_tasks: AtomicUsize::new(0),
+            ranges: (0..threads).map(|_| Range::default()).collect(),
             busy_workers: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             closing: AtomicBool::new(false),
@@ -88,8 +93,9 @@ impl ThreadPool {
         } else {
             std::time::Duration::ZERO
         };
+        // Slots must stay contiguous: stop at the first refused thread.
         let workers = (1..threads)
-            .filter_map(|slot| {
+            .map_while(|slot| {
                 let shared = Arc::clone(&shared);
                 std::thread::Builder::new()
                     .name(format!("osprey-k{slot}"))
@@ -140,8 +146,18 @@ impl ThreadPool {
         // withdrawn from `state` before returning, so no worker can call it after
         // the borrow ends.
         let ptr: *const Task<'static> = unsafe { std::mem::transmute(task as *const Task<'_>) };
-        sh.next_task.store(0, Ordering::Relaxed);
-        sh.n_tasks.store(n_tasks, Ordering::Relaxed);
+        // Only the threads that exist take ranges (the OS may have refused
+        // some workers).
+        let t = self.threads;
+        for (s, r) in sh.ranges.iter().enumerate() {
+            let (a, b) = if s < t {
+                (n_tasks * s / t, n_tasks * (s + 1) / t)
+            } else {
+                (0, 0)
+            };
+            r.next.store(a, Ordering::Relaxed);
+            r.end.store(b, Ordering::Relaxed);
+        }
         sh.busy_workers.store(self.workers.len(), Ordering::Relaxed);
         {
             let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -161,7 +177,7 @@ impl ThreadPool {
         let caller_slot = self.threads - 1;
         let caller = catch_unwind(AssertUnwindSafe(|| drain(sh, task, caller_slot)));
         if caller.is_err() {
-            sh.next_task.store(usize::MAX / 2, Ordering::Relaxed);
+            sh.stop();
         }
 
         let mut spins = 0u32;
@@ -187,15 +203,39 @@ impl ThreadPool {
     }
 }
 
-/// Takes tasks from the shared counter until none are left.
-fn drain(sh: &Shared, task: &Task<'_>, slot: usize) {
-    let n = sh.n_tasks.load(Ordering::Relaxed);
-    loop {
-        let i = sh.next_task.fetch_add(1, Ordering::Relaxed);
-        if i >= n {
-            break;
+/// One thread's share of a job's tasks: `next..end`, on its own cache line
+/// (two, for CPUs that fetch lines in pairs), so the counters of different
+/// threads do not contend.
+#[derive(Default)]
+#[repr(align(128))]
+struct Range {
+    next: AtomicUsize,
+    end: AtomicUsize,
+}
+
+impl Shared {
+    /// Leaves no task to take (after a panic).
+    fn stop(&self) {
+        for r in self.ranges.iter() {
+            r.next.store(usize::MAX / 2, Ordering::Relaxed);
         }
-        task(i, slot);
+    }
+}
+
+/// Takes the tasks of this slot's range, then the ones left in the others'
+/// (in slot order from the next one), until none are left anywhere.
+fn drain(sh: &Shared, task: &Task<'_>, slot: usize) {
+    let n = sh.ranges.len();
+    for k in 0..n {
+        let r = &sh.ranges[(slot + k) % n];
+        let end = r.end.load(Ordering::Relaxed);
+        loop {
+            let i = r.next.fetch_add(1, Ordering::Relaxed);
+            if i >= end {
+                break;
+            }
+            task(i, slot);
+        }
     }
 }
 
@@ -242,7 +282,7 @@ fn worker_loop(sh: &Shared, slot: usize, spin: std::time::Duration) {
             if catch_unwind(AssertUnwindSafe(|| drain(sh, task, slot))).is_err() {
                 sh.panicked.store(true, Ordering::Release);
                 // Consume the remaining tasks so the caller is not left waiting.
-                sh.next_task.store(usize::MAX / 2, Ordering::Relaxed);
+                sh.stop();
             }
             sh.busy_workers.fetch_sub(1, Ordering::AcqRel);
         }

@@ -826,6 +826,7 @@ mod epi512 {
     /// AVX-512 F/BW must be present; output (and residual) elements
     /// `o0 + j · step ..+lanes` must be valid and the caller's own.
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) unsafe fn block(
         l: &QConv2dNhwc,
