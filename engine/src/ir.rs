@@ -329,6 +329,7 @@ impl Op {
                 Activation::Sigmoid => "Sigmoid",
                 Activation::HardSigmoid { .. } => "HardSigmoid",
                 Activation::HardSwish => "HardSwish",
+                Activation::HardSwishScaled { .. } => "HardSwishScaled",
                 Activation::Silu => "Silu",
                 Activation::Exp => "Exp",
                 Activation::Sqrt => "Sqrt",

@@ -35,6 +35,14 @@ pub enum Activation {
     },
     /// `x * max(0, min(1, x / 6 + 1/2))`.
     HardSwish,
+    /// `(k * x) * min(max(x + 3, 0), 6)`: hard-swish with its scale written
+    /// out, in that order (TensorFlow's MobileNetV3 exports multiply by an
+    /// f16-rounded 1/6 first), so a fused layer computes exactly what the
+    /// four unfused ops did.
+    HardSwishScaled {
+        /// The scale (about 1/6).
+        k: f32,
+    },
     /// `x * sigmoid(x)` (SiLU, swish).
     Silu,
     /// `exp(x)`.
@@ -74,6 +82,7 @@ impl Activation {
             Activation::Sigmoid => sigmoid(x),
             Activation::HardSigmoid { alpha, beta } => (alpha * x + beta).clamp(0.0, 1.0),
             Activation::HardSwish => x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0),
+            Activation::HardSwishScaled { k } => (k * x) * relu6(x + 3.0),
             Activation::Silu => x * sigmoid(x),
             Activation::Exp => x.exp(),
             Activation::Sqrt => x.sqrt(),
@@ -143,6 +152,15 @@ impl Activation {
     }
 }
 
+/// `min(max(v, 0), 6)` as ONNX Clip computes it (NaN becomes 0, where
+/// `clamp` would keep it): the scaled hard-swish must equal the unfused
+/// ops bit for bit.
+#[inline(always)]
+#[allow(clippy::manual_clamp)]
+fn relu6(v: f32) -> f32 {
+    v.max(0.0).min(6.0)
+}
+
 #[inline(always)]
 fn apply_slice_body(act: Activation, xs: &mut [f32]) {
     match act {
@@ -152,6 +170,9 @@ fn apply_slice_body(act: Activation, xs: &mut [f32]) {
         Activation::HardSwish => xs
             .iter_mut()
             .for_each(|x| *x = *x * (*x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0)),
+        Activation::HardSwishScaled { k } => {
+            xs.iter_mut().for_each(|x| *x = (k * *x) * relu6(*x + 3.0))
+        }
         Activation::HardSigmoid { alpha, beta } => xs
             .iter_mut()
             .for_each(|x| *x = (alpha * *x + beta).clamp(0.0, 1.0)),
@@ -177,6 +198,7 @@ fn apply_into_body(act: Activation, src: &[f32], dst: &mut [f32]) {
         Activation::HardSwish => {
             map_into(src, dst, |x| x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0))
         }
+        Activation::HardSwishScaled { k } => map_into(src, dst, |x| (k * x) * relu6(x + 3.0)),
         Activation::HardSigmoid { alpha, beta } => {
             map_into(src, dst, |x| (alpha * x + beta).clamp(0.0, 1.0))
         }
@@ -313,6 +335,7 @@ mod tests {
             Activation::Tanh,
             Activation::Exp,
             Activation::HardSwish,
+            Activation::HardSwishScaled { k: 0.16662598 },
         ] {
             let mut got = xs.clone();
             act.apply_slice(&mut got);
@@ -326,6 +349,29 @@ mod tests {
         }
     }
 
+    /// The scaled hard-swish is the unfused ops' arithmetic in their
+    /// order, in every path: equal bit for bit (NaN stays NaN: `max`
+    /// ignores it the way ONNX Clip's `max` form does, then `k·x` keeps it).
+    #[test]
+    fn hardswish_scaled_is_the_unfused_ops_exactly() {
+        let k = 0.16662598f32;
+        let mut xs: Vec<f32> = (-900..900).map(|i| i as f32 * 0.0071).collect();
+        xs.extend([-3.0, 3.0, 0.0, -0.0, 1e30, -1e30, f32::NAN]);
+        let act = Activation::HardSwishScaled { k };
+        let mut a = xs.clone();
+        act.apply_slice(&mut a);
+        let mut b = vec![0.0; xs.len()];
+        act.apply_into(&xs, &mut b);
+        for ((&x, &y), &z) in xs.iter().zip(&a).zip(&b) {
+            #[allow(clippy::manual_clamp)]
+            let clip = (x + 3.0).max(0.0).min(6.0);
+            let want = (k * x) * clip;
+            assert_eq!(y.to_bits(), want.to_bits(), "{x}");
+            assert_eq!(z.to_bits(), want.to_bits(), "{x}");
+            assert_eq!(act.apply(x).to_bits(), want.to_bits(), "{x}");
+        }
+    }
+
     #[test]
     fn slice_paths_match_scalar() {
         let xs: Vec<f32> = (-50..50).map(|i| i as f32 * 0.37).collect();
@@ -333,6 +379,7 @@ mod tests {
             Activation::Relu,
             Activation::Clip { lo: -1.0, hi: 2.0 },
             Activation::HardSwish,
+            Activation::HardSwishScaled { k: 0.16662598 },
             Activation::Sigmoid,
         ] {
             let mut a = xs.clone();

@@ -16,6 +16,7 @@ fn fusable(a: Activation) -> bool {
             | Activation::Sigmoid
             | Activation::HardSigmoid { .. }
             | Activation::HardSwish
+            | Activation::HardSwishScaled { .. }
             | Activation::Silu
             | Activation::Tanh
     )

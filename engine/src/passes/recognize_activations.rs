@@ -2,7 +2,10 @@
 //! which [`super::fuse_activation`] can then move into a convolution:
 //! * SiLU: `x * Sigmoid(x)`,
 //! * HardSwish: `x * HardSigmoid(x)` with alpha 1/6 and beta 1/2, and
-//!   `x * Clip(x + 3, 0, 6) / 6` (or `· (1/6)`), as Paddle exports it.
+//!   `x * Clip(x + 3, 0, 6) / 6` (or `· (1/6)`), as Paddle exports it,
+//! * HardSwishScaled: `(x · k) * Clip(x + 3, 0, 6)` for a scalar `k`, as
+//!   TensorFlow's MobileNetV3 exports write it (`k` an f16-rounded 1/6; the
+//!   activation computes these ops in this order, so exactly).
 
 use super::{consumers, is_output, producer, remove_nodes};
 use crate::ir::{Graph, Op, TensorId};
@@ -54,6 +57,7 @@ pub fn recognize_activations(g: &mut Graph) -> usize {
         }
     }
     found += hardswish_from_clip(g, &cons, &mut dead);
+    found += scaled_hardswish(g, &cons, &mut dead);
     remove_nodes(g, &dead);
     found
 }
@@ -130,6 +134,85 @@ fn hardswish_from_clip(g: &mut Graph, cons: &[Vec<usize>], dead: &mut [bool]) ->
         node.op = Op::Unary(Activation::HardSwish);
         node.inputs = vec![x];
         node.onnx_op = format!("HardSwish({})", node.onnx_op);
+        for i in [mi, ci, ai] {
+            dead[i] = true;
+        }
+        found += 1;
+    }
+    found
+}
+
+/// The live producer of `t` when `t` has no other reader.
+fn sole_producer(g: &Graph, cons: &[Vec<usize>], t: TensorId, dead: &[bool]) -> Option<usize> {
+    let p = producer(g, t)?;
+    (cons[t].len() == 1 && !is_output(g, t) && !dead[p]).then_some(p)
+}
+
+/// `(x · k) * Clip(x + 3, 0, 6)` → `HardSwishScaled { k }(x)`: the last
+/// node becomes the activation, the three before it die (each must have no
+/// other reader).
+fn scaled_hardswish(g: &mut Graph, cons: &[Vec<usize>], dead: &mut [bool]) -> usize {
+    let mut found = 0;
+    for di in 0..g.nodes.len() {
+        if dead[di] || g.nodes[di].op != Op::Binary(BinaryOp::Mul) {
+            continue;
+        }
+        let (p, q) = match &g.nodes[di].inputs[..] {
+            &[p, q] => (p, q),
+            _ => continue,
+        };
+        let mut hit = None;
+        for (a, d) in [(p, q), (q, p)] {
+            // a = x · k
+            let Some(mi) = sole_producer(g, cons, a, dead) else {
+                continue;
+            };
+            let scaled = match (&g.nodes[mi].op, &g.nodes[mi].inputs[..]) {
+                (Op::Binary(BinaryOp::Mul), &[u, v]) => match (scalar(g, u), scalar(g, v)) {
+                    (None, Some(k)) => Some((u, k)),
+                    (Some(k), None) => Some((v, k)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let Some((x, k)) = scaled else { continue };
+            // d = Clip(x + 3, 0, 6)
+            let Some(ci) = sole_producer(g, cons, d, dead) else {
+                continue;
+            };
+            if g.nodes[ci].op != Op::Unary(Activation::Clip { lo: 0.0, hi: 6.0 }) {
+                continue;
+            }
+            let Some(ai) = sole_producer(g, cons, g.nodes[ci].inputs[0], dead) else {
+                continue;
+            };
+            let add = &g.nodes[ai];
+            let plus3 = add.op == Op::Binary(BinaryOp::Add)
+                && match &add.inputs[..] {
+                    &[u, v] => {
+                        (u == x && scalar(g, v) == Some(3.0))
+                            || (v == x && scalar(g, u) == Some(3.0))
+                    }
+                    _ => false,
+                };
+            if plus3 && k.is_finite() && mi != ai && mi != ci {
+                hit = Some((x, k, mi, ci, ai));
+                break;
+            }
+        }
+        let Some((x, k, mi, ci, ai)) = hit else {
+            continue;
+        };
+        // Every operand has the output's shape (no broadcasting hidden in
+        // the pattern).
+        let ys = &g.tensors[g.nodes[di].outputs[0]].shape;
+        if &g.tensors[x].shape != ys {
+            continue;
+        }
+        let node = &mut g.nodes[di];
+        node.op = Op::Unary(Activation::HardSwishScaled { k });
+        node.inputs = vec![x];
+        node.onnx_op = format!("HardSwishScaled({})", node.onnx_op);
         for i in [mi, ci, ai] {
             dead[i] = true;
         }
@@ -226,5 +309,57 @@ mod tests {
         m.output("y");
         let mut g = import(&m);
         assert_eq!(recognize_activations(&mut g), 0);
+    }
+
+    /// TensorFlow's MobileNetV3 form, `(k · x) * Clip(x + 3, 0, 6)` with
+    /// `k` an f16-rounded 1/6, after a convolution: one fused layer whose
+    /// outputs equal the unfused graph's bit for bit (same ops, same order).
+    #[test]
+    fn scaled_form_of_hardswish_is_recognised_then_fused() {
+        let tf = |swap_mul: bool, swap_add: bool, extra_reader: bool, plus: f32| {
+            let mut m = ModelBuilder::new(13);
+            m.input("x", &[1, 3, 4, 4]);
+            m.init_f32("w", &[5, 3, 1, 1], &data(15, 1));
+            m.init_f32("three", &[], &[plus])
+                .init_f32("k", &[], &[0.16662598]);
+            m.init_f32("lo", &[], &[0.0]).init_f32("hi", &[], &[6.0]);
+            m.node("Conv", &["x", "w"], &["c"], vec![]);
+            let ins: [&str; 2] = if swap_mul { ["k", "c"] } else { ["c", "k"] };
+            m.node("Mul", &ins, &["s"], vec![]);
+            let ins: [&str; 2] = if swap_add {
+                ["three", "c"]
+            } else {
+                ["c", "three"]
+            };
+            m.node("Add", &ins, &["a"], vec![]);
+            m.node("Clip", &["a", "lo", "hi"], &["cl"], vec![]);
+            m.node("Mul", &["s", "cl"], &["y"], vec![]);
+            m.output("y");
+            if extra_reader {
+                // The scaled value is also an output: the pattern's middle
+                // must stay.
+                m.output("s");
+            }
+            import(&m)
+        };
+        let x = data(48, 3);
+        for (swap_mul, swap_add) in [(false, false), (true, true), (true, false)] {
+            let mut g = tf(swap_mul, swap_add, false, 3.0);
+            assert_eq!(ops(&g), ["Conv", "Mul", "Add", "Clip", "Mul"]);
+            let before = run(g.clone(), &x);
+            assert_eq!(recognize_activations(&mut g), 1);
+            assert_eq!(fuse_activation(&mut g), 1);
+            assert_eq!(ops(&g), ["Conv+HardSwishScaled"]);
+            let after = run(g, &x);
+            for (p, q) in after[0].iter().zip(&before[0]) {
+                assert_eq!(p.to_bits(), q.to_bits(), "{p} vs {q}");
+            }
+        }
+        // Not the pattern: + 2, or a middle value read elsewhere.
+        let mut g = tf(false, false, false, 2.0);
+        assert_eq!(recognize_activations(&mut g), 0);
+        let mut g = tf(false, false, true, 3.0);
+        assert_eq!(recognize_activations(&mut g), 0);
+        assert_eq!(ops(&g), ["Conv", "Mul", "Add", "Clip", "Mul"]);
     }
 }
