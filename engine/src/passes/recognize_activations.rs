@@ -74,11 +74,6 @@ fn scalar(g: &Graph, t: TensorId) -> Option<f32> {
 /// activation, the three before it die (each must have no other reader).
 fn hardswish_from_clip(g: &mut Graph, cons: &[Vec<usize>], dead: &mut [bool]) -> usize {
     let mut found = 0;
-    // The live producer of `t`, when `t` has no other reader.
-    fn only_reader(g: &Graph, cons: &[Vec<usize>], t: TensorId, dead: &[bool]) -> Option<usize> {
-        let p = producer(g, t)?;
-        (cons[t].len() == 1 && !is_output(g, t) && !dead[p]).then_some(p)
-    }
     for di in 0..g.nodes.len() {
         if dead[di] {
             continue;
@@ -94,38 +89,16 @@ fn hardswish_from_clip(g: &mut Graph, cons: &[Vec<usize>], dead: &mut [bool]) ->
             (Op::Binary(BinaryOp::Mul), _, Some(k)) if (k - 1.0 / 6.0).abs() < 1e-7 => b,
             _ => continue,
         };
-        let Some(mi) = only_reader(g, cons, m, dead) else {
+        let Some(mi) = sole_producer(g, cons, m, dead) else {
             continue;
         };
         if g.nodes[mi].op != Op::Binary(BinaryOp::Mul) {
             continue;
         }
         let (p, q) = (g.nodes[mi].inputs[0], g.nodes[mi].inputs[1]);
-        let mut hit = None;
-        for (x, c) in [(p, q), (q, p)] {
-            let Some(ci) = only_reader(g, cons, c, dead) else {
-                continue;
-            };
-            if g.nodes[ci].op != Op::Unary(Activation::Clip { lo: 0.0, hi: 6.0 }) {
-                continue;
-            }
-            let Some(ai) = only_reader(g, cons, g.nodes[ci].inputs[0], dead) else {
-                continue;
-            };
-            let add = &g.nodes[ai];
-            let plus3 = add.op == Op::Binary(BinaryOp::Add)
-                && match &add.inputs[..] {
-                    &[u, v] => {
-                        (u == x && scalar(g, v) == Some(3.0))
-                            || (v == x && scalar(g, u) == Some(3.0))
-                    }
-                    _ => false,
-                };
-            if plus3 {
-                hit = Some((x, mi, ci, ai));
-                break;
-            }
-        }
+        let hit = [(p, q), (q, p)].into_iter().find_map(|(x, c)| {
+            clip_of_x_plus_3(g, cons, c, x, dead).map(|(ci, ai)| (x, mi, ci, ai))
+        });
         let Some((x, mi, ci, ai)) = hit else { continue };
         if g.tensors[x].shape != g.tensors[g.nodes[di].outputs[0]].shape {
             continue;
@@ -146,6 +119,32 @@ fn hardswish_from_clip(g: &mut Graph, cons: &[Vec<usize>], dead: &mut [bool]) ->
 fn sole_producer(g: &Graph, cons: &[Vec<usize>], t: TensorId, dead: &[bool]) -> Option<usize> {
     let p = producer(g, t)?;
     (cons[t].len() == 1 && !is_output(g, t) && !dead[p]).then_some(p)
+}
+
+/// When `d` is `Clip(x + 3, 0, 6)` (either operand order of the Add), and
+/// `d` and the sum each have no other reader: the Clip's and the Add's
+/// nodes.
+fn clip_of_x_plus_3(
+    g: &Graph,
+    cons: &[Vec<usize>],
+    d: TensorId,
+    x: TensorId,
+    dead: &[bool],
+) -> Option<(usize, usize)> {
+    let ci = sole_producer(g, cons, d, dead)?;
+    if g.nodes[ci].op != Op::Unary(Activation::Clip { lo: 0.0, hi: 6.0 }) {
+        return None;
+    }
+    let ai = sole_producer(g, cons, g.nodes[ci].inputs[0], dead)?;
+    let add = &g.nodes[ai];
+    let plus3 = add.op == Op::Binary(BinaryOp::Add)
+        && match &add.inputs[..] {
+            &[u, v] => {
+                (u == x && scalar(g, v) == Some(3.0)) || (v == x && scalar(g, u) == Some(3.0))
+            }
+            _ => false,
+        };
+    plus3.then_some((ci, ai))
 }
 
 /// `(x · k) * Clip(x + 3, 0, 6)` → `HardSwishScaled { k }(x)`: the last
@@ -177,25 +176,10 @@ fn scaled_hardswish(g: &mut Graph, cons: &[Vec<usize>], dead: &mut [bool]) -> us
             };
             let Some((x, k)) = scaled else { continue };
             // d = Clip(x + 3, 0, 6)
-            let Some(ci) = sole_producer(g, cons, d, dead) else {
+            let Some((ci, ai)) = clip_of_x_plus_3(g, cons, d, x, dead) else {
                 continue;
             };
-            if g.nodes[ci].op != Op::Unary(Activation::Clip { lo: 0.0, hi: 6.0 }) {
-                continue;
-            }
-            let Some(ai) = sole_producer(g, cons, g.nodes[ci].inputs[0], dead) else {
-                continue;
-            };
-            let add = &g.nodes[ai];
-            let plus3 = add.op == Op::Binary(BinaryOp::Add)
-                && match &add.inputs[..] {
-                    &[u, v] => {
-                        (u == x && scalar(g, v) == Some(3.0))
-                            || (v == x && scalar(g, u) == Some(3.0))
-                    }
-                    _ => false,
-                };
-            if plus3 && k.is_finite() && mi != ai && mi != ci {
+            if k.is_finite() {
                 hit = Some((x, k, mi, ci, ai));
                 break;
             }
