@@ -245,10 +245,32 @@ pub fn nonneg_tensor(g: &Graph, t: usize) -> bool {
         })
 }
 
+/// Whether FP32 convolution `node` runs the channels-last depthwise kernel,
+/// which can requantize its output rows as it writes them
+/// (`Conv2dNhwc::run_to_i8`): its INT8 readers then read INT8.
+fn depthwise_writes_i8(g: &Graph, node: &crate::ir::Node, tactic: Option<&str>) -> bool {
+    let Op::Conv(a) = &node.op else {
+        return false;
+    };
+    if !a.channels_last
+        || runs_int8(&node.op, tactic)
+        || tactic.is_some_and(|t| t != "nhwc-depthwise")
+    {
+        return false;
+    }
+    let (Some(&x), Some(&y)) = (node.inputs.first(), node.outputs.first()) else {
+        return false;
+    };
+    let geo = a.geometry(&g.tensors[x].shape, &g.tensors[y].shape);
+    geo.is_depthwise()
+}
+
 /// Per tensor: `Some(scale)` when it passes between INT8 layers as INT8
 /// with that scale. That is when its producer runs INT8 (see
-/// [`runs_int8`]), it is not a graph output, and every consumer runs INT8
-/// and reads it as its data input (not as a residual) with one scale.
+/// [`runs_int8`]) or is a channels-last FP32 depthwise convolution (which
+/// requantizes as it writes), it is not a graph output, and every consumer
+/// runs INT8 and reads it as its data input (not as a residual) with one
+/// scale.
 pub fn int8_flow(g: &Graph, tactics: &[Option<String>]) -> Vec<Option<f32>> {
     let n = g.tensors.len();
     let tactic = |i: usize| tactics.get(i).and_then(|t| t.as_deref());
@@ -267,7 +289,8 @@ pub fn int8_flow(g: &Graph, tactics: &[Option<String>]) -> Vec<Option<f32>> {
         };
         // Only convolutions write INT8 tensors (a Gemm's output is f32).
         let conv = matches!(node.op, Op::Conv(_));
-        if !conv || !runs_int8(&node.op, tactic(i)) || g.outputs.contains(&y) || y >= n {
+        let writes_i8 = runs_int8(&node.op, tactic(i)) || depthwise_writes_i8(g, node, tactic(i));
+        if !conv || !writes_i8 || g.outputs.contains(&y) || y >= n {
             continue;
         }
         let mut scale = None;
@@ -641,6 +664,59 @@ mod tests {
         ctx.run().unwrap();
         let nhwc = ctx.output_index(0).unwrap().to_vec();
         check(&nhwc);
+
+        // The depthwise layer left FP32 (no --int8-depthwise): NCHW, the
+        // INT8 projection quantizes its f32 input; channels-last, the FP32
+        // depthwise kernel requantizes its rows as it writes them and the
+        // projection reads INT8. The same values either way (the two FP32
+        // depthwise kernels may round a sum differently, which can move a
+        // value by one step: rarely).
+        let mut gf = crate::onnx::import(&b.to_bytes(), &Default::default()).unwrap();
+        let layers = permit_int8(
+            &mut gf,
+            &|n| scales.iter().find(|s| s.0 == n).map(|s| s.1),
+            false,
+        );
+        assert_eq!(layers.iter().filter(|l| l.fallback.is_none()).count(), 2);
+        let run = |g: Graph| {
+            let engine = std::sync::Arc::new(Engine::new(g).unwrap());
+            let infos: Vec<String> = (0..engine.step_count())
+                .map(|i| engine.step_info(i).unwrap().1)
+                .collect();
+            let mut ctx = ExecutionContext::new(engine, 2);
+            ctx.input_mut(0).unwrap().copy_from_slice(&x);
+            ctx.run().unwrap();
+            (ctx.output_index(0).unwrap().to_vec(), infos)
+        };
+        let (nchw, infos) = run(gf.clone());
+        assert!(
+            infos
+                .iter()
+                .all(|i| !i.contains("out:i8") || i.contains("int8")),
+            "{infos:?}"
+        );
+        crate::passes::channels_last(&mut gf);
+        let (nhwc, infos) = run(gf);
+        let convs: Vec<&String> = infos.iter().filter(|i| i.starts_with("Conv")).collect();
+        assert!(
+            convs[1].contains("Conv nhwc-depthwise") && convs[1].ends_with("out:i8"),
+            "{infos:?}"
+        );
+        assert!(
+            convs[2].contains("int8-nhwc-gemm") && convs[2].ends_with("in:i8"),
+            "{infos:?}"
+        );
+        let close = nhwc
+            .iter()
+            .zip(&nchw)
+            .filter(|(a, b)| (*a - *b).abs() <= 1e-5 * (1.0 + b.abs()))
+            .count();
+        assert!(close * 100 >= nchw.len() * 98, "{close} of {}", nchw.len());
+        let max = nhwc
+            .iter()
+            .zip(&nchw)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(max <= 0.05, "max difference {max}");
     }
 
     /// The pair and dot4 forms of the INT8 kernels are two tactics of one

@@ -142,6 +142,77 @@ impl Conv2dNhwc {
         }
     }
 
+    /// Whether [`Conv2dNhwc::run_to_i8`] runs this layer (the depthwise
+    /// algorithm).
+    pub fn writes_i8(&self) -> bool {
+        matches!(self.algo, Algo::Depthwise { .. })
+    }
+
+    /// Scratch floats [`Conv2dNhwc::run_to_i8`] needs: one output row per
+    /// thread.
+    pub fn scratch_len_i8(&self, threads: usize) -> usize {
+        self.ow * self.g.c_out * threads.max(1)
+    }
+
+    /// A depthwise layer whose output is read only by INT8 layers: each
+    /// output row is computed in f32 as [`Conv2dNhwc::run`] computes it,
+    /// then requantized with `out_scale` (as the INT8 kernels' epilogue
+    /// requantizes: `round(v / out_scale)` clamped to ±127) while it is in
+    /// cache, so the f32 tensor never goes to memory and the reader does
+    /// not quantize it again.
+    ///
+    /// # Panics
+    /// If the layer is not depthwise ([`Conv2dNhwc::writes_i8`]) or a
+    /// buffer is shorter than the geometry needs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_to_i8(
+        &self,
+        pool: &ThreadPool,
+        batch: usize,
+        input: &[f32],
+        residual: Option<&[f32]>,
+        output: &mut [i8],
+        out_scale: f32,
+        scratch: &mut [f32],
+    ) {
+        let Algo::Depthwise { w } = &self.algo else {
+            panic!("run_to_i8 needs a depthwise layer");
+        };
+        let g = &self.g;
+        let in_img = g.h * g.w * g.c_in;
+        let row_len = self.ow * g.c_out;
+        let out_img = self.oh * row_len;
+        assert!(input.len() >= batch * in_img && output.len() >= batch * out_img);
+        assert!(residual.is_none_or(|r| r.len() >= batch * out_img));
+        assert!(scratch.len() >= self.scratch_len_i8(pool.threads()));
+        let isa = isa::active();
+        let inv = 1.0 / out_scale;
+        let y_ptr = SyncPtr::new(output);
+        let s_ptr = SyncPtr::new(scratch);
+        for b in 0..batch {
+            let x = &input[b * in_img..(b + 1) * in_img];
+            let res = residual.map(|r| &r[b * out_img..(b + 1) * out_img]);
+            pool.run(self.oh, &|oy, slot| {
+                // SAFETY: thread slot `slot` alone uses its row of scratch
+                // (sized for the pool's threads above); task `oy` alone
+                // writes output row `oy` of image `b`, inside `output` by the
+                // assert above.
+                let (row, yr) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(s_ptr.add(slot * row_len), row_len),
+                        std::slice::from_raw_parts_mut(
+                            y_ptr.add(b * out_img + oy * row_len),
+                            row_len,
+                        ),
+                    )
+                };
+                let rr = res.map(|r| &r[oy * row_len..(oy + 1) * row_len]);
+                self.depthwise_row(isa, x, w, oy, rr, row);
+                crate::int8::quantize_to_i8(isa, row, inv, yr);
+            });
+        }
+    }
+
     /// Runs `batch` images: `input` is `[batch, h, w, c_in]`, `output`
     /// `[batch, oh, ow, c_out]`, and `residual` (added before the
     /// activation: a fused `Conv → Add`) has the output's shape.
@@ -1033,6 +1104,57 @@ mod tests {
             pads: [pad, pad, pad, pad],
             groups,
         }
+    }
+
+    /// A depthwise layer writing INT8 equals its f32 run quantized after
+    /// (the INT8 kernels' requantization), bit for bit, on every thread
+    /// count; the f32 tensor is never written.
+    #[test]
+    fn depthwise_to_i8_is_the_f32_run_quantized() {
+        for (c, hw, k, s, p) in [
+            (24, 13, 3, 1, 1),
+            (40, 14, 5, 2, 2),
+            (13, 6, 3, 2, 0),
+            (100, 6, 3, 1, 1),
+        ] {
+            for (act, residual) in [
+                (Activation::Clip { lo: 0.0, hi: 6.0 }, false),
+                (Activation::None, true),
+                (Activation::Silu, false),
+            ] {
+                let g = geo(c, c, hw, k, s, p, c);
+                let (oh, ow) = (g.out_h().unwrap(), g.out_w().unwrap());
+                let batch = 2;
+                let x = data(batch * c * g.h * g.w, 5);
+                let w = data(c * k * k, 6);
+                let b = data(c, 7);
+                let r = data(batch * c * oh * ow, 8);
+                let res = residual.then_some(&r[..]);
+                let layer = Conv2dNhwc::new(g, &w, Some(&b), act).unwrap();
+                assert!(layer.writes_i8());
+                let out_scale = 0.013f32;
+                for threads in [1, 3] {
+                    let pool = ThreadPool::new(threads);
+                    let mut y = vec![0.0; batch * c * oh * ow];
+                    layer.run(&pool, batch, &x, res, &mut y);
+                    let mut want = vec![0i8; y.len()];
+                    crate::int8::quantize_to_i8(isa::active(), &y, 1.0 / out_scale, &mut want);
+                    let mut got = vec![0i8; y.len()];
+                    let mut scratch = vec![f32::NAN; layer.scratch_len_i8(threads)];
+                    layer.run_to_i8(&pool, batch, &x, res, &mut got, out_scale, &mut scratch);
+                    assert_eq!(got, want, "{g:?} {act:?} t{threads}");
+                    // Saturation happens (the scale is small for these values).
+                    assert!(got.iter().any(|&v| v.abs() == 127), "{g:?}");
+                }
+            }
+        }
+        let pointwise = Conv2dNhwc::new(
+            geo(8, 8, 4, 1, 1, 0, 1),
+            &data(64, 1),
+            None,
+            Activation::None,
+        );
+        assert!(!pointwise.unwrap().writes_i8());
     }
 
     #[test]

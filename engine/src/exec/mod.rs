@@ -117,6 +117,9 @@ enum Kind {
         layer: Conv2dNhwc,
         batch: usize,
         residual: bool,
+        /// The output's INT8 scale when it flows INT8 (a depthwise layer
+        /// read only by INT8 layers requantizes as it writes).
+        out_scale: Option<f32>,
     },
     /// INT8 convolution (see `osprey_kernels::qconv`): input f32 or INT8
     /// (`in_i8`), output f32 or INT8 with `out_scale`.
@@ -274,6 +277,9 @@ impl Engine {
                 (
                     Kind::QConv {
                         out_scale: Some(s), ..
+                    }
+                    | Kind::ConvNhwc {
+                        out_scale: Some(s), ..
                     },
                     Some(&y),
                 ) => Some((graph.tensors[y].numel(), *s)),
@@ -361,8 +367,17 @@ impl Engine {
                 layer, residual, ..
             } => conv_info(&layer.tactic().name(), layer.geometry(), *residual),
             Kind::ConvNhwc {
-                layer, residual, ..
-            } => conv_info(layer.algorithm(), layer.geometry(), *residual),
+                layer,
+                residual,
+                out_scale,
+                ..
+            } => {
+                let info = conv_info(layer.algorithm(), layer.geometry(), *residual);
+                match out_scale {
+                    Some(_) => format!("{info} out:i8"),
+                    None => info,
+                }
+            }
             Kind::QConv {
                 layer,
                 residual,
@@ -446,6 +461,11 @@ impl Engine {
             .map(|s| match &s.kind {
                 Kind::Conv { layer, .. } => layer.scratch_len(threads),
                 Kind::QConv { layer, .. } => layer.scratch_len(threads),
+                Kind::ConvNhwc {
+                    layer,
+                    out_scale: Some(_),
+                    ..
+                } => layer.scratch_len_i8(threads),
                 Kind::QGemm { layer, m } => layer.scratch_len(*m),
                 Kind::ConvTranspose { layer, .. } => layer.scratch_len(threads),
                 Kind::Gemm {

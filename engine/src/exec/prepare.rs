@@ -111,10 +111,18 @@ impl Builder<'_> {
                             layer.algorithm()
                         ));
                     }
+                    let out_scale = self.flow.get(y).copied().flatten();
+                    if out_scale.is_some() && !layer.writes_i8() {
+                        return Err(format!(
+                            "an INT8 output planned for a channels-last {} layer, which writes f32 only",
+                            layer.algorithm()
+                        ));
+                    }
                     return Ok(Kind::ConvNhwc {
                         layer,
                         batch: xs[0],
                         residual: a.residual,
+                        out_scale,
                     });
                 }
                 // INT8 where the graph permits it, unless tuning chose an

@@ -114,7 +114,20 @@ pub(super) fn run_step(
             layer,
             batch,
             residual: fused,
-        } => layer.run(pool, *batch, x, residual(*fused)?, y),
+            out_scale,
+        } => match out_scale {
+            // INT8 tensors sit in the f32 arena four to a slot.
+            Some(s) => layer.run_to_i8(
+                pool,
+                *batch,
+                x,
+                residual(*fused)?,
+                bytemuck::cast_slice_mut(y),
+                *s,
+                scratch,
+            ),
+            None => layer.run(pool, *batch, x, residual(*fused)?, y),
+        },
         Kind::QConv {
             layer,
             batch,
