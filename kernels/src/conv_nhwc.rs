@@ -379,28 +379,30 @@ impl Conv2dNhwc {
                 }
                 taps
             };
-            let compute = |q: usize, p: usize, n_rows: usize, rows: &[[*const f32; M]]| {
-                let c0 = q * NR;
-                let cols = (cout - c0).min(P * NR);
-                let out = Tile {
-                    rows,
-                    cin,
-                    w: &panels[q * k * NR..(q + P).min(n_panels) * k * NR],
-                    panel_len: k * NR,
-                    bias: &self.bias[c0..c0 + P * NR],
-                    res: res.map(|r| &r[p * cout + c0..]),
-                    ldc: cout,
-                    n_rows,
-                    cols,
-                    clamp,
+            let compute =
+                |q: usize, p: usize, n_rows: usize, rows: &[[*const f32; M]], prefetch: &[f32]| {
+                    let c0 = q * NR;
+                    let cols = (cout - c0).min(P * NR);
+                    let out = Tile {
+                        rows,
+                        cin,
+                        w: &panels[q * k * NR..(q + P).min(n_panels) * k * NR],
+                        panel_len: k * NR,
+                        bias: &self.bias[c0..c0 + P * NR],
+                        res: res.map(|r| &r[p * cout + c0..]),
+                        ldc: cout,
+                        n_rows,
+                        cols,
+                        clamp,
+                        prefetch,
+                    };
+                    // SAFETY: this task alone writes pixels p..p+n_rows of
+                    // channels c0..c0+cols (disjoint (pixel block × panel
+                    // chunk) regions per task); the assert in `run` bounds
+                    // them inside `y`.
+                    let dst = unsafe { y_ptr.add(p * cout + c0) };
+                    out.compute(isa, dst);
                 };
-                // SAFETY: this task alone writes pixels p..p+n_rows of
-                // channels c0..c0+cols (disjoint (pixel block × panel
-                // chunk) regions per task); the assert in `run` bounds
-                // them inside `y`.
-                let dst = unsafe { y_ptr.add(p * cout + c0) };
-                out.compute(isa, dst);
-            };
             // Small weights (all of this task's panels fit in L1/L2): set a
             // tile's rows up once and sweep the panels; otherwise keep one
             // panel hot and sweep the tiles.
@@ -409,15 +411,29 @@ impl Conv2dNhwc {
                     let n_rows = (p1 - p).min(M);
                     let nt = setup(p, n_rows, &mut rows);
                     for q in (q0..q1).step_by(P) {
-                        compute(q, p, n_rows, &rows[..nt]);
+                        compute(q, p, n_rows, &rows[..nt], &[]);
                     }
                 }
             } else {
+                // Large weights come from memory once per task: while the
+                // tiles sweep one group of panels (from L2 after the first
+                // tile), they prefetch the next group into L2, each tile an
+                // equal share, so no tile waits on memory. After the last
+                // group comes the next task's first (the pool runs a
+                // thread's tasks in order).
+                let n_tiles = (p1 - p0).div_ceil(M);
+                let next_task_q = ((t + 1) % panel_chunks) * per_chunk;
                 for q in (q0..q1).step_by(P) {
-                    for p in (p0..p1).step_by(M) {
+                    let nq = if q + P < q1 { q + P } else { next_task_q };
+                    let nq_end = if q + P < q1 { q1 } else { n_panels };
+                    let next = &panels[nq * k * NR..(nq + P).min(nq_end) * k * NR];
+                    let share = next.len().div_ceil(n_tiles).next_multiple_of(16);
+                    for (i, p) in (p0..p1).step_by(M).enumerate() {
                         let n_rows = (p1 - p).min(M);
                         let nt = setup(p, n_rows, &mut rows);
-                        compute(q, p, n_rows, &rows[..nt]);
+                        let from = (i * share).min(next.len());
+                        let to = (from + share).min(next.len());
+                        compute(q, p, n_rows, &rows[..nt], &next[from..to]);
                     }
                 }
             }
@@ -834,6 +850,10 @@ struct Tile<'a, const M: usize> {
     /// Applied before the store (Relu, Clip, none); `None`: the caller
     /// applies the activation afterwards.
     clamp: Option<(f32, f32)>,
+    /// Weights the tile prefetches into L2 while it computes (the next
+    /// panels' share; empty for none): one 64-byte line per step of the
+    /// reduction, as far as the reduction reaches.
+    prefetch: &'a [f32],
 }
 
 impl<const M: usize> Tile<'_, M> {
@@ -984,9 +1004,16 @@ impl<const M: usize> Tile<'_, M> {
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); P]; R];
             let mut wp = self.w.as_ptr();
+            // Prefetch pointer and its end (lines of 16 floats).
+            let mut pf = self.prefetch.as_ptr();
+            let pf_end = pf.add(self.prefetch.len());
             for taps in self.rows {
                 let a = *taps;
                 for ci in 0..self.cin {
+                    if pf < pf_end {
+                        _mm_prefetch::<_MM_HINT_T1>(pf.cast());
+                        pf = pf.add(16);
+                    }
                     let mut b = [_mm512_setzero_ps(); P];
                     for (h, bh) in b.iter_mut().enumerate() {
                         *bh = _mm512_loadu_ps(wp.add(h * self.panel_len));
@@ -1166,6 +1193,7 @@ mod tests {
             (3, 32, 15, 3, 2, 1, 1),     // stem: 3 channels, stride 2, padded
             (40, 19, 7, 3, 1, 1, 1),     // 3x3, odd channel counts
             (64, 48, 6, 3, 1, 1, 1),     // weights too big to sweep per tile
+            (300, 70, 5, 1, 1, 0, 1),    // the same, five panels: prefetch the next pair / task
             (24, 24, 13, 3, 1, 1, 24),   // depthwise 3x3
             (40, 40, 14, 5, 2, 2, 40),   // depthwise 5x5 stride 2
             (13, 13, 6, 3, 2, 0, 13),    // depthwise, channels not a vector multiple, no pad
