@@ -891,18 +891,96 @@ pub fn gemv(
 ) {
     let n = y.len();
     assert!(w.len() >= n * k_len && x.len() >= k_len && bias.is_none_or(|b| b.len() >= n));
-    let chunk = n.div_ceil(pool.threads() * 4).max(1);
+    let chunk = n
+        .div_ceil(pool.threads() * 4)
+        .next_multiple_of(GEMV_ROWS)
+        .max(1);
     let y_ptr = SyncPtr::new(y);
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = isa::active().has_avx512();
     let task = |t: usize, _slot: usize| {
         let r0 = t * chunk;
         let r1 = (r0 + chunk).min(n);
-        for i in r0..r1 {
+        let mut i = r0;
+        #[cfg(target_arch = "x86_64")]
+        if avx512 {
+            while i + GEMV_ROWS <= r1 {
+                let mut d = [0.0; GEMV_ROWS];
+                // SAFETY: AVX-512 F present; rows i..i+GEMV_ROWS of `w`
+                // (k_len floats each) and `x[..k_len]` are in bounds by
+                // the assert above (i + GEMV_ROWS ≤ n); the prefetches
+                // stay inside `w`.
+                unsafe { gemv_rows_avx512(&w[i * k_len..], k_len, &w[..n * k_len], x, &mut d) };
+                for (r, v) in d.iter().enumerate() {
+                    // SAFETY: row i + r < r1 ≤ n is this task's alone.
+                    unsafe { *y_ptr.add(i + r) = v + bias.map_or(0.0, |b| b[i + r]) };
+                }
+                i += GEMV_ROWS;
+            }
+        }
+        for i in i..r1 {
             let d = crate::quant::dot_f32(&w[i * k_len..(i + 1) * k_len], &x[..k_len]);
             // SAFETY: row i is written by this task alone; i < n = y.len().
             unsafe { *y_ptr.add(i) = d + bias.map_or(0.0, |b| b[i]) };
         }
     };
     pool.run(n.div_ceil(chunk), &task);
+}
+
+/// Rows [`gemv`] computes together: `x` is loaded once for all of them.
+const GEMV_ROWS: usize = 4;
+
+/// `d[r] = w_r · x` for the [`GEMV_ROWS`] rows at the start of `rows`
+/// (`k` floats each). The weights stream from memory once (a classifier's
+/// megabytes), so while it reads these rows it prefetches the same columns
+/// of the next group of rows (inside `all`, the whole matrix): one line per
+/// line read, far enough ahead to hide the memory latency.
+///
+/// # Safety
+/// AVX-512 F available; `rows` holds `GEMV_ROWS · k` floats, `x` `k`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gemv_rows_avx512(
+    rows: &[f32],
+    k: usize,
+    all: &[f32],
+    x: &[f32],
+    d: &mut [f32; GEMV_ROWS],
+) {
+    use std::arch::x86_64::*;
+    assert!(rows.len() >= GEMV_ROWS * k && x.len() >= k);
+    let w = rows.as_ptr();
+    // Prefetch target of row r at column j: `ahead + r·k + j`, while it
+    // lies inside the matrix.
+    let ahead_off = GEMV_ROWS * k;
+    let room = (all.as_ptr_range().end as usize).saturating_sub(w as usize) / 4;
+    let mut acc = [_mm512_setzero_ps(); GEMV_ROWS];
+    let mut j = 0;
+    // SAFETY: loads are at columns j..j+16 ≤ k of rows < GEMV_ROWS (checked
+    // above), the tail masked to the columns left; prefetch addresses are
+    // below `room` floats from `w`, inside `all`.
+    unsafe {
+        while j < k {
+            let mask: __mmask16 = if k - j >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (k - j)) - 1) as __mmask16
+            };
+            let xv = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(j));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let off = r * k + j;
+                if ahead_off + off < room {
+                    _mm_prefetch::<_MM_HINT_T0>(w.add(ahead_off + off).cast());
+                }
+                let wv = _mm512_maskz_loadu_ps(mask, w.add(off));
+                *a = _mm512_fmadd_ps(wv, xv, *a);
+            }
+            j += 16;
+        }
+        for (r, a) in acc.iter().enumerate() {
+            d[r] = _mm512_reduce_add_ps(*a);
+        }
+    }
 }
 
 /// Scalar reference: `C[i, j] = act(Σ_k A(i,k)·B(k,j) + bias[i] (+ C))`, accumulated in f64.
