@@ -822,13 +822,40 @@ mod epi512 {
     /// pixel; an activation that is not a clamp runs once over all the
     /// block's sums.
     ///
+    /// A call from the VNNI tile (its twelve row counts share this one
+    /// copy); the depthwise kernel inlines [`block_inline`] instead.
+    ///
     /// # Safety
-    /// AVX-512 F/BW must be present; output (and residual) elements
-    /// `o0 + j · step ..+lanes` must be valid and the caller's own.
+    /// As [`block_inline`].
     #[allow(clippy::too_many_arguments)]
-    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) unsafe fn block(
+        l: &QConv2dNhwc,
+        sums: &mut [__m512],
+        o0: usize,
+        step: usize,
+        c0: usize,
+        res: Option<&[f32]>,
+        y: Dst,
+        clamp: Option<(f32, f32)>,
+    ) {
+        // SAFETY: forwarded contract; AVX-512 is enabled here.
+        unsafe { block_inline(l, sums, o0, step, c0, res, y, clamp) }
+    }
+
+    /// [`block`]'s body, always inlined: inside the depthwise kernel
+    /// (which enables AVX-512) the sums stay in registers and their count
+    /// is a constant; as a call it spilled every sum and cost about a
+    /// tenth of a depthwise layer. It enables no target feature itself
+    /// (that and `inline(always)` do not go together); its intrinsics
+    /// inline once it sits in its caller.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL must be present; output (and residual) elements
+    /// `o0 + j · step ..+lanes` must be valid and the caller's own.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(super) unsafe fn block_inline(
         l: &QConv2dNhwc,
         sums: &mut [__m512],
         o0: usize,
@@ -1064,20 +1091,24 @@ mod dw512 {
             for cb in (0..c).step_by(NB) {
                 let mut ox = 0;
                 while ox < l.ow {
-                    // Groups take every column (the zero pad columns
-                    // included: one weight load serves the whole group);
-                    // single pixels skip the columns outside the image.
-                    let n = match l.ow - ox {
-                        8.. => 8,
-                        4.. => 4,
-                        _ => 1,
-                    };
+                    // Groups of up to 8 pixels take every column (the
+                    // zero pad columns included: one weight load serves
+                    // the whole group), a row's rest in one group (14 =
+                    // 8 + 6, 7 = 7); single pixels skip the columns
+                    // outside the image.
+                    let n = (l.ow - ox).min(8);
+                    let all = (0, g.kw);
                     // SAFETY: forwarded contract; every tap summed lies in
                     // the padded rows.
                     unsafe {
                         match n {
-                            8 => pixels::<8>(l, &t, (0, g.kw), cb, ox, o_row, res, y, clamp),
-                            4 => pixels::<4>(l, &t, (0, g.kw), cb, ox, o_row, res, y, clamp),
+                            8 => pixels::<8>(l, &t, all, cb, ox, o_row, res, y, clamp),
+                            7 => pixels::<7>(l, &t, all, cb, ox, o_row, res, y, clamp),
+                            6 => pixels::<6>(l, &t, all, cb, ox, o_row, res, y, clamp),
+                            5 => pixels::<5>(l, &t, all, cb, ox, o_row, res, y, clamp),
+                            4 => pixels::<4>(l, &t, all, cb, ox, o_row, res, y, clamp),
+                            3 => pixels::<3>(l, &t, all, cb, ox, o_row, res, y, clamp),
+                            2 => pixels::<2>(l, &t, all, cb, ox, o_row, res, y, clamp),
                             _ => pixels::<1>(l, &t, kx_range(ox), cb, ox, o_row, res, y, clamp),
                         }
                     }
@@ -1186,7 +1217,7 @@ mod dw512 {
         };
         let mut acc = acc;
         // SAFETY: this task's output row; caller's contract.
-        unsafe { epi512::block(l, &mut acc, o_row + ox * c + cb, c, cb, res, y, clamp) };
+        unsafe { epi512::block_inline(l, &mut acc, o_row + ox * c + cb, c, cb, res, y, clamp) };
     }
 }
 
@@ -1406,6 +1437,15 @@ mod tests {
         let mut g = geo(16, 9, 9, 16, 3, 1, 2, 1);
         g.dilation = [2, 2];
         check(g, Activation::None, false, 13);
+        // Rows of 7, 10 and 11 pixels: groups of 7, 8 + 2 and 8 + 3.
+        check(
+            geo(48, 5, 7, 48, 5, 1, 2, 48),
+            Activation::Clip { lo: 0.0, hi: 6.0 },
+            true,
+            14,
+        );
+        check(geo(20, 4, 10, 20, 3, 1, 1, 20), Activation::Relu, false, 15);
+        check(geo(36, 3, 11, 36, 3, 1, 1, 36), Activation::None, true, 16);
     }
 
     /// The tiers agree: the portable tile against the VNNI one (each
