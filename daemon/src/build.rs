@@ -100,8 +100,8 @@ pub fn build(a: BuildArgs) -> Result<()> {
             .iter()
             .map(|(_, g, t, _)| Engine::with_tactics(g.clone(), t).map(std::sync::Arc::new))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let ms = race_engines(&engines, threads)?;
-        let pick = usize::from(ms[1] < ms[0]);
+        let (ms, ratio) = race_engines(&engines, threads)?;
+        let pick = usize::from(ratio < 1.0);
         race = Some(ms);
         built.swap(0, pick);
     }
@@ -263,7 +263,10 @@ fn tune(
 /// Median inference time (ms) of each engine on pseudo-random inputs:
 /// alternating rounds after a warm-up, so drift of a shared machine hits
 /// both alike.
-fn race_engines(engines: &[std::sync::Arc<Engine>], threads: usize) -> Result<Vec<f64>> {
+/// Times two engines in alternating rounds: each one's median, and the
+/// median over rounds of the second's time over the first's (taken
+/// milliseconds apart, so it cancels a drifting host: the pick).
+fn race_engines(engines: &[std::sync::Arc<Engine>], threads: usize) -> Result<(Vec<f64>, f64)> {
     let mut ctxs = Vec::new();
     for e in engines {
         let mut ctx = osprey_engine::ExecutionContext::new(e.clone(), threads);
@@ -277,8 +280,13 @@ fn race_engines(engines: &[std::sync::Arc<Engine>], threads: usize) -> Result<Ve
     }
     let mut samples = vec![Vec::new(); ctxs.len()];
     let deadline = Instant::now() + std::time::Duration::from_secs(3);
+    // Each context has its own pool, whose workers spin for a while after
+    // a run: the next context would start with a core taken by them. Wait
+    // until they sleep.
+    let settle = osprey_kernels::knobs::pool_spin() + std::time::Duration::from_millis(1);
     for round in 0..15 {
         for (ctx, s) in ctxs.iter_mut().zip(&mut samples) {
+            std::thread::sleep(settle);
             let t = Instant::now();
             ctx.run()?;
             s.push(t.elapsed().as_secs_f64() * 1e3);
@@ -287,11 +295,13 @@ fn race_engines(engines: &[std::sync::Arc<Engine>], threads: usize) -> Result<Ve
             break;
         }
     }
-    Ok(samples
-        .into_iter()
-        .map(|mut s| {
-            s.sort_by(f64::total_cmp);
-            s[s.len() / 2]
-        })
-        .collect())
+    let median = |mut s: Vec<f64>| {
+        s.sort_by(f64::total_cmp);
+        s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let ratio = match &samples[..] {
+        [a, b] => median(a.iter().zip(b).map(|(a, b)| b / a).collect()),
+        _ => f64::NAN,
+    };
+    Ok((samples.into_iter().map(median).collect(), ratio))
 }
