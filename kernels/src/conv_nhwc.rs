@@ -852,7 +852,9 @@ struct Tile<'a, const M: usize> {
     clamp: Option<(f32, f32)>,
     /// Weights the tile prefetches into L2 while it computes (the next
     /// panels' share; empty for none): one 64-byte line per step of the
-    /// reduction, as far as the reduction reaches.
+    /// reduction, as far as the reduction reaches. (The AVX-512 tile only:
+    /// the others ignore it.)
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     prefetch: &'a [f32],
 }
 

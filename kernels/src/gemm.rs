@@ -901,6 +901,9 @@ pub fn gemv(
     let task = |t: usize, _slot: usize| {
         let r0 = t * chunk;
         let r1 = (r0 + chunk).min(n);
+        #[cfg(not(target_arch = "x86_64"))]
+        let i = r0;
+        #[cfg(target_arch = "x86_64")]
         let mut i = r0;
         #[cfg(target_arch = "x86_64")]
         if avx512 {
