@@ -262,7 +262,7 @@ fn depthwise_writes_i8(g: &Graph, node: &crate::ir::Node, tactic: Option<&str>) 
         return false;
     };
     let geo = a.geometry(&g.tensors[x].shape, &g.tensors[y].shape);
-    geo.is_depthwise()
+    osprey_kernels::conv_nhwc::Conv2dNhwc::writes_i8_for(&geo)
 }
 
 /// Per tensor: `Some(scale)` when it passes between INT8 layers as INT8

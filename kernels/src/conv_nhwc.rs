@@ -87,6 +87,7 @@ impl Conv2dNhwc {
         let mut bias =
             g.checked_bias(["conv2d-nhwc weights", "conv2d-nhwc bias"], weights, bias)?;
         let taps = g.kh * g.kw;
+        // The depthwise algorithm exactly when `writes_i8_for(&g)`.
         let algo = if g.groups == 1 {
             let k = taps * g.c_in;
             let n_panels = g.c_out.div_ceil(NR);
@@ -146,6 +147,13 @@ impl Conv2dNhwc {
     /// algorithm).
     pub fn writes_i8(&self) -> bool {
         matches!(self.algo, Algo::Depthwise { .. })
+    }
+
+    /// [`Conv2dNhwc::writes_i8`] of the layer [`Conv2dNhwc::new`] would
+    /// prepare for `g`, without preparing it (the planner asks before any
+    /// weights are packed).
+    pub fn writes_i8_for(g: &Conv2dGeometry) -> bool {
+        Conv2dNhwc::supports(g) && g.groups != 1
     }
 
     /// Scratch floats [`Conv2dNhwc::run_to_i8`] needs: one output row per
@@ -1160,7 +1168,7 @@ mod tests {
                 let r = data(batch * c * oh * ow, 8);
                 let res = residual.then_some(&r[..]);
                 let layer = Conv2dNhwc::new(g, &w, Some(&b), act).unwrap();
-                assert!(layer.writes_i8());
+                assert!(layer.writes_i8() && Conv2dNhwc::writes_i8_for(&g));
                 let out_scale = 0.013f32;
                 for threads in [1, 3] {
                     let pool = ThreadPool::new(threads);
@@ -1177,13 +1185,9 @@ mod tests {
                 }
             }
         }
-        let pointwise = Conv2dNhwc::new(
-            geo(8, 8, 4, 1, 1, 0, 1),
-            &data(64, 1),
-            None,
-            Activation::None,
-        );
-        assert!(!pointwise.unwrap().writes_i8());
+        let pg = geo(8, 8, 4, 1, 1, 0, 1);
+        let pointwise = Conv2dNhwc::new(pg, &data(64, 1), None, Activation::None);
+        assert!(!pointwise.unwrap().writes_i8() && !Conv2dNhwc::writes_i8_for(&pg));
     }
 
     #[test]
