@@ -631,19 +631,20 @@ mod tests {
         );
         // The kernels' FMA epilogue may round a value at a half-step
         // boundary the other way: rare, and one step of one term.
-        let check = |got: &[f32]| {
+        let agree = |got: &[f32], want: &[f32]| {
             let close = got
                 .iter()
-                .zip(&want)
+                .zip(want)
                 .filter(|(a, b)| (*a - *b).abs() <= 1e-5 * (1.0 + b.abs()))
                 .count();
             assert!(close * 100 >= want.len() * 98, "{close} of {}", want.len());
             let max = got
                 .iter()
-                .zip(&want)
+                .zip(want)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(max <= 0.05, "max difference {max}");
         };
+        let check = |got: &[f32]| agree(got, &want);
         check(&got);
 
         // The same chain channels-last: the three layers run the NHWC INT8
@@ -706,17 +707,7 @@ mod tests {
             convs[2].contains("int8-nhwc-gemm") && convs[2].ends_with("in:i8"),
             "{infos:?}"
         );
-        let close = nhwc
-            .iter()
-            .zip(&nchw)
-            .filter(|(a, b)| (*a - *b).abs() <= 1e-5 * (1.0 + b.abs()))
-            .count();
-        assert!(close * 100 >= nchw.len() * 98, "{close} of {}", nchw.len());
-        let max = nhwc
-            .iter()
-            .zip(&nchw)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(max <= 0.05, "max difference {max}");
+        agree(&nhwc, &nchw);
     }
 
     /// The pair and dot4 forms of the INT8 kernels are two tactics of one
