@@ -349,10 +349,59 @@ pub struct QLinear {
     out_scale: Vec<f32>,
     bias: Vec<f32>,
     input_scale: f32,
+    /// `Σ_k w[j][k]` per row: the VNNI rows form's correction.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    wsum: Vec<i32>,
 }
 
 /// Output rows per task of [`QLinear::run`].
 const QLINEAR_ROWS: usize = 64;
+
+/// `acc[r] = Σ (x[c] + 128) · w_r[c]` (wrapping) for the 4 rows of `k`
+/// bytes at the start of `rows`, 64 bytes a step with `vpdpbusd`, the
+/// last step masked; `x` is flipped to unsigned once per step for all four
+/// rows. While it reads them it prefetches the same columns of the next
+/// four rows (inside `all`, the whole matrix): the weights come from
+/// memory once per inference. The caller subtracts `128 · Σ w_r`.
+///
+/// # Safety
+/// AVX-512 F/BW and VNNI must be present; `rows` holds `4 · k` bytes and
+/// `x` `k`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dot4_vnni(x: &[i8], rows: &[i8], k: usize, all: &[i8]) -> [i32; 4] {
+    use std::arch::x86_64::*;
+    assert!(rows.len() >= 4 * k && x.len() >= k);
+    let w = rows.as_ptr();
+    let room = (all.as_ptr_range().end as usize).saturating_sub(w as usize);
+    let flip = _mm512_set1_epi8(-128);
+    let mut acc = [_mm512_setzero_si512(); 4];
+    let mut c = 0;
+    // SAFETY: loads cover columns c..c+64 ≤ k under the mask, of rows < 4
+    // (checked above); prefetch addresses stay below `room` bytes from `w`,
+    // inside `all`.
+    unsafe {
+        while c < k {
+            let mask: __mmask64 = if k - c >= 64 {
+                u64::MAX
+            } else {
+                (1u64 << (k - c)) - 1
+            };
+            // Masked-off lanes: x 0 flips to 128, times a weight of 0.
+            let xv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, x.as_ptr().add(c)), flip);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let off = r * k + c;
+                if 4 * k + off < room {
+                    _mm_prefetch::<_MM_HINT_T0>(w.add(4 * k + off).cast());
+                }
+                let wv = _mm512_maskz_loadu_epi8(mask, w.add(off));
+                *a = _mm512_dpbusd_epi32(*a, xv, wv);
+            }
+            c += 64;
+        }
+        acc.map(|a| _mm512_reduce_add_epi32(a))
+    }
+}
 
 impl QLinear {
     /// `weights` `[n][k]` (one output channel per row), `bias` `[n]`.
@@ -383,9 +432,14 @@ impl QLinear {
             return Err(bad(format!("{} biases for {n} outputs", b.len())));
         }
         let (scales, w) = crate::qconv::quantize_weights(weights, n);
+        let wsum = w
+            .chunks_exact(k)
+            .map(|row| row.iter().map(|&v| v as i32).sum())
+            .collect();
         Ok(QLinear {
             n,
             k,
+            wsum,
             w,
             out_scale: scales.iter().map(|s| s * input_scale).collect(),
             bias: bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec),
@@ -440,9 +494,32 @@ impl QLinear {
         quantize_to_i8(isa::active(), &x[..m * k], 1.0 / self.input_scale, xq);
         let xq = &*xq;
         let out = crate::pool::SyncPtr::new(y);
+        #[cfg(target_arch = "x86_64")]
+        let vnni = isa::active() == Isa::Avx512 && isa::has_vnni();
         pool.run(n.div_ceil(QLINEAR_ROWS), &|t, _| {
             let (j0, j1) = (t * QLINEAR_ROWS, ((t + 1) * QLINEAR_ROWS).min(n));
-            for j in j0..j1 {
+            #[cfg(not(target_arch = "x86_64"))]
+            let j = j0;
+            #[cfg(target_arch = "x86_64")]
+            let mut j = j0;
+            #[cfg(target_arch = "x86_64")]
+            while vnni && j + 4 <= j1 {
+                for i in 0..m {
+                    // SAFETY: AVX-512 BW and VNNI present; rows j..j+4
+                    // (k bytes each) lie in `w` (j + 4 ≤ n), row i of `xq`
+                    // holds k bytes.
+                    let acc =
+                        unsafe { dot4_vnni(&xq[i * k..(i + 1) * k], &self.w[j * k..], k, &self.w) };
+                    for (r, a) in acc.iter().enumerate() {
+                        let acc = a.wrapping_sub(self.wsum[j + r].wrapping_mul(128));
+                        let (s, b) = (self.out_scale[j + r], self.bias[j + r]);
+                        // SAFETY: as below: column j + r is this task's.
+                        unsafe { *out.add(i * n + j + r) = acc as f32 * s + b };
+                    }
+                }
+                j += 4;
+            }
+            for j in j..j1 {
                 let w = &self.w[j * k..(j + 1) * k];
                 let (s, b) = (self.out_scale[j], self.bias[j]);
                 for i in 0..m {
