@@ -311,8 +311,19 @@ impl Conv2dNhwc {
         } else {
             want.div_ceil(n_pb).min(n_panels)
         };
-        // A chunk holds whole tiles' worth (P) of panels.
-        let per_chunk = n_panels.div_ceil(panel_chunks).next_multiple_of(P);
+        // A chunk holds whole tiles' worth (P) of panels; when the rounding
+        // leaves a task count the threads do not divide (1152->320 at 7²:
+        // five chunks, three tasks for one thread and two for the other),
+        // smaller chunks that they do divide, if any.
+        let groups = n_panels.div_ceil(P);
+        let mut per_group = groups.div_ceil(panel_chunks);
+        let tasks = |g: usize| n_pb * groups.div_ceil(g);
+        if threads > 1 && tasks(per_group) % threads != 0 {
+            if let Some(g) = (1..per_group).rev().find(|&g| tasks(g) % threads == 0) {
+                per_group = g;
+            }
+        }
+        let per_chunk = per_group * P;
         let panel_chunks = n_panels.div_ceil(per_chunk);
         let clamp = crate::gemm::in_register_clamp(self.act);
         let pointwise = taps == 1 && g.stride == [1, 1] && g.pads == [0; 4];
