@@ -311,14 +311,15 @@ impl Conv2dNhwc {
         } else {
             want.div_ceil(n_pb).min(n_panels)
         };
-        // A chunk holds whole tiles' worth (P) of panels; when the rounding
-        // leaves a task count the threads do not divide (1152->320 at 7²:
-        // five chunks, three tasks for one thread and two for the other),
-        // smaller chunks that they do divide, if any.
+        // A chunk holds whole tiles' worth (P) of panels. On a small map
+        // (split by panels) where the rounding leaves a task count the
+        // threads do not divide (1152->320 at 7²: five chunks, three tasks
+        // for one thread and two for the other), smaller chunks that they
+        // do divide, if any.
         let groups = n_panels.div_ceil(P);
         let mut per_group = groups.div_ceil(panel_chunks);
         let tasks = |g: usize| n_pb * groups.div_ceil(g);
-        if threads > 1 && tasks(per_group) % threads != 0 {
+        if panel_chunks > 1 && tasks(per_group) % threads != 0 {
             if let Some(g) = (1..per_group).rev().find(|&g| tasks(g) % threads == 0) {
                 per_group = g;
             }
