@@ -260,12 +260,10 @@ fn tune(
     Ok(r)
 }
 
-/// Median inference time (ms) of each engine on pseudo-random inputs:
-/// alternating rounds after a warm-up, so drift of a shared machine hits
-/// both alike.
-/// Times two engines in alternating rounds: each one's median, and the
-/// median over rounds of the second's time over the first's (taken
-/// milliseconds apart, so it cancels a drifting host: the pick).
+/// Times two engines on pseudo-random inputs in alternating rounds after a
+/// warm-up: each one's median inference time (ms), and the median over
+/// rounds of the second's time over the first's (runs milliseconds apart,
+/// so a drifting host cancels out: the pick).
 fn race_engines(engines: &[std::sync::Arc<Engine>], threads: usize) -> Result<(Vec<f64>, f64)> {
     let mut ctxs = Vec::new();
     for e in engines {
