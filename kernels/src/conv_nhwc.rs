@@ -301,9 +301,12 @@ impl Conv2dNhwc {
         // streams all the weights once (a 7×7 map would otherwise be a
         // block of 48 pixels and one of a single pixel, reading megabytes
         // of weights twice).
+        // The blocks share the tiles evenly (196 pixels in four blocks:
+        // 4, 4, 4 and 5 tiles of 12, not 5, 5, 5 and 2).
         let n_pb = ((pixels + pb / 2) / pb).max(1);
-        let pb = pixels.div_ceil(n_pb).next_multiple_of(M).max(M);
-        let n_pb = pixels.div_ceil(pb);
+        let all_tiles = pixels.div_ceil(M);
+        let n_pb = n_pb.min(all_tiles);
+        let block = |bi: usize| ((bi * all_tiles / n_pb) * M).min(pixels);
         let threads = pool.threads();
         let want = if threads > 1 { threads * 3 } else { 1 };
         let panel_chunks = if n_pb >= want {
@@ -332,8 +335,7 @@ impl Conv2dNhwc {
         let task = |t: usize, _slot: usize| {
             let zeros = self.zeros.as_ptr();
             let (bi, ci) = (t / panel_chunks, t % panel_chunks);
-            let p0 = bi * pb;
-            let p1 = (p0 + pb).min(pixels);
+            let (p0, p1) = (block(bi), block(bi + 1));
             let q0 = ci * per_chunk;
             let q1 = (q0 + per_chunk).min(n_panels);
             let mut rows = [[zeros; M]; MAX_TAPS];
