@@ -93,7 +93,8 @@ pub fn cpu_features() -> Vec<&'static str> {
             "avx512bw",
             "avx512dq",
             "avx512vl",
-            "avx512vnni"
+            "avx512vnni",
+            "avx512vbmi"
         );
     }
     #[cfg(target_arch = "aarch64")]
@@ -119,6 +120,21 @@ pub fn has_vnni() -> bool {
         *VNNI.get_or_init(|| {
             active() == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512vnni")
         })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether [`has_vnni`] holds and the CPU also has AVX-512 VBMI (`vpermb`:
+/// any byte of a 64-byte register to any position; Ice Lake, Zen 4 and
+/// later, not Cascade Lake). Always false elsewhere.
+pub fn has_vnni_vbmi() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static VBMI: OnceLock<bool> = OnceLock::new();
+        *VBMI.get_or_init(|| has_vnni() && std::arch::is_x86_feature_detected!("avx512vbmi"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
