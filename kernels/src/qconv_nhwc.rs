@@ -45,6 +45,9 @@ const NB: usize = 16;
 const MAX_K: usize = 131_072;
 /// Output pixels per task (a multiple of [`MR`]).
 pub const PIX: usize = 48;
+/// Depthwise maps of at most this many output pixels split their work by
+/// channel blocks (larger ones by rows).
+const SMALL_MAP: usize = 32 * 32;
 
 /// A prepared channels-last INT8 convolution (one group or depthwise).
 #[derive(Clone, Debug)]
@@ -410,14 +413,29 @@ impl QConv2dNhwc {
                 unsafe { std::slice::from_raw_parts_mut(s_ptr.add(s * slot_f32), slot_f32) }
             };
             if let Some(w) = &self.dw {
-                // Tasks of output rows, a few per thread.
-                let rows_per = self.oh.div_ceil(4 * pool.threads()).max(1);
-                let tasks = self.oh.div_ceil(rows_per);
-                pool.run(tasks, &|t, s| {
-                    let r0 = t * rows_per;
-                    let r1 = (r0 + rows_per).min(self.oh);
-                    self.depthwise_rows(w, x, res, y, r0..r1, slot(s));
-                });
+                let threads = pool.threads();
+                let cbs = self.cblocks;
+                if self.oh * self.ow <= SMALL_MAP && cbs >= threads {
+                    // A small map: tasks of channel blocks over all rows,
+                    // a few per thread. Row tasks would be few and uneven
+                    // (7 rows on 2 threads: 4 + 3), and each would lay
+                    // out the rows of its window again (on a 7x7 map with
+                    // a 5x5 kernel, 5 rows for 1 or 2).
+                    let parts = cbs.min(4 * threads);
+                    pool.run(parts, &|t, s| {
+                        let blocks = t * cbs / parts..(t + 1) * cbs / parts;
+                        self.depthwise_rows(w, x, res, y, 0..self.oh, blocks, slot(s));
+                    });
+                } else {
+                    // Tasks of output rows, a few per thread.
+                    let rows_per = self.oh.div_ceil(4 * threads).max(1);
+                    let tasks = self.oh.div_ceil(rows_per);
+                    pool.run(tasks, &|t, s| {
+                        let r0 = t * rows_per;
+                        let r1 = (r0 + rows_per).min(self.oh);
+                        self.depthwise_rows(w, x, res, y, r0..r1, 0..cbs, slot(s));
+                    });
+                }
                 continue;
             }
             // An f32 input is quantized once, split over the pool.
@@ -580,7 +598,9 @@ impl QConv2dNhwc {
         }
     }
 
-    /// Depthwise: output rows `rows` of one image.
+    /// Depthwise: output rows `rows` of one image, channel blocks
+    /// `blocks` (of [`NB`]).
+    #[allow(clippy::too_many_arguments)]
     fn depthwise_rows(
         &self,
         w: &[f32],
@@ -588,6 +608,7 @@ impl QConv2dNhwc {
         res: Option<&[f32]>,
         y: Dst,
         rows: std::ops::Range<usize>,
+        blocks: std::ops::Range<usize>,
         slot: &mut [f32],
     ) {
         let g = &self.g;
@@ -597,19 +618,24 @@ impl QConv2dNhwc {
         if let Some(q) = &self.dwq {
             // SAFETY: `dwq` is built only where AVX-512 F/BW/VL, VNNI and
             // VBMI are present (`new`); the slot holds `quad_offsets` bytes
-            // (slot_bytes); the rows are this task's own.
-            unsafe { dwq::rows(self, q, x, res, y, rows, slot) };
+            // (slot_bytes); the rows and blocks are this task's own.
+            unsafe { dwq::rows(self, q, x, res, y, rows, blocks, slot) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
         if isa.has_avx512() && g.kh * g.kw <= dw512::MAX_TAPS && self.window() <= 64 {
             let (_, ring) = slot.split_at_mut(self.ow * c);
             // SAFETY: AVX-512 F/BW/VL are present; `ring` holds window()
-            // padded rows (slot_bytes); the rows are this task's own.
-            unsafe { dw512::rows(self, w, x, res, y, rows, ring) };
+            // padded rows (slot_bytes); the rows and blocks are this
+            // task's own.
+            unsafe { dw512::rows(self, w, x, res, y, rows, blocks, ring) };
             return;
         }
+        // Channels c0..c1 of every pixel: one run of n per pixel in `acc`.
+        let (c0, c1) = (blocks.start * NB, (blocks.end * NB).min(c));
+        let n = c1 - c0;
         let (acc, xrow) = slot.split_at_mut(self.ow * c);
+        let acc = &mut acc[..self.ow * n];
         let xrow = &mut xrow[..g.w * c];
         for oy in rows {
             acc.fill(0.0);
@@ -619,31 +645,42 @@ impl QConv2dNhwc {
                     continue;
                 }
                 let src = iy as usize * g.w * c;
-                match x {
-                    QIn::F32(s) => crate::int8::quantize_to_f32(
-                        isa,
-                        &s[src..src + g.w * c],
-                        self.inv_input_scale,
-                        xrow,
-                    ),
-                    QIn::I8(s) => widen(isa, &s[src..src + g.w * c], xrow),
+                for ix in 0..g.w {
+                    let (a, d) = (src + ix * c + c0, ix * c + c0);
+                    match x {
+                        QIn::F32(s) => crate::int8::quantize_to_f32(
+                            isa,
+                            &s[a..a + n],
+                            self.inv_input_scale,
+                            &mut xrow[d..d + n],
+                        ),
+                        QIn::I8(s) => widen(isa, &s[a..a + n], &mut xrow[d..d + n]),
+                    }
                 }
                 for kx in 0..g.kw {
-                    let wt = &w[(ky * g.kw + kx) * c..(ky * g.kw + kx + 1) * c];
+                    let t = (ky * g.kw + kx) * c;
+                    let wt = &w[t + c0..t + c1];
                     for ox in 0..self.ow {
                         let ix =
                             (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pads[1] as isize;
                         if ix < 0 || ix >= g.w as isize {
                             continue;
                         }
-                        let xs = &xrow[ix as usize * c..(ix as usize + 1) * c];
-                        fma_row(isa, &mut acc[ox * c..(ox + 1) * c], xs, wt);
+                        let xs = &xrow[ix as usize * c + c0..ix as usize * c + c1];
+                        fma_row(isa, &mut acc[ox * n..(ox + 1) * n], xs, wt);
                     }
                 }
             }
             let o0 = oy * self.ow * c;
-            let res_row = res.map(|r| &r[o0..o0 + self.ow * c]);
-            self.finish(isa, acc, 0..c, res_row, y, o0);
+            if n == c {
+                let res_row = res.map(|r| &r[o0..o0 + self.ow * c]);
+                self.finish(isa, acc, 0..c, res_row, y, o0);
+            } else {
+                for (ox, v) in acc.chunks_exact_mut(n).enumerate() {
+                    let o = o0 + ox * c + c0;
+                    self.finish(isa, v, c0..c1, res.map(|r| &r[o..o + n]), y, o);
+                }
+            }
         }
     }
 
@@ -1132,11 +1169,13 @@ mod dwq {
         res: Option<&[f32]>,
         y: Dst,
         rows: std::ops::Range<usize>,
+        blocks: std::ops::Range<usize>,
         slot: &mut [f32],
     ) {
         let g = &l.g;
         let c = g.c_out;
         let cbs = l.cblocks;
+        let (c0, c1) = (blocks.start * NB, (blocks.end * NB).min(c));
         let cpad = cbs * NB;
         let win = l.window();
         let pcols = g.pads[1] + g.w + g.pads[3];
@@ -1172,7 +1211,7 @@ mod dwq {
         };
         // The staging row's pad columns (and the three past the end) are
         // zeros for the whole call.
-        for cb in 0..cbs {
+        for cb in blocks.clone() {
             for col in (0..g.pads[1]).chain(g.pads[1] + g.w..tcols) {
                 // SAFETY: column col < tcols of block cb.
                 unsafe {
@@ -1202,19 +1241,36 @@ mod dwq {
                     let row: &[i8] = match x {
                         QIn::I8(v) => &v[src..src + g.w * c],
                         QIn::F32(v) => {
-                            let inv = l.inv_input_scale;
-                            crate::int8::quantize_to_i8(
-                                Isa::Avx512,
-                                &v[src..src + g.w * c],
-                                inv,
-                                q8,
-                            );
+                            // This task's channels of each pixel.
+                            for ix in 0..g.w {
+                                let (a, d) = (src + ix * c, ix * c);
+                                crate::int8::quantize_to_i8(
+                                    Isa::Avx512,
+                                    &v[a + c0..a + c1],
+                                    l.inv_input_scale,
+                                    &mut q8[d + c0..d + c1],
+                                );
+                            }
                             q8
                         }
                     };
                     // SAFETY: `row` holds w·c bytes; the stage and ring
                     // rows are sized for every column and block.
-                    unsafe { build(row, c, cbs, g.pads[1], g.w, tcols, pcols, stage, dst, idx) };
+                    unsafe {
+                        build(
+                            row,
+                            c,
+                            cbs,
+                            blocks.clone(),
+                            g.pads[1],
+                            g.w,
+                            tcols,
+                            pcols,
+                            stage,
+                            dst,
+                            idx,
+                        )
+                    };
                     held[s] = iy;
                 }
                 taps[nt] = dst;
@@ -1222,7 +1278,7 @@ mod dwq {
                 nt += 1;
             }
             // This row's corrections: the kernel rows inside the image.
-            for cb in 0..cbs {
+            for cb in blocks.clone() {
                 // SAFETY: `comp` holds kh rows of cpad; `corr` cpad i32.
                 unsafe {
                     let mut v = _mm512_setzero_si512();
@@ -1248,7 +1304,7 @@ mod dwq {
             let mut ox = 0;
             while ox < l.ow {
                 let n = (l.ow - ox).min(8);
-                for cb in 0..cbs {
+                for cb in blocks.clone() {
                     // SAFETY: forwarded contract; the quads of pixel
                     // ox + j lie in the ring rows (pcols columns).
                     unsafe {
@@ -1284,6 +1340,7 @@ mod dwq {
         row: &[i8],
         c: usize,
         cbs: usize,
+        blocks: std::ops::Range<usize>,
         left: usize,
         w: usize,
         tcols: usize,
@@ -1298,23 +1355,23 @@ mod dwq {
             // Staged as they are (the +128 comes after the transpose, one
             // XOR per 64 bytes); a last partial block's missing channels
             // stage as zeros (their weights are zero).
-            let full = c / NB;
+            let full = (c / NB).min(blocks.end);
             let m: __mmask16 = (1u16 << (c % NB)).wrapping_sub(1);
             for ix in 0..w {
                 let src = row.as_ptr().add(ix * c);
                 let st = stage.add((left + ix) * NB);
-                for cb in 0..full {
+                for cb in blocks.start..full {
                     let v = _mm_loadu_si128(src.add(cb * NB) as *const __m128i);
                     _mm_storeu_si128(st.add(cb * tcols * NB) as *mut __m128i, v);
                 }
-                if full < cbs {
+                if full < blocks.end {
                     let v = _mm_maskz_loadu_epi8(m, src.add(full * NB));
                     _mm_storeu_si128(st.add(full * tcols * NB) as *mut __m128i, v);
                 }
             }
             let flip = _mm512_set1_epi8(-128);
             for col in 0..pcols {
-                for cb in 0..cbs {
+                for cb in blocks.clone() {
                     let v = _mm512_loadu_si512(stage.add((cb * tcols + col) * NB) as *const _);
                     _mm512_store_si512(
                         dst.add((col * cbs + cb) * 64) as *mut _,
@@ -1428,6 +1485,7 @@ mod dw512 {
         res: Option<&[f32]>,
         y: Dst,
         rows: std::ops::Range<usize>,
+        blocks: std::ops::Range<usize>,
         ring: &mut [f32],
     ) {
         let g = &l.g;
@@ -1436,6 +1494,7 @@ mod dw512 {
         let row_len = g.w * c;
         let prow = l.padded_row();
         let (left, right) = (g.pads[1] * c, prow - g.pads[1] * c - row_len);
+        let (c0, c1) = (blocks.start * NB, (blocks.end * NB).min(c));
         let clamp = crate::gemm::in_register_clamp(l.act);
         // The pad columns are zero for the whole call; widening writes
         // between them only.
@@ -1475,14 +1534,26 @@ mod dw512 {
                 if held[slot] != iy {
                     let dst = &mut ring[slot * prow + left..slot * prow + left + row_len];
                     let src = iy * row_len;
-                    match x {
-                        QIn::F32(s) => crate::int8::quantize_to_f32(
-                            Isa::Avx512,
-                            &s[src..src + row_len],
-                            l.inv_input_scale,
-                            dst,
-                        ),
-                        QIn::I8(s) => widen(Isa::Avx512, &s[src..src + row_len], dst),
+                    // The whole row as one run, or this task's channels of
+                    // each pixel: runs of `run` every `span` from `off`.
+                    let (span, off, run) = if (c0, c1) == (0, c) {
+                        (row_len, 0, row_len)
+                    } else {
+                        (c, c0, c1 - c0)
+                    };
+                    for (k, d) in dst.chunks_exact_mut(span).enumerate() {
+                        let (a, d) = (src + k * span + off, &mut d[off..off + run]);
+                        match x {
+                            QIn::F32(s) => crate::int8::quantize_to_f32(
+                                Isa::Avx512,
+                                &s[a..a + run],
+                                l.inv_input_scale,
+                                d,
+                            ),
+                            // SAFETY: AVX-512 F is enabled here (inlined:
+                            // runs of one pixel's channels are short).
+                            QIn::I8(s) => unsafe { super::widen_avx512(&s[a..a + run], d) },
+                        }
                     }
                     held[slot] = iy;
                 }
@@ -1516,7 +1587,7 @@ mod dw512 {
                 // group: the group's input pixels are whole runs of
                 // memory the prefetchers stream, and stay in L1 across
                 // the blocks.
-                for cb in (0..c).step_by(NB) {
+                for cb in (c0..c1).step_by(NB) {
                     // SAFETY: forwarded contract; every tap summed lies in
                     // the padded rows.
                     unsafe {
@@ -1876,6 +1947,26 @@ mod tests {
             Activation::None,
             false,
             19,
+        );
+        // Small maps on 3 threads split by channel blocks (7 blocks, the
+        // last partial, in 7 tasks).
+        check(
+            geo(100, 6, 6, 100, 3, 1, 1, 100),
+            Activation::Relu,
+            true,
+            20,
+        );
+        check(
+            geo(100, 6, 5, 100, 5, 1, 2, 100),
+            Activation::None,
+            false,
+            21,
+        );
+        check(
+            geo(100, 9, 9, 100, 3, 2, 1, 100),
+            Activation::HardSwish,
+            true,
+            22,
         );
     }
 
