@@ -29,6 +29,9 @@ pub fn max_abs_and_range(got: &[f32], want: &[f32]) -> (f32, f32) {
         .iter()
         .zip(want)
         .map(|(a, b)| (a - b).abs())
+        // NaN (an output never written) counts as infinitely wrong:
+        // `f32::max` alone would skip it.
+        .map(|e| if e.is_nan() { f32::INFINITY } else { e })
         .fold(0.0f32, f32::max);
     let lo = want.iter().cloned().fold(f32::INFINITY, f32::min);
     let hi = want.iter().cloned().fold(f32::NEG_INFINITY, f32::max);

@@ -92,6 +92,9 @@ fn preprocess_error(shared: &Path, model: &str, spec: &PreprocessSpec) -> f32 {
             .iter()
             .zip(&want.data)
             .map(|(a, b)| (a - b).abs())
+            // NaN (an output never written) counts as infinitely wrong:
+            // `f32::max` alone would skip it.
+            .map(|e| if e.is_nan() { f32::INFINITY } else { e })
             .fold(0.0, f32::max);
         eprintln!("{model} {stem} {w}x{h}: preprocessing max |diff| {e:.3e}");
         worst = worst.max(e);
