@@ -23,8 +23,9 @@
 //! * **Depthwise** (multiplier 1): products of integer-valued floats, which
 //!   are exact (|x·w| ≤ 127², and at most 1024 taps keep every partial sum
 //!   below 2^24), so the f32 FMA form vectorised over channels gives the
-//!   exact INT32 sums. Kernels of 5 taps per row or more at stride 1 run
-//!   the `vpdpbusd` form instead where the CPU has VNNI and VBMI (`dwq`):
+//!   exact INT32 sums. Kernels of 5 taps per row or more, or 3 at stride
+//!   2, run the `vpdpbusd` form instead where the CPU has VNNI and VBMI
+//!   (`dwq`):
 //!   each input row laid out once as four-column runs per channel, so one
 //!   instruction sums four taps.
 
@@ -97,17 +98,21 @@ impl DwQuads {
     /// Most taps per kernel row (and kernel rows) the form takes.
     const MAX_KW: usize = 16;
 
-    /// The form for `g`, where it pays: kernels of 5 taps per row or more
-    /// at stride 1. Laying out a row as quads costs about one `vpermb`
-    /// per pixel and 16 channels, so it wins where it replaces at least
-    /// five FMAs per kernel row and one row is laid out per output row.
-    /// Criterion, INT8 in/out, 1 thread, against [`dw512`]: 5×5 240 ch at
-    /// 28² −18%, 5×5 1152 ch at 7² and 3×3 128 ch at 128² even, 3×3 stride
-    /// 2 96 ch at 112² +15%.
+    /// The form for `g`, where it pays: kernels of 5 taps per row or more,
+    /// and 3 or more at stride 2. Laying out a row as quads costs about
+    /// one `vpermb` per column and 16 channels (only the columns pixels
+    /// start at: every other one at stride 2), so at stride 1 it must
+    /// replace at least five FMAs per kernel row; at stride 2 the
+    /// alternative widens two input pixels per output pixel. Criterion,
+    /// INT8 in/out, 1 thread, against [`dw512`] (same build): 3×3 stride 2
+    /// 96 ch at 112² −19%, 5×5 stride 2 144 ch at 56² −17%, 5×5 240 ch at
+    /// 28² −24%, 5×5 1152 ch at 7² −21%; 3×3 stride 1 was even or slower
+    /// (128 ch at 128², 144 ch at 56²).
     fn new(g: &Conv2dGeometry, q: &[i8], cblocks: usize) -> Option<DwQuads> {
         if g.dilation != [1, 1]
-            || g.stride != [1, 1]
-            || g.kw < 5
+            || !(g.stride == [1, 1] || g.stride == [2, 2])
+            || g.kw < 3
+            || (g.kw < 5 && g.stride == [1, 1])
             || g.kw > Self::MAX_KW
             || g.kh > Self::MAX_KW
         {
@@ -1262,6 +1267,7 @@ mod dwq {
                             c,
                             cbs,
                             blocks.clone(),
+                            g.stride[1],
                             g.pads[1],
                             g.w,
                             tcols,
@@ -1341,6 +1347,7 @@ mod dwq {
         c: usize,
         cbs: usize,
         blocks: std::ops::Range<usize>,
+        stride: usize,
         left: usize,
         w: usize,
         tcols: usize,
@@ -1370,7 +1377,9 @@ mod dwq {
                 }
             }
             let flip = _mm512_set1_epi8(-128);
-            for col in 0..pcols {
+            // Only the columns output pixels start at (every other one
+            // at stride 2).
+            for col in (0..pcols).step_by(stride) {
                 for cb in blocks.clone() {
                     let v = _mm512_loadu_si512(stage.add((cb * tcols + col) * NB) as *const _);
                     _mm512_store_si512(
