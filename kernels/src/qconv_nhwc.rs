@@ -136,6 +136,24 @@ impl DwQuads {
     }
 }
 
+/// `$f::<N>(args)` for the pixel count `n` (1 to 8; the depthwise
+/// kernels keep N pixels' sums in registers).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_count {
+    ($n:expr, $f:ident($($a:expr),*)) => {
+        match $n {
+            8 => $f::<8>($($a),*),
+            7 => $f::<7>($($a),*),
+            6 => $f::<6>($($a),*),
+            5 => $f::<5>($($a),*),
+            4 => $f::<4>($($a),*),
+            3 => $f::<3>($($a),*),
+            2 => $f::<2>($($a),*),
+            _ => $f::<1>($($a),*),
+        }
+    };
+}
+
 /// The output as the epilogue writes it.
 #[derive(Clone, Copy)]
 enum Dst {
@@ -328,6 +346,12 @@ impl QConv2dNhwc {
             ring,
             ring + self.window() * pcols * self.cblocks * 64,
         )
+    }
+
+    /// The channels `c0..c1` of channel blocks `blocks` (the last block
+    /// may be partial).
+    fn block_chans(&self, blocks: &std::ops::Range<usize>) -> (usize, usize) {
+        (blocks.start * NB, (blocks.end * NB).min(self.g.c_out))
     }
 
     /// Depthwise: floats of one input row with its pad columns.
@@ -637,7 +661,7 @@ impl QConv2dNhwc {
             return;
         }
         // Channels c0..c1 of every pixel: one run of n per pixel in `acc`.
-        let (c0, c1) = (blocks.start * NB, (blocks.end * NB).min(c));
+        let (c0, c1) = self.block_chans(&blocks);
         let n = c1 - c0;
         let (acc, xrow) = slot.split_at_mut(self.ow * c);
         let acc = &mut acc[..self.ow * n];
@@ -1180,7 +1204,7 @@ mod dwq {
         let g = &l.g;
         let c = g.c_out;
         let cbs = l.cblocks;
-        let (c0, c1) = (blocks.start * NB, (blocks.end * NB).min(c));
+        let (c0, c1) = l.block_chans(&blocks);
         let cpad = cbs * NB;
         let win = l.window();
         let pcols = g.pads[1] + g.w + g.pads[3];
@@ -1313,18 +1337,7 @@ mod dwq {
                 for cb in blocks.clone() {
                     // SAFETY: forwarded contract; the quads of pixel
                     // ox + j lie in the ring rows (pcols columns).
-                    unsafe {
-                        match n {
-                            8 => pixels::<8>(l, &t, corr, cb, ox, o_row, res, y, clamp),
-                            7 => pixels::<7>(l, &t, corr, cb, ox, o_row, res, y, clamp),
-                            6 => pixels::<6>(l, &t, corr, cb, ox, o_row, res, y, clamp),
-                            5 => pixels::<5>(l, &t, corr, cb, ox, o_row, res, y, clamp),
-                            4 => pixels::<4>(l, &t, corr, cb, ox, o_row, res, y, clamp),
-                            3 => pixels::<3>(l, &t, corr, cb, ox, o_row, res, y, clamp),
-                            2 => pixels::<2>(l, &t, corr, cb, ox, o_row, res, y, clamp),
-                            _ => pixels::<1>(l, &t, corr, cb, ox, o_row, res, y, clamp),
-                        }
-                    }
+                    unsafe { by_count!(n, pixels(l, &t, corr, cb, ox, o_row, res, y, clamp)) }
                 }
                 ox += n;
             }
@@ -1503,7 +1516,7 @@ mod dw512 {
         let row_len = g.w * c;
         let prow = l.padded_row();
         let (left, right) = (g.pads[1] * c, prow - g.pads[1] * c - row_len);
-        let (c0, c1) = (blocks.start * NB, (blocks.end * NB).min(c));
+        let (c0, c1) = l.block_chans(&blocks);
         let clamp = crate::gemm::in_register_clamp(l.act);
         // The pad columns are zero for the whole call; widening writes
         // between them only.
@@ -1591,7 +1604,7 @@ mod dw512 {
                 // group), a row's rest in one group (14 = 8 + 6, 7 = 7);
                 // single pixels skip the columns outside the image.
                 let n = (l.ow - ox).min(8);
-                let all = (0, g.kw);
+                let kx = if n == 1 { kx_range(ox) } else { (0, g.kw) };
                 // Every block of 16 channels of the group before the next
                 // group: the group's input pixels are whole runs of
                 // memory the prefetchers stream, and stay in L1 across
@@ -1599,18 +1612,7 @@ mod dw512 {
                 for cb in (c0..c1).step_by(NB) {
                     // SAFETY: forwarded contract; every tap summed lies in
                     // the padded rows.
-                    unsafe {
-                        match n {
-                            8 => pixels::<8>(l, &t, all, cb, ox, o_row, res, y, clamp),
-                            7 => pixels::<7>(l, &t, all, cb, ox, o_row, res, y, clamp),
-                            6 => pixels::<6>(l, &t, all, cb, ox, o_row, res, y, clamp),
-                            5 => pixels::<5>(l, &t, all, cb, ox, o_row, res, y, clamp),
-                            4 => pixels::<4>(l, &t, all, cb, ox, o_row, res, y, clamp),
-                            3 => pixels::<3>(l, &t, all, cb, ox, o_row, res, y, clamp),
-                            2 => pixels::<2>(l, &t, all, cb, ox, o_row, res, y, clamp),
-                            _ => pixels::<1>(l, &t, kx_range(ox), cb, ox, o_row, res, y, clamp),
-                        }
-                    }
+                    unsafe { by_count!(n, pixels(l, &t, kx, cb, ox, o_row, res, y, clamp)) }
                 }
                 ox += n;
             }
