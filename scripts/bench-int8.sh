@@ -52,8 +52,8 @@ out="$root/bench-out/int8"
 mkdir -p "$out"
 per=$(( (iterations + rounds - 1) / rounds ))
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-echo "| model | threads | fp32 ms | int8 ms | int8-strict ms | strict+dw ms | qdq ms | ort-int8 ms | int8/fp32 | strict/fp32 | strict+dw/fp32 | int8/ort-int8 | qdq/ort-int8 | INT8 layers (tuned/strict/+dw) |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| model | threads | fp32 ms | int8 ms | int8-strict ms | strict+dw ms | qdq ms | ort-int8 ms | int8/fp32 | strict/fp32 | strict+dw/fp32 | int8/ort-int8 | strict+dw/ort-int8 | qdq/ort-int8 | INT8 layers (tuned/strict/+dw) |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for m in $models; do
   onnx="$shared/models/$m.onnx"; desc="$root/models/zoo/$m.toml"; imgs="$shared/fixtures/images"
   "$osprey" calibrate --onnx "$onnx" --images "$imgs" --model-desc "$desc" --out "$out/$m.calib" >/dev/null 2>&1
@@ -67,7 +67,7 @@ for m in $models; do
       --out "$out/$m.t$t.qdq.engine" --json >/dev/null 2>&1
     strict=$("$osprey" build "${common[@]}" --strict-int8 --out "$out/$m.t$t.int8s.engine" 2>/dev/null | python3 -c "import json,sys; d=json.load(sys.stdin); print(sum(l['tactic'].startswith('int8') for l in d['layers']))")
     withdw=$("$osprey" build "${common[@]}" --strict-int8 --int8-depthwise --out "$out/$m.t$t.int8dw.engine" 2>/dev/null | python3 -c "import json,sys; d=json.load(sys.stdin); print(sum(l['tactic'].startswith('int8') for l in d['layers']))")
-    : > "$out/f"; : > "$out/q"; : > "$out/s"; : > "$out/w"; : > "$out/o"; : > "$out/d"; : > "$out/rq"; : > "$out/rs"; : > "$out/rw"; : > "$out/ro"; : > "$out/rd"
+    : > "$out/f"; : > "$out/q"; : > "$out/s"; : > "$out/w"; : > "$out/o"; : > "$out/d"; : > "$out/rq"; : > "$out/rs"; : > "$out/rw"; : > "$out/ro"; : > "$out/rd"; : > "$out/rwo"
     for r in $(seq "$rounds"); do
       for e in fp32 int8 int8s int8dw qdq; do
         "$osprey" bench --engine "$out/$m.t$t.$e.engine" --threads "$t" --iterations "$per" --warmup 3 --json \
@@ -78,11 +78,12 @@ for m in $models; do
       f=$(cat "$out/cur.fp32"); q=$(cat "$out/cur.int8"); s=$(cat "$out/cur.int8s"); w=$(cat "$out/cur.int8dw"); o=$(cat "$out/cur.ort"); dq=$(cat "$out/cur.qdq")
       echo "$f" >> "$out/f"; echo "$q" >> "$out/q"; echo "$s" >> "$out/s"; echo "$w" >> "$out/w"; echo "$o" >> "$out/o"; echo "$dq" >> "$out/d"
       python3 -c "print($w/$f)" >> "$out/rw"
+      python3 -c "print($w/$o)" >> "$out/rwo"
       python3 -c "print($dq/$o)" >> "$out/rd"
       python3 -c "print($q/$f)" >> "$out/rq"; python3 -c "print($s/$f)" >> "$out/rs"; python3 -c "print($q/$o)" >> "$out/ro"
     done
-    printf "| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %s / %s / %s |\n" "$m" "$t" \
+    printf "| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %s / %s / %s |\n" "$m" "$t" \
       "$(median < "$out/f")" "$(median < "$out/q")" "$(median < "$out/s")" "$(median < "$out/w")" "$(median < "$out/d")" "$(median < "$out/o")" \
-      "$(median < "$out/rq")" "$(median < "$out/rs")" "$(median < "$out/rw")" "$(median < "$out/ro")" "$(median < "$out/rd")" "$tuned" "$strict" "$withdw"
+      "$(median < "$out/rq")" "$(median < "$out/rs")" "$(median < "$out/rw")" "$(median < "$out/ro")" "$(median < "$out/rwo")" "$(median < "$out/rd")" "$tuned" "$strict" "$withdw"
   done
 done
