@@ -322,7 +322,7 @@ impl QConv2dNhwc {
             // One output row of f32 sums and the input rows one output
             // row reads, as f32 values; or the VNNI form's buffers.
             Some(_) => ((self.ow * self.g.c_out + self.window() * self.padded_row()) * 4)
-                .max(self.quad_offsets().3),
+                .max(self.dwq.as_ref().map_or(0, |_| self.quad_offsets().3)),
             None => PIX * self.kq * 4,
         }
     }
