@@ -18,7 +18,7 @@ use osprey_models::vision::resize::Filter;
 use osprey_models::vision::{
     read_image, Classifier, Detector, Frame, FrameLimits, PixelFormat, PreprocessSpec, Preprocessor,
 };
-use osprey_tests::shared_dir;
+use osprey_tests::{max_abs_and_range, shared_dir};
 use serde_json::Value;
 
 fn zoo(name: &str) -> PathBuf {
@@ -88,14 +88,7 @@ fn preprocess_error(shared: &Path, model: &str, spec: &PreprocessSpec) -> f32 {
         let mut got = vec![0.0; p.tensor_len()];
         p.run(&frame, &mut got).unwrap();
         assert_eq!(got.len(), want.data.len());
-        let e = got
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| (a - b).abs())
-            // NaN (an output never written) counts as infinitely wrong:
-            // `f32::max` alone would skip it.
-            .map(|e| if e.is_nan() { f32::INFINITY } else { e })
-            .fold(0.0, f32::max);
+        let (e, _) = max_abs_and_range(&got, &want.data);
         eprintln!("{model} {stem} {w}x{h}: preprocessing max |diff| {e:.3e}");
         worst = worst.max(e);
         n += 1;
