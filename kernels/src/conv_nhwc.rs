@@ -156,18 +156,19 @@ impl Conv2dNhwc {
         Conv2dNhwc::supports(g) && g.groups != 1
     }
 
-    /// Scratch floats [`Conv2dNhwc::run_to_i8`] needs: one output row per
-    /// thread.
+    /// Scratch floats [`Conv2dNhwc::run_to_i8`] needs: one group of
+    /// neighbouring output pixels ([`DW_GROUP`]) per thread.
     pub fn scratch_len_i8(&self, threads: usize) -> usize {
-        self.ow * self.g.c_out * threads.max(1)
+        DW_GROUP * self.g.c_out * threads.max(1)
     }
 
     /// A depthwise layer whose output is read only by INT8 layers: each
-    /// output row is computed in f32 as [`Conv2dNhwc::run`] computes it,
-    /// then requantized with `out_scale` (as the INT8 kernels' epilogue
-    /// requantizes: `round(v / out_scale)` clamped to ±127) while it is in
-    /// cache, so the f32 tensor never goes to memory and the reader does
-    /// not quantize it again.
+    /// group of neighbouring output pixels is computed in f32 as
+    /// [`Conv2dNhwc::run`] computes it, then requantized with `out_scale`
+    /// (as the INT8 kernels' epilogue requantizes: `round(v / out_scale)`
+    /// clamped to ±127) while it is in L1, so the f32 tensor never goes to
+    /// memory (nor a whole f32 row to L2) and the reader does not quantize
+    /// it again.
     ///
     /// # Panics
     /// If the layer is not depthwise ([`Conv2dNhwc::writes_i8`]) or a
@@ -190,6 +191,7 @@ impl Conv2dNhwc {
         let in_img = g.h * g.w * g.c_in;
         let row_len = self.ow * g.c_out;
         let out_img = self.oh * row_len;
+        let group = DW_GROUP * g.c_out;
         assert!(input.len() >= batch * in_img && output.len() >= batch * out_img);
         assert!(residual.is_none_or(|r| r.len() >= batch * out_img));
         assert!(scratch.len() >= self.scratch_len_i8(pool.threads()));
@@ -201,13 +203,13 @@ impl Conv2dNhwc {
             let x = &input[b * in_img..(b + 1) * in_img];
             let res = residual.map(|r| &r[b * out_img..(b + 1) * out_img]);
             pool.run(self.oh, &|oy, slot| {
-                // SAFETY: thread slot `slot` alone uses its row of scratch
+                // SAFETY: thread slot `slot` alone uses its group of scratch
                 // (sized for the pool's threads above); task `oy` alone
                 // writes output row `oy` of image `b`, inside `output` by the
                 // assert above.
-                let (row, yr) = unsafe {
+                let (buf, y) = unsafe {
                     (
-                        std::slice::from_raw_parts_mut(s_ptr.add(slot * row_len), row_len),
+                        std::slice::from_raw_parts_mut(s_ptr.add(slot * group), group),
                         std::slice::from_raw_parts_mut(
                             y_ptr.add(b * out_img + oy * row_len),
                             row_len,
@@ -215,8 +217,7 @@ impl Conv2dNhwc {
                     )
                 };
                 let rr = res.map(|r| &r[oy * row_len..(oy + 1) * row_len]);
-                self.depthwise_row(isa, x, w, oy, rr, row);
-                crate::int8::quantize_to_i8(isa, row, inv, yr);
+                self.depthwise_row(isa, x, w, oy, rr, RowOut::I8 { buf, y, inv });
             });
         }
     }
@@ -503,7 +504,7 @@ impl Conv2dNhwc {
             // the assert in `run`.
             let yr = unsafe { std::slice::from_raw_parts_mut(y_ptr.add(oy * row_len), row_len) };
             let rr = res.map(|r| &r[oy * row_len..(oy + 1) * row_len]);
-            self.depthwise_row(isa, x, w, oy, rr, yr);
+            self.depthwise_row(isa, x, w, oy, rr, RowOut::F32(yr));
         };
         pool.run(self.oh, &task);
     }
@@ -516,7 +517,7 @@ impl Conv2dNhwc {
         w: &[f32],
         oy: usize,
         res: Option<&[f32]>,
-        y: &mut [f32],
+        mut sink: RowOut,
     ) {
         let g = &self.g;
         let c = g.c_out;
@@ -555,12 +556,15 @@ impl Conv2dNhwc {
             }
             // Interior neighbours share the weight loads: two with AVX2,
             // up to four with AVX-512; they are `stride · c` floats apart.
-            let most = if isa.has_avx512() { 4 } else { 2 };
+            let most = if isa.has_avx512() { DW_GROUP } else { 2 };
             let mut px = 1;
             while at.is_some() && px < most && ox + px < self.ow && self.interior_col(ox + px) {
                 px += 1;
             }
-            let out = &mut y[ox * c..(ox + px) * c];
+            let out = match &mut sink {
+                RowOut::F32(y) => &mut y[ox * c..(ox + px) * c],
+                RowOut::I8 { buf, .. } => &mut buf[..px * c],
+            };
             let r = res.map(|r| &r[ox * c..(ox + px) * c]);
             match isa {
                 #[cfg(target_arch = "x86_64")]
@@ -618,9 +622,30 @@ impl Conv2dNhwc {
             if clamp.is_none() {
                 self.act.apply_slice(out);
             }
+            if let RowOut::I8 { buf, y, inv } = &mut sink {
+                let q = &mut y[ox * c..(ox + px) * c];
+                crate::int8::quantize_to_i8(isa, &buf[..px * c], *inv, q);
+            }
             ox += px;
         }
     }
+}
+
+/// Most neighbouring pixels one depthwise step computes (AVX-512; two with
+/// AVX2, one otherwise).
+const DW_GROUP: usize = 4;
+
+/// Where [`Conv2dNhwc::depthwise_row`] puts an output row.
+enum RowOut<'a> {
+    /// The f32 row.
+    F32(&'a mut [f32]),
+    /// Each pixel group computed into `buf` (at least [`DW_GROUP`] pixels)
+    /// and requantized into the INT8 row `y` with `inv` (1 / scale).
+    I8 {
+        buf: &'a mut [f32],
+        y: &'a mut [i8],
+        inv: f32,
+    },
 }
 
 /// The AVX2 / AVX-512 depthwise kernels' operands for a group of
