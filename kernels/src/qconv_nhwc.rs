@@ -1491,6 +1491,10 @@ mod dw512 {
     /// portable path).
     pub(super) const MAX_TAPS: usize = 64;
 
+    /// Input columns the sliding-window sums hold in registers (8 pixels
+    /// and up to 5 taps per row).
+    const SLIDE_COLS: usize = 12;
+
     /// Output rows `rows` of one image.
     ///
     /// # Safety
@@ -1596,6 +1600,7 @@ mod dw512 {
             let t = Taps {
                 taps: &taps[..nt],
                 kw: g.kw,
+                slide: g.stride[1] == 1 && g.dilation[1] == 1,
             };
             let mut ox = 0;
             while ox < l.ow {
@@ -1623,6 +1628,10 @@ mod dw512 {
     struct Taps<'a> {
         taps: &'a [(*const f32, *const f32)],
         kw: usize,
+        /// Stride 1 and no dilation along the row: tap `kx` of pixel `j`
+        /// is input column `j + kx`, so a row's taps for a group of pixels
+        /// are a sliding window over `N + kw − 1` columns.
+        slide: bool,
     }
 
     /// Sums of `N` pixels × 16 channels from `cb` over the taps of kernel
@@ -1665,7 +1674,20 @@ mod dw512 {
                 }
             };
         }
-        if kx == (0, t.kw) {
+        if kx == (0, t.kw) && t.slide && matches!(t.kw, 3 | 5) {
+            // A sliding window: each of the row's `N + kw − 1` input
+            // columns is loaded once for every pixel and tap that reads it
+            // (a 3-tap row of 8 pixels: 10 loads, not 24), so the
+            // multiply-adds, not the loads, set the pace.
+            // SAFETY: forwarded contract.
+            unsafe {
+                if t.kw == 3 {
+                    slide::<N, 3, MASKED>(&mut acc, t, cb, base, step, mask);
+                } else {
+                    slide::<N, 5, MASKED>(&mut acc, t, cb, base, step, mask);
+                }
+            }
+        } else if kx == (0, t.kw) {
             // All columns: one flat loop (short rows would cost a loop
             // each).
             for &(wp, xp) in t.taps {
@@ -1679,6 +1701,52 @@ mod dw512 {
             }
         }
         acc
+    }
+
+    /// [`sums`] over whole rows of `KW` taps at stride 1 without
+    /// dilation: column `j + kx` of the group's first pixel is pixel `j`'s
+    /// tap `kx`. The `N + KW − 1` columns stay in registers (constant
+    /// indices once unrolled).
+    ///
+    /// # Safety
+    /// As [`sums`]; `t.kw == KW` and `t.slide`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn slide<const N: usize, const KW: usize, const MASKED: bool>(
+        acc: &mut [__m512; N],
+        t: &Taps,
+        cb: usize,
+        base: usize,
+        step: usize,
+        mask: __mmask16,
+    ) {
+        let ld = |p: *const f32| {
+            // SAFETY: forwarded contract.
+            unsafe {
+                if MASKED {
+                    _mm512_maskz_loadu_ps(mask, p)
+                } else {
+                    _mm512_loadu_ps(p)
+                }
+            }
+        };
+        for row in t.taps.chunks_exact(KW) {
+            // SAFETY: forwarded contract: the window's columns lie in the
+            // padded row, the weights in the kernel.
+            unsafe {
+                let xp = row[0].1.add(base);
+                let mut cols = [_mm512_setzero_ps(); SLIDE_COLS];
+                for (j, col) in cols.iter_mut().enumerate().take(N + KW - 1) {
+                    *col = ld(xp.add(j * step));
+                }
+                for k in 0..KW {
+                    let wv = ld(row[k].0.add(cb));
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(cols[j + k], wv, *a);
+                    }
+                }
+            }
+        }
     }
 
     /// `N` pixels from `ox` on, 16 channels from `cb`, kernel columns
@@ -1822,6 +1890,14 @@ mod tests {
         }
     }
 
+    impl QConv2dNhwc {
+        /// The layer without its VNNI depthwise form.
+        fn without_quads(mut self) -> QConv2dNhwc {
+            self.dwq = None;
+            self
+        }
+    }
+
     /// Runs the layer every way (f32 / INT8 input, f32 / INT8 output) on
     /// pools of 1 and 3 threads and compares with the reference, bit for bit.
     fn check(g: Conv2dGeometry, act: Activation, residual: bool, seed: u64) {
@@ -1856,7 +1932,13 @@ mod tests {
             Some(out_scale),
             &mut want8,
         );
-        for threads in [1, 3] {
+        // The VNNI depthwise form where this CPU runs it, and the f32 form
+        // it replaces there (which other CPUs run).
+        let forms = [
+            Some(l.clone()),
+            l.dwq.is_some().then(|| l.clone().without_quads()),
+        ];
+        for (l, threads) in forms.iter().flatten().flat_map(|l| [(l, 1), (l, 3)]) {
             let pool = ThreadPool::new(threads);
             let mut scratch = vec![0f32; l.scratch_len(threads)];
             for in8 in [false, true] {
