@@ -239,7 +239,45 @@ fn llm(c: &mut Criterion) {
     g.finish();
 }
 
+/// The engine's boundary layout conversions: a camera image (3 planes) to
+/// channels-last at the input, and a channels-last output back to planes.
+fn layouts(c: &mut Criterion) {
+    use osprey_kernels::eltwise::MAX_RANK;
+    use osprey_kernels::layout::{contiguous_strides, copy_strided, StridedView};
+    let mut g = c.benchmark_group("layout");
+    for (ch, hw, to_nhwc) in [(3, 224, true), (3, 512, true), (80, 128, false)] {
+        let x = data(ch * hw * hw);
+        let mut y = vec![0.0; x.len()];
+        // The source read in the destination's dimension order.
+        let (shape, src) = if to_nhwc {
+            ([hw, hw, ch], [hw as isize, 1, (hw * hw) as isize])
+        } else {
+            ([ch, hw, hw], [1, (hw * ch) as isize, ch as isize])
+        };
+        let mut strides = [0isize; MAX_RANK];
+        strides[..3].copy_from_slice(&src);
+        let src = StridedView { offset: 0, strides };
+        let dst = StridedView {
+            offset: 0,
+            strides: contiguous_strides(&shape),
+        };
+        g.throughput(Throughput::Bytes(8 * x.len() as u64));
+        let id = format!(
+            "{}_{ch}x{hw}x{hw}",
+            if to_nhwc {
+                "nchw-to-nhwc"
+            } else {
+                "nhwc-to-nchw"
+            }
+        );
+        g.bench_function(BenchmarkId::from_parameter(id), |b| {
+            b.iter(|| copy_strided(&shape, &x, &src, &mut y, &dst))
+        });
+    }
+}
+
 fn benches(c: &mut Criterion) {
+    layouts(c);
     llm(c);
     activations(c);
     // (c_in, c_out, h=w, kernel, stride, groups)

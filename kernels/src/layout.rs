@@ -181,18 +181,21 @@ impl Plane2d {
         let transpose = self.transpose_form();
         for r0 in (0..self.dims[0]).step_by(t) {
             for c0 in (0..self.dims[1]).step_by(t) {
-                if let Some(form) = transpose {
-                    if r0 + t <= self.dims[0]
-                        && c0 + t <= self.dims[1]
-                        && self.tile_simd(form, x, so, y, dof, r0, c0)
-                    {
-                        continue;
+                let (tr, tc) = ((self.dims[0] - r0).min(t), (self.dims[1] - c0).min(t));
+                // The tile's whole 8 × 8 blocks in registers (a partial
+                // tile too: 80 channels are 2½ tiles but ten blocks), the
+                // rest element by element.
+                let (br, bc) = match transpose {
+                    Some(form) if self.tile_simd(form, x, so, y, dof, [r0, c0], [tr, tc]) => {
+                        (tr / 8 * 8, tc / 8 * 8)
                     }
-                }
-                for r in r0..(r0 + t).min(self.dims[0]) {
+                    _ => (0, 0),
+                };
+                for r in r0..r0 + tr {
                     let sb = so + r as isize * self.src[0];
                     let db = dof + r as isize * self.dst[0];
-                    for c in c0 as isize..(c0 + t).min(self.dims[1]) as isize {
+                    let from = if r < r0 + br { c0 + bc } else { c0 };
+                    for c in from as isize..(c0 + tc) as isize {
                         y[(db + c * self.dst[1]) as usize] = x[(sb + c * self.src[1]) as usize];
                     }
                 }
@@ -250,8 +253,9 @@ impl Plane2d {
         }
     }
 
-    /// One full tile as 8 × 8 register transposes (AVX2); `false` (nothing
-    /// written) without AVX2.
+    /// The whole 8 × 8 blocks of the tile at `at` with `extent` rows and
+    /// columns (its first `extent / 8 · 8`) as register transposes (AVX2);
+    /// `false` (nothing written) without AVX2.
     #[allow(clippy::too_many_arguments)]
     fn tile_simd(
         &self,
@@ -260,19 +264,22 @@ impl Plane2d {
         so: isize,
         y: &mut [f32],
         dof: isize,
-        r0: usize,
-        c0: usize,
+        at: [usize; 2],
+        extent: [usize; 2],
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
         if crate::isa::active().has_avx2() {
-            let t = Plane2d::TILE as isize;
-            let (r0, c0) = (r0 as isize, c0 as isize);
-            // Every index of the tile lies between its first and last
+            let (tr, tc) = ((extent[0] / 8 * 8) as isize, (extent[1] / 8 * 8) as isize);
+            if tr == 0 || tc == 0 {
+                return true;
+            }
+            let (r0, c0) = (at[0] as isize, at[1] as isize);
+            // Every index of the blocks lies between their first and last
             // element (positive strides): check those once.
             let span = |o: isize, s: [isize; 2]| {
                 (
                     o + r0 * s[0] + c0 * s[1],
-                    o + (r0 + t - 1) * s[0] + (c0 + t - 1) * s[1],
+                    o + (r0 + tr - 1) * s[0] + (c0 + tc - 1) * s[1],
                 )
             };
             let (slo, shi) = span(so, self.src);
@@ -291,8 +298,8 @@ impl Plane2d {
             } else {
                 (self.src[0], self.dst[1])
             };
-            for i in (0..t).step_by(8) {
-                for j in (0..t).step_by(8) {
+            for i in (0..tr).step_by(8) {
+                for j in (0..tc).step_by(8) {
                     // Block rows `i..` of the first dimension, `j..` of the second.
                     let (r, c) = (r0 + i, c0 + j);
                     let (src, dst) = if swapped {
@@ -303,8 +310,8 @@ impl Plane2d {
                         (so + r * self.src[0] + c, dof + r + c * self.dst[1])
                     };
                     // SAFETY: AVX2 is active; the block's 8 rows of 8
-                    // floats on either side lie inside the tile, whose
-                    // extent was checked against both buffers above.
+                    // floats on either side lie inside the blocks' extent,
+                    // checked against both buffers above.
                     unsafe {
                         transpose8_avx2(
                             x.as_ptr().offset(src),
@@ -317,7 +324,7 @@ impl Plane2d {
             }
             return true;
         }
-        let _ = (swapped, x, so, y, dof, r0, c0);
+        let _ = (swapped, x, so, y, dof, at, extent);
         false
     }
 }
