@@ -561,6 +561,18 @@ impl Conv2dNhwc {
             while at.is_some() && px < most && ox + px < self.ow && self.interior_col(ox + px) {
                 px += 1;
             }
+            // An INT8 row with an activation applied in registers: the
+            // AVX-512 kernel requantizes before its store (`quantized`).
+            #[cfg(target_arch = "x86_64")]
+            let out_i8 = match &mut sink {
+                RowOut::I8 { y, inv, .. } if clamp.is_some() && isa.has_avx512() => {
+                    Some((y[ox * c..(ox + px) * c].as_mut_ptr(), *inv))
+                }
+                _ => None,
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let out_i8: Option<(*mut i8, f32)> = None;
+            let quantized = out_i8.is_some();
             let out = match &mut sink {
                 RowOut::F32(y) => &mut y[ox * c..(ox + px) * c],
                 RowOut::I8 { buf, .. } => &mut buf[..px * c],
@@ -584,6 +596,7 @@ impl Conv2dNhwc {
                         bias: self.bias.as_ptr(),
                         res: r.map(|r| r.as_ptr()),
                         out: out.as_mut_ptr(),
+                        out_i8,
                         c,
                         lo,
                         hi,
@@ -622,7 +635,7 @@ impl Conv2dNhwc {
             if clamp.is_none() {
                 self.act.apply_slice(out);
             }
-            if let RowOut::I8 { buf, y, inv } = &mut sink {
+            if let (RowOut::I8 { buf, y, inv }, false) = (&mut sink, quantized) {
                 let q = &mut y[ox * c..(ox + px) * c];
                 crate::int8::quantize_to_i8(isa, &buf[..px * c], *inv, q);
             }
@@ -663,6 +676,10 @@ struct DwSimd<'a> {
     res: Option<*const f32>,
     /// Output of pixel 0 (each next pixel's `c` floats later).
     out: *mut f32,
+    /// Instead of `out` (AVX-512 only): the INT8 output of pixel 0 and
+    /// 1 / its scale; each result is requantized in registers as
+    /// [`crate::int8::quantize_to_i8`] would requantize the stored float.
+    out_i8: Option<(*mut i8, f32)>,
     c: usize,
     lo: f32,
     hi: f32,
@@ -838,6 +855,8 @@ impl DwSimd<'_> {
                 }
             }
             let (vlo, vhi) = (_mm512_set1_ps(self.lo), _mm512_set1_ps(self.hi));
+            let qmax = crate::qconv::QMAX;
+            let (qlo, qhi) = (_mm512_set1_ps(-qmax), _mm512_set1_ps(qmax));
             for (p, row) in acc.iter().enumerate() {
                 for (v, &a) in row.iter().enumerate() {
                     let off = p * self.c + c0 + 16 * v;
@@ -846,7 +865,20 @@ impl DwSimd<'_> {
                         r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(m(v), res.add(off)));
                     }
                     r = _mm512_min_ps(_mm512_max_ps(r, vlo), vhi);
-                    _mm512_mask_storeu_ps(self.out.add(off), m(v), r);
+                    match self.out_i8 {
+                        // The stored float's requantization, step for step:
+                        // times 1/scale, clamped to ±127, rounded to
+                        // nearest even (the conversion's default mode;
+                        // in range, so the saturating narrow never
+                        // saturates).
+                        Some((q, inv)) => {
+                            let t = _mm512_mul_ps(r, _mm512_set1_ps(inv));
+                            let t = _mm512_min_ps(_mm512_max_ps(t, qlo), qhi);
+                            let i = _mm512_cvtps_epi32(t);
+                            _mm512_mask_cvtsepi32_storeu_epi8(q.add(off), m(v), i);
+                        }
+                        None => _mm512_mask_storeu_ps(self.out.add(off), m(v), r),
+                    }
                 }
             }
         }
