@@ -1,7 +1,7 @@
 //! The engine file: everything needed to start inferring without importing,
 //! optimising or tuning again.
 //!
-//! # Format (version 1)
+//! # Format (version 2; version 1 is read too)
 //!
 //! A [safetensors](https://github.com/huggingface/safetensors) file, so any
 //! safetensors tool can list and read the weights:
@@ -15,7 +15,8 @@
 //!   memory-mapped.
 //! * `__metadata__` (string → string), append-only keys:
 //!   * `format` = `osprey-engine`
-//!   * `format_version` = `1`
+//!   * `format_version` = `2` (`1`: written before a concatenation could
+//!     carry a fused activation; otherwise the same)
 //!   * `precision` = `fp32` | `fp16` | `int8` (INT8 convolutions carry
 //!     their input scale in the plan's node attributes)
 //!   * `fingerprint` = JSON [`Fingerprint`] of the device the tactics were timed on
@@ -48,8 +49,15 @@ use crate::tune::Tactics;
 /// A tensor as stored: name, dtype, shape, little-endian bytes.
 type StoredTensor = (String, Dtype, Vec<usize>, Vec<u8>);
 
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes.
+///
+/// Version 2 adds a node attribute older readers would ignore (a
+/// concatenation's fused Relu or Clip), so they must refuse these files;
+/// version 1 files mean the same to this reader and still load.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest format version this build reads.
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 
 /// Storage precision of the weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,10 +341,11 @@ pub fn from_bytes(bytes: &[u8], device: Option<&Fingerprint>, path: &str) -> Res
         ));
     }
     let version = get("format_version").unwrap_or("?");
-    if version != FORMAT_VERSION.to_string() {
+    let readable = OLDEST_READABLE_VERSION..=FORMAT_VERSION;
+    if !version.parse::<u32>().is_ok_and(|v| readable.contains(&v)) {
         return Err(file_err(
             path,
-            format!("engine format version {version}; this osprey reads version {FORMAT_VERSION}: rebuild the engine with `osprey build`"),
+            format!("engine format version {version}; this osprey reads versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}: rebuild the engine with `osprey build`"),
         ));
     }
     let mut tensors: Vec<StoredTensor> = st

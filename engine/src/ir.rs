@@ -201,6 +201,16 @@ pub struct PoolAttrs {
     pub pads: [usize; 4],
 }
 
+/// Serde default of a fused activation (engine files written before a
+/// node kind could take one).
+fn no_activation() -> Activation {
+    Activation::None
+}
+
+fn is_no_activation(a: &Activation) -> bool {
+    *a == Activation::None
+}
+
 /// An operation on f32 tensors, with every attribute resolved at import.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Op {
@@ -222,6 +232,10 @@ pub enum Op {
     Concat {
         /// Axis (non-negative).
         axis: usize,
+        /// A fused Relu or Clip applied to every element as it is copied
+        /// (`None`: values unchanged).
+        #[serde(default = "no_activation", skip_serializing_if = "is_no_activation")]
+        act: Activation,
     },
     /// Split along an axis into the given sizes (one output each).
     Split {

@@ -223,11 +223,15 @@ fn unusable_files_are_clear_errors() {
     // Another format version (same length, so only the version differs).
     let pos = bytes
         .windows(20)
-        .position(|w| w == br#""format_version":"1""#)
+        .position(|w| w == br#""format_version":"2""#)
         .expect("version key");
     let mut other = bytes.clone();
     other[pos + 18] = b'7';
     expect_file_error(&other, None, "format version 7");
+    // Version 1 passes the version check (then fails the checksum, which
+    // covers the version).
+    other[pos + 18] = b'1';
+    expect_file_error(&other, None, "checksum mismatch");
     // Tuned for another device.
     let mut foreign = ef.clone();
     foreign.fingerprint.isa = "avx512-from-elsewhere".into();

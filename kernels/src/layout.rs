@@ -34,6 +34,28 @@ pub fn copy_strided(
     y: &mut [f32],
     dst: &StridedView,
 ) {
+    copy_strided_clamped(shape, x, src, y, dst, None)
+}
+
+/// [`copy_strided`], each value clamped to `clamp`'s bounds as it is
+/// written (`v.max(lo).min(hi)`, as [`crate::Activation::apply`] computes
+/// Relu and Clip), for a fused `Concat → Relu`: the activation costs no
+/// pass of its own over the tensor.
+///
+/// # Panics
+/// As [`copy_strided`].
+pub fn copy_strided_clamped(
+    shape: &[usize],
+    x: &[f32],
+    src: &StridedView,
+    y: &mut [f32],
+    dst: &StridedView,
+    clamp: Option<(f32, f32)>,
+) {
+    let f = |v: f32| match clamp {
+        Some((lo, hi)) => v.max(lo).min(hi),
+        None => v,
+    };
     let rank = shape.len();
     assert!(rank <= MAX_RANK);
     if shape.contains(&0) {
@@ -63,7 +85,7 @@ pub fn copy_strided(
         n += 1;
     }
     if n == 0 {
-        y[dst.offset] = x[src.offset];
+        y[dst.offset] = f(x[src.offset]);
         return;
     }
     let inner = dims[n - 1];
@@ -72,7 +94,9 @@ pub fn copy_strided(
     // tile by tile, so the strided side's cache lines are used while they
     // are hot (an NHWC ↔ NCHW conversion reads or writes one line per
     // element otherwise); any other copy goes row by row.
-    let plane = ((si != 1 || di != 1) && n >= 2).then(|| Plane2d {
+    // (Clamped copies are concatenations, never transposes: they take the
+    // element loop below if they are strided.)
+    let plane = ((si != 1 || di != 1) && n >= 2 && clamp.is_none()).then(|| Plane2d {
         dims: [dims[n - 2], inner],
         src: [ss[n - 2], si],
         dst: [ds[n - 2], di],
@@ -91,10 +115,18 @@ pub fn copy_strided(
             p.copy(x, so, y, dof);
         } else if si == 1 && di == 1 {
             let (so, dof) = (so as usize, dof as usize);
-            y[dof..dof + inner].copy_from_slice(&x[so..so + inner]);
+            let (from, to) = (&x[so..so + inner], &mut y[dof..dof + inner]);
+            match clamp {
+                Some((lo, hi)) => {
+                    for (d, &v) in to.iter_mut().zip(from) {
+                        *d = v.max(lo).min(hi);
+                    }
+                }
+                None => to.copy_from_slice(from),
+            }
         } else {
             for i in 0..inner as isize {
-                y[(dof + i * di) as usize] = x[(so + i * si) as usize];
+                y[(dof + i * di) as usize] = f(x[(so + i * si) as usize]);
             }
         }
         for d in (0..walked).rev() {
@@ -107,7 +139,7 @@ pub fn copy_strided(
     }
 }
 
-/// [`copy_strided`] split over the pool when the copy is large and its
+/// [`copy_strided_clamped`] split over the pool when the copy is large and its
 /// destination is a whole contiguous tensor (a layout conversion, a
 /// transpose): each task writes its own contiguous range of outermost
 /// indices.
@@ -121,15 +153,16 @@ pub fn copy_strided_parallel(
     src: &StridedView,
     y: &mut [f32],
     dst: &StridedView,
+    clamp: Option<(f32, f32)>,
 ) {
     let total: usize = shape.iter().product();
     let whole = dst.strides[..shape.len()] == contiguous_strides(shape)[..shape.len()];
     let outer = shape.iter().position(|&n| n > 1);
     let (Some(d), true) = (outer, whole) else {
-        return copy_strided(shape, x, src, y, dst);
+        return copy_strided_clamped(shape, x, src, y, dst, clamp);
     };
     if pool.threads() == 1 || total < 64 * 1024 {
-        return copy_strided(shape, x, src, y, dst);
+        return copy_strided_clamped(shape, x, src, y, dst, clamp);
     }
     let step = dst.strides[d] as usize;
     assert!(
@@ -156,7 +189,7 @@ pub fn copy_strided_parallel(
             offset: 0,
             strides: dst.strides,
         };
-        copy_strided(&part[..shape.len()], x, &sub_src, out, &sub_dst);
+        copy_strided_clamped(&part[..shape.len()], x, &sub_src, out, &sub_dst, clamp);
     });
 }
 
@@ -589,8 +622,55 @@ mod tests {
                 };
                 let (mut a, mut b) = (vec![-1.0; x.len()], vec![-2.0; x.len()]);
                 copy_strided(&[c, h, w], &x, &src, &mut a, &out);
-                copy_strided_parallel(&pool, &[c, h, w], &x, &src, &mut b, &out);
+                copy_strided_parallel(&pool, &[c, h, w], &x, &src, &mut b, &out, None);
                 assert_eq!(a, b, "{threads} threads, {src:?}");
+            }
+        }
+    }
+
+    /// A channels-last concatenation with a fused clamp equals the plain
+    /// copy followed by the activation, element for element, on 1 and 3
+    /// threads (rows of a part's channels, and a strided part).
+    #[test]
+    fn clamped_copies_are_the_copy_then_the_activation() {
+        let (h, w, c1, c2) = (67, 45, 24, 13);
+        let c = c1 + c2;
+        let a: Vec<f32> = (0..h * w * c1)
+            .map(|i| ((i * 37) % 101) as f32 - 50.0)
+            .collect();
+        let b: Vec<f32> = (0..h * w * c2)
+            .map(|i| ((i * 53) % 89) as f32 - 44.0)
+            .collect();
+        let dst = |off: usize| StridedView {
+            offset: off,
+            strides: contiguous_strides(&[h, w, c]),
+        };
+        let plain = |n: usize| StridedView {
+            offset: 0,
+            strides: contiguous_strides(&[h, w, n]),
+        };
+        // Part b read transposed (channels-first source): a strided part.
+        let b_planes = {
+            let mut s = [0isize; MAX_RANK];
+            s[..3].copy_from_slice(&[w as isize, 1, (h * w) as isize]);
+            StridedView {
+                offset: 0,
+                strides: s,
+            }
+        };
+        for (lo, hi) in [(0.0, f32::INFINITY), (-3.0, 6.0)] {
+            let act = |v: f32| crate::Activation::Clip { lo, hi }.apply(v);
+            let mut want = vec![0.0; h * w * c];
+            copy_strided(&[h, w, c1], &a, &plain(c1), &mut want, &dst(0));
+            copy_strided(&[h, w, c2], &b, &b_planes, &mut want, &dst(c1));
+            want.iter_mut().for_each(|v| *v = act(*v));
+            for threads in [1, 3] {
+                let pool = ThreadPool::new(threads);
+                let mut got = vec![f32::NAN; h * w * c];
+                let clamp = Some((lo, hi));
+                copy_strided_parallel(&pool, &[h, w, c1], &a, &plain(c1), &mut got, &dst(0), clamp);
+                copy_strided_parallel(&pool, &[h, w, c2], &b, &b_planes, &mut got, &dst(c1), clamp);
+                assert_eq!(got, want, "[{lo}, {hi}] on {threads} threads");
             }
         }
     }

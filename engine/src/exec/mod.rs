@@ -49,6 +49,8 @@ struct CopyPart {
     shape: Vec<usize>,
     src: StridedView,
     dst: StridedView,
+    /// Bounds every copied value is clamped to (a fused Relu or Clip).
+    clamp: Option<(f32, f32)>,
 }
 
 /// An INT8 convolution: NCHW (`osprey_kernels::qconv`) or channels-last
@@ -406,7 +408,10 @@ impl Engine {
             Kind::Affine { .. } => "BatchNorm affine".into(),
             Kind::Unary(a) => format!("Unary {a:?}"),
             Kind::Binary(op, _) => format!("Binary {op:?}"),
-            Kind::Copy(_) => "Copy".into(),
+            Kind::Copy(parts) => match parts.first().and_then(|p| p.clamp) {
+                Some((lo, hi)) => format!("Copy clamp [{lo}, {hi}]"),
+                None => "Copy".into(),
+            },
             Kind::Pool(..) => "Pool".into(),
             Kind::GlobalAverage { .. } => "GlobalAveragePool".into(),
             Kind::ReduceMean { .. } => "ReduceMean".into(),

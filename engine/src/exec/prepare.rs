@@ -12,7 +12,7 @@ use osprey_kernels::pooling::Pool2dGeometry;
 use osprey_kernels::qconv::{dot4_kernel, QConv2d};
 use osprey_kernels::qconv_nhwc::QConv2dNhwc;
 use osprey_kernels::resize::Resize2d;
-use osprey_kernels::ThreadPool;
+use osprey_kernels::{Activation, ThreadPool};
 
 use super::{CopyPart, Kind, Operand, QLayer};
 use crate::int8::runs_int8;
@@ -219,7 +219,8 @@ impl Builder<'_> {
                 }
                 Kind::Binary(*op, plan)
             }
-            Op::Concat { axis } => {
+            Op::Concat { axis, act } => {
+                let clamp = clamp_of(*act)?;
                 let st = contiguous_strides(&ys);
                 let mut offset = 0;
                 let mut parts = Vec::new();
@@ -238,6 +239,7 @@ impl Builder<'_> {
                             strides: st,
                         },
                         shape: s,
+                        clamp,
                     });
                     offset += along;
                 }
@@ -261,6 +263,7 @@ impl Builder<'_> {
                             strides: contiguous_strides(&s),
                         },
                         shape: s.clone(),
+                        clamp: None,
                     });
                     offset += s[*axis];
                 }
@@ -283,6 +286,7 @@ impl Builder<'_> {
                         strides: contiguous_strides(&ys),
                     },
                     shape: ys.clone(),
+                    clamp: None,
                 }])
             }
             Op::Transpose { perm } => {
@@ -300,6 +304,7 @@ impl Builder<'_> {
                         strides: contiguous_strides(&ys),
                     },
                     shape: ys.clone(),
+                    clamp: None,
                 }])
             }
             Op::Gather { axis, indices } => {
@@ -329,6 +334,7 @@ impl Builder<'_> {
                                 offset: k * inner,
                                 strides: s_dst,
                             },
+                            clamp: None,
                         }
                     })
                     .collect();
@@ -528,5 +534,17 @@ impl Builder<'_> {
             },
             Op::Reshape | Op::SliceView { .. } => return Err("views have no step".into()),
         })
+    }
+}
+
+/// The bounds of an activation a copy applies while it writes (Relu,
+/// Clip; `None` for none); any other is a model error (the fusion pass
+/// fuses only those).
+fn clamp_of(act: Activation) -> std::result::Result<Option<(f32, f32)>, String> {
+    match act {
+        Activation::None => Ok(None),
+        Activation::Relu => Ok(Some((0.0, f32::INFINITY))),
+        Activation::Clip { lo, hi } => Ok(Some((lo, hi))),
+        other => Err(format!("a copy cannot apply {other:?}")),
     }
 }

@@ -95,7 +95,7 @@ pub(super) fn run_step(
                 .ok_or_else(|| EngineError::model("copy output"))?;
             let (io, dst) = split_io(arena, out, consts)?;
             let src = io.read(input(p.input)?)?;
-            layout::copy_strided_parallel(pool, &p.shape, src, &p.src, dst, &p.dst);
+            layout::copy_strided_parallel(pool, &p.shape, src, &p.src, dst, &p.dst, p.clamp);
         }
         return Ok(());
     }

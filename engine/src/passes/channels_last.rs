@@ -270,8 +270,8 @@ fn convertible(g: &Graph, node: &Node, twin: &HashMap<TensorId, TensorId>) -> Op
             scales: *scales,
             channels_last: true,
         }),
-        Op::Concat { axis: 1 } if any_nhwc && node.inputs.iter().all(|&t| rank4(t)) => {
-            Some(Op::Concat { axis: 3 })
+        Op::Concat { axis: 1, act } if any_nhwc && node.inputs.iter().all(|&t| rank4(t)) => {
+            Some(Op::Concat { axis: 3, act: *act })
         }
         _ => None,
     }

@@ -1,6 +1,8 @@
 //! Conv + activation fusion: an element-wise activation that is the only
 //! reader of a convolution's output is applied in the convolution's epilogue
-//! (in registers for Relu/Clip, over the cache-hot tile otherwise).
+//! (in registers for Relu/Clip, over the cache-hot tile otherwise). A Relu
+//! or Clip that is the only reader of a concatenation is applied by the
+//! copy as it writes (CenterNet's neck: `Relu(Concat(skip, upsampled))`).
 
 use super::{consumers, is_output, producer, remove_nodes};
 use crate::ir::{Graph, Op};
@@ -45,6 +47,13 @@ pub fn fuse_activation(g: &mut Graph) -> usize {
         match &mut conv.op {
             Op::Conv(a) | Op::ConvTranspose(a) if a.activation == Activation::None => {
                 a.activation = act
+            }
+            // A concatenation clamps while it copies (Relu, Clip).
+            Op::Concat { act: a, .. }
+                if *a == Activation::None
+                    && matches!(act, Activation::Relu | Activation::Clip { .. }) =>
+            {
+                *a = act
             }
             _ => continue,
         }
@@ -113,6 +122,55 @@ mod tests {
                 assert_same(&run(g, &x), &before);
             }
         }
+    }
+
+    /// `act(Concat(a, b))` with `a` and `b` from two convolutions, the
+    /// concatenation's output optionally read by a second node too.
+    fn concat_model(act: &str, second_reader: bool) -> ModelBuilder {
+        let mut m = ModelBuilder::new(13);
+        m.input("x", &[1, 4, 5, 5]);
+        m.init_f32("wa", &[3, 4, 1, 1], &data(12, 1));
+        m.init_f32("wb", &[5, 4, 1, 1], &data(20, 2));
+        m.node("Conv", &["x", "wa"], &["a"], vec![]);
+        m.node("Conv", &["x", "wb"], &["b"], vec![]);
+        m.node("Concat", &["a", "b"], &["c"], vec![attr_i("axis", 1)]);
+        if act == "Clip" {
+            m.init_f32("lo", &[], &[-0.1]).init_f32("hi", &[], &[0.3]);
+            m.node("Clip", &["c", "lo", "hi"], &["y"], vec![]);
+        } else {
+            m.node(act, &["c"], &["y"], vec![]);
+        }
+        m.output("y");
+        if second_reader {
+            m.node("Neg", &["c"], &["z"], vec![]);
+            m.output("z");
+        }
+        m
+    }
+
+    #[test]
+    fn a_relu_or_clip_after_a_concat_is_applied_by_the_copy() {
+        for act in ["Relu", "Clip"] {
+            let mut g = import(&concat_model(act, false));
+            assert_eq!(ops(&g), ["Conv", "Conv", "Concat", act]);
+            let x = data(100, 7);
+            let before = run(g.clone(), &x);
+            // Some values sit at the lower bound: the activation changed
+            // them.
+            let lo = if act == "Relu" { 0.0 } else { -0.1 };
+            assert!(before[0].contains(&lo), "{act}");
+            assert_eq!(fuse_activation(&mut g), 1, "{act}");
+            assert_eq!(ops(&g), ["Conv", "Conv", "Concat"]);
+            assert_same(&run(g, &x), &before);
+        }
+        // Left alone: a concatenation read by another node too, and an
+        // activation a copy does not apply.
+        let mut g = import(&concat_model("Relu", true));
+        assert_eq!(fuse_activation(&mut g), 0);
+        assert_eq!(ops(&g), ["Conv", "Conv", "Concat", "Relu", "Neg"]);
+        let mut g = import(&concat_model("Sigmoid", false));
+        assert_eq!(fuse_activation(&mut g), 0);
+        assert_eq!(ops(&g), ["Conv", "Conv", "Concat", "Sigmoid"]);
     }
 
     #[test]

@@ -693,7 +693,8 @@ pub fn lower_node(n: &NodeProto, ids: &[Option<TensorId>], g: &Graph, opset: i64
             if parts.iter().any(|p| p.dtype != DType::F32) {
                 return Err("runtime concatenation of integer tensors".into());
             }
-            node(Op::Concat { axis }, ins.runtime_ids(), vec![out])
+            let act = Activation::None;
+            node(Op::Concat { axis, act }, ins.runtime_ids(), vec![out])
         }
         "Split" => {
             let x = ins.t(0)?;
