@@ -142,6 +142,28 @@ fn bilinear(v: [f32; 4], tx: &Tap, ty: &Tap) -> f32 {
     v[0] * tx.w0 * ty.w0 + v[1] * tx.w1 * ty.w0 + v[2] * tx.w0 * ty.w1 + v[3] * tx.w1 * ty.w1
 }
 
+/// [`bilinear`] over one channels-last pixel's channels: `o[k]` from the
+/// four taps' `k`-th values.
+#[inline(always)]
+fn bilinear_run(o: &mut [f32], taps: [&[f32]; 4], tx: &Tap, ty: &Tap) {
+    let [a0, a1, b0, b1] = taps;
+    for ((((v, &p), &q), &r), &s) in o.iter_mut().zip(a0).zip(a1).zip(b0).zip(b1) {
+        *v = bilinear([p, q, r, s], tx, ty);
+    }
+}
+
+/// [`bilinear_run`] compiled for AVX2, so the channel loop runs eight
+/// lanes at a time (the same operations in the same order: identical
+/// results).
+///
+/// # Safety
+/// AVX2 must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn bilinear_run_avx2(o: &mut [f32], taps: [&[f32]; 4], tx: &Tap, ty: &Tap) {
+    bilinear_run(o, taps, tx, ty)
+}
+
 /// A prepared 2-D resize of `planes` planes `h×w → oh×ow`.
 #[derive(Clone, Debug)]
 pub struct Resize2d {
@@ -227,6 +249,8 @@ impl Resize2d {
         }
         let row = ow * c;
         let y_ptr = SyncPtr::new(y);
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = crate::isa::active().has_avx2();
         let task = |t: usize, _slot: usize| {
             let (b, oy) = (t / oh, t % oh);
             let ty = self.ys[oy];
@@ -244,9 +268,14 @@ impl Resize2d {
                 let a1 = &r0[tx.i1 * c..(tx.i1 + 1) * c];
                 let b0 = &r1[tx.i0 * c..(tx.i0 + 1) * c];
                 let b1 = &r1[tx.i1 * c..(tx.i1 + 1) * c];
-                for (k, v) in o.iter_mut().enumerate() {
-                    *v = bilinear([a0[k], a1[k], b0[k], b1[k]], tx, &ty);
+                let taps = [a0, a1, b0, b1];
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: AVX2 is present (checked above).
+                    unsafe { bilinear_run_avx2(o, taps, tx, &ty) };
+                    continue;
                 }
+                bilinear_run(o, taps, tx, &ty);
             }
         };
         pool.run(n * oh, &task);
@@ -341,7 +370,14 @@ mod tests {
 
     #[test]
     fn channels_last_gives_the_same_values() {
-        let (n, c, h, w) = (2, 5, 4, 6);
+        // 5 channels: the scalar tail only; 21: vectors and a tail.
+        for c in [5, 21] {
+            channels_last_matches_planes(c);
+        }
+    }
+
+    fn channels_last_matches_planes(c: usize) {
+        let (n, h, w) = (2, 4, 6);
         let x: Vec<f32> = (0..n * c * h * w)
             .map(|i| ((i * 37) % 101) as f32 / 7.0)
             .collect();
