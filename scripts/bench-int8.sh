@@ -70,11 +70,15 @@ for m in $models; do
     : > "$out/f"; : > "$out/q"; : > "$out/s"; : > "$out/w"; : > "$out/o"; : > "$out/d"; : > "$out/rq"; : > "$out/rs"; : > "$out/rw"; : > "$out/ro"; : > "$out/rd"; : > "$out/rwo"
     for r in $(seq "$rounds"); do
       for e in fp32 int8 int8s int8dw qdq; do
-        "$osprey" bench --engine "$out/$m.t$t.$e.engine" --threads "$t" --iterations "$per" --warmup 3 --json \
-          | python3 -c "import json,sys; print(json.load(sys.stdin)['latency_ms']['median'])" > "$out/cur.$e"
+        # Output to a file first: piped, the parser's interpreter would start
+        # while osprey times and take a core from it (at 2 threads on 2 cores
+        # that made short INT8 runs 2-3x slower than they are).
+        "$osprey" bench --engine "$out/$m.t$t.$e.engine" --threads "$t" --iterations "$per" --warmup 3 --json > "$out/cur.$e.json"
+        python3 -c "import json,sys; print(json.load(sys.stdin)['latency_ms']['median'])" < "$out/cur.$e.json" > "$out/cur.$e"
       done
       "$venv/bin/python" "$root/scripts/ort_bench.py" --onnx "$out/$m.ort-int8.onnx" --threads "$t" \
-        --iterations "$per" --warmup 3 | python3 -c "import json,sys; print(json.load(sys.stdin)['latency_ms']['median'])" > "$out/cur.ort"
+        --iterations "$per" --warmup 3 > "$out/cur.ort.json"
+      python3 -c "import json,sys; print(json.load(sys.stdin)['latency_ms']['median'])" < "$out/cur.ort.json" > "$out/cur.ort"
       f=$(cat "$out/cur.fp32"); q=$(cat "$out/cur.int8"); s=$(cat "$out/cur.int8s"); w=$(cat "$out/cur.int8dw"); o=$(cat "$out/cur.ort"); dq=$(cat "$out/cur.qdq")
       echo "$f" >> "$out/f"; echo "$q" >> "$out/q"; echo "$s" >> "$out/s"; echo "$w" >> "$out/w"; echo "$o" >> "$out/o"; echo "$dq" >> "$out/d"
       python3 -c "print($w/$f)" >> "$out/rw"
