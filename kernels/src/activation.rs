@@ -101,10 +101,18 @@ impl Activation {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if crate::isa::active().has_avx2() {
-            // SAFETY: AVX2 and FMA are available on the AVX2 tiers.
-            unsafe { apply_slice_avx2(self, xs) };
-            return;
+        {
+            let isa = crate::isa::active();
+            if isa.has_avx512() {
+                // SAFETY: the AVX-512 tier has AVX-512F, AVX2 and FMA.
+                unsafe { apply_slice_avx512(self, xs) };
+                return;
+            }
+            if isa.has_avx2() {
+                // SAFETY: AVX2 and FMA are available on the AVX2 tiers.
+                unsafe { apply_slice_avx2(self, xs) };
+                return;
+            }
         }
         apply_slice_body(self, xs);
     }
@@ -112,10 +120,18 @@ impl Activation {
     /// Writes `f(src)` into `dst` (same length), in one pass.
     pub fn apply_into(self, src: &[f32], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if crate::isa::active().has_avx2() {
-            // SAFETY: AVX2 and FMA are available on the AVX2 tiers.
-            unsafe { apply_into_avx2(self, src, dst) };
-            return;
+        {
+            let isa = crate::isa::active();
+            if isa.has_avx512() {
+                // SAFETY: the AVX-512 tier has AVX-512F, AVX2 and FMA.
+                unsafe { apply_into_avx512(self, src, dst) };
+                return;
+            }
+            if isa.has_avx2() {
+                // SAFETY: AVX2 and FMA are available on the AVX2 tiers.
+                unsafe { apply_into_avx2(self, src, dst) };
+                return;
+            }
         }
         apply_into_body(self, src, dst);
     }
@@ -223,6 +239,25 @@ unsafe fn apply_slice_avx2(act: Activation, xs: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn apply_into_avx2(act: Activation, src: &[f32], dst: &mut [f32]) {
+    apply_into_body(act, src, dst)
+}
+
+/// The same loops 16 lanes wide (the same per-element operations, so the
+/// same results as the AVX2 and scalar forms).
+///
+/// # Safety
+/// AVX-512F, AVX2 and FMA must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn apply_slice_avx512(act: Activation, xs: &mut [f32]) {
+    apply_slice_body(act, xs)
+}
+
+/// # Safety
+/// AVX-512F, AVX2 and FMA must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn apply_into_avx512(act: Activation, src: &[f32], dst: &mut [f32]) {
     apply_into_body(act, src, dst)
 }
 
