@@ -341,7 +341,9 @@ impl Conv2dNhwc {
             let q1 = (q0 + per_chunk).min(n_panels);
             let mut rows = [[zeros; M]; MAX_TAPS];
             // Points `rows` at the A rows of pixels p..p+n_rows; returns the
-            // taps the tile reads.
+            // taps the tile reads, and the distance in floats between
+            // consecutive rows when every tap's rows are that far apart
+            // inside the input and the tile is full (0 otherwise).
             let setup = |p: usize, n_rows: usize, rows: &mut [[*const f32; M]; MAX_TAPS]| {
                 if pointwise {
                     for (r, slot) in rows[0].iter_mut().enumerate() {
@@ -351,7 +353,7 @@ impl Conv2dNhwc {
                             zeros
                         };
                     }
-                    return 1;
+                    return (1, 0);
                 }
                 let (mut oy, mut ox) = (p / self.ow, p % self.ow);
                 // A tile inside one output row whose windows are all inside
@@ -360,6 +362,7 @@ impl Conv2dNhwc {
                 let (sx, last) = (g.stride[1], ox + n_rows - 1);
                 if last < self.ow && self.interior_col(ox) && self.interior_col(last) {
                     let step = sx * cin;
+                    let mut uniform = n_rows == M;
                     for ky in 0..g.kh {
                         for kx in 0..g.kw {
                             let t = ky * g.kw + kx;
@@ -368,30 +371,49 @@ impl Conv2dNhwc {
                                     // In bounds: the last pixel's tap is
                                     // `px + (n_rows - 1)·stride`, inside the
                                     // row by the test above.
-                                    let base = &x[px * cin..(px + (n_rows - 1) * sx + 1) * cin];
+                                    // One bounds check per tap; the rows
+                                    // are `step` floats apart inside it.
+                                    let base =
+                                        x[px * cin..(px + (n_rows - 1) * sx + 1) * cin].as_ptr();
                                     for (r, slot) in rows[t].iter_mut().enumerate() {
                                         *slot = if r < n_rows {
-                                            base[r * step..].as_ptr()
+                                            base.wrapping_add(r * step)
                                         } else {
                                             zeros
                                         };
                                     }
                                 }
-                                None => rows[t].iter_mut().for_each(|slot| *slot = zeros),
+                                None => {
+                                    uniform = false;
+                                    rows[t].iter_mut().for_each(|slot| *slot = zeros)
+                                }
                             }
                         }
                     }
-                    return taps;
+                    return (taps, if uniform { step } else { 0 });
                 }
+                // Tiles that wrap to the next output row or touch the
+                // padding: pixel by pixel.
+                let (sy, dy, dx) = (g.stride[0], g.dilation[0], g.dilation[1]);
                 for r in 0..M {
+                    if r >= n_rows {
+                        rows[..taps].iter_mut().for_each(|t| t[r] = zeros);
+                        continue;
+                    }
+                    let (y0, x0) = (
+                        (oy * sy) as isize - g.pads[0] as isize,
+                        (ox * sx) as isize - g.pads[1] as isize,
+                    );
                     for ky in 0..g.kh {
+                        let iy = y0 + (ky * dy) as isize;
+                        let row_ok = iy >= 0 && (iy as usize) < g.h;
                         for kx in 0..g.kw {
-                            let px = (r < n_rows)
-                                .then(|| self.tap_pixel(oy, ox, ky, kx))
-                                .flatten();
-                            rows[ky * g.kw + kx][r] = match px {
-                                Some(px) => x[px * cin..(px + 1) * cin].as_ptr(),
-                                None => zeros,
+                            let ix = x0 + (kx * dx) as isize;
+                            rows[ky * g.kw + kx][r] = if row_ok && ix >= 0 && (ix as usize) < g.w {
+                                let px = iy as usize * g.w + ix as usize;
+                                x[px * cin..(px + 1) * cin].as_ptr()
+                            } else {
+                                zeros
                             };
                         }
                     }
@@ -400,41 +422,45 @@ impl Conv2dNhwc {
                         (oy, ox) = (oy + 1, 0);
                     }
                 }
-                taps
+                (taps, 0)
             };
-            let compute =
-                |q: usize, p: usize, n_rows: usize, rows: &[[*const f32; M]], prefetch: &[f32]| {
-                    let c0 = q * NR;
-                    let cols = (cout - c0).min(P * NR);
-                    let out = Tile {
-                        rows,
-                        cin,
-                        w: &panels[q * k * NR..(q + P).min(n_panels) * k * NR],
-                        panel_len: k * NR,
-                        bias: &self.bias[c0..c0 + P * NR],
-                        res: res.map(|r| &r[p * cout + c0..]),
-                        ldc: cout,
-                        n_rows,
-                        cols,
-                        clamp,
-                        prefetch,
-                    };
-                    // SAFETY: this task alone writes pixels p..p+n_rows of
-                    // channels c0..c0+cols (disjoint (pixel block × panel
-                    // chunk) regions per task); the assert in `run` bounds
-                    // them inside `y`.
-                    let dst = unsafe { y_ptr.add(p * cout + c0) };
-                    out.compute(isa, dst);
+            let compute = |q: usize,
+                           p: usize,
+                           n_rows: usize,
+                           (rows, step): (&[[*const f32; M]], usize),
+                           prefetch: &[f32]| {
+                let c0 = q * NR;
+                let cols = (cout - c0).min(P * NR);
+                let out = Tile {
+                    rows,
+                    cin,
+                    w: &panels[q * k * NR..(q + P).min(n_panels) * k * NR],
+                    panel_len: k * NR,
+                    bias: &self.bias[c0..c0 + P * NR],
+                    res: res.map(|r| &r[p * cout + c0..]),
+                    ldc: cout,
+                    n_rows,
+                    cols,
+                    clamp,
+                    prefetch,
+                    step,
                 };
+                // SAFETY: this task alone writes pixels p..p+n_rows of
+                // channels c0..c0+cols (disjoint (pixel block × panel
+                // chunk) regions per task); the assert in `run` bounds
+                // them inside `y`.
+                let dst = unsafe { y_ptr.add(p * cout + c0) };
+                out.compute(isa, dst);
+            };
             // Small weights (all of this task's panels fit in L1/L2): set a
             // tile's rows up once and sweep the panels; otherwise keep one
             // panel hot and sweep the tiles.
             if (q1 - q0) * k * NR * 4 <= 64 * 1024 {
                 for p in (p0..p1).step_by(M) {
                     let n_rows = (p1 - p).min(M);
-                    let nt = setup(p, n_rows, &mut rows);
+                    let (nt, step) = setup(p, n_rows, &mut rows);
                     for q in (q0..q1).step_by(P) {
-                        compute(q, p, n_rows, &rows[..nt], &[]);
+                        compute(q, p, n_rows, (&rows[..nt], step), &[]);
                     }
                 }
             } else {
@@ -453,10 +479,10 @@ impl Conv2dNhwc {
                     let share = next.len().div_ceil(n_tiles).next_multiple_of(16);
                     for (i, p) in (p0..p1).step_by(M).enumerate() {
                         let n_rows = (p1 - p).min(M);
-                        let nt = setup(p, n_rows, &mut rows);
+                        let (nt, step) = setup(p, n_rows, &mut rows);
                         let from = (i * share).min(next.len());
                         let to = (from + share).min(next.len());
-                        compute(q, p, n_rows, &rows[..nt], &next[from..to]);
+                        compute(q, p, n_rows, (&rows[..nt], step), &next[from..to]);
                     }
                 }
             }
@@ -935,6 +961,12 @@ struct Tile<'a, const M: usize> {
     /// the others ignore it.)
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     prefetch: &'a [f32],
+    /// Non-zero: every tap's `M` rows lie `step` floats apart from its
+    /// first (`rows[t][r] == rows[t][0] + r·step`, all inside the input).
+    /// The AVX-512 tile then addresses a 3-channel input (a network's
+    /// stem) from one pointer per tap.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    step: usize,
 }
 
 impl<const M: usize> Tile<'_, M> {
@@ -955,6 +987,15 @@ impl<const M: usize> Tile<'_, M> {
             // lengths were checked above, and `dst` is the caller's region
             // of n_rows × cols.
             Isa::Avx512 => unsafe {
+                // A stem's full tiles (3 input channels, rows a fixed
+                // distance apart: stride 1 or 2).
+                match (self.cin, self.step, panels) {
+                    (3, 3, 1) => return self.avx512_stem::<1, 3>(dst),
+                    (3, 6, 1) => return self.avx512_stem::<1, 6>(dst),
+                    (3, 3, 2) => return self.avx512_stem::<2, 3>(dst),
+                    (3, 6, 2) => return self.avx512_stem::<2, 6>(dst),
+                    _ => {}
+                }
                 // Short tiles (the end of a pixel block) compute only the
                 // rows they have, in steps of four.
                 match (panels, self.n_rows.div_ceil(4)) {
@@ -1108,6 +1149,71 @@ impl<const M: usize> Tile<'_, M> {
                     }
                 }
             }
+            self.store512::<P, R>(&acc, dst);
+        }
+    }
+
+    /// [`Tile::avx512`] for a full tile of a 3-channel input whose rows
+    /// are `STEP` floats apart in every tap ([`Tile::step`]): each
+    /// broadcast reads at a constant offset from the tap's one pointer,
+    /// where the general tile loads a row pointer for each.
+    ///
+    /// # Safety
+    /// As [`Tile::avx512`], with `cin == 3`, `n_rows == M` and
+    /// `step == STEP`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn avx512_stem<const P: usize, const STEP: usize>(&self, dst: *mut f32) {
+        assert!(self.cin == 3 && self.n_rows == M && self.step == STEP);
+        use std::arch::x86_64::*;
+        // SAFETY: tap t's rows are rows[t][0] + r·STEP for r < M (the
+        // setup's guarantee for a non-zero step), each 3 readable floats;
+        // weight loads stay inside the P panels; the epilogue as in
+        // `avx512`.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); P]; M];
+            let mut wp = self.w.as_ptr();
+            for taps in self.rows {
+                let a = taps[0];
+                for ci in 0..3 {
+                    let mut b = [_mm512_setzero_ps(); P];
+                    for (h, bh) in b.iter_mut().enumerate() {
+                        *bh = _mm512_loadu_ps(wp.add(h * self.panel_len));
+                    }
+                    wp = wp.add(NR);
+                    for (r, acc_r) in acc.iter_mut().enumerate() {
+                        let av = _mm512_set1_ps(*a.add(r * STEP + ci));
+                        for h in 0..P {
+                            acc_r[h] = _mm512_fmadd_ps(av, b[h], acc_r[h]);
+                        }
+                    }
+                }
+            }
+            self.store512::<P, M>(&acc, dst);
+        }
+    }
+
+    /// Bias, residual and clamp on the first `n_rows` of `R` rows of
+    /// accumulators, then one masked store per row and panel.
+    ///
+    /// Always inlined, without a target feature of its own (that and
+    /// `inline(always)` do not go together): in its AVX-512 callers the
+    /// accumulators stay in registers and the intrinsics inline.
+    ///
+    /// # Safety
+    /// As [`Tile::avx512`]; called only from AVX-512 code.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn store512<const P: usize, const R: usize>(
+        &self,
+        acc: &[[std::arch::x86_64::__m512; P]; R],
+        dst: *mut f32,
+    ) {
+        use std::arch::x86_64::*;
+        // SAFETY: bias holds P panels (checked by `compute`); residual
+        // loads and stores are masked to `cols` columns of `n_rows` rows
+        // of the caller's region.
+        unsafe {
             let mut masks = [0 as __mmask16; P];
             let mut bias = [_mm512_setzero_ps(); P];
             for h in 0..P {
@@ -1118,7 +1224,7 @@ impl<const M: usize> Tile<'_, M> {
             let (lo, hi) = self.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
             let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
             // Rows by constant index (unrolled), so the accumulators stay
-            // in registers through the loop above.
+            // in registers.
             for r in 0..R {
                 if r >= self.n_rows {
                     break;
@@ -1280,7 +1386,10 @@ mod tests {
             (8, 8, 7, 3, 1, 1, 1),       // one narrow panel
             (100, 100, 6, 3, 1, 1, 100), // depthwise: 64 + 16 + 16 + 4 channels (AVX-512)
             (8, 20, 40, 3, 1, 1, 1),     // wide rows: tiles inside one row share tap pointers
-            (3, 16, 60, 3, 2, 1, 1),     // a wide stem, stride 2
+            (3, 16, 60, 3, 2, 1, 1),     // a wide stem, stride 2 (AVX-512: one-pointer taps)
+            (3, 32, 60, 3, 2, 1, 1),     // the same, two panels
+            (3, 16, 30, 3, 1, 1, 1),     // a stem at stride 1
+            (3, 40, 30, 3, 1, 1, 1),     // the same, a pair and a lone panel
             (80, 80, 10, 5, 1, 2, 80),   // depthwise 5x5 stride 1: sliding rows (AVX-512)
             (48, 48, 12, 5, 1, 2, 48),   // the same, 16-channel blocks
         ];
