@@ -1634,6 +1634,23 @@ mod dw512 {
         slide: bool,
     }
 
+    /// 16 floats at `p`: the channels under `mask` when `MASKED`, else
+    /// all 16 (an unmasked load folds into a multiply-add).
+    ///
+    /// # Safety
+    /// AVX-512 F; `p` valid for the channels loaded.
+    #[inline(always)]
+    unsafe fn load<const MASKED: bool>(mask: __mmask16, p: *const f32) -> __m512 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if MASKED {
+                _mm512_maskz_loadu_ps(mask, p)
+            } else {
+                _mm512_loadu_ps(p)
+            }
+        }
+    }
+
     /// Sums of `N` pixels × 16 channels from `cb` over the taps of kernel
     /// columns `kx.0..kx.1` (weights of channel 0, input of padded column
     /// 0; pixel j reads `base + j · step` floats further, `base` including
@@ -1651,16 +1668,8 @@ mod dw512 {
         step: usize,
         mask: __mmask16,
     ) -> [__m512; N] {
-        let ld = |p: *const f32| {
-            // SAFETY: forwarded contract.
-            unsafe {
-                if MASKED {
-                    _mm512_maskz_loadu_ps(mask, p)
-                } else {
-                    _mm512_loadu_ps(p)
-                }
-            }
-        };
+        // SAFETY: forwarded contract.
+        let ld = |p: *const f32| unsafe { load::<MASKED>(mask, p) };
         let mut acc = [_mm512_setzero_ps(); N];
         macro_rules! tap {
             ($wp:expr, $xp:expr) => {
@@ -1720,16 +1729,8 @@ mod dw512 {
         step: usize,
         mask: __mmask16,
     ) {
-        let ld = |p: *const f32| {
-            // SAFETY: forwarded contract.
-            unsafe {
-                if MASKED {
-                    _mm512_maskz_loadu_ps(mask, p)
-                } else {
-                    _mm512_loadu_ps(p)
-                }
-            }
-        };
+        // SAFETY: forwarded contract.
+        let ld = |p: *const f32| unsafe { load::<MASKED>(mask, p) };
         for row in t.taps.chunks_exact(KW) {
             // SAFETY: forwarded contract: the window's columns lie in the
             // padded row, the weights in the kernel.

@@ -87,18 +87,7 @@ mod tests {
             m.init_f32("w", &[6, 4, 1, 1], &data(24, 1));
             m.node("Conv", &["x", "w"], &["c"], vec![]);
         }
-        if act == "Clip" {
-            m.init_f32("lo", &[], &[-0.1]).init_f32("hi", &[], &[0.3]);
-            m.node("Clip", &["c", "lo", "hi"], &["y"], vec![]);
-        } else {
-            m.node(act, &["c"], &["y"], vec![]);
-        }
-        m.output("y");
-        if second_reader {
-            m.node("Neg", &["c"], &["z"], vec![]);
-            m.output("z");
-        }
-        m
+        with_activation(m, act, second_reader)
     }
 
     #[test]
@@ -124,16 +113,9 @@ mod tests {
         }
     }
 
-    /// `act(Concat(a, b))` with `a` and `b` from two convolutions, the
-    /// concatenation's output optionally read by a second node too.
-    fn concat_model(act: &str, second_reader: bool) -> ModelBuilder {
-        let mut m = ModelBuilder::new(13);
-        m.input("x", &[1, 4, 5, 5]);
-        m.init_f32("wa", &[3, 4, 1, 1], &data(12, 1));
-        m.init_f32("wb", &[5, 4, 1, 1], &data(20, 2));
-        m.node("Conv", &["x", "wa"], &["a"], vec![]);
-        m.node("Conv", &["x", "wb"], &["b"], vec![]);
-        m.node("Concat", &["a", "b"], &["c"], vec![attr_i("axis", 1)]);
+    /// `y = act(c)` as the model's output; `second_reader`: `c` is also
+    /// read by a Neg whose result is a second output.
+    fn with_activation(mut m: ModelBuilder, act: &str, second_reader: bool) -> ModelBuilder {
         if act == "Clip" {
             m.init_f32("lo", &[], &[-0.1]).init_f32("hi", &[], &[0.3]);
             m.node("Clip", &["c", "lo", "hi"], &["y"], vec![]);
@@ -146,6 +128,19 @@ mod tests {
             m.output("z");
         }
         m
+    }
+
+    /// `act(Concat(a, b))` with `a` and `b` from two convolutions, the
+    /// concatenation's output optionally read by a second node too.
+    fn concat_model(act: &str, second_reader: bool) -> ModelBuilder {
+        let mut m = ModelBuilder::new(13);
+        m.input("x", &[1, 4, 5, 5]);
+        m.init_f32("wa", &[3, 4, 1, 1], &data(12, 1));
+        m.init_f32("wb", &[5, 4, 1, 1], &data(20, 2));
+        m.node("Conv", &["x", "wa"], &["a"], vec![]);
+        m.node("Conv", &["x", "wb"], &["b"], vec![]);
+        m.node("Concat", &["a", "b"], &["c"], vec![attr_i("axis", 1)]);
+        with_activation(m, act, second_reader)
     }
 
     #[test]
