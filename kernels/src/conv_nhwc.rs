@@ -394,26 +394,16 @@ impl Conv2dNhwc {
                 }
                 // Tiles that wrap to the next output row or touch the
                 // padding: pixel by pixel.
-                let (sy, dy, dx) = (g.stride[0], g.dilation[0], g.dilation[1]);
                 for r in 0..M {
                     if r >= n_rows {
                         rows[..taps].iter_mut().for_each(|t| t[r] = zeros);
                         continue;
                     }
-                    let (y0, x0) = (
-                        (oy * sy) as isize - g.pads[0] as isize,
-                        (ox * sx) as isize - g.pads[1] as isize,
-                    );
                     for ky in 0..g.kh {
-                        let iy = y0 + (ky * dy) as isize;
-                        let row_ok = iy >= 0 && (iy as usize) < g.h;
                         for kx in 0..g.kw {
-                            let ix = x0 + (kx * dx) as isize;
-                            rows[ky * g.kw + kx][r] = if row_ok && ix >= 0 && (ix as usize) < g.w {
-                                let px = iy as usize * g.w + ix as usize;
-                                x[px * cin..(px + 1) * cin].as_ptr()
-                            } else {
-                                zeros
+                            rows[ky * g.kw + kx][r] = match self.tap_pixel(oy, ox, ky, kx) {
+                                Some(px) => x[px * cin..(px + 1) * cin].as_ptr(),
+                                None => zeros,
                             };
                         }
                     }
