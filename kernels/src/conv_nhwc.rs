@@ -418,7 +418,7 @@ impl Conv2dNhwc {
                            p: usize,
                            n_rows: usize,
                            (rows, step): (&[[*const f32; M]], usize),
-                           prefetch: &[f32]| {
+                           prefetch: Prefetch| {
                 let c0 = q * NR;
                 let cols = (cout - c0).min(P * NR);
                 let out = Tile {
@@ -449,8 +449,19 @@ impl Conv2dNhwc {
                 for p in (p0..p1).step_by(M) {
                     let n_rows = (p1 - p).min(M);
                     let (nt, step) = setup(p, n_rows, &mut rows);
+                    // A pointwise tile's A rows are one run of the input:
+                    // the first panel group's tile pulls the next tile's
+                    // into L1 (the hardware prefetcher keeps up with one
+                    // stream, not the twelve rows a tile reads from).
+                    let next = if pointwise {
+                        let from = ((p + M) * cin).min(x.len());
+                        Prefetch::L1(&x[from..((p + 2 * M) * cin).min(x.len())])
+                    } else {
+                        Prefetch::None
+                    };
                     for q in (q0..q1).step_by(P) {
-                        compute(q, p, n_rows, (&rows[..nt], step), &[]);
+                        let pf = if q == q0 { next } else { Prefetch::None };
+                        compute(q, p, n_rows, (&rows[..nt], step), pf);
                     }
                 }
             } else {
@@ -472,7 +483,8 @@ impl Conv2dNhwc {
                         let (nt, step) = setup(p, n_rows, &mut rows);
                         let from = (i * share).min(next.len());
                         let to = (from + share).min(next.len());
-                        compute(q, p, n_rows, (&rows[..nt], step), &next[from..to]);
+                        let pf = Prefetch::L2(&next[from..to]);
+                        compute(q, p, n_rows, (&rows[..nt], step), pf);
                     }
                 }
             }
@@ -924,6 +936,16 @@ fn depthwise_pixel_body<const FMA: bool>(
     }
 }
 
+/// Data a [`Tile`] prefetches while it computes, and into which cache.
+#[derive(Clone, Copy)]
+enum Prefetch<'a> {
+    None,
+    /// The next tile's A rows (needed within microseconds).
+    L1(&'a [f32]),
+    /// The next panels' weights (needed by the next sweep of tiles).
+    L2(&'a [f32]),
+}
+
 /// One micro-tile of the gemm algorithm: up to `M` pixels × one or two
 /// panels of [`NR`] output channels.
 struct Tile<'a, const M: usize> {
@@ -945,12 +967,11 @@ struct Tile<'a, const M: usize> {
     /// Applied before the store (Relu, Clip, none); `None`: the caller
     /// applies the activation afterwards.
     clamp: Option<(f32, f32)>,
-    /// Weights the tile prefetches into L2 while it computes (the next
-    /// panels' share; empty for none): one 64-byte line per step of the
-    /// reduction, as far as the reduction reaches. (The AVX-512 tile only:
-    /// the others ignore it.)
+    /// What the tile prefetches while it computes: one 64-byte line per
+    /// step of the reduction, as far as the reduction reaches. (The
+    /// AVX-512 tile only: the others ignore it.)
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    prefetch: &'a [f32],
+    prefetch: Prefetch<'a>,
     /// Non-zero: every tap's `M` rows lie `step` floats apart from its
     /// first (`rows[t][r] == rows[t][0] + r·step`, all inside the input).
     /// The AVX-512 tile then addresses a 3-channel input (a network's
@@ -1117,13 +1138,22 @@ impl<const M: usize> Tile<'_, M> {
             let mut acc = [[_mm512_setzero_ps(); P]; R];
             let mut wp = self.w.as_ptr();
             // Prefetch pointer and its end (lines of 16 floats).
-            let mut pf = self.prefetch.as_ptr();
-            let pf_end = pf.add(self.prefetch.len());
+            let (to_l1, region) = match self.prefetch {
+                Prefetch::None => (false, &[][..]),
+                Prefetch::L1(r) => (true, r),
+                Prefetch::L2(r) => (false, r),
+            };
+            let mut pf = region.as_ptr();
+            let pf_end = pf.add(region.len());
             for taps in self.rows {
                 let a = *taps;
                 for ci in 0..self.cin {
                     if pf < pf_end {
-                        _mm_prefetch::<_MM_HINT_T1>(pf.cast());
+                        if to_l1 {
+                            _mm_prefetch::<_MM_HINT_T0>(pf.cast());
+                        } else {
+                            _mm_prefetch::<_MM_HINT_T1>(pf.cast());
+                        }
                         pf = pf.add(16);
                     }
                     let mut b = [_mm512_setzero_ps(); P];
