@@ -332,6 +332,7 @@ impl Conv2dNhwc {
         let panel_chunks = n_panels.div_ceil(per_chunk);
         let clamp = crate::gemm::in_register_clamp(self.act);
         let pointwise = taps == 1 && g.stride == [1, 1] && g.pads == [0; 4];
+        let write_ahead = pointwise && pixels * cout >= 128 * 1024;
         let y_ptr = SyncPtr::new(y);
         let task = |t: usize, _slot: usize| {
             let zeros = self.zeros.as_ptr();
@@ -459,6 +460,17 @@ impl Conv2dNhwc {
                     } else {
                         Prefetch::None
                     };
+                    // A store-bound layer (few input channels, an output
+                    // bigger than the caches) also claims the next tile's
+                    // output lines for writing.
+                    if write_ahead {
+                        let (c0, c1) = (q0 * NR, (q1 * NR).min(cout));
+                        for pp in p + M..(p + 2 * M).min(p1) {
+                            // SAFETY: pixel pp < p1 ≤ pixels: inside `y`.
+                            let row = unsafe { y_ptr.add(pp * cout + c0) };
+                            isa::prefetch_write(row.cast(), (c1 - c0) * 4);
+                        }
+                    }
                     for q in (q0..q1).step_by(P) {
                         let pf = if q == q0 { next } else { Prefetch::None };
                         compute(q, p, n_rows, (&rows[..nt], step), pf);
@@ -938,6 +950,7 @@ fn depthwise_pixel_body<const FMA: bool>(
 
 /// Data a [`Tile`] prefetches while it computes, and into which cache.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Prefetch<'a> {
     None,
     /// The next tile's A rows (needed within microseconds).
