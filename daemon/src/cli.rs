@@ -126,8 +126,11 @@ pub struct BenchArgs {
     /// Print exactly one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Also time every kernel step and print where the time goes (adds a
-    /// little overhead per step; `--json` includes it as "profile").
+    /// Also time every kernel step and print where the time goes: each
+    /// step's median over the iterations (a shared, noisy machine inflates
+    /// means), with the mean beside it. Adds a little overhead per step;
+    /// `--json` includes it as "profile" ("ms" is the median, "mean_ms"
+    /// the mean, "share" the step's part of the sum of medians).
     #[arg(long)]
     pub profile: bool,
 }
@@ -401,9 +404,12 @@ fn bench(a: BenchArgs) -> Result<()> {
     let total_s = wall.elapsed().as_secs_f64();
     let lat = LatencySummary::from_samples(&samples);
     let profile = if a.profile {
-        let mut secs = vec![0.0; engine.step_count()];
-        for _ in 0..a.iterations {
-            ctx.run_profiled(&mut secs)?;
+        // Every step's time in every iteration (`iterations` rows), so
+        // each step gets a median.
+        let steps = engine.step_count();
+        let mut secs = vec![0.0; steps * a.iterations];
+        for row in secs.chunks_exact_mut(steps.max(1)) {
+            ctx.run_profiled(row)?;
         }
         Some(profile_rows(&engine, &secs, a.iterations))
     } else {
@@ -425,7 +431,8 @@ fn bench(a: BenchArgs) -> Result<()> {
             "isa": isa,
             "steps": engine.step_count(),
             "profile": profile.as_ref().map(|rows| rows.iter().map(|r| json!({
-                "step": r.0, "kernel": r.1, "ms": r.2, "share": r.3
+                "step": r.name, "kernel": r.kernel, "ms": r.median_ms,
+                "mean_ms": r.mean_ms, "share": r.share
             })).collect::<Vec<_>>()),
         });
         println!("{v}");
@@ -445,12 +452,20 @@ fn bench(a: BenchArgs) -> Result<()> {
             saved(plan.arena_bytes(), plan.naive_bytes())
         );
         if let Some(rows) = &profile {
-            println!("profile     per-step mean ms, slowest first (by kernel kind below)");
-            for (name, kernel, ms, share) in rows.iter().take(15) {
-                println!("  {ms:8.3} ms {:5.1}%  {kernel:<48} {name}", share * 100.0);
+            println!("profile     per-step median ms (mean), slowest first (by kernel kind below)");
+            for r in rows.iter().take(15) {
+                println!(
+                    "  {:8.3} ms ({:7.3}) {:5.1}%  {:<48} {}",
+                    r.median_ms,
+                    r.mean_ms,
+                    r.share * 100.0,
+                    r.kernel,
+                    r.name
+                );
             }
             let mut by_kind: std::collections::BTreeMap<String, f64> = Default::default();
-            for (_, kernel, ms, _) in rows {
+            for r in rows {
+                let (kernel, ms) = (&r.kernel, r.median_ms);
                 let kind = kernel.split(" @").next().unwrap_or(kernel);
                 let kind = kind
                     .split_whitespace()
@@ -474,21 +489,41 @@ fn bench(a: BenchArgs) -> Result<()> {
 }
 
 /// (step name, kernel description, mean ms, share of total), slowest first.
-fn profile_rows(
-    engine: &Engine,
-    secs: &[f64],
-    iterations: usize,
-) -> Vec<(String, String, f64, f64)> {
-    let total: f64 = secs.iter().sum::<f64>().max(1e-12);
-    let mut rows: Vec<_> = secs
-        .iter()
-        .enumerate()
-        .filter_map(|(i, &s)| {
+/// One step of `osprey bench --profile`.
+struct ProfileRow {
+    name: String,
+    kernel: String,
+    median_ms: f64,
+    mean_ms: f64,
+    /// Part of the sum of all steps' medians.
+    share: f64,
+}
+
+/// Rows of the profile from `secs` (`iterations` rows of one time per
+/// step), slowest median first.
+fn profile_rows(engine: &Engine, secs: &[f64], iterations: usize) -> Vec<ProfileRow> {
+    let steps = engine.step_count();
+    let mut times = Vec::with_capacity(iterations);
+    let mut rows: Vec<ProfileRow> = (0..steps)
+        .filter_map(|i| {
             let (name, kernel) = engine.step_info(i)?;
-            Some((name, kernel, s * 1e3 / iterations as f64, s / total))
+            times.clear();
+            times.extend(secs.iter().skip(i).step_by(steps).map(|s| s * 1e3));
+            let t = LatencySummary::from_samples(&times);
+            Some(ProfileRow {
+                name,
+                kernel,
+                median_ms: t.median,
+                mean_ms: t.mean,
+                share: 0.0,
+            })
         })
         .collect();
-    rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let total = rows.iter().map(|r| r.median_ms).sum::<f64>().max(1e-12);
+    for r in &mut rows {
+        r.share = r.median_ms / total;
+    }
+    rows.sort_by(|a, b| b.median_ms.total_cmp(&a.median_ms));
     rows
 }
 

@@ -152,6 +152,44 @@ fn bench_json_is_one_object_with_the_contract_fields() {
 }
 
 #[test]
+fn bench_profile_gives_every_step_its_median_and_mean() {
+    let d = tmpdir();
+    let model = write_model(&d, false);
+    let out = osprey()
+        .args(["bench", "--onnx"])
+        .arg(&model)
+        .args(["--iterations", "9", "--warmup", "1", "--profile", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let rows = v["profile"].as_array().expect("profile rows");
+    assert_eq!(rows.len() as u64, v["steps"].as_u64().unwrap());
+    let (mut share, mut last) = (0.0, f64::INFINITY);
+    for r in rows {
+        let (ms, mean) = (r["ms"].as_f64().unwrap(), r["mean_ms"].as_f64().unwrap());
+        assert!(ms >= 0.0 && mean >= 0.0 && r["step"].is_string() && r["kernel"].is_string());
+        // Slowest median first.
+        assert!(ms <= last, "rows not sorted by median: {ms} after {last}");
+        last = ms;
+        share += r["share"].as_f64().unwrap();
+    }
+    assert!((share - 1.0).abs() < 1e-9, "shares sum to {share}");
+    // The text form says what it shows.
+    let out = osprey()
+        .args(["bench", "--onnx"])
+        .arg(&model)
+        .args(["--iterations", "3", "--profile"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("per-step median ms (mean)"));
+}
+
+#[test]
 fn inspect_lists_io_and_ops() {
     let d = tmpdir();
     let model = write_model(&d, false);
