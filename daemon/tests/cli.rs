@@ -48,6 +48,18 @@ fn write_model(dir: &Path, dynamic: bool) -> PathBuf {
     p
 }
 
+/// Runs the command and asserts that it succeeded (its stderr in the
+/// message otherwise).
+fn succeed(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn assert_clean_failure(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -68,19 +80,14 @@ fn run_writes_sanitised_outputs() {
     let model = write_model(&d, false);
     let x: Vec<f32> = (0..18).map(|i| i as f32 - 9.0).collect();
     npy::write(&d.join("x.npy"), &[1, 2, 3, 3], &x).unwrap();
-    let out = osprey()
-        .args(["run", "--onnx"])
-        .arg(&model)
-        .arg("--input")
-        .arg(format!("x={}", d.join("x.npy").display()))
-        .arg("--output-dir")
-        .arg(d.join("out"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        osprey()
+            .args(["run", "--onnx"])
+            .arg(&model)
+            .arg("--input")
+            .arg(format!("x={}", d.join("x.npy").display()))
+            .arg("--output-dir")
+            .arg(d.join("out")),
     );
     let y = npy::read(&d.join("out/head_out_0.npy"), false).unwrap();
     assert_eq!(y.shape, vec![1, 2, 3, 3]);
@@ -93,18 +100,13 @@ fn run_takes_dynamic_shapes_from_the_npy() {
     let d = tmpdir();
     let model = write_model(&d, true);
     npy::write(&d.join("x.npy"), &[2, 2, 1, 4], &[1.0; 16]).unwrap();
-    let out = osprey()
-        .args(["run", "--onnx"])
-        .arg(&model)
-        .arg(format!("--input=x={}", d.join("x.npy").display()))
-        .arg("--output-dir")
-        .arg(&d)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        osprey()
+            .args(["run", "--onnx"])
+            .arg(&model)
+            .arg(format!("--input=x={}", d.join("x.npy").display()))
+            .arg("--output-dir")
+            .arg(&d),
     );
     assert_eq!(
         npy::read(&d.join("head_out_0.npy"), false).unwrap().shape,
@@ -116,25 +118,15 @@ fn run_takes_dynamic_shapes_from_the_npy() {
 fn bench_json_is_one_object_with_the_contract_fields() {
     let d = tmpdir();
     let model = write_model(&d, false);
-    let out = osprey()
-        .args(["bench", "--onnx"])
-        .arg(&model)
-        .args([
-            "--threads",
-            "2",
-            "--iterations",
-            "7",
-            "--warmup",
-            "1",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeed(osprey().args(["bench", "--onnx"]).arg(&model).args([
+        "--threads",
+        "2",
+        "--iterations",
+        "7",
+        "--warmup",
+        "1",
+        "--json",
+    ]));
     let text = String::from_utf8(out.stdout).unwrap();
     let v: serde_json::Value = serde_json::from_str(text.trim()).expect("exactly one JSON object");
     for k in ["min", "mean", "median", "p90", "p99", "max"] {
@@ -155,17 +147,14 @@ fn bench_json_is_one_object_with_the_contract_fields() {
 fn bench_profile_gives_every_step_its_median_and_mean() {
     let d = tmpdir();
     let model = write_model(&d, false);
-    let out = osprey()
-        .args(["bench", "--onnx"])
-        .arg(&model)
-        .args(["--iterations", "9", "--warmup", "1", "--profile", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeed(osprey().args(["bench", "--onnx"]).arg(&model).args([
+        "--iterations",
+        "9",
+        "--warmup",
+        "1",
+        "--profile",
+        "--json",
+    ]));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     let rows = v["profile"].as_array().expect("profile rows");
     assert_eq!(rows.len() as u64, v["steps"].as_u64().unwrap());
@@ -279,21 +268,16 @@ fn run_matches_onnxruntime_on_a_shared_model() {
     }
     let d = tmpdir();
     let refs = shared.join("fixtures/reference");
-    let out = osprey()
-        .args(["run", "--onnx"])
-        .arg(shared.join("models/ppocr_cls_v2.onnx"))
-        .arg(format!(
-            "--input=x={}",
-            refs.join("ppocr_cls_v2__eagle__input.npy").display()
-        ))
-        .arg("--output-dir")
-        .arg(&d)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        osprey()
+            .args(["run", "--onnx"])
+            .arg(shared.join("models/ppocr_cls_v2.onnx"))
+            .arg(format!(
+                "--input=x={}",
+                refs.join("ppocr_cls_v2__eagle__input.npy").display()
+            ))
+            .arg("--output-dir")
+            .arg(&d),
     );
     let name = "save_infer_model_scale_0.tmp_1";
     let got = npy::read(&d.join(format!("{name}.npy")), false).unwrap();
@@ -362,18 +346,13 @@ fn build_then_run_and_bench_the_engine() {
     npy::write(&d.join("x.npy"), &[1, 2, 3, 3], &x).unwrap();
     // `osprey run --engine E` on x.npy; returns the output.
     let run_engine = |engine: &Path, dir: &str| {
-        let out = osprey()
-            .args(["run", "--engine"])
-            .arg(engine)
-            .arg(format!("--input=x={}", d.join("x.npy").display()))
-            .arg("--output-dir")
-            .arg(d.join(dir))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        succeed(
+            osprey()
+                .args(["run", "--engine"])
+                .arg(engine)
+                .arg(format!("--input=x={}", d.join("x.npy").display()))
+                .arg("--output-dir")
+                .arg(d.join(dir)),
         );
         npy::read(&d.join(dir).join("head_out_0.npy"), false).unwrap()
     };
@@ -385,18 +364,13 @@ fn build_then_run_and_bench_the_engine() {
 
     // The channels-last layout, asked for: reported, and the same results.
     let nhwc = d.join("nhwc.engine");
-    let out = osprey()
-        .args(["build", "--onnx"])
-        .arg(&model)
-        .arg("--out")
-        .arg(&nhwc)
-        .args(["--layout", "nhwc", "--input-shape", "x=1,2,3,3", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        osprey()
+            .args(["build", "--onnx"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&nhwc)
+            .args(["--layout", "nhwc", "--input-shape", "x=1,2,3,3", "--json"]),
     );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["layout"]["layout"], "nhwc");
