@@ -488,7 +488,6 @@ fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// (step name, kernel description, mean ms, share of total), slowest first.
 /// One step of `osprey bench --profile`.
 struct ProfileRow {
     name: String,
