@@ -253,6 +253,11 @@ pub fn select_tactics(
             }
             _ => None,
         };
+        // Its AMX form competes too where this CPU has AMX.
+        let int8_nhwc_amx = int8_nhwc
+            .as_ref()
+            .map(|q| q.clone().with_amx(true))
+            .filter(QConv2dNhwc::amx);
         // The INT8 kernel competes with the FP32 tactics where the graph
         // permits INT8 (layers it cannot run stay FP32).
         let int8 = match attrs.int8_input_scale.filter(|_| nhwc.is_none()) {
@@ -280,7 +285,7 @@ pub fn select_tactics(
                 .first()
                 .is_some_and(|&t| crate::int8::nonneg_tensor(g, t));
         let key = format!(
-            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}{}{}{}{}{}{}",
+            "{}|t{}|conv|{}x{}x{}->{}|k{}x{} s{:?} d{:?} p{:?} g{}|b{}|{:?}|res{}{}{}{}{}{}{}{}",
             fp.key(),
             pool.threads(),
             geo.c_in,
@@ -304,6 +309,7 @@ pub fn select_tactics(
             if in_i8.is_some() { "|in:i8" } else { "" },
             if out_scale.is_some() { "|out:i8" } else { "" },
             if dot4.is_some() { "|dot4" } else { "" },
+            if int8_nhwc_amx.is_some() { "|amx" } else { "" },
             if nonneg { "|nonneg" } else { "" },
             if nhwc.is_some() { "|nhwc" } else { "" },
         );
@@ -321,8 +327,9 @@ pub fn select_tactics(
                     || nhwc.as_ref().is_some_and(|c| c.algorithm() == e.tactic)
                     || int8_forms.iter().any(|q| q.algorithm() == e.tactic)
                     || int8_nhwc
-                        .as_ref()
-                        .is_some_and(|q| q.algorithm() == e.tactic)
+                        .iter()
+                        .chain(&int8_nhwc_amx)
+                        .any(|q| q.algorithm() == e.tactic)
             })
             .cloned();
         let entry = match cached {
@@ -374,7 +381,7 @@ pub fn select_tactics(
                         run(input, res, output, &mut scratch)
                     })
                 };
-                if let Some(q) = &int8_nhwc {
+                for q in int8_nhwc.iter().chain(&int8_nhwc_amx) {
                     let ms = time_int8(q.scratch_len(pool.threads()), &|i, r, o, s| {
                         q.run_io(&pool, batch, i, r, o, s)
                     });

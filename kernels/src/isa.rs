@@ -96,6 +96,10 @@ pub fn cpu_features() -> Vec<&'static str> {
             "avx512vnni",
             "avx512vbmi"
         );
+        // AMX is not in the stable detection macro: CPUID directly.
+        if amx_int8_in_cpu() {
+            f.push("amx-int8");
+        }
     }
     #[cfg(target_arch = "aarch64")]
     {
@@ -137,6 +141,62 @@ pub fn has_vnni_vbmi() -> bool {
         *VBMI.get_or_init(|| has_vnni() && std::arch::is_x86_feature_detected!("avx512vbmi"))
     }
     #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether CPUID reports AMX tiles with INT8 dot products (AMX-TILE and
+/// AMX-INT8: Sapphire Rapids and later Xeons).
+#[cfg(target_arch = "x86_64")]
+fn amx_int8_in_cpu() -> bool {
+    use std::arch::x86_64::__cpuid_count;
+    // Leaf 7 exists on every CPU with AVX2, which the caller has seen.
+    let max_leaf = __cpuid_count(0, 0).eax;
+    if max_leaf < 7 {
+        return false;
+    }
+    let edx = __cpuid_count(7, 0).edx;
+    edx & (1 << 24) != 0 && edx & (1 << 25) != 0
+}
+
+/// Whether the INT8 kernels may use AMX tiles: [`has_vnni`] holds (their
+/// epilogue is the AVX-512 one), CPUID reports AMX-TILE and AMX-INT8,
+/// `OSPREY_AMX` does not turn them off, and Linux granted this process the
+/// tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`, asked
+/// once, here: a tile instruction without it is an illegal instruction).
+/// Always false elsewhere than x86-64 Linux.
+pub fn has_amx_int8() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        static AMX: OnceLock<bool> = OnceLock::new();
+        *AMX.get_or_init(|| {
+            if !(has_vnni() && amx_int8_in_cpu() && crate::knobs::amx_allowed()) {
+                return false;
+            }
+            const ARCH_PRCTL: i64 = 158;
+            const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+            const XFEATURE_XTILEDATA: i64 = 18;
+            let ret: i64;
+            // SAFETY: the arch_prctl system call with a request code and a
+            // feature number reads and writes no memory of this process; it
+            // returns 0 or a negative errno in rax (and the syscall
+            // instruction clobbers rcx and r11).
+            unsafe {
+                std::arch::asm!(
+                    "syscall",
+                    inlateout("rax") ARCH_PRCTL => ret,
+                    in("rdi") ARCH_REQ_XCOMP_PERM,
+                    in("rsi") XFEATURE_XTILEDATA,
+                    lateout("rcx") _,
+                    lateout("r11") _,
+                    options(nostack),
+                );
+            }
+            ret == 0
+        })
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
     {
         false
     }
@@ -219,5 +279,6 @@ mod tests {
         let (a, d) = (active(), detect());
         assert!(a == d || a == Isa::Scalar || (a == Isa::Avx2Fma && d == Isa::Avx512));
         assert!(!has_vnni() || a == Isa::Avx512);
+        assert!(!has_amx_int8() || has_vnni());
     }
 }

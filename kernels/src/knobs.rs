@@ -3,6 +3,7 @@
 //! | variable | values | default | effect |
 //! |---|---|---|---|
 //! | `OSPREY_ISA` | `scalar`, `avx2`, `avx512`, `neon`, `auto` | `auto` | caps the ISA tier kernels may use, so CI can test every tier |
+//! | `OSPREY_AMX` | `on`, `off` | `on` | `off` keeps the INT8 GEMM on AVX-512 VNNI on a CPU with AMX (comparisons, and tests of the VNNI tile there) |
 //! | `OSPREY_POOL_SPIN_US` | microseconds | `2000` | how long an idle kernel thread polls for work before sleeping: lower saves CPU between frames, higher avoids wake-up latency between layers |
 
 use crate::error::KernelError;
@@ -25,6 +26,18 @@ pub fn isa_cap() -> Result<Option<Isa>, KernelError> {
             }),
         },
     }
+}
+
+/// `OSPREY_AMX`: whether the INT8 kernels may use AMX tiles where the CPU
+/// and the OS allow them (default on; `off`, `0`, `no` or `false` turn them
+/// off; any other value leaves them on).
+pub fn amx_allowed() -> bool {
+    !matches!(
+        std::env::var("OSPREY_AMX")
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref(),
+        Ok("off" | "0" | "no" | "false")
+    )
 }
 
 /// `OSPREY_POOL_SPIN_US`: how long idle pool workers spin before sleeping

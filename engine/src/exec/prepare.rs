@@ -86,9 +86,15 @@ impl Builder<'_> {
                     // INT8 where the graph permits it, unless tuning chose
                     // the FP32 kernel.
                     if let (Some(scale), true) = (a.int8_input_scale, runs_int8(&node.op, chosen)) {
+                        // The AMX form where the tuner chose it (on a CPU
+                        // without AMX, or with OSPREY_AMX=off, the VNNI
+                        // form: the same results).
+                        let amx = chosen.is_some_and(|n| n.ends_with("-amx"));
                         let layer = QConv2dNhwc::new(geo, &w, bias.as_deref(), a.activation, scale)
-                            .map_err(|e| e.to_string())?;
-                        if let Some(name) = chosen.filter(|&n| n != layer.algorithm()) {
+                            .map_err(|e| e.to_string())?
+                            .with_amx(amx);
+                        let form = |n: &str| n.trim_end_matches("-amx").to_string();
+                        if let Some(name) = chosen.filter(|&n| form(n) != form(layer.algorithm())) {
                             return Err(format!(
                                 "tactic '{name}' does not fit this channels-last INT8 layer (it runs {})",
                                 layer.algorithm()

@@ -51,6 +51,8 @@ const NB: usize = 16;
 const MAX_K: usize = 131_072;
 /// Output pixels per task (a multiple of [`MR`]).
 pub const PIX: usize = 48;
+/// Output pixels per task of the AMX form (two pairs of 16-row tiles).
+const PIX_AMX: usize = 64;
 /// Depthwise maps of at most this many output pixels split their work by
 /// channel blocks (larger ones by rows).
 const SMALL_MAP: usize = 32 * 32;
@@ -65,9 +67,14 @@ pub struct QConv2dNhwc {
     k: usize,
     /// Groups of four reduction indices.
     kq: usize,
+    /// Groups of four per packed row and per weight block: `kq`, or with
+    /// AMX `kq` rounded up to whole tiles (16), zero weights past `kq`.
+    wkq: usize,
+    /// Whether the one-group form runs AMX tiles ([`isa::has_amx_int8`]).
+    amx: bool,
     /// Blocks of [`NB`] output channels.
     cblocks: usize,
-    /// One group: `[cblocks][kq][NB][4]`, zero-padded.
+    /// One group: `[cblocks][wkq][NB][4]`, zero-padded.
     w: Vec<i8>,
     /// One group: `-128 · Σ_k w[c][k]` per (padded) output channel.
     comp: Vec<i32>,
@@ -143,10 +150,11 @@ impl QConv2dNhwc {
             bias[c] = b[c];
         }
         let taps = g.kh * g.kw;
-        let (k, kq, w, comp, dw) = if g.groups == 1 {
+        let (k, kq, wkq, w, comp, dw) = if g.groups == 1 {
             let k = taps * g.c_in;
             let kq = k.div_ceil(4);
-            let mut w = vec![0i8; cblocks * kq * NB * 4];
+            let wkq = kq;
+            let mut w = vec![0i8; cblocks * wkq * NB * 4];
             let mut comp = vec![0i32; padded];
             for co in 0..g.c_out {
                 let (blk, lane) = (co / NB, co % NB);
@@ -155,13 +163,13 @@ impl QConv2dNhwc {
                     for t in 0..taps {
                         let v = q[(co * g.c_in + ci) * taps + t];
                         let kk = t * g.c_in + ci;
-                        w[((blk * kq + kk / 4) * NB + lane) * 4 + kk % 4] = v;
+                        w[((blk * wkq + kk / 4) * NB + lane) * 4 + kk % 4] = v;
                         sum += v as i32;
                     }
                 }
                 comp[co] = -128 * sum;
             }
-            (k, kq, w, comp, None)
+            (k, kq, wkq, w, comp, None)
         } else {
             let mut dw = vec![0f32; taps * g.c_out];
             for c in 0..g.c_out {
@@ -169,7 +177,7 @@ impl QConv2dNhwc {
                     dw[t * g.c_out + c] = q[c * taps + t] as f32;
                 }
             }
-            (taps, 0, Vec::new(), Vec::new(), Some(dw))
+            (taps, 0, 0, Vec::new(), Vec::new(), Some(dw))
         };
         // Built only where it runs.
         let dwq = if dw.is_some() && isa::has_vnni_vbmi() {
@@ -183,6 +191,8 @@ impl QConv2dNhwc {
             ow,
             k,
             kq,
+            wkq,
+            amx: false,
             cblocks,
             w,
             comp,
@@ -225,19 +235,59 @@ impl QConv2dNhwc {
             + self.dwq.as_ref().map_or(0, DwQuads::bytes)
     }
 
-    /// Name for reports and the tactic name: `int8-nhwc-depthwise` or
-    /// `int8-nhwc-gemm`.
+    /// Name for reports and the tactic name: `int8-nhwc-depthwise`,
+    /// `int8-nhwc-gemm`, or `int8-nhwc-gemm-amx` (the AMX form, see
+    /// [`QConv2dNhwc::with_amx`]).
     pub fn algorithm(&self) -> &'static str {
         if self.dw.is_some() {
             "int8-nhwc-depthwise"
+        } else if self.amx {
+            "int8-nhwc-gemm-amx"
         } else {
             "int8-nhwc-gemm"
         }
     }
 
+    /// The one-group layer on AMX tiles (`on`) where this CPU and OS
+    /// allow them ([`isa::has_amx_int8`]), or on the VNNI (or portable)
+    /// tile: the same integer sums, so the same results; which is faster
+    /// depends on the shape (AMX wins on long reductions, loses where the
+    /// layer is bound by its epilogue or memory), so the tuner times both.
+    /// Depthwise layers, and `on` where AMX is missing, are unchanged.
+    pub fn with_amx(mut self, on: bool) -> QConv2dNhwc {
+        let on = on && self.dw.is_none() && isa::has_amx_int8();
+        if on == self.amx {
+            return self;
+        }
+        // AMX reads whole tiles of 16 groups: rows and weight blocks
+        // padded with zero weights.
+        let wkq = if on {
+            self.kq.next_multiple_of(16)
+        } else {
+            self.kq
+        };
+        let mut w = vec![0i8; self.cblocks * wkq * NB * 4];
+        let run = self.kq * NB * 4;
+        for b in 0..self.cblocks {
+            let from = b * self.wkq * NB * 4;
+            w[b * wkq * NB * 4..][..run].copy_from_slice(&self.w[from..from + run]);
+        }
+        self.w = w;
+        self.wkq = wkq;
+        self.amx = on;
+        self
+    }
+
+    /// Whether this layer runs AMX tiles.
+    pub fn amx(&self) -> bool {
+        self.amx
+    }
+
     /// The instructions the one-group tile runs on this CPU.
     pub fn tile_kernel() -> &'static str {
-        if vnni() {
+        if isa::has_amx_int8() {
+            "vpdpbusd zmm, or AMX tdpbusd/tdpbssd where tuned"
+        } else if vnni() {
             "vpdpbusd zmm"
         } else {
             "portable"
@@ -251,7 +301,7 @@ impl QConv2dNhwc {
             // row reads, as f32 values; or the VNNI form's buffers.
             Some(_) => ((self.ow * self.g.c_out + self.window() * self.padded_row()) * 4)
                 .max(self.dwq.as_ref().map_or(0, |_| self.quad_offsets().3)),
-            None => PIX * self.kq * 4,
+            None => self.pix() * self.row(),
         }
     }
 
@@ -280,6 +330,28 @@ impl QConv2dNhwc {
     /// may be partial).
     fn block_chans(&self, blocks: &std::ops::Range<usize>) -> (usize, usize) {
         (blocks.start * NB, (blocks.end * NB).min(self.g.c_out))
+    }
+
+    /// One group: bytes of one packed pixel row (`wkq` groups of four).
+    fn row(&self) -> usize {
+        self.wkq * 4
+    }
+
+    /// One group: output pixels per task ([`PIX`], or [`PIX_AMX`] for
+    /// the AMX form).
+    fn pix(&self) -> usize {
+        if self.amx {
+            PIX_AMX
+        } else {
+            PIX
+        }
+    }
+
+    /// A 1×1 kernel at stride 1 without padding: the input's pixel rows
+    /// are the GEMM's rows.
+    fn pointwise(&self) -> bool {
+        let g = &self.g;
+        g.kh == 1 && g.kw == 1 && g.stride == [1, 1] && g.pads == [0; 4]
     }
 
     /// Depthwise: floats of one input row with its pad columns.
@@ -413,7 +485,8 @@ impl QConv2dNhwc {
                 }
             };
             let ohw = self.oh * self.ow;
-            let chunks = ohw.div_ceil(PIX);
+            let pix = self.pix();
+            let chunks = ohw.div_ceil(pix);
             let pairs = self.cblocks.div_ceil(2);
             // Few pixels (late, small layers): split the channels as well.
             let parts = if chunks >= 2 * pool.threads() {
@@ -423,16 +496,28 @@ impl QConv2dNhwc {
             };
             pool.run(chunks * parts, &|t, s| {
                 let (chunk, part) = (t / parts, t % parts);
-                let p0 = chunk * PIX;
-                let n = PIX.min(ohw - p0);
+                let p0 = chunk * pix;
+                let n = pix.min(ohw - p0);
                 let buf = slot(s);
                 // SAFETY: the slot's floats viewed as bytes (4 per float).
                 let packed = unsafe {
                     std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, buf.len() * 4)
                 };
-                self.pack(x, p0, n, packed);
                 let (c0, c1) = (part * pairs / parts * 2, (part + 1) * pairs / parts * 2);
-                self.gemm_chunk(packed, p0, n, c0..c1.min(self.cblocks), res, y);
+                let blocks = c0..c1.min(self.cblocks);
+                #[cfg(target_arch = "x86_64")]
+                if self.amx && self.pointwise() {
+                    // AMX tiles read a pointwise layer's rows in place.
+                    let clamp = crate::gemm::in_register_clamp(self.act);
+                    let rows = gemm::amx::Rows::Direct { x, spare: packed };
+                    // SAFETY: `amx` is set only where `isa::has_amx_int8`
+                    // holds; the slot holds `pix` padded rows; the epilogue
+                    // writes this task's own pixels and channels.
+                    unsafe { gemm::amx::chunk(self, rows, p0, n, blocks, res, y, clamp) };
+                    return;
+                }
+                self.pack(x, p0, n, packed);
+                self.gemm_chunk(packed, p0, n, blocks, res, y);
             });
         }
     }
@@ -834,6 +919,14 @@ mod tests {
             self.dwq = None;
             self
         }
+
+        /// The layer on the VNNI tile with the AMX form's padded rows
+        /// and weights (what a layer switched by `with_amx` must not
+        /// depend on).
+        fn padded_without_amx(mut self) -> QConv2dNhwc {
+            self.amx = false;
+            self
+        }
     }
 
     /// Runs the layer every way (f32 / INT8 input, f32 / INT8 output) on
@@ -871,10 +964,13 @@ mod tests {
             &mut want8,
         );
         // The VNNI depthwise form where this CPU runs it, and the f32 form
-        // it replaces there (which other CPUs run).
+        // it replaces there (which other CPUs run); the AMX tile where it
+        // runs, and the VNNI tile it replaces there.
         let forms = [
             Some(l.clone()),
             l.dwq.is_some().then(|| l.clone().without_quads()),
+            Some(l.clone().with_amx(true)).filter(QConv2dNhwc::amx),
+            Some(l.clone().with_amx(true).padded_without_amx()).filter(|l| l.wkq != l.kq),
         ];
         for (l, threads) in forms.iter().flatten().flat_map(|l| [(l, 1), (l, 3)]) {
             let pool = ThreadPool::new(threads);
@@ -911,6 +1007,10 @@ mod tests {
     #[test]
     fn pointwise_matches_reference() {
         check(geo(16, 9, 11, 24, 1, 1, 0, 1), Activation::None, false, 1);
+        // Reductions of several AMX tiles with a partial last one, an odd
+        // channel block count, rows read in place and copied at the end.
+        check(geo(150, 7, 9, 40, 1, 1, 0, 1), Activation::Relu, true, 4);
+        check(geo(64, 6, 6, 16, 1, 1, 0, 1), Activation::None, false, 5);
         check(geo(32, 7, 7, 48, 1, 1, 0, 1), Activation::Relu, true, 2);
         check(
             geo(13, 5, 6, 35, 1, 1, 0, 1),
