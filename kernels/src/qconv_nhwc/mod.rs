@@ -19,7 +19,11 @@
 //!   (16 channels × 4 bytes each), one broadcast of each pixel's four bytes
 //!   and one `vpdpbusd` per accumulator (64 products). The `+128` offset is
 //!   removed exactly by starting each channel's sums at `-128 · Σ w`.
-//!   Other CPUs run a portable tile with the same integer sums.
+//!   Other CPUs run a portable tile with the same integer sums. On CPUs
+//!   with AMX the layer has a second form ([`QConv2dNhwc::with_amx`]):
+//!   tiles of 32 pixels × 32 channels, 16 384 products per `tdpbusd`
+//!   (`tdpbssd` on a pointwise layer's INT8 input read in place), the same
+//!   sums.
 //! * **Depthwise** (multiplier 1): products of integer-valued floats, which
 //!   are exact (|x·w| ≤ 127², and at most 1024 taps keep every partial sum
 //!   below 2^24), so the f32 FMA form vectorised over channels gives the
