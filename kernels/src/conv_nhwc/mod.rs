@@ -38,6 +38,15 @@ const MR: usize = 6;
 /// Pixels per micro-tile with AVX-512: 12 pixels × 32 channels (two
 /// panels) in 24 of the 32 zmm registers.
 const MR512: usize = 12;
+/// Pixels per AVX-512 micro-tile of a long pointwise reduction: 14 × 32
+/// channels in 28 zmm registers, two for the weights, one broadcast.
+/// In-process A/B against 12 rows (1 thread, median of 30 rounds):
+/// 672->112 at 14² 0.95, 1152->192 at 7² 0.89, 192->1152 at 7² 0.94,
+/// 240->40 at 28² 0.93; reductions of 144 or fewer even or slower (up to
+/// 1.04), hence [`LONG_REDUCTION`].
+const MR512_LONG: usize = 14;
+/// Shortest reduction that takes [`MR512_LONG`] tiles.
+const LONG_REDUCTION: usize = 192;
 /// Output channels per weight panel.
 const NR: usize = 16;
 /// Most taps a layer may have (pointer table on the stack).
@@ -254,6 +263,12 @@ impl Conv2dNhwc {
             let res = residual.map(|r| &r[b * out_img..(b + 1) * out_img]);
             let y = &mut output[b * out_img..(b + 1) * out_img];
             match &self.algo {
+                // Long pointwise reductions: 14-row tiles (28 of the 32
+                // registers accumulate). Two more FMAs per weight pair,
+                // and 14² and 7² maps fill whole tiles.
+                Algo::Gemm { panels, k } if isa.has_avx512() && self.long_pointwise(*k) => {
+                    self.run_gemm::<MR512_LONG, 2>(pool, isa, x, res, y, panels, *k)
+                }
                 Algo::Gemm { panels, k } if isa.has_avx512() => {
                     self.run_gemm::<MR512, 2>(pool, isa, x, res, y, panels, *k)
                 }
@@ -263,6 +278,13 @@ impl Conv2dNhwc {
                 Algo::Depthwise { w } => self.run_depthwise(pool, isa, x, res, y, w),
             }
         }
+    }
+
+    /// A 1×1 stride-1 unpadded layer reducing over at least
+    /// [`LONG_REDUCTION`] input channels (`k`).
+    fn long_pointwise(&self, k: usize) -> bool {
+        let g = &self.g;
+        g.kh == 1 && g.kw == 1 && g.stride == [1, 1] && g.pads == [0; 4] && k >= LONG_REDUCTION
     }
 
     /// Whether every column of output column `ox`'s window lies inside the
@@ -421,6 +443,8 @@ mod tests {
             (40, 19, 7, 3, 1, 1, 1),     // 3x3, odd channel counts
             (64, 48, 6, 3, 1, 1, 1),     // weights too big to sweep per tile
             (300, 70, 5, 1, 1, 0, 1),    // the same, five panels: prefetch the next pair / task
+            (672, 112, 14, 1, 1, 0, 1),  // long reduction: 14-row tiles (AVX-512), whole ones
+            (256, 40, 7, 1, 1, 0, 1),    // the same, 49 pixels: three tiles and 7 rows
             (24, 24, 13, 3, 1, 1, 24),   // depthwise 3x3
             (40, 40, 14, 5, 2, 2, 40),   // depthwise 5x5 stride 2
             (13, 13, 6, 3, 2, 0, 13),    // depthwise, channels not a vector multiple, no pad
