@@ -23,12 +23,14 @@ impl Conv2dNhwc {
             // the assert in `run`.
             let yr = unsafe { std::slice::from_raw_parts_mut(y_ptr.add(oy * row_len), row_len) };
             let rr = res.map(|r| &r[oy * row_len..(oy + 1) * row_len]);
-            self.depthwise_row(isa, x, w, oy, rr, RowOut::F32(yr));
+            self.depthwise_row(isa, x, w, oy, rr, RowOut::F32(yr), None);
         };
         pool.run(self.oh, &task);
     }
 
-    /// One output row of a depthwise layer.
+    /// One output row of a depthwise layer; `x` is the whole input, or
+    /// with `ring` the ring buffer holding the rows this output row reads.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn depthwise_row(
         &self,
         isa: Isa,
@@ -37,9 +39,13 @@ impl Conv2dNhwc {
         oy: usize,
         res: Option<&[f32]>,
         mut sink: RowOut,
+        ring: Option<Ring>,
     ) {
         let g = &self.g;
         let c = g.c_out;
+        // Every tap offset below addresses `c` floats inside `x`.
+        let held_rows = ring.map_or(g.h, |r| r.rows * r.groups);
+        assert!(x.len() >= held_rows * g.w * c && w.len() >= g.kh * g.kw * c);
         let clamp = crate::gemm::in_register_clamp(self.act);
         let mut taps = [(0usize, 0usize); MAX_TAPS];
         let taps_of = |ox: usize, taps: &mut [(usize, usize); MAX_TAPS]| {
@@ -47,6 +53,10 @@ impl Conv2dNhwc {
             for ky in 0..g.kh {
                 for kx in 0..g.kw {
                     if let Some(px) = self.tap_pixel(oy, ox, ky, kx) {
+                        let px = match ring {
+                            Some(r) => r.slot(px / g.w) * g.w + px % g.w,
+                            None => px,
+                        };
                         taps[n] = (px * c, (ky * g.kw + kx) * c);
                         n += 1;
                     }
@@ -160,6 +170,25 @@ impl Conv2dNhwc {
             }
             ox += px;
         }
+    }
+}
+
+/// Input rows held in a ring buffer (a fused expansion's output, see
+/// [`Conv2dNhwc::run_expand_depthwise`]): rows are computed in groups of
+/// `rows` consecutive ones, and group `j` sits at group slot
+/// `j mod groups`, so row `iy` is at row slot
+/// `((iy / rows) mod groups) · rows + iy mod rows`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Ring {
+    pub rows: usize,
+    pub groups: usize,
+}
+
+impl Ring {
+    /// The row slot of input row `iy`.
+    #[inline(always)]
+    pub fn slot(self, iy: usize) -> usize {
+        (iy / self.rows) % self.groups * self.rows + iy % self.rows
     }
 }
 

@@ -19,7 +19,7 @@ impl Conv2dNhwc {
         k: usize,
     ) {
         let g = &self.g;
-        let (cin, cout) = (g.c_in, g.c_out);
+        let cout = g.c_out;
         let taps = g.kh * g.kw;
         let pixels = self.oh * self.ow;
         let n_panels = cout.div_ceil(NR);
@@ -58,202 +58,267 @@ impl Conv2dNhwc {
         }
         let per_chunk = per_group * P;
         let panel_chunks = n_panels.div_ceil(per_chunk);
-        let clamp = crate::gemm::in_register_clamp(self.act);
         let pointwise = taps == 1 && g.stride == [1, 1] && g.pads == [0; 4];
-        let write_ahead = pointwise && pixels * cout >= 128 * 1024;
-        let y_ptr = SyncPtr::new(y);
+        let io = GemmIo {
+            isa,
+            x,
+            res,
+            y: SyncPtr::new(y),
+            y_first: 0,
+            panels,
+            k,
+            write_ahead: pointwise && pixels * cout >= 128 * 1024,
+        };
         let task = |t: usize, _slot: usize| {
-            let zeros = self.zeros.as_ptr();
             let (bi, ci) = (t / panel_chunks, t % panel_chunks);
-            let (p0, p1) = (block(bi), block(bi + 1));
             let q0 = ci * per_chunk;
             let q1 = (q0 + per_chunk).min(n_panels);
-            let mut rows = [[zeros; M]; MAX_TAPS];
-            // Points `rows` at the A rows of pixels p..p+n_rows; returns the
-            // taps the tile reads, and the distance in floats between
-            // consecutive rows when every tap's rows are that far apart
-            // inside the input and the tile is full (0 otherwise).
-            let setup = |p: usize, n_rows: usize, rows: &mut [[*const f32; M]; MAX_TAPS]| {
-                if pointwise {
-                    for (r, slot) in rows[0].iter_mut().enumerate() {
-                        *slot = if r < n_rows {
-                            x[(p + r) * cin..(p + r + 1) * cin].as_ptr()
-                        } else {
-                            zeros
-                        };
-                    }
-                    return (1, 0);
-                }
-                let (mut oy, mut ox) = (p / self.ow, p % self.ow);
-                // A tile inside one output row whose windows are all inside
-                // the input's width: every tap's pixels are one pointer
-                // apart by `stride · cin` floats (most tiles).
-                let (sx, last) = (g.stride[1], ox + n_rows - 1);
-                if last < self.ow && self.interior_col(ox) && self.interior_col(last) {
-                    let step = sx * cin;
-                    let mut uniform = n_rows == M;
-                    for ky in 0..g.kh {
-                        for kx in 0..g.kw {
-                            let t = ky * g.kw + kx;
-                            match self.tap_pixel(oy, ox, ky, kx) {
-                                Some(px) => {
-                                    // In bounds: the last pixel's tap is
-                                    // `px + (n_rows - 1)·stride`, inside the
-                                    // row by the test above.
-                                    // One bounds check per tap; the rows
-                                    // are `step` floats apart inside it.
-                                    let base =
-                                        x[px * cin..(px + (n_rows - 1) * sx + 1) * cin].as_ptr();
-                                    for (r, slot) in rows[t].iter_mut().enumerate() {
-                                        *slot = if r < n_rows {
-                                            base.wrapping_add(r * step)
-                                        } else {
-                                            zeros
-                                        };
-                                    }
-                                }
-                                None => {
-                                    uniform = false;
-                                    rows[t].iter_mut().for_each(|slot| *slot = zeros)
-                                }
-                            }
-                        }
-                    }
-                    return (taps, if uniform { step } else { 0 });
-                }
-                // Tiles that wrap to the next output row or touch the
-                // padding: pixel by pixel.
-                for r in 0..M {
-                    if r >= n_rows {
-                        rows[..taps].iter_mut().for_each(|t| t[r] = zeros);
-                        continue;
-                    }
-                    for ky in 0..g.kh {
-                        for kx in 0..g.kw {
-                            rows[ky * g.kw + kx][r] = match self.tap_pixel(oy, ox, ky, kx) {
-                                Some(px) => x[px * cin..(px + 1) * cin].as_ptr(),
-                                None => zeros,
-                            };
-                        }
-                    }
-                    ox += 1;
-                    if ox == self.ow {
-                        (oy, ox) = (oy + 1, 0);
-                    }
-                }
-                (taps, 0)
-            };
-            let compute = |q: usize,
-                           p: usize,
-                           n_rows: usize,
-                           (rows, step): (&[[*const f32; M]], usize),
-                           prefetch: Prefetch| {
-                let c0 = q * NR;
-                let cols = (cout - c0).min(P * NR);
-                let out = Tile {
-                    rows,
-                    cin,
-                    w: &panels[q * k * NR..(q + P).min(n_panels) * k * NR],
-                    panel_len: k * NR,
-                    bias: &self.bias[c0..c0 + P * NR],
-                    res: res.map(|r| &r[p * cout + c0..]),
-                    ldc: cout,
-                    n_rows,
-                    cols,
-                    clamp,
-                    prefetch,
-                    step,
-                };
-                // SAFETY: this task alone writes pixels p..p+n_rows of
-                // channels c0..c0+cols (disjoint (pixel block × panel
-                // chunk) regions per task); the assert in `run` bounds
-                // them inside `y`.
-                let dst = unsafe { y_ptr.add(p * cout + c0) };
-                out.compute(isa, dst);
-            };
-            // Small weights (all of this task's panels fit in L1/L2): set a
-            // tile's rows up once and sweep the panels; otherwise keep one
-            // panel hot and sweep the tiles.
-            if (q1 - q0) * k * NR * 4 <= 64 * 1024 {
-                for p in (p0..p1).step_by(M) {
-                    let n_rows = (p1 - p).min(M);
-                    let (nt, step) = setup(p, n_rows, &mut rows);
-                    // A pointwise tile's A rows are one run of the input:
-                    // the first panel group's tile pulls the next tile's
-                    // into L1 (the hardware prefetcher keeps up with one
-                    // stream, not the twelve rows a tile reads from).
-                    let next = if pointwise {
-                        let from = ((p + M) * cin).min(x.len());
-                        Prefetch::L1(&x[from..((p + 2 * M) * cin).min(x.len())])
-                    } else {
-                        Prefetch::None
-                    };
-                    // A store-bound layer (few input channels, an output
-                    // bigger than the caches) also claims the next tile's
-                    // output lines for writing.
-                    if write_ahead {
-                        let (c0, c1) = (q0 * NR, (q1 * NR).min(cout));
-                        for pp in p + M..(p + 2 * M).min(p1) {
-                            // SAFETY: pixel pp < p1 ≤ pixels: inside `y`.
-                            let row = unsafe { y_ptr.add(pp * cout + c0) };
-                            isa::prefetch_write(row.cast(), (c1 - c0) * 4);
-                        }
-                    }
-                    for q in (q0..q1).step_by(P) {
-                        let pf = if q == q0 { next } else { Prefetch::None };
-                        compute(q, p, n_rows, (&rows[..nt], step), pf);
-                    }
-                }
-            } else {
-                // Large weights come from memory once per task: while the
-                // tiles sweep one group of panels (from L2 after the first
-                // tile), they prefetch the next group into L2, each tile an
-                // equal share, so no tile waits on memory. After the last
-                // group comes the next task's first (the pool runs a
-                // thread's tasks in order).
-                let n_tiles = (p1 - p0).div_ceil(M);
-                let next_task_q = ((t + 1) % panel_chunks) * per_chunk;
-                for q in (q0..q1).step_by(P) {
-                    let nq = if q + P < q1 { q + P } else { next_task_q };
-                    let nq_end = if q + P < q1 { q1 } else { n_panels };
-                    let next = &panels[nq * k * NR..(nq + P).min(nq_end) * k * NR];
-                    let share = next.len().div_ceil(n_tiles).next_multiple_of(16);
-                    for (i, p) in (p0..p1).step_by(M).enumerate() {
-                        let n_rows = (p1 - p).min(M);
-                        let (nt, step) = setup(p, n_rows, &mut rows);
-                        let from = (i * share).min(next.len());
-                        let to = (from + share).min(next.len());
-                        let pf = Prefetch::L2(&next[from..to]);
-                        compute(q, p, n_rows, (&rows[..nt], step), pf);
-                    }
-                }
-            }
-            // An activation the tiles could not apply in registers goes
-            // over the task's block once it is written (still in cache):
-            // one slice when the task has every channel.
-            if clamp.is_none() {
-                let (c0, c1) = (q0 * NR, (q1 * NR).min(cout));
-                if c1 - c0 == cout {
-                    // SAFETY: pixels p0..p1, every channel, are this task's
-                    // (see `compute`).
-                    let block = unsafe {
-                        std::slice::from_raw_parts_mut(y_ptr.add(p0 * cout), (p1 - p0) * cout)
-                    };
-                    self.act.apply_slice(block);
-                } else {
-                    for p in p0..p1 {
-                        // SAFETY: channels c0..c1 of pixel p are this
-                        // task's (see `compute`).
-                        let row = unsafe {
-                            std::slice::from_raw_parts_mut(y_ptr.add(p * cout + c0), c1 - c0)
-                        };
-                        self.act.apply_slice(row);
-                    }
-                }
-            }
+            // After the last group of panels comes the next task's first
+            // (the pool runs a thread's tasks in order).
+            let next_q = ((t + 1) % panel_chunks) * per_chunk;
+            // SAFETY: task `t` alone writes its (pixel block × panel
+            // chunk) region, inside `y` (the assert in `run` bounds the
+            // pixels; `y_first` is 0).
+            unsafe { self.gemm_span::<M, P>(&io, (block(bi), block(bi + 1)), (q0, q1), next_q) };
         };
         pool.run(n_pb * panel_chunks, &task);
     }
+
+    /// Output pixels `p0..p1`, panels `q0..q1` of the gemm algorithm on
+    /// the calling thread (one task of [`Conv2dNhwc::run_gemm`], or a band
+    /// of rows of a fused expansion); `next_q` is the first panel the
+    /// caller computes next (its weights are prefetched at the end).
+    ///
+    /// # Safety
+    /// For every pixel `p` in `p0..p1`, the output channels of panels
+    /// `q0..q1` at `io.y + (p − io.y_first)·c_out` are valid for writes,
+    /// and no other thread touches them meanwhile.
+    pub(super) unsafe fn gemm_span<const M: usize, const P: usize>(
+        &self,
+        io: &GemmIo<'_>,
+        (p0, p1): (usize, usize),
+        (q0, q1): (usize, usize),
+        next_q: usize,
+    ) {
+        let g = &self.g;
+        let (cin, cout) = (g.c_in, g.c_out);
+        let taps = g.kh * g.kw;
+        let k = io.k;
+        let n_panels = cout.div_ceil(NR);
+        let isa = io.isa;
+        let clamp = crate::gemm::in_register_clamp(self.act);
+        let pointwise = taps == 1 && g.stride == [1, 1] && g.pads == [0; 4];
+        assert!(
+            p0 >= io.y_first && p1 <= self.oh * self.ow && io.panels.len() >= n_panels * k * NR
+        );
+        let zeros = self.zeros.as_ptr();
+        let mut rows = [[zeros; M]; MAX_TAPS];
+        // Points `rows` at the A rows of pixels p..p+n_rows; returns the
+        // taps the tile reads, and the distance in floats between
+        // consecutive rows when every tap's rows are that far apart
+        // inside the input and the tile is full (0 otherwise).
+        let setup = |p: usize, n_rows: usize, rows: &mut [[*const f32; M]; MAX_TAPS]| {
+            if pointwise {
+                for (r, slot) in rows[0].iter_mut().enumerate() {
+                    *slot = if r < n_rows {
+                        io.x[(p + r) * cin..(p + r + 1) * cin].as_ptr()
+                    } else {
+                        zeros
+                    };
+                }
+                return (1, 0);
+            }
+            let (mut oy, mut ox) = (p / self.ow, p % self.ow);
+            // A tile inside one output row whose windows are all inside
+            // the input's width: every tap's pixels are one pointer
+            // apart by `stride · cin` floats (most tiles).
+            let (sx, last) = (g.stride[1], ox + n_rows - 1);
+            if last < self.ow && self.interior_col(ox) && self.interior_col(last) {
+                let step = sx * cin;
+                let mut uniform = n_rows == M;
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        let t = ky * g.kw + kx;
+                        match self.tap_pixel(oy, ox, ky, kx) {
+                            Some(px) => {
+                                // In bounds: the last pixel's tap is
+                                // `px + (n_rows - 1)·stride`, inside the
+                                // row by the test above.
+                                // One bounds check per tap; the rows
+                                // are `step` floats apart inside it.
+                                let base =
+                                    io.x[px * cin..(px + (n_rows - 1) * sx + 1) * cin].as_ptr();
+                                for (r, slot) in rows[t].iter_mut().enumerate() {
+                                    *slot = if r < n_rows {
+                                        base.wrapping_add(r * step)
+                                    } else {
+                                        zeros
+                                    };
+                                }
+                            }
+                            None => {
+                                uniform = false;
+                                rows[t].iter_mut().for_each(|slot| *slot = zeros)
+                            }
+                        }
+                    }
+                }
+                return (taps, if uniform { step } else { 0 });
+            }
+            // Tiles that wrap to the next output row or touch the
+            // padding: pixel by pixel.
+            for r in 0..M {
+                if r >= n_rows {
+                    rows[..taps].iter_mut().for_each(|t| t[r] = zeros);
+                    continue;
+                }
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        rows[ky * g.kw + kx][r] = match self.tap_pixel(oy, ox, ky, kx) {
+                            Some(px) => io.x[px * cin..(px + 1) * cin].as_ptr(),
+                            None => zeros,
+                        };
+                    }
+                }
+                ox += 1;
+                if ox == self.ow {
+                    (oy, ox) = (oy + 1, 0);
+                }
+            }
+            (taps, 0)
+        };
+        let compute = |q: usize,
+                       p: usize,
+                       n_rows: usize,
+                       (rows, step): (&[[*const f32; M]], usize),
+                       prefetch: Prefetch| {
+            let c0 = q * NR;
+            let cols = (cout - c0).min(P * NR);
+            let out = Tile {
+                rows,
+                cin,
+                w: &io.panels[q * k * NR..(q + P).min(n_panels) * k * NR],
+                panel_len: k * NR,
+                bias: &self.bias[c0..c0 + P * NR],
+                res: io.res.map(|r| &r[p * cout + c0..]),
+                ldc: cout,
+                n_rows,
+                cols,
+                clamp,
+                prefetch,
+                step,
+            };
+            // SAFETY: pixels p..p+n_rows (inside p0..p1) of channels
+            // c0..c0+cols (inside panels q0..q1) are the caller's to
+            // write (the function's contract).
+            let dst = unsafe { io.y.add((p - io.y_first) * cout + c0) };
+            out.compute(isa, dst);
+        };
+        // Small weights (all of this task's panels fit in L1/L2): set a
+        // tile's rows up once and sweep the panels; otherwise keep one
+        // panel hot and sweep the tiles.
+        if (q1 - q0) * k * NR * 4 <= 64 * 1024 {
+            for p in (p0..p1).step_by(M) {
+                let n_rows = (p1 - p).min(M);
+                let (nt, step) = setup(p, n_rows, &mut rows);
+                // A pointwise tile's A rows are one run of the input:
+                // the first panel group's tile pulls the next tile's
+                // into L1 (the hardware prefetcher keeps up with one
+                // stream, not the twelve rows a tile reads from).
+                let next = if pointwise {
+                    let from = ((p + M) * cin).min(io.x.len());
+                    Prefetch::L1(&io.x[from..((p + 2 * M) * cin).min(io.x.len())])
+                } else {
+                    Prefetch::None
+                };
+                // A store-bound layer (few input channels, an output
+                // bigger than the caches) also claims the next tile's
+                // output lines for writing.
+                if io.write_ahead {
+                    let (c0, c1) = (q0 * NR, (q1 * NR).min(cout));
+                    for pp in p + M..(p + 2 * M).min(p1) {
+                        // SAFETY: pixel pp < p1: the caller's region.
+                        let row = unsafe { io.y.add((pp - io.y_first) * cout + c0) };
+                        isa::prefetch_write(row.cast(), (c1 - c0) * 4);
+                    }
+                }
+                for q in (q0..q1).step_by(P) {
+                    let pf = if q == q0 { next } else { Prefetch::None };
+                    compute(q, p, n_rows, (&rows[..nt], step), pf);
+                }
+            }
+        } else {
+            // Large weights come from memory once per task: while the
+            // tiles sweep one group of panels (from L2 after the first
+            // tile), they prefetch the next group into L2, each tile an
+            // equal share, so no tile waits on memory. After the last
+            // group comes the next task's first (the pool runs a
+            // thread's tasks in order).
+            let n_tiles = (p1 - p0).div_ceil(M);
+            for q in (q0..q1).step_by(P) {
+                let nq = if q + P < q1 { q + P } else { next_q };
+                let nq_end = if q + P < q1 { q1 } else { n_panels };
+                let next = &io.panels[nq * k * NR..(nq + P).min(nq_end) * k * NR];
+                let share = next.len().div_ceil(n_tiles).next_multiple_of(16);
+                for (i, p) in (p0..p1).step_by(M).enumerate() {
+                    let n_rows = (p1 - p).min(M);
+                    let (nt, step) = setup(p, n_rows, &mut rows);
+                    let from = (i * share).min(next.len());
+                    let to = (from + share).min(next.len());
+                    let pf = Prefetch::L2(&next[from..to]);
+                    compute(q, p, n_rows, (&rows[..nt], step), pf);
+                }
+            }
+        }
+        // An activation the tiles could not apply in registers goes
+        // over the task's block once it is written (still in cache):
+        // one slice when the task has every channel.
+        if clamp.is_none() {
+            let (c0, c1) = (q0 * NR, (q1 * NR).min(cout));
+            if c1 - c0 == cout {
+                // SAFETY: pixels p0..p1, every channel, are the caller's
+                // (the function's contract).
+                let block = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        io.y.add((p0 - io.y_first) * cout),
+                        (p1 - p0) * cout,
+                    )
+                };
+                self.act.apply_slice(block);
+            } else {
+                for p in p0..p1 {
+                    // SAFETY: channels c0..c1 of pixel p are the
+                    // caller's (the function's contract).
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            io.y.add((p - io.y_first) * cout + c0),
+                            c1 - c0,
+                        )
+                    };
+                    self.act.apply_slice(row);
+                }
+            }
+        }
+    }
+}
+
+/// What [`Conv2dNhwc::gemm_span`] reads and where it writes.
+pub(super) struct GemmIo<'a> {
+    pub isa: Isa,
+    /// The layer's input (one image, NHWC).
+    pub x: &'a [f32],
+    /// The residual (the output's shape), if fused.
+    pub res: Option<&'a [f32]>,
+    /// Output pixel `p` goes to `y + (p − y_first)·c_out`: the whole
+    /// output (`y_first` 0), or a band of rows in a ring buffer.
+    pub y: SyncPtr<f32>,
+    pub y_first: usize,
+    /// The packed weights and the reduction length.
+    pub panels: &'a [f32],
+    pub k: usize,
+    /// Claim the next tile's output lines for writing (store-bound layers
+    /// with outputs bigger than the caches).
+    pub write_ahead: bool,
 }
 
 /// Data a [`Tile`] prefetches while it computes, and into which cache.

@@ -28,9 +28,11 @@ use crate::isa;
 use crate::pool::{SyncPtr, ThreadPool};
 
 mod depthwise;
+mod fused;
 mod gemm;
 
 use depthwise::{RowOut, DW_GROUP};
+pub use fused::DwOut;
 
 /// Pixels per micro-tile (AVX2 and portable: 6 pixels × 16 channels in
 /// 12 of the 16 ymm registers).
@@ -232,7 +234,7 @@ impl Conv2dNhwc {
                     )
                 };
                 let rr = res.map(|r| &r[oy * row_len..(oy + 1) * row_len]);
-                self.depthwise_row(isa, x, w, oy, rr, RowOut::I8 { buf, y, inv });
+                self.depthwise_row(isa, x, w, oy, rr, RowOut::I8 { buf, y, inv }, None);
             });
         }
     }
