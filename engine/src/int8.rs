@@ -315,11 +315,12 @@ pub fn int8_flow(g: &Graph, tactics: &[Option<String>]) -> Vec<Option<f32>> {
 }
 
 /// [`int8_flow`] and the memory plan that stores the flowing tensors as
-/// INT8: what an engine runs with, and what its file records.
+/// INT8 (and keeps a fused pair's inputs live through the pair, see
+/// [`crate::fuse`]): what an engine runs with, and what its file records.
 pub fn int8_plan(g: &Graph, tactics: &[Option<String>]) -> (Vec<Option<f32>>, MemoryPlan) {
     let flow = int8_flow(g, tactics);
     let is_i8: Vec<bool> = flow.iter().map(Option::is_some).collect();
-    let plan = plan_arena_typed(g, &is_i8);
+    let plan = plan_arena_typed(g, &is_i8, &crate::fuse::fused_pairs(g, tactics));
     (flow, plan)
 }
 

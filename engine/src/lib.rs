@@ -15,6 +15,7 @@
 //! | [`tune`] | tactic selection by timing, and the timing cache |
 //! | [`file`] | the engine file format (safetensors + JSON plan) |
 //! | [`fingerprint`] | the device an engine was tuned for |
+//! | [`fuse`] | which expansion → depthwise pairs run as one step |
 //! | [`int8`] | which convolutions run INT8 (calibrated input scale), fallback, SQNR |
 //! | [`npy`] | reading and writing `.npy` tensors |
 //! | [`error`] | [`EngineError`] |
@@ -23,6 +24,7 @@ pub mod error;
 pub mod exec;
 pub mod file;
 pub mod fingerprint;
+pub mod fuse;
 pub mod int8;
 pub mod ir;
 pub mod npy;

@@ -66,13 +66,16 @@ fn aligned(n: usize) -> usize {
 
 /// Computes lifetimes and places every runtime tensor in one arena.
 pub fn plan_arena(g: &Graph) -> MemoryPlan {
-    plan_arena_typed(g, &[])
+    plan_arena_typed(g, &[], &[])
 }
 
 /// As [`plan_arena`], with the tensors marked in `int8` stored as INT8:
 /// four values per f32 slot, so `tensor_len` (and the storage) counts
-/// `ceil(n / 4)` slots for them.
-pub fn plan_arena_typed(g: &Graph, int8: &[bool]) -> MemoryPlan {
+/// `ceil(n / 4)` slots for them. For each pair `(i, j)` in `fused`, node
+/// `i`'s inputs live until node `j` (the two run as one step at `i`, which
+/// writes `j`'s output while it still reads its inputs; see
+/// [`crate::fuse`]).
+pub fn plan_arena_typed(g: &Graph, int8: &[bool], fused: &[(usize, usize)]) -> MemoryPlan {
     let mut storage_of: Vec<Option<usize>> = vec![None; g.tensors.len()];
     let mut offset_in_storage = vec![0usize; g.tensors.len()];
     let tensor_len: Vec<usize> = g
@@ -124,6 +127,13 @@ pub fn plan_arena_typed(g: &Graph, int8: &[bool]) -> MemoryPlan {
         for &t in node.inputs.iter().chain(&node.outputs) {
             if let Some(s) = storage_of[t] {
                 storages[s].last = storages[s].last.max(step);
+            }
+        }
+    }
+    for &(i, j) in fused {
+        for &t in g.nodes.get(i).map_or(&[][..], |n| &n.inputs[..]) {
+            if let Some(s) = storage_of[t] {
+                storages[s].last = storages[s].last.max(j);
             }
         }
     }

@@ -421,5 +421,142 @@ pub fn select_tactics(
         });
         progress(done + 1, layers.len(), &node.name);
     }
+    time_fusions(g, &pool, cache, fp, &mut tactics, &mut choices)?;
     Ok((tactics, choices))
+}
+
+/// A fused pair wins only when it is at least this much faster than the
+/// two layers run apart (the timings are medians of a few runs).
+const FUSION_MARGIN: f64 = 0.97;
+
+/// Times each expansion → depthwise pair that may run as one step
+/// ([`crate::fuse`]) both ways, and marks the expansion's tactic fused
+/// where that is faster by [`FUSION_MARGIN`]. Pairs whose expanded tensor
+/// is under [`crate::fuse::MIN_FUSED_BYTES`] stay apart untimed.
+fn time_fusions(
+    g: &Graph,
+    pool: &ThreadPool,
+    cache: &mut TimingCache,
+    fp: &Fingerprint,
+    tactics: &mut Tactics,
+    choices: &mut [LayerChoice],
+) -> Result<()> {
+    use osprey_kernels::conv_nhwc::DwOut;
+    let flow = crate::int8::int8_flow(g, tactics);
+    for (i, j) in crate::fuse::fusion_candidates(g, tactics) {
+        let (Some((eg, batch)), Some((dg, _))) = (conv_geometry(g, i), conv_geometry(g, j)) else {
+            continue;
+        };
+        if Conv2dNhwc::expanded_bytes(&eg) < crate::fuse::MIN_FUSED_BYTES {
+            continue;
+        }
+        let (Op::Conv(ea), Op::Conv(da)) = (&g.nodes[i].op, &g.nodes[j].op) else {
+            continue;
+        };
+        let layer = |n: usize, geo: Conv2dGeometry, act| -> Result<Conv2dNhwc> {
+            let node = &g.nodes[n];
+            let w = g.tensors[node.inputs[1]]
+                .value
+                .as_ref()
+                .map(ConstData::to_f32)
+                .unwrap_or_default();
+            let b = node
+                .inputs
+                .get(2)
+                .and_then(|&t| g.tensors[t].value.as_ref())
+                .map(ConstData::to_f32);
+            Ok(Conv2dNhwc::new(geo, &w, b.as_deref(), act)?)
+        };
+        let (e, d) = (layer(i, eg, ea.activation)?, layer(j, dg, da.activation)?);
+        if !e.fuses_into(&d) {
+            continue;
+        }
+        let out_scale = g.nodes[j]
+            .outputs
+            .first()
+            .and_then(|&z| flow.get(z).copied().flatten());
+        let key = format!(
+            "{}|t{}|fuse|{}x{}x{}->{}|{:?}|dw k{}x{} s{:?} d{:?} p{:?}|{:?}|b{}|res{}{}",
+            fp.key(),
+            pool.threads(),
+            eg.c_in,
+            eg.h,
+            eg.w,
+            eg.c_out,
+            ea.activation,
+            dg.kh,
+            dg.kw,
+            dg.stride,
+            dg.dilation,
+            dg.pads,
+            da.activation,
+            batch,
+            da.residual,
+            if out_scale.is_some() { "|out:i8" } else { "" },
+        );
+        let base = tactics[i]
+            .clone()
+            .unwrap_or_else(|| e.algorithm().to_string());
+        let fused_name = crate::fuse::fused_tactic(&base);
+        let apart_name = format!("{base},{}", d.algorithm());
+        let entry = match cache.entries.get(&key) {
+            Some(e) if e.tactic == fused_name || e.tactic == apart_name => e.clone(),
+            _ => {
+                let x = pseudo_random(batch * eg.c_in * eg.h * eg.w, 7);
+                let (oh, ow) = d.out_hw();
+                let n_out = batch * dg.c_out * oh * ow;
+                let r = pseudo_random(n_out, 11);
+                let res = da.residual.then_some(&r[..]);
+                let mut mid = vec![0.0f32; batch * eg.c_out * eg.h * eg.w];
+                let mut y = vec![0.0f32; n_out];
+                let mut y8 = vec![0i8; if out_scale.is_some() { n_out } else { 0 }];
+                let threads = pool.threads();
+                let mut scratch = vec![
+                    0.0f32;
+                    e.fused_scratch_len(&d, threads)
+                        .max(d.scratch_len_i8(threads))
+                ];
+                let apart = time_ms(|| {
+                    e.run(pool, batch, &x, None, &mut mid);
+                    match out_scale {
+                        Some(s) => d.run_to_i8(pool, batch, &mid, res, &mut y8, s, &mut scratch),
+                        None => d.run(pool, batch, &mid, res, &mut y),
+                    }
+                });
+                let fused = time_ms(|| {
+                    let out = match out_scale {
+                        Some(s) => DwOut::I8(&mut y8, s),
+                        None => DwOut::F32(&mut y),
+                    };
+                    e.run_expand_depthwise(&d, pool, batch, &x, res, out, &mut scratch)
+                });
+                let (tactic, ms) = if fused < FUSION_MARGIN * apart {
+                    (fused_name.clone(), fused)
+                } else {
+                    (apart_name.clone(), apart)
+                };
+                let entry = CacheEntry {
+                    tactic,
+                    ms,
+                    candidates: BTreeMap::from([(fused_name.clone(), fused), (apart_name, apart)]),
+                };
+                cache.entries.insert(key, entry.clone());
+                entry
+            }
+        };
+        // The report: the expansion's line lists both ways of running the
+        // pair, and carries the pair's time where it runs fused.
+        let fused = entry.tactic == fused_name;
+        if let Some(c) = choices.iter_mut().find(|c| c.node == i) {
+            c.candidates.extend(entry.candidates);
+            if fused {
+                c.tactic = fused_name.clone();
+                c.ms = entry.ms;
+            }
+        }
+        if fused {
+            tactics[i] = Some(fused_name);
+        }
+    }
+    Ok(())
 }

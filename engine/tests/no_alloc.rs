@@ -25,6 +25,7 @@ fn run_allocates_nothing_after_warmup() {
     m.input("x", &[1, 4, 16, 16]);
     m.init_f32("w1", &[8, 4, 3, 3], &weights(8 * 4 * 9));
     m.init_f32("b1", &[8], &weights(8));
+    m.init_f32("wx", &[8, 8, 1, 1], &weights(64));
     m.init_f32("wd", &[8, 1, 3, 3], &weights(72));
     m.init_f32("w2", &[8, 8, 1, 1], &weights(64));
     m.init_f32("g", &[8], &[1.0; 8]);
@@ -50,9 +51,10 @@ fn run_allocates_nothing_after_warmup() {
         vec![],
     );
     m.node("Relu", &["bn"], &["r"], vec![]);
+    m.node("Conv", &["r", "wx"], &["ex"], vec![]);
     m.node(
         "Conv",
-        &["r", "wd"],
+        &["ex", "wd"],
         &["dw"],
         vec![attr_i("group", 8), attr_ints("pads", &[1, 1, 1, 1])],
     );
@@ -106,7 +108,8 @@ fn run_allocates_nothing_after_warmup() {
     );
     // The INT8 form of the same graph: INT8 convolutions (plain and
     // depthwise) with an INT8 tensor between the depthwise and the
-    // pointwise layer, and the INT8 Gemm.
+    // pointwise layer (and between the expansion and the depthwise
+    // layer), and the INT8 Gemm.
     let mut graph8 = graph.clone();
     // And the channels-last form (NHWC kernels, a layout transpose).
     let mut graph_nhwc = graph.clone();
@@ -115,11 +118,16 @@ fn run_allocates_nothing_after_warmup() {
         layout.converted >= 3 && layout.transposes >= 1,
         "{layout:?}"
     );
-    let engine_nhwc = Arc::new(Engine::new(graph_nhwc).expect("nhwc engine"));
+    // Its expansion and depthwise layer run as one step (a fused pair).
+    let pairs = osprey_engine::fuse::fusion_candidates(&graph_nhwc, &[]);
+    assert_eq!(pairs.len(), 1, "{pairs:?}");
+    let mut tactics = vec![None; graph_nhwc.nodes.len()];
+    tactics[pairs[0].0] = Some(osprey_engine::fuse::fused_tactic("nhwc-gemm"));
+    let engine_nhwc = Arc::new(Engine::with_tactics(graph_nhwc, &tactics).expect("nhwc engine"));
     let layers = osprey_engine::int8::permit_int8(&mut graph8, &|_| Some(4.0 / 127.0), true);
-    assert_eq!(layers.iter().filter(|l| l.fallback.is_none()).count(), 4);
+    assert_eq!(layers.iter().filter(|l| l.fallback.is_none()).count(), 5);
     let engine8 = Arc::new(Engine::new(graph8).expect("int8 engine"));
-    assert_eq!(engine8.int8_tensors(), 1);
+    assert_eq!(engine8.int8_tensors(), 2);
     let engine = Arc::new(Engine::new(graph).expect("engine"));
     let mut ctx = ExecutionContext::new(engine, 2);
     let x = weights(4 * 16 * 16);

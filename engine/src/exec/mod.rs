@@ -30,7 +30,7 @@ mod prepare;
 mod step;
 
 use prepare::Builder;
-use step::run_step;
+use step::{run_fused, run_step};
 
 /// Where an operand's data lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +211,9 @@ struct Step {
     /// An INT8 first output: its element count and scale (observers see
     /// it dequantized).
     out_i8: Option<(usize, f32)>,
+    /// This step (a channels-last expansion) and the next (its depthwise
+    /// reader) run as one ([`crate::fuse`]), except in observed runs.
+    fuse_next: bool,
 }
 
 /// Sees each tensor (name, values) as a run computes it.
@@ -266,10 +269,12 @@ impl Engine {
             const_of: BTreeMap::new(),
         };
         let mut steps = Vec::with_capacity(graph.nodes.len());
+        let mut step_of = vec![usize::MAX; graph.nodes.len()];
         for (ni, node) in graph.nodes.iter().enumerate() {
             if node.op.is_view() {
                 continue;
             }
+            step_of[ni] = steps.len();
             let kind = b.kind(ni, node).map_err(|msg| EngineError::Node {
                 node: node.name.clone(),
                 op: node.onnx_op.clone(),
@@ -308,7 +313,49 @@ impl Engine {
                 outs,
                 out_names,
                 out_i8,
+                fuse_next: false,
             });
+        }
+        let pairs = crate::fuse::fused_pairs(&graph, tactics);
+        let unpaired = (0..graph.nodes.len()).find(|&i| {
+            crate::fuse::is_fused(tactics.get(i).and_then(|t| t.as_deref()))
+                && !pairs.iter().any(|p| p.0 == i)
+        });
+        for (i, j) in pairs
+            .iter()
+            .copied()
+            .chain(unpaired.map(|i| (i, usize::MAX)))
+        {
+            let (si, sj) = (step_of[i], step_of.get(j).copied().unwrap_or(usize::MAX));
+            let fits = sj == si.wrapping_add(1)
+                && match (
+                    steps.get(si).map(|s| &s.kind),
+                    steps.get(sj).map(|s| &s.kind),
+                ) {
+                    (
+                        Some(Kind::ConvNhwc {
+                            layer: e,
+                            residual: false,
+                            out_scale: None,
+                            batch,
+                        }),
+                        Some(Kind::ConvNhwc {
+                            layer: d,
+                            batch: b2,
+                            ..
+                        }),
+                    ) => e.fuses_into(d) && batch == b2,
+                    _ => false,
+                };
+            if !fits {
+                let node = &graph.nodes[i];
+                return Err(EngineError::Node {
+                    node: node.name.clone(),
+                    op: node.onnx_op.clone(),
+                    msg: "a fused tactic ('+dw') on a layer that cannot run with its reader".into(),
+                });
+            }
+            steps[si].fuse_next = true;
         }
         let inputs = graph
             .inputs
@@ -375,9 +422,18 @@ impl Engine {
                 ..
             } => {
                 let info = conv_info(layer.algorithm(), layer.geometry(), *residual);
-                match out_scale {
+                let info = match out_scale {
                     Some(_) => format!("{info} out:i8"),
                     None => info,
+                };
+                // A fused pair: the expansion's step runs both layers,
+                // the depthwise step's time is in it.
+                if s.fuse_next {
+                    format!("{info} +dw fused with the next step")
+                } else if i > 0 && self.steps[i - 1].fuse_next {
+                    format!("{info} (run fused by the previous step)")
+                } else {
+                    info
                 }
             }
             Kind::QConv {
@@ -461,6 +517,17 @@ impl Engine {
 
     /// Scratch floats a context with `threads` threads needs.
     fn scratch_floats(&self, threads: usize) -> usize {
+        let fused = self
+            .steps
+            .windows(2)
+            .map(|w| match (&w[0].kind, &w[1].kind) {
+                (Kind::ConvNhwc { layer: e, .. }, Kind::ConvNhwc { layer: d, .. })
+                    if w[0].fuse_next =>
+                {
+                    e.fused_scratch_len(d, threads)
+                }
+                _ => 0,
+            });
         self.steps
             .iter()
             .map(|s| match &s.kind {
@@ -483,6 +550,7 @@ impl Engine {
                 }
                 _ => 0,
             })
+            .chain(fused)
             .max()
             .unwrap_or(0)
     }
@@ -501,6 +569,8 @@ pub struct ExecutionContext {
     arena: Vec<f32>,
     base: usize,
     scratch: Vec<f32>,
+    /// Where the scratch's first 64-byte boundary is.
+    scratch_base: usize,
     pool: ThreadPool,
     inputs_set: Vec<bool>,
 }
@@ -524,13 +594,17 @@ impl ExecutionContext {
         // Start the arena on a 64-byte boundary.
         let misalign = (arena.as_ptr() as usize / 4) % ALIGN_FLOATS;
         let base = (ALIGN_FLOATS - misalign) % ALIGN_FLOATS;
-        let scratch = vec![0.0f32; engine.scratch_floats(pool.threads())];
+        // The scratch too: kernels pack rows and keep rings there.
+        let scratch = vec![0.0f32; engine.scratch_floats(pool.threads()) + ALIGN_FLOATS];
+        let misalign = (scratch.as_ptr() as usize / 4) % ALIGN_FLOATS;
+        let scratch_base = (ALIGN_FLOATS - misalign) % ALIGN_FLOATS;
         let inputs_set = vec![false; engine.inputs.len()];
         ExecutionContext {
             engine,
             arena,
             base,
             scratch,
+            scratch_base,
             pool,
             inputs_set,
         }
@@ -653,20 +727,32 @@ impl ExecutionContext {
         }
         let engine = &*self.engine;
         let arena = &mut self.arena[self.base..self.base + engine.plan.arena_floats];
+        let scratch = &mut self.scratch[self.scratch_base..];
         if let Some(f) = observe.as_deref_mut() {
             for (desc, off) in &engine.inputs {
                 f(&desc.name, &arena[*off..*off + desc.numel()]);
             }
         }
+        // A fused pair runs at its first step, unless every tensor is
+        // observed (the pair's intermediate exists only in the split run).
+        let fuse = observe.is_none();
+        let mut fused_done = false;
         for (i, step) in engine.steps.iter().enumerate() {
+            if std::mem::take(&mut fused_done) {
+                continue;
+            }
             let t0 = profile.as_ref().map(|_| std::time::Instant::now());
-            run_step(step, arena, &engine.consts, &mut self.scratch, &self.pool).map_err(|e| {
-                match e {
-                    EngineError::Model(m) => {
-                        EngineError::Model(format!("step '{}': {m}", step.name))
-                    }
-                    other => other,
+            let next = engine.steps.get(i + 1).filter(|_| fuse && step.fuse_next);
+            let ran = match next {
+                Some(next) => {
+                    fused_done = true;
+                    run_fused(step, next, arena, &engine.consts, scratch, &self.pool)
                 }
+                None => run_step(step, arena, &engine.consts, scratch, &self.pool),
+            };
+            ran.map_err(|e| match e {
+                EngineError::Model(m) => EngineError::Model(format!("step '{}': {m}", step.name)),
+                other => other,
             })?;
             if let (Some(p), Some(t0)) = (profile.as_deref_mut(), t0) {
                 p[i] += t0.elapsed().as_secs_f64();

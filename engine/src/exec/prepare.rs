@@ -15,6 +15,7 @@ use osprey_kernels::resize::Resize2d;
 use osprey_kernels::{Activation, ThreadPool};
 
 use super::{CopyPart, Kind, Operand, QLayer};
+use crate::fuse::FUSED_SUFFIX;
 use crate::int8::runs_int8;
 use crate::ir::{ConstData, Graph, Op, TensorId};
 use crate::plan::MemoryPlan;
@@ -111,7 +112,9 @@ impl Builder<'_> {
                     }
                     let layer = Conv2dNhwc::new(geo, &w, bias.as_deref(), a.activation)
                         .map_err(|e| e.to_string())?;
-                    if let Some(name) = chosen.filter(|&n| n != layer.algorithm()) {
+                    // The fused form (`+dw`) runs this layer's kernel too.
+                    let base = |n: &str| n.strip_suffix(FUSED_SUFFIX).unwrap_or(n).to_string();
+                    if let Some(name) = chosen.filter(|&n| base(n) != layer.algorithm()) {
                         return Err(format!(
                             "tactic '{name}' does not fit this channels-last layer (it runs {})",
                             layer.algorithm()

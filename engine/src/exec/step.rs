@@ -2,6 +2,7 @@
 //! writable, every other live tensor readable) and the kernel calls.
 
 use osprey_kernels::activation::Activation;
+use osprey_kernels::conv_nhwc::DwOut;
 use osprey_kernels::eltwise;
 use osprey_kernels::gemm::{self, Epilogue, MatRef};
 use osprey_kernels::layout;
@@ -68,6 +69,58 @@ impl<'a> Reader<'a> {
             }
         }
     }
+}
+
+/// A fused pair ([`crate::fuse`]): `first` (a channels-last expansion)
+/// and `second` (its depthwise reader) as one kernel call that reads
+/// `first`'s input and writes `second`'s output; `first`'s output is never
+/// written.
+pub(super) fn run_fused(
+    first: &Step,
+    second: &Step,
+    arena: &mut [f32],
+    consts: &[Vec<f32>],
+    scratch: &mut [f32],
+    pool: &ThreadPool,
+) -> Result<()> {
+    let (
+        Kind::ConvNhwc { layer: e, .. },
+        Kind::ConvNhwc {
+            layer: d,
+            batch,
+            residual: fused,
+            out_scale,
+        },
+    ) = (&first.kind, &second.kind)
+    else {
+        return Err(EngineError::model(
+            "internal: a fused step that is not a pair of convolutions",
+        ));
+    };
+    let out = *second
+        .outs
+        .first()
+        .ok_or_else(|| EngineError::model("step without output"))?;
+    let operand = |s: &Step, k: usize| {
+        s.ins
+            .get(k)
+            .copied()
+            .ok_or_else(|| EngineError::model("missing operand"))
+    };
+    let (io, y) = split_io(arena, out, consts)?;
+    let x = io.read(operand(first, 0)?)?;
+    let residual = if *fused {
+        Some(io.read(operand(second, 3)?)?)
+    } else {
+        None
+    };
+    let output = match out_scale {
+        // INT8 tensors sit in the f32 arena four to a slot.
+        Some(s) => DwOut::I8(bytemuck::cast_slice_mut(y), *s),
+        None => DwOut::F32(y),
+    };
+    e.run_expand_depthwise(d, pool, *batch, x, residual, output, scratch);
+    Ok(())
 }
 
 pub(super) fn run_step(
