@@ -109,15 +109,10 @@ mod tests {
     use crate::exec::{Engine, ExecutionContext};
     use crate::onnx::builder::{attr_i, attr_ints, ModelBuilder};
 
-    fn rnd(n: usize, seed: u32, amp: f32) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 * amp - amp
-            })
+    fn rnd(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+        crate::tune::pseudo_random(n, seed)
+            .into_iter()
+            .map(|v| v * amp)
             .collect()
     }
 

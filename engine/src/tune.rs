@@ -165,6 +165,25 @@ fn conv_geometry(g: &Graph, node: usize) -> Option<(Conv2dGeometry, usize)> {
     Some((a.geometry(xs, ys), xs[0]))
 }
 
+/// Convolution `node`'s weights and bias as f32 (empty weights when not
+/// constant: the kernel then refuses the layer).
+fn conv_weights(g: &Graph, node: usize) -> (Vec<f32>, Option<Vec<f32>>) {
+    let n = &g.nodes[node];
+    let value = |t: usize| g.tensors.get(t).and_then(|t| t.value.as_ref());
+    let w = n
+        .inputs
+        .get(1)
+        .and_then(|&t| value(t))
+        .map(ConstData::to_f32)
+        .unwrap_or_default();
+    let b = n
+        .inputs
+        .get(2)
+        .and_then(|&t| value(t))
+        .map(ConstData::to_f32);
+    (w, b)
+}
+
 /// Deterministic pseudo-random values in [-1, 1) (xorshift), for timing
 /// and benchmarks.
 pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
@@ -223,19 +242,7 @@ pub fn select_tactics(
         let Some((geo, batch)) = conv_geometry(g, i) else {
             continue;
         };
-        let weights = || {
-            let w = g.tensors[node.inputs[1]]
-                .value
-                .as_ref()
-                .map(ConstData::to_f32)
-                .unwrap_or_default();
-            let b = node
-                .inputs
-                .get(2)
-                .and_then(|&t| g.tensors[t].value.as_ref())
-                .map(ConstData::to_f32);
-            (w, b)
-        };
+        let weights = || conv_weights(g, i);
         // A channels-last layer has one kernel; it is timed so the report
         // shows what it costs.
         let nhwc = if attrs.channels_last {
@@ -454,17 +461,7 @@ fn time_fusions(
             continue;
         };
         let layer = |n: usize, geo: Conv2dGeometry, act| -> Result<Conv2dNhwc> {
-            let node = &g.nodes[n];
-            let w = g.tensors[node.inputs[1]]
-                .value
-                .as_ref()
-                .map(ConstData::to_f32)
-                .unwrap_or_default();
-            let b = node
-                .inputs
-                .get(2)
-                .and_then(|&t| g.tensors[t].value.as_ref())
-                .map(ConstData::to_f32);
+            let (w, b) = conv_weights(g, n);
             Ok(Conv2dNhwc::new(geo, &w, b.as_deref(), act)?)
         };
         let (e, d) = (layer(i, eg, ea.activation)?, layer(j, dg, da.activation)?);
