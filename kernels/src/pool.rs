@@ -336,6 +336,14 @@ impl<T> SyncPtr<T> {
     }
 }
 
+/// An output as a kernel's epilogue writes it: f32, or INT8 requantized.
+#[derive(Clone, Copy)]
+pub(crate) enum Dst {
+    F32(SyncPtr<f32>),
+    /// Pointer and the reciprocal of the output scale.
+    I8(SyncPtr<i8>, f32),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

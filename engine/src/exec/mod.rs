@@ -316,34 +316,29 @@ impl Engine {
                 fuse_next: false,
             });
         }
+        // Every expansion whose tactic asks for the fused form runs with
+        // its reader as the next step, or the engine is refused.
         let pairs = crate::fuse::fused_pairs(&graph, tactics);
-        let unpaired = (0..graph.nodes.len()).find(|&i| {
-            crate::fuse::is_fused(tactics.get(i).and_then(|t| t.as_deref()))
-                && !pairs.iter().any(|p| p.0 == i)
-        });
-        for (i, j) in pairs
-            .iter()
-            .copied()
-            .chain(unpaired.map(|i| (i, usize::MAX)))
-        {
-            let (si, sj) = (step_of[i], step_of.get(j).copied().unwrap_or(usize::MAX));
-            let fits = sj == si.wrapping_add(1)
-                && match (
-                    steps.get(si).map(|s| &s.kind),
-                    steps.get(sj).map(|s| &s.kind),
-                ) {
+        for (i, tactic) in tactics.iter().enumerate().take(graph.nodes.len()) {
+            if !crate::fuse::is_fused(tactic.as_deref()) {
+                continue;
+            }
+            let si = step_of[i];
+            let reader = pairs.iter().find(|p| p.0 == i).map(|p| step_of[p.1]);
+            let fits = reader == Some(si.wrapping_add(1))
+                && match (&steps[si].kind, &steps[si + 1].kind) {
                     (
-                        Some(Kind::ConvNhwc {
+                        Kind::ConvNhwc {
                             layer: e,
                             residual: false,
                             out_scale: None,
                             batch,
-                        }),
-                        Some(Kind::ConvNhwc {
+                        },
+                        Kind::ConvNhwc {
                             layer: d,
                             batch: b2,
                             ..
-                        }),
+                        },
                     ) => e.fuses_into(d) && batch == b2,
                     _ => false,
                 };

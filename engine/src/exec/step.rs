@@ -71,6 +71,14 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Operand `k` of `step`.
+fn operand(step: &Step, k: usize) -> Result<Operand> {
+    step.ins
+        .get(k)
+        .copied()
+        .ok_or_else(|| EngineError::model("missing operand"))
+}
+
 /// A fused pair ([`crate::fuse`]): `first` (a channels-last expansion)
 /// and `second` (its depthwise reader) as one kernel call that reads
 /// `first`'s input and writes `second`'s output; `first`'s output is never
@@ -101,12 +109,6 @@ pub(super) fn run_fused(
         .outs
         .first()
         .ok_or_else(|| EngineError::model("step without output"))?;
-    let operand = |s: &Step, k: usize| {
-        s.ins
-            .get(k)
-            .copied()
-            .ok_or_else(|| EngineError::model("missing operand"))
-    };
     let (io, y) = split_io(arena, out, consts)?;
     let x = io.read(operand(first, 0)?)?;
     let residual = if *fused {
@@ -134,12 +136,7 @@ pub(super) fn run_step(
         .outs
         .first()
         .ok_or_else(|| EngineError::model("step without output"))?;
-    let input = |k: usize| {
-        step.ins
-            .get(k)
-            .copied()
-            .ok_or_else(|| EngineError::model("missing operand"))
-    };
+    let input = |k: usize| operand(step, k);
     if let Kind::Copy(parts) = &step.kind {
         for p in parts {
             let out = *step

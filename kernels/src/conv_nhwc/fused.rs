@@ -17,7 +17,7 @@ use super::gemm::GemmIo;
 use super::{Algo, Conv2dNhwc, MR, MR512, MR512_LONG, NR};
 use crate::conv::Conv2dGeometry;
 use crate::isa::{self, Isa};
-use crate::pool::{SyncPtr, ThreadPool};
+use crate::pool::{Dst, SyncPtr, ThreadPool};
 
 /// Where [`Conv2dNhwc::run_expand_depthwise`] writes the depthwise output.
 pub enum DwOut<'a> {
@@ -150,9 +150,9 @@ impl Conv2dNhwc {
         // scratch has one line to spare.
         let skip = scratch.as_ptr().align_offset(ALIGN * 4).min(ALIGN);
         let scratch = &mut scratch[skip..];
-        let (y_f32, y_i8, inv) = match &mut output {
-            DwOut::F32(y) => (Some(SyncPtr::new(y)), None, 1.0),
-            DwOut::I8(y, s) => (None, Some(SyncPtr::new(y)), 1.0 / *s),
+        let dst = match &mut output {
+            DwOut::F32(y) => Dst::F32(SyncPtr::new(y)),
+            DwOut::I8(y, s) => Dst::I8(SyncPtr::new(y), 1.0 / *s),
         };
         let s_ptr = SyncPtr::new(scratch);
         let bands = threads.min(dw.oh).max(1);
@@ -209,11 +209,11 @@ impl Conv2dNhwc {
                     // inside the output by the assert above; the I8 group
                     // buffer follows this thread's ring in the scratch.
                     let sink = unsafe {
-                        match (y_f32, y_i8) {
-                            (Some(y), _) => {
+                        match dst {
+                            Dst::F32(y) => {
                                 RowOut::F32(std::slice::from_raw_parts_mut(y.add(at), row_len))
                             }
-                            (_, Some(y)) => RowOut::I8 {
+                            Dst::I8(y, inv) => RowOut::I8 {
                                 buf: std::slice::from_raw_parts_mut(
                                     ring_ptr.add(ring_len),
                                     DW_GROUP * c,
@@ -221,7 +221,6 @@ impl Conv2dNhwc {
                                 y: std::slice::from_raw_parts_mut(y.add(at), row_len),
                                 inv,
                             },
-                            _ => unreachable!("one output"),
                         }
                     };
                     dw.depthwise_row(isa, held, dw_w, oy, rr, sink, Some(ring));
@@ -377,34 +376,14 @@ mod tests {
 
     #[test]
     fn layers_that_do_not_fuse_are_told_apart() {
-        let e = Conv2dNhwc::new(
-            geo(8, 16, (8, 8), 1, 1, 1),
-            &data(128, 1),
-            None,
-            Activation::None,
-        )
-        .unwrap();
-        let spatial = Conv2dNhwc::new(
-            geo(8, 16, (8, 8), 3, 1, 1),
-            &data(16 * 8 * 9, 1),
-            None,
-            Activation::None,
-        )
-        .unwrap();
-        let d = Conv2dNhwc::new(
-            geo(16, 16, (8, 8), 3, 1, 16),
-            &data(16 * 9, 2),
-            None,
-            Activation::None,
-        )
-        .unwrap();
-        let other = Conv2dNhwc::new(
-            geo(16, 16, (9, 8), 3, 1, 16),
-            &data(16 * 9, 2),
-            None,
-            Activation::None,
-        )
-        .unwrap();
+        let layer = |g: Conv2dGeometry, seed| {
+            let n = g.c_out * g.c_in / g.groups * g.kh * g.kw;
+            Conv2dNhwc::new(g, &data(n, seed), None, Activation::None).unwrap()
+        };
+        let e = layer(geo(8, 16, (8, 8), 1, 1, 1), 1);
+        let spatial = layer(geo(8, 16, (8, 8), 3, 1, 1), 1);
+        let d = layer(geo(16, 16, (8, 8), 3, 1, 16), 2);
+        let other = layer(geo(16, 16, (9, 8), 3, 1, 16), 2);
         assert!(e.fuses_into(&d));
         assert!(!spatial.fuses_into(&d), "a 3x3 expansion");
         assert!(!e.fuses_into(&other), "sizes differ");

@@ -37,7 +37,7 @@ use crate::activation::Activation;
 use crate::conv::Conv2dGeometry;
 use crate::error::KernelError;
 use crate::isa::{self, Isa};
-use crate::pool::{SyncPtr, ThreadPool};
+use crate::pool::{Dst, SyncPtr, ThreadPool};
 #[cfg(target_arch = "x86_64")]
 use crate::qconv::QMAX;
 use crate::qconv::{quantize, quantize_weights, QIn, QOut};
@@ -94,14 +94,6 @@ pub struct QConv2dNhwc {
     input_scale: f32,
     inv_input_scale: f32,
     weight_scales: Vec<f32>,
-}
-
-/// The output as the epilogue writes it.
-#[derive(Clone, Copy)]
-enum Dst {
-    F32(SyncPtr<f32>),
-    /// Pointer and the reciprocal of the output scale.
-    I8(SyncPtr<i8>, f32),
 }
 
 impl QConv2dNhwc {
