@@ -6,11 +6,11 @@ use crate::isa::Isa;
 use crate::pool::{SyncPtr, ThreadPool};
 
 impl Conv2dNhwc {
-    pub(super) fn run_depthwise(
+    pub(super) fn run_depthwise<T: DwElem>(
         &self,
         pool: &ThreadPool,
         isa: Isa,
-        x: &[f32],
+        x: &[T],
         res: Option<&[f32]>,
         y: &mut [f32],
         w: &[f32],
@@ -30,11 +30,13 @@ impl Conv2dNhwc {
 
     /// One output row of a depthwise layer; `x` is the whole input, or
     /// with `ring` the ring buffer holding the rows this output row reads.
+    /// INT8 input (`T = i8`) is read as the floats its values are (the
+    /// caller folds its scale into the weights).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn depthwise_row(
+    pub(super) fn depthwise_row<T: DwElem>(
         &self,
         isa: Isa,
-        x: &[f32],
+        x: &[T],
         w: &[f32],
         oy: usize,
         res: Option<&[f32]>,
@@ -146,7 +148,7 @@ impl Conv2dNhwc {
                 },
                 _ => {
                     for p in 0..px {
-                        depthwise_pixel_body::<{ cfg!(target_arch = "aarch64") }>(
+                        depthwise_pixel_body::<T, { cfg!(target_arch = "aarch64") }>(
                             &x[p * sx * c..],
                             w,
                             &taps[..n],
@@ -192,6 +194,25 @@ impl Ring {
     }
 }
 
+/// What a depthwise layer may read: f32, or INT8 values used as the
+/// floats they are (exactly: every `i8` is a float). Sealed: the SIMD
+/// kernels load each type their own way (`I8`).
+pub trait DwElem: Copy + Into<f32> + Send + Sync + sealed::Sealed + 'static {
+    /// Whether the elements are `i8` (else `f32`).
+    const I8: bool;
+}
+impl DwElem for f32 {
+    const I8: bool = false;
+}
+impl DwElem for i8 {
+    const I8: bool = true;
+}
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for i8 {}
+}
+
 /// Most neighbouring pixels one depthwise step computes (AVX-512; two with
 /// AVX2, one otherwise).
 pub(super) const DW_GROUP: usize = 4;
@@ -212,8 +233,9 @@ pub(super) enum RowOut<'a> {
 /// The AVX2 / AVX-512 depthwise kernels' operands for a group of
 /// neighbouring pixels (up to two with AVX2, four with AVX-512).
 #[cfg(target_arch = "x86_64")]
-struct DwSimd<'a> {
-    x: *const f32,
+struct DwSimd<'a, T> {
+    /// Input, f32 or INT8 ([`DwElem`]).
+    x: *const T,
     w: *const f32,
     /// (input offset of pixel 0, weight offset) per valid tap.
     taps: &'a [(usize, usize)],
@@ -234,7 +256,7 @@ struct DwSimd<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl DwSimd<'_> {
+impl<T: DwElem> DwSimd<'_, T> {
     /// `P` pixels: 32 channels at a time in registers (taps inner), then
     /// 8 at a time, then a masked tail.
     ///
@@ -280,6 +302,24 @@ impl DwSimd<'_> {
                     _mm256_loadu_ps(p)
                 }
             };
+            // INT8 input: 8 bytes widened to 8 floats (a tail's bytes
+            // copied to a zeroed block first: no read past its lanes).
+            let ldx = |p: *const T| {
+                if T::I8 {
+                    let b = p.cast::<i8>();
+                    let bytes = match tail {
+                        Some(n) => {
+                            let mut blk = [0i8; 8];
+                            std::ptr::copy_nonoverlapping(b, blk.as_mut_ptr(), n);
+                            _mm_loadl_epi64(blk.as_ptr().cast())
+                        }
+                        None => _mm_loadl_epi64(b.cast()),
+                    };
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))
+                } else {
+                    ld(p.cast::<f32>())
+                }
+            };
             let mut acc = [[_mm256_setzero_ps(); V]; P];
             for row in acc.iter_mut() {
                 for (v, a) in row.iter_mut().enumerate() {
@@ -292,7 +332,7 @@ impl DwSimd<'_> {
                 for v in 0..V {
                     let wv = ld(wp.add(8 * v));
                     for (p, row) in acc.iter_mut().enumerate() {
-                        row[v] = _mm256_fmadd_ps(ld(xp.add(p * self.pstep + 8 * v)), wv, row[v]);
+                        row[v] = _mm256_fmadd_ps(ldx(xp.add(p * self.pstep + 8 * v)), wv, row[v]);
                     }
                 }
             }
@@ -320,7 +360,7 @@ impl DwSimd<'_> {
     ///
     /// # Safety
     /// AVX-512 F available; the pointers as the caller documents.
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     unsafe fn run_avx512<const P: usize, const KW: usize>(&self) {
         let mut c0 = 0;
         // SAFETY: forwarded; every block stays below `c`.
@@ -347,7 +387,7 @@ impl DwSimd<'_> {
     ///
     /// # Safety
     /// As [`DwSimd::run_avx512`].
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     #[inline]
     unsafe fn block512<const V: usize, const P: usize, const KW: usize>(
         &self,
@@ -362,6 +402,16 @@ impl DwSimd<'_> {
             let full: __mmask16 = 0xffff;
             let tail = ((1u32 << last) - 1) as __mmask16;
             let m = |v: usize| if v + 1 == V { tail } else { full };
+            // The masked lanes of the input, as floats (INT8: 16 bytes
+            // widened).
+            let ldx = |k: __mmask16, p: *const T| {
+                if T::I8 {
+                    let b = _mm_maskz_loadu_epi8(k, p.cast::<i8>());
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))
+                } else {
+                    _mm512_maskz_loadu_ps(k, p.cast::<f32>())
+                }
+            };
             let mut acc = [[_mm512_setzero_ps(); V]; P];
             for row in acc.iter_mut() {
                 for (v, a) in row.iter_mut().enumerate() {
@@ -379,7 +429,7 @@ impl DwSimd<'_> {
                     for v in 0..V {
                         let mut cols = [_mm512_setzero_ps(); 8];
                         for (j, col) in cols.iter_mut().enumerate().take(P + KW - 1) {
-                            *col = _mm512_maskz_loadu_ps(m(v), xp.add(j * self.c + 16 * v));
+                            *col = ldx(m(v), xp.add(j * self.c + 16 * v));
                         }
                         for kx in 0..KW {
                             let wv = _mm512_maskz_loadu_ps(m(v), wp.add(kx * self.c + 16 * v));
@@ -396,7 +446,7 @@ impl DwSimd<'_> {
                     for v in 0..V {
                         let wv = _mm512_maskz_loadu_ps(m(v), wp.add(16 * v));
                         for (p, row) in acc.iter_mut().enumerate() {
-                            let xv = _mm512_maskz_loadu_ps(m(v), xp.add(p * self.pstep + 16 * v));
+                            let xv = ldx(m(v), xp.add(p * self.pstep + 16 * v));
                             row[v] = _mm512_fmadd_ps(xv, wv, row[v]);
                         }
                     }
@@ -435,8 +485,8 @@ impl DwSimd<'_> {
 
 /// `out = bias + Σ_taps x[xo..] · w[wo..] (+ res)`, across the channels.
 #[inline(always)]
-fn depthwise_pixel_body<const FMA: bool>(
-    x: &[f32],
+fn depthwise_pixel_body<T: DwElem, const FMA: bool>(
+    x: &[T],
     w: &[f32],
     taps: &[(usize, usize)],
     bias: &[f32],
@@ -448,6 +498,7 @@ fn depthwise_pixel_body<const FMA: bool>(
     for &(xo, wo) in taps {
         let (xs, ws) = (&x[xo..xo + c], &w[wo..wo + c]);
         for ((o, &a), &b) in out.iter_mut().zip(xs).zip(ws) {
+            let a: f32 = a.into();
             *o = if FMA { a.mul_add(b, *o) } else { *o + a * b };
         }
     }

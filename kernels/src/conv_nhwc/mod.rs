@@ -31,6 +31,7 @@ mod depthwise;
 mod fused;
 mod gemm;
 
+pub use depthwise::DwElem;
 use depthwise::{RowOut, DW_GROUP};
 pub use fused::DwOut;
 
@@ -185,17 +186,18 @@ impl Conv2dNhwc {
     /// (as the INT8 kernels' epilogue requantizes: `round(v / out_scale)`
     /// clamped to ±127) while it is in L1, so the f32 tensor never goes to
     /// memory (nor a whole f32 row to L2) and the reader does not quantize
-    /// it again.
+    /// it again. The input may be INT8 as [`Conv2dNhwc::run_from_i8`]
+    /// reads it.
     ///
     /// # Panics
     /// If the layer is not depthwise ([`Conv2dNhwc::writes_i8`]) or a
     /// buffer is shorter than the geometry needs.
     #[allow(clippy::too_many_arguments)]
-    pub fn run_to_i8(
+    pub fn run_to_i8<T: DwElem>(
         &self,
         pool: &ThreadPool,
         batch: usize,
-        input: &[f32],
+        input: &[T],
         residual: Option<&[f32]>,
         output: &mut [i8],
         out_scale: f32,
@@ -236,6 +238,42 @@ impl Conv2dNhwc {
                 let rr = res.map(|r| &r[oy * row_len..(oy + 1) * row_len]);
                 self.depthwise_row(isa, x, w, oy, rr, RowOut::I8 { buf, y, inv }, None);
             });
+        }
+    }
+
+    /// A depthwise layer reading an INT8 tensor: each value is used as the
+    /// float it is, so the caller prepares the layer with its weights
+    /// times the input's scale (`x·s ∗ w = x ∗ (w·s)`, and the zero
+    /// padding stays zero). The tensor is a quarter of the f32 one's
+    /// bytes, and the math and the output are f32 as in
+    /// [`Conv2dNhwc::run`] (which this equals, bit for bit, on the input
+    /// converted to f32).
+    ///
+    /// # Panics
+    /// If the layer is not depthwise ([`Conv2dNhwc::writes_i8`]) or a
+    /// buffer is shorter than the geometry needs.
+    pub fn run_from_i8(
+        &self,
+        pool: &ThreadPool,
+        batch: usize,
+        input: &[i8],
+        residual: Option<&[f32]>,
+        output: &mut [f32],
+    ) {
+        let Algo::Depthwise { w } = &self.algo else {
+            panic!("run_from_i8 needs a depthwise layer");
+        };
+        let g = &self.g;
+        let in_img = g.h * g.w * g.c_in;
+        let out_img = self.oh * self.ow * g.c_out;
+        assert!(input.len() >= batch * in_img && output.len() >= batch * out_img);
+        assert!(residual.is_none_or(|r| r.len() >= batch * out_img));
+        let isa = isa::active();
+        for b in 0..batch {
+            let x = &input[b * in_img..(b + 1) * in_img];
+            let res = residual.map(|r| &r[b * out_img..(b + 1) * out_img]);
+            let y = &mut output[b * out_img..(b + 1) * out_img];
+            self.run_depthwise(pool, isa, x, res, y, w);
         }
     }
 
@@ -433,6 +471,63 @@ mod tests {
         let pg = geo(8, 8, 4, 1, 1, 0, 1);
         let pointwise = Conv2dNhwc::new(pg, &data(64, 1), None, Activation::None);
         assert!(!pointwise.unwrap().writes_i8() && !Conv2dNhwc::writes_i8_for(&pg));
+    }
+
+    #[test]
+    fn depthwise_reads_int8_as_the_floats_it_holds() {
+        // (c, hw, k, stride, pad): 64 + 16 + tail channels (AVX-512
+        // blocks; AVX2 32 + 8 + masked tail), sliding 3×3 / 5×5 rows,
+        // stride 2, a map narrower than a pixel group.
+        for (c, hw, k, s, p) in [
+            (100, 9, 3, 1, 1),
+            (72, 11, 5, 1, 2),
+            (13, 10, 3, 2, 1),
+            (24, 3, 5, 2, 2),
+        ] {
+            for (act, residual) in [
+                (Activation::Clip { lo: 0.0, hi: 6.0 }, false),
+                (Activation::None, true),
+            ] {
+                let g = geo(c, c, hw, k, s, p, c);
+                let (oh, ow) = (g.out_h().unwrap(), g.out_w().unwrap());
+                let batch = 2;
+                // Every INT8 value, the extremes included.
+                let q: Vec<i8> = (0..batch * c * g.h * g.w)
+                    .map(|i| ((i * 37 + 11) % 255) as i32 - 127)
+                    .map(|v| v as i8)
+                    .collect();
+                let xf: Vec<f32> = q.iter().map(|&v| f32::from(v)).collect();
+                let w: Vec<f32> = data(c * k * k, 6).iter().map(|v| v * 0.01).collect();
+                let b = data(c, 7);
+                let r = data(batch * c * oh * ow, 8);
+                let res = residual.then_some(&r[..]);
+                let layer = Conv2dNhwc::new(g, &w, Some(&b), act).unwrap();
+                for threads in [1, 3] {
+                    let pool = ThreadPool::new(threads);
+                    let mut want = vec![0.0; batch * c * oh * ow];
+                    layer.run(&pool, batch, &xf, res, &mut want);
+                    let mut got = vec![f32::NAN; want.len()];
+                    layer.run_from_i8(&pool, batch, &q, res, &mut got);
+                    assert_eq!(got, want, "{g:?} {act:?} t{threads}");
+                    // And requantized as it is written.
+                    let out_scale = 0.02f32;
+                    let mut scratch = vec![f32::NAN; layer.scratch_len_i8(threads)];
+                    let mut from_f32 = vec![0i8; want.len()];
+                    layer.run_to_i8(
+                        &pool,
+                        batch,
+                        &xf,
+                        res,
+                        &mut from_f32,
+                        out_scale,
+                        &mut scratch,
+                    );
+                    let mut from_i8 = vec![0i8; want.len()];
+                    layer.run_to_i8(&pool, batch, &q, res, &mut from_i8, out_scale, &mut scratch);
+                    assert_eq!(from_i8, from_f32, "{g:?} {act:?} t{threads}");
+                }
+            }
+        }
     }
 
     #[test]
