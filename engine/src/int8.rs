@@ -103,6 +103,13 @@ pub fn permit_int8(
             unusable(scale)
         };
         a.int8_input_scale = if fallback.is_none() { scale } else { None };
+        // Without --int8-depthwise a depthwise layer keeps FP32 weights and
+        // math, but may read its input as INT8 (see `int8_flow`).
+        a.int8_read_scale = if is_depthwise && !depthwise && unusable(scale).is_none() {
+            scale
+        } else {
+            None
+        };
         out.push(Int8Layer {
             node: i,
             name,
@@ -210,7 +217,10 @@ pub fn int8_scale(op: &Op) -> Option<f32> {
 /// Clears the INT8 mark of `op`, if it has one.
 fn clear_int8(op: &mut Op) {
     match op {
-        Op::Conv(a) => a.int8_input_scale = None,
+        Op::Conv(a) => {
+            a.int8_input_scale = None;
+            a.int8_read_scale = None;
+        }
         Op::Gemm {
             int8_input_scale, ..
         } => *int8_input_scale = None,
@@ -265,12 +275,28 @@ fn depthwise_writes_i8(g: &Graph, node: &crate::ir::Node, tactic: Option<&str>) 
     osprey_kernels::conv_nhwc::Conv2dNhwc::writes_i8_for(&geo)
 }
 
+/// The scale at which FP32 convolution `node` reads its input as INT8,
+/// when it can: a channels-last depthwise layer (`Conv2dNhwc::run_from_i8`)
+/// with [`crate::ir::ConvAttrs::int8_read_scale`], running the FP32
+/// kernel on its own (not fused with its producer).
+fn depthwise_read_scale(g: &Graph, node: &crate::ir::Node, tactic: Option<&str>) -> Option<f32> {
+    let Op::Conv(a) = &node.op else {
+        return None;
+    };
+    if tactic.is_some_and(|t| t != "nhwc-depthwise") {
+        return None;
+    }
+    a.int8_read_scale
+        .filter(|_| depthwise_writes_i8(g, node, tactic))
+}
+
 /// Per tensor: `Some(scale)` when it passes between INT8 layers as INT8
 /// with that scale. That is when its producer runs INT8 (see
 /// [`runs_int8`]) or is a channels-last FP32 depthwise convolution (which
 /// requantizes as it writes), it is not a graph output, and every consumer
-/// runs INT8 and reads it as its data input (not as a residual) with one
-/// scale.
+/// reads it as its data input (not as a residual) with one scale: INT8
+/// layers, and FP32 channels-last depthwise layers with a read scale
+/// (`depthwise_read_scale`), which widen it to float.
 pub fn int8_flow(g: &Graph, tactics: &[Option<String>]) -> Vec<Option<f32>> {
     let n = g.tensors.len();
     let tactic = |i: usize| tactics.get(i).and_then(|t| t.as_deref());
@@ -299,6 +325,7 @@ pub fn int8_flow(g: &Graph, tactics: &[Option<String>]) -> Vec<Option<f32>> {
                 let reader = &g.nodes[c];
                 let s = match &reader.op {
                     Op::Conv(a) if runs_int8(&reader.op, tactic(c)) => a.int8_input_scale,
+                    Op::Conv(_) => depthwise_read_scale(g, reader, tactic(c)),
                     _ => None,
                 };
                 let data_only = reader.inputs.first() == Some(&y)
@@ -322,6 +349,15 @@ pub fn int8_plan(g: &Graph, tactics: &[Option<String>]) -> (Vec<Option<f32>>, Me
     let is_i8: Vec<bool> = flow.iter().map(Option::is_some).collect();
     let plan = plan_arena_typed(g, &is_i8, &crate::fuse::fused_pairs(g, tactics));
     (flow, plan)
+}
+
+/// Node `node` reads its input as f32: clears its
+/// [`crate::ir::ConvAttrs::int8_read_scale`] (when the INT8 input costs it
+/// too much accuracy).
+pub fn read_f32(g: &mut Graph, node: usize) {
+    if let Some(Op::Conv(a)) = g.nodes.get_mut(node).map(|n| &mut n.op) {
+        a.int8_read_scale = None;
+    }
 }
 
 /// Clears the INT8 mark of `layer` (it runs FP32), recording `why`.
@@ -667,12 +703,13 @@ mod tests {
         let nhwc = ctx.output_index(0).unwrap().to_vec();
         check(&nhwc);
 
-        // The depthwise layer left FP32 (no --int8-depthwise): NCHW, the
-        // INT8 projection quantizes its f32 input; channels-last, the FP32
-        // depthwise kernel requantizes its rows as it writes them and the
-        // projection reads INT8. The same values either way (the two FP32
-        // depthwise kernels may round a sum differently, which can move a
-        // value by one step: rarely).
+        // The depthwise layer left FP32 (no --int8-depthwise): NCHW, it
+        // reads f32 and the INT8 projection quantizes its f32 input;
+        // channels-last, the expansion writes INT8, the FP32 depthwise
+        // kernel reads it (its weights times the scale), requantizes its
+        // rows as it writes them, and the projection reads INT8. Each
+        // against the plain loops (FP32 kernels may round a sum
+        // differently, which can move a value by one step: rarely).
         let mut gf = crate::onnx::import(&b.to_bytes(), &Default::default()).unwrap();
         let layers = permit_int8(
             &mut gf,
@@ -690,6 +727,11 @@ mod tests {
             ctx.run().unwrap();
             (ctx.output_index(0).unwrap().to_vec(), infos)
         };
+        let read_a = gf.nodes.iter().any(|n| match &n.op {
+            Op::Conv(a) => a.int8_read_scale == Some(sa) && a.int8_input_scale.is_none(),
+            _ => false,
+        });
+        assert!(read_a, "the depthwise layer may read 'a' as INT8");
         let (nchw, infos) = run(gf.clone());
         assert!(
             infos
@@ -698,17 +740,59 @@ mod tests {
             "{infos:?}"
         );
         crate::passes::channels_last(&mut gf);
+        // Left to read f32 (as the builder leaves a layer whose SQNR on
+        // the quantized input is too low): the expansion writes f32.
+        let mut gr = gf.clone();
+        let dw = gr
+            .nodes
+            .iter()
+            .position(|n| matches!(&n.op, Op::Conv(a) if a.int8_read_scale.is_some()));
+        read_f32(&mut gr, dw.unwrap());
+        let (_, infos) = run(gr);
+        let convs: Vec<&String> = infos.iter().filter(|i| i.starts_with("Conv")).collect();
+        assert!(
+            !convs[0].ends_with("out:i8") && !convs[1].contains("in:i8"),
+            "{infos:?}"
+        );
         let (nhwc, infos) = run(gf);
         let convs: Vec<&String> = infos.iter().filter(|i| i.starts_with("Conv")).collect();
         assert!(
-            convs[1].contains("Conv nhwc-depthwise") && convs[1].ends_with("out:i8"),
+            convs[0].contains("int8-nhwc-gemm") && convs[0].ends_with("out:i8"),
+            "{infos:?}"
+        );
+        assert!(
+            convs[1].contains("Conv nhwc-depthwise") && convs[1].ends_with("in:i8 out:i8"),
             "{infos:?}"
         );
         assert!(
             convs[2].contains("int8-nhwc-gemm") && convs[2].ends_with("in:i8"),
             "{infos:?}"
         );
-        agree(&nhwc, &nchw);
+        // The plain loops: INT8 expansion, FP32 depthwise on `a` as f32
+        // (NCHW) or requantized (channels-last), INT8 projection.
+        let fp32_depthwise = |a: &[f32]| {
+            let mut d = vec![0f32; e * h * h];
+            osprey_kernels::conv::reference_conv2d(&geo(e, e, 3, 1, e), a, &w2, None, none, &mut d);
+            let mut o = vec![0f32; c * h * h];
+            let d = requantize(&d, sd);
+            reference_qconv2d(&geo(e, c, 1, 0, 1), &d, &w3, None, None, none, sd, &mut o);
+            o
+        };
+        let mut a_f32 = vec![0f32; e * h * h];
+        reference_qconv2d(
+            &geo(c, e, 1, 0, 1),
+            &x,
+            &w1,
+            None,
+            None,
+            none,
+            sx,
+            &mut a_f32,
+        );
+        agree(&nchw, &fp32_depthwise(&a_f32));
+        agree(&nhwc, &fp32_depthwise(&requantize(&a_f32, sa)));
+        // The INT8 read is visible: the two differ.
+        assert!(nhwc.iter().zip(&nchw).any(|(p, q)| p != q));
     }
 
     /// The pair and dot4 forms of the INT8 kernels are two tactics of one

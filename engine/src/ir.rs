@@ -130,6 +130,13 @@ pub struct ConvAttrs {
     /// runs INT8 wherever this is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub int8_input_scale: Option<f32>,
+    /// An FP32 depthwise layer that may read its input as INT8 at this
+    /// (calibrated) scale: where the input's producer runs INT8 and every
+    /// reader reads INT8 ([`crate::int8::int8_flow`]), the producer writes
+    /// INT8 and this layer widens each value to float, its weights times
+    /// the scale; the weights and the math stay FP32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub int8_read_scale: Option<f32>,
     /// Channels-last: input, output and residual are NHWC (set by the
     /// layout pass, [`crate::passes::channels_last`]); weights stay OIHW.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -119,6 +119,9 @@ enum Kind {
         layer: Conv2dNhwc,
         batch: usize,
         residual: bool,
+        /// The input is INT8 (a depthwise layer reading its INT8
+        /// producer's output; its weights carry the input's scale).
+        in_i8: bool,
         /// The output's INT8 scale when it flows INT8 (a depthwise layer
         /// read only by INT8 layers requantizes as it writes).
         out_scale: Option<f32>,
@@ -331,12 +334,14 @@ impl Engine {
                         Kind::ConvNhwc {
                             layer: e,
                             residual: false,
+                            in_i8: false,
                             out_scale: None,
                             batch,
                         },
                         Kind::ConvNhwc {
                             layer: d,
                             batch: b2,
+                            in_i8: false,
                             ..
                         },
                     ) => e.fuses_into(d) && batch == b2,
@@ -413,14 +418,16 @@ impl Engine {
             Kind::ConvNhwc {
                 layer,
                 residual,
+                in_i8,
                 out_scale,
                 ..
             } => {
                 let info = conv_info(layer.algorithm(), layer.geometry(), *residual);
-                let info = match out_scale {
-                    Some(_) => format!("{info} out:i8"),
-                    None => info,
-                };
+                let info = format!(
+                    "{info}{}{}",
+                    if *in_i8 { " in:i8" } else { "" },
+                    if out_scale.is_some() { " out:i8" } else { "" }
+                );
                 // A fused pair: the expansion's step runs both layers,
                 // the depthwise step's time is in it.
                 if s.fuse_next {

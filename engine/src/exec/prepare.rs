@@ -110,8 +110,22 @@ impl Builder<'_> {
                             out_scale: flow(y),
                         });
                     }
+                    // An INT8 input (a depthwise layer reading its INT8
+                    // producer): the values widen to floats, so the
+                    // weights carry the input's scale.
+                    let in_scale = self.flow.get(x).copied().flatten();
+                    let w = match in_scale {
+                        Some(s) => w.iter().map(|v| v * s).collect(),
+                        None => w,
+                    };
                     let layer = Conv2dNhwc::new(geo, &w, bias.as_deref(), a.activation)
                         .map_err(|e| e.to_string())?;
+                    if in_scale.is_some() && !layer.writes_i8() {
+                        return Err(format!(
+                            "an INT8 input planned for a channels-last {} layer, which reads f32 only",
+                            layer.algorithm()
+                        ));
+                    }
                     // The fused form (`+dw`) runs this layer's kernel too.
                     let base = |n: &str| n.strip_suffix(FUSED_SUFFIX).unwrap_or(n).to_string();
                     if let Some(name) = chosen.filter(|&n| base(n) != layer.algorithm()) {
@@ -131,6 +145,7 @@ impl Builder<'_> {
                         layer,
                         batch: xs[0],
                         residual: a.residual,
+                        in_i8: in_scale.is_some(),
                         out_scale,
                     });
                 }

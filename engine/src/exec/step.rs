@@ -98,6 +98,7 @@ pub(super) fn run_fused(
             batch,
             residual: fused,
             out_scale,
+            ..
         },
     ) = (&first.kind, &second.kind)
     else {
@@ -164,20 +165,25 @@ pub(super) fn run_step(
             layer,
             batch,
             residual: fused,
+            in_i8,
             out_scale,
-        } => match out_scale {
+        } => {
             // INT8 tensors sit in the f32 arena four to a slot.
-            Some(s) => layer.run_to_i8(
-                pool,
-                *batch,
-                x,
-                residual(*fused)?,
-                bytemuck::cast_slice_mut(y),
-                *s,
-                scratch,
-            ),
-            None => layer.run(pool, *batch, x, residual(*fused)?, y),
-        },
+            let x8 = || -> &[i8] { bytemuck::cast_slice(x) };
+            let res = residual(*fused)?;
+            match (out_scale, in_i8) {
+                (Some(s), false) => {
+                    let y8 = bytemuck::cast_slice_mut(y);
+                    layer.run_to_i8(pool, *batch, x, res, y8, *s, scratch)
+                }
+                (Some(s), true) => {
+                    let y8 = bytemuck::cast_slice_mut(y);
+                    layer.run_to_i8(pool, *batch, x8(), res, y8, *s, scratch)
+                }
+                (None, false) => layer.run(pool, *batch, x, res, y),
+                (None, true) => layer.run_from_i8(pool, *batch, x8(), res, y),
+            }
+        }
         Kind::QConv {
             layer,
             batch,

@@ -75,6 +75,7 @@ fn fold_forward(g: &mut Graph) -> usize {
             || attrs.pads != [0; 4]
             || attrs.channels_last
             || attrs.int8_input_scale.is_some()
+            || attrs.int8_read_scale.is_some()
             || g.nodes[ci].inputs[0] != out
             || g.nodes[ci].inputs.iter().skip(1).any(|&t| t == out)
         {
@@ -142,6 +143,7 @@ fn fold_backward(g: &mut Graph) -> usize {
             || attrs.activation != Activation::None
             || attrs.channels_last
             || attrs.int8_input_scale.is_some()
+            || attrs.int8_read_scale.is_some()
             || dead[ci]
         {
             continue;

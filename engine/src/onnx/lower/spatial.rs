@@ -139,6 +139,7 @@ pub(super) fn lower_conv(a: &Attrs<'_>, ins: &Ins<'_>, transposed: bool) -> R<Lo
         activation: Activation::None,
         residual: false,
         int8_input_scale: None,
+        int8_read_scale: None,
         channels_last: false,
     };
     let (oh, ow) = if transposed {
