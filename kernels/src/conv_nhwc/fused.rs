@@ -28,6 +28,21 @@ pub enum DwOut<'a> {
     I8(&'a mut [i8], f32),
 }
 
+impl DwOut<'_> {
+    /// The same output, borrowed for a shorter while.
+    pub fn reborrow(&mut self) -> DwOut<'_> {
+        match self {
+            DwOut::F32(y) => DwOut::F32(y),
+            DwOut::I8(y, s) => DwOut::I8(y, *s),
+        }
+    }
+}
+
+/// How [`Conv2dNhwc::run_depthwise_bands`] gets its input rows:
+/// `expand(p0, p1, out, work)` writes input pixels `p0..p1` (every
+/// channel) to `out`, with `work` the thread's own floats.
+pub(crate) type ExpandRows<'a> = dyn Fn(usize, usize, &mut [f32], &mut [f32]) + Sync + 'a;
+
 /// Expansion pixels per group of rows: enough for a dozen tiles, so the
 /// last, partial tile of a group is a small share.
 const GROUP_PIXELS: usize = 144;
@@ -90,15 +105,23 @@ impl Conv2dNhwc {
     /// Scratch floats [`Conv2dNhwc::run_expand_depthwise`] needs: a ring
     /// and one group of depthwise output pixels per thread.
     pub fn fused_scratch_len(&self, dw: &Conv2dNhwc, threads: usize) -> usize {
-        Self::slot_len(dw) * threads.max(1) + ALIGN
+        dw.band_scratch_len(threads, 0)
     }
 
-    /// Floats per thread: the ring and one group of depthwise output
-    /// pixels, rounded up to whole cache lines.
-    fn slot_len(dw: &Conv2dNhwc) -> usize {
-        let ring = Self::ring_for(dw);
-        let c = dw.g.c_out;
-        (ring.rows * ring.groups * dw.g.w * c + DW_GROUP * c).next_multiple_of(ALIGN)
+    /// Scratch floats [`Conv2dNhwc::run_depthwise_bands`] needs on
+    /// `threads` threads when each also needs `work` floats of its own.
+    pub(crate) fn band_scratch_len(&self, threads: usize, work: usize) -> usize {
+        self.slot_len(work) * threads.max(1) + ALIGN
+    }
+
+    /// Floats per thread: the ring, one group of depthwise output pixels
+    /// and `work` floats for the expansion, rounded up to whole cache
+    /// lines.
+    fn slot_len(&self, work: usize) -> usize {
+        let ring = Self::ring_for(self);
+        let c = self.g.c_out;
+        (ring.rows * ring.groups * self.g.w * c + DW_GROUP * c).next_multiple_of(ALIGN)
+            + work.next_multiple_of(ALIGN)
     }
 
     /// Runs `self` (the expansion) and `dw` as one
@@ -126,26 +149,75 @@ impl Conv2dNhwc {
             self.fuses_into(dw),
             "run_expand_depthwise: the layers do not fuse"
         );
-        let (Algo::Gemm { panels, k }, Algo::Depthwise { w: dw_w }) = (&self.algo, &dw.algo) else {
+        let Algo::Gemm { panels, k } = &self.algo else {
             unreachable!("checked by fuses_into");
         };
-        let (e, d) = (&self.g, &dw.g);
+        let in_img = self.g.h * self.g.w * self.g.c_in;
+        assert!(input.len() >= batch * in_img);
+        let isa = isa::active();
+        for b in 0..batch {
+            let x = &input[b * in_img..(b + 1) * in_img];
+            let expand = |p0: usize, p1: usize, out: &mut [f32], _: &mut [f32]| {
+                let io = GemmIo {
+                    isa,
+                    x,
+                    res: None,
+                    y: SyncPtr::new(out),
+                    y_first: p0,
+                    panels,
+                    k: *k,
+                    write_ahead: false,
+                };
+                // SAFETY: `out` holds pixels p0..p1 of every channel
+                // (`run_depthwise_bands` hands out whole rows of the
+                // ring), which this thread alone touches.
+                unsafe { self.expand_span(&io, p0, p1) };
+            };
+            dw.run_depthwise_bands(pool, b, residual, output.reborrow(), scratch, 0, &expand);
+        }
+    }
+
+    /// Depthwise `self` on image `b` of `output` (and of `residual`),
+    /// reading input rows that `expand` computes as they are needed:
+    /// `expand(p0, p1, out, work)` writes input pixels `p0..p1`, every
+    /// channel, to `out` (`(p1 − p0) · c` floats), with `work` (`work`
+    /// floats) the thread's own. Output rows are split into one band per
+    /// thread; each band computes the rows it reads into its own ring.
+    ///
+    /// # Panics
+    /// If a buffer is shorter than the geometry needs.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_depthwise_bands(
+        &self,
+        pool: &ThreadPool,
+        b: usize,
+        residual: Option<&[f32]>,
+        mut output: DwOut,
+        scratch: &mut [f32],
+        work: usize,
+        expand: &ExpandRows,
+    ) {
+        let Algo::Depthwise { w: dw_w } = &self.algo else {
+            panic!("run_depthwise_bands: not a depthwise layer");
+        };
+        let d = &self.g;
         let c = d.c_out;
-        let in_img = e.h * e.w * e.c_in;
-        let row_len = dw.ow * c;
-        let out_img = dw.oh * row_len;
+        let row_len = self.ow * c;
+        let out_img = self.oh * row_len;
         let out_len = match &output {
             DwOut::F32(y) => y.len(),
             DwOut::I8(y, _) => y.len(),
         };
-        assert!(input.len() >= batch * in_img && out_len >= batch * out_img);
-        assert!(residual.is_none_or(|r| r.len() >= batch * out_img));
+        assert!(out_len >= (b + 1) * out_img);
+        assert!(residual.is_none_or(|r| r.len() >= (b + 1) * out_img));
         let threads = pool.threads().max(1);
-        assert!(scratch.len() >= self.fused_scratch_len(dw, threads));
+        assert!(scratch.len() >= self.band_scratch_len(threads, work));
         let isa = isa::active();
-        let ring = Self::ring_for(dw);
+        let ring = Self::ring_for(self);
         let ring_len = ring.rows * ring.groups * d.w * c;
-        let slot_len = Self::slot_len(dw);
+        let slot_len = self.slot_len(work);
+        let group_len = DW_GROUP * c;
+        let work_at = (ring_len + group_len).next_multiple_of(ALIGN);
         // Each ring starts on a cache line (whole-line vector loads): the
         // scratch has one line to spare.
         let skip = scratch.as_ptr().align_offset(ALIGN * 4).min(ALIGN);
@@ -155,78 +227,61 @@ impl Conv2dNhwc {
             DwOut::I8(y, s) => Dst::I8(SyncPtr::new(y), 1.0 / *s),
         };
         let s_ptr = SyncPtr::new(scratch);
-        let bands = threads.min(dw.oh).max(1);
-        for b in 0..batch {
-            let x = &input[b * in_img..(b + 1) * in_img];
-            let res = residual.map(|r| &r[b * out_img..(b + 1) * out_img]);
-            pool.run(bands, &|band, slot| {
-                // SAFETY: thread slot `slot` alone uses its part of the
-                // scratch (sized for the pool's threads above).
-                let ring_ptr = SyncPtr(unsafe { s_ptr.add(slot * slot_len) });
-                let io = GemmIo {
-                    isa,
-                    x,
-                    res: None,
-                    y: ring_ptr,
-                    y_first: 0,
-                    panels,
-                    k: *k,
-                    write_ahead: false,
-                };
-                let (oy0, oy1) = (band * dw.oh / bands, (band + 1) * dw.oh / bands);
-                let span = (d.kh - 1) * d.dilation[0] + 1;
-                let mut next_group: Option<usize> = None;
-                for oy in oy0..oy1 {
-                    // Input rows [lo, hi) of output row `oy`.
-                    let top = oy * d.stride[0];
-                    let lo = top.saturating_sub(d.pads[0]).min(d.h);
-                    let hi = (top + span).saturating_sub(d.pads[0]).min(d.h);
-                    let mut j = next_group.unwrap_or(lo / ring.rows);
-                    while j * ring.rows < hi {
-                        let r0 = j * ring.rows;
-                        let r1 = (r0 + ring.rows).min(d.h);
-                        let base = (j % ring.groups) * ring.rows * d.w * c;
-                        let io = GemmIo {
-                            // SAFETY: group slot `j mod groups` lies inside
-                            // this thread's ring.
-                            y: SyncPtr(unsafe { ring_ptr.add(base) }),
-                            y_first: r0 * d.w,
-                            ..io
-                        };
-                        // SAFETY: the group's rows (r1 − r0 ≤ rows of
-                        // `w · c` floats from `base`) lie inside this
-                        // thread's ring, which nothing else touches.
-                        unsafe { self.expand_span(&io, r0 * d.w, r1 * d.w) };
-                        j += 1;
-                    }
-                    next_group = Some(j);
-                    // SAFETY: this thread's ring, written above (no
-                    // writes while this view lives).
-                    let held = unsafe { std::slice::from_raw_parts(ring_ptr.0, ring_len) };
-                    let rr = res.map(|r| &r[oy * row_len..(oy + 1) * row_len]);
-                    let at = b * out_img + oy * row_len;
-                    // SAFETY: band `band` alone writes its output rows,
-                    // inside the output by the assert above; the I8 group
-                    // buffer follows this thread's ring in the scratch.
-                    let sink = unsafe {
-                        match dst {
-                            Dst::F32(y) => {
-                                RowOut::F32(std::slice::from_raw_parts_mut(y.add(at), row_len))
-                            }
-                            Dst::I8(y, inv) => RowOut::I8 {
-                                buf: std::slice::from_raw_parts_mut(
-                                    ring_ptr.add(ring_len),
-                                    DW_GROUP * c,
-                                ),
-                                y: std::slice::from_raw_parts_mut(y.add(at), row_len),
-                                inv,
-                            },
-                        }
+        let bands = threads.min(self.oh).max(1);
+        let res = residual.map(|r| &r[b * out_img..(b + 1) * out_img]);
+        pool.run(bands, &|band, slot| {
+            // SAFETY: thread slot `slot` alone uses its part of the
+            // scratch (sized for the pool's threads above).
+            let ring_ptr = SyncPtr(unsafe { s_ptr.add(slot * slot_len) });
+            // SAFETY: the work floats follow this thread's ring and
+            // output group, inside its slot.
+            let work = unsafe { std::slice::from_raw_parts_mut(ring_ptr.add(work_at), work) };
+            let (oy0, oy1) = (band * self.oh / bands, (band + 1) * self.oh / bands);
+            let span = (d.kh - 1) * d.dilation[0] + 1;
+            let mut next_group: Option<usize> = None;
+            for oy in oy0..oy1 {
+                // Input rows [lo, hi) of output row `oy`.
+                let top = oy * d.stride[0];
+                let lo = top.saturating_sub(d.pads[0]).min(d.h);
+                let hi = (top + span).saturating_sub(d.pads[0]).min(d.h);
+                let mut j = next_group.unwrap_or(lo / ring.rows);
+                while j * ring.rows < hi {
+                    let r0 = j * ring.rows;
+                    let r1 = (r0 + ring.rows).min(d.h);
+                    let base = (j % ring.groups) * ring.rows * d.w * c;
+                    // SAFETY: the group's rows (r1 − r0 ≤ rows of `w · c`
+                    // floats from `base`) lie inside this thread's ring,
+                    // which nothing else touches.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(ring_ptr.add(base), (r1 - r0) * d.w * c)
                     };
-                    dw.depthwise_row(isa, held, dw_w, oy, rr, sink, Some(ring));
+                    expand(r0 * d.w, r1 * d.w, out, &mut *work);
+                    j += 1;
                 }
-            });
-        }
+                next_group = Some(j);
+                // SAFETY: this thread's ring, written above (no writes
+                // while this view lives).
+                let held = unsafe { std::slice::from_raw_parts(ring_ptr.0, ring_len) };
+                let rr = res.map(|r| &r[oy * row_len..(oy + 1) * row_len]);
+                let at = b * out_img + oy * row_len;
+                // SAFETY: band `band` alone writes its output rows, inside
+                // the output by the assert above; the I8 group buffer
+                // follows this thread's ring in the scratch.
+                let sink = unsafe {
+                    match dst {
+                        Dst::F32(y) => {
+                            RowOut::F32(std::slice::from_raw_parts_mut(y.add(at), row_len))
+                        }
+                        Dst::I8(y, inv) => RowOut::I8 {
+                            buf: std::slice::from_raw_parts_mut(ring_ptr.add(ring_len), group_len),
+                            y: std::slice::from_raw_parts_mut(y.add(at), row_len),
+                            inv,
+                        },
+                    }
+                };
+                self.depthwise_row(isa, held, dw_w, oy, rr, sink, Some(ring));
+            }
+        });
     }
 
     /// Expansion pixels `p0..p1` (every channel) into `io.y`, with the

@@ -167,6 +167,19 @@ impl Conv2dNhwc {
         matches!(self.algo, Algo::Depthwise { .. })
     }
 
+    /// Whether [`Conv2dNhwc::run_from_i8`] runs this layer (the depthwise
+    /// algorithm reads INT8 input).
+    pub fn reads_i8(&self) -> bool {
+        self.is_depthwise()
+    }
+
+    /// Whether this layer is depthwise: it can read rows an expansion
+    /// computes as it needs them ([`Conv2dNhwc::run_expand_depthwise`],
+    /// [`crate::qconv_nhwc::QConv2dNhwc::run_expand_depthwise`]).
+    pub fn is_depthwise(&self) -> bool {
+        matches!(self.algo, Algo::Depthwise { .. })
+    }
+
     /// [`Conv2dNhwc::writes_i8`] of the layer [`Conv2dNhwc::new`] would
     /// prepare for `g`, without preparing it (the planner asks before any
     /// weights are packed).

@@ -346,7 +346,8 @@ pub(super) mod amx {
     /// AVX-512 F/BW/VL present and AMX permitted ([`isa::has_amx_int8`]),
     /// `l.amx` (weights padded to whole tiles); packed rows: [`PIX_AMX`]
     /// rows of `l.row()` bytes (rows past `n` are read and their sums
-    /// dropped); direct rows: `l` is pointwise and `x` is one input image;
+    /// dropped); direct rows: `l` is pointwise and `x` whole input pixels
+    /// (an image, or a run of its pixels) holding pixels `p0..p0+n`;
     /// the outputs the epilogue writes are the caller's.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -372,7 +373,7 @@ pub(super) mod amx {
                 false
             }
             Rows::Direct { x, spare } => {
-                assert!(l.pointwise() && x.len() == l.g.h * l.g.w * cin);
+                assert!(l.pointwise() && x.len().is_multiple_of(cin) && (p0 + n) * cin <= x.len());
                 assert!(spare.len() >= PIX_AMX * row);
                 true
             }

@@ -43,6 +43,7 @@ use crate::qconv::QMAX;
 use crate::qconv::{quantize, quantize_weights, QIn, QOut};
 
 mod depthwise;
+mod fused;
 mod gemm;
 
 use depthwise::DwQuads;
