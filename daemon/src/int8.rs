@@ -1148,10 +1148,18 @@ pub fn force_int8(
     mut layers: Vec<LayerChoice>,
 ) -> (Tactics, Vec<LayerChoice>) {
     for l in &mut layers {
+        // Already INT8 (alone, or fused with its depthwise reader).
+        if l.tactic.starts_with("int8") {
+            continue;
+        }
+        // The layer's own INT8 kernels: not the timings of a pair with
+        // its reader (`a,b` apart, `a+dw` fused).
         let fastest = l
             .candidates
             .iter()
-            .filter(|(k, _)| k.starts_with("int8"))
+            .filter(|(k, _)| {
+                k.starts_with("int8") && !k.contains(',') && !osprey_engine::fuse::is_fused(Some(k))
+            })
             .min_by(|a, b| a.1.total_cmp(b.1));
         let Some((name, &ms)) = fastest else {
             continue;

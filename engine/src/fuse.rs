@@ -2,9 +2,13 @@
 //!
 //! In an inverted residual block (MobileNet, EfficientNet) a 1×1
 //! expansion writes the block's largest tensor and one depthwise layer
-//! reads it. Channels-last FP32 pairs can run as one step
-//! (`Conv2dNhwc::run_expand_depthwise`): the expanded rows go through a
-//! small per-thread ring in L2 instead of memory. Whether a pair is worth
+//! reads it. Channels-last pairs can run as one step
+//! (`Conv2dNhwc::run_expand_depthwise`, or
+//! `QConv2dNhwc::run_expand_depthwise` for an INT8 expansion and its FP32
+//! depthwise reader): the expanded rows go through a small per-thread ring
+//! in L2 instead of memory. In a fused pair the expanded tensor is f32
+//! (an FP32 depthwise layer's INT8 read, `ConvAttrs::int8_read_scale`,
+//! applies only when it runs on its own). Whether a pair is worth
 //! it depends on the shapes and the CPU, so it is a tactic: the tuner times
 //! each eligible pair both ways ([`crate::tune`]) and marks the expansion's
 //! tactic with [`FUSED_SUFFIX`] where the fused run is faster. The graph
@@ -22,7 +26,8 @@ use crate::ir::{Graph, Op};
 /// with its depthwise reader.
 pub const FUSED_SUFFIX: &str = "+dw";
 
-/// The channels-last FP32 gemm tactic, fused with its depthwise reader.
+/// An expansion's tactic (`nhwc-gemm`, `int8-nhwc-gemm-amx`), fused with
+/// its depthwise reader.
 pub fn fused_tactic(base: &str) -> String {
     format!("{base}{FUSED_SUFFIX}")
 }
@@ -32,6 +37,11 @@ pub fn is_fused(tactic: Option<&str>) -> bool {
     tactic.is_some_and(|t| t.ends_with(FUSED_SUFFIX))
 }
 
+/// `tactic` without the fused form's suffix: the expansion's own kernel.
+pub fn unfused(tactic: &str) -> &str {
+    tactic.strip_suffix(FUSED_SUFFIX).unwrap_or(tactic)
+}
+
 /// Expanded tensors smaller than this (bytes per image) stay unfused
 /// without timing: they live in L2 anyway. EfficientNet-Lite0's 240
 /// channels at 28² (752 KB) and 672 at 14² (527 KB) timed faster fused in
@@ -39,9 +49,20 @@ pub fn is_fused(tactic: Option<&str>) -> bool {
 /// (`osprey bench --profile`: 0.247 → 0.261 ms, 0.231 → 0.242 ms).
 pub const MIN_FUSED_BYTES: usize = 1024 * 1024;
 
+/// The same bound for a pair whose expansion runs INT8. Such an expansion
+/// computes several times faster, so the ring's overheads weigh more, and
+/// an expanded tensor a core's L2 holds (2 MB on the Xeon we measure on)
+/// is read back from there anyway. On CenterNet (MobileNetV3, 512²) the
+/// INT8 pairs at 32² × 384 and 528 channels (1.5 and 2.1 MB) timed faster
+/// fused in isolation and ran slower fused inside the engine (`osprey
+/// bench --profile`: 0.36 → 0.40 ms, 0.62 → 0.76 ms), while those of 3 MB
+/// and more gained (16 MB at 256² × 64: 4.8 → 1.8 ms).
+pub const MIN_FUSED_BYTES_INT8: usize = 3 * 1024 * 1024;
+
 /// Node pairs `(expansion, depthwise reader)` that may run as one step,
-/// whatever their tactics say: node `i` is a channels-last FP32 1×1
-/// convolution without a fused residual, its output is not a graph output
+/// whatever their tactics say: node `i` is a channels-last 1×1
+/// convolution (FP32, or INT8 where its tactic runs INT8) without a fused
+/// residual, its output is not a graph output
 /// and is read only by node `j`, as its data input; `j` is a channels-last
 /// FP32 depthwise convolution and the next node that is not a view (so the
 /// two are consecutive steps); and the geometries fuse
@@ -63,7 +84,7 @@ pub fn fusion_candidates(g: &Graph, tactics: &[Option<String>]) -> Vec<(usize, u
     let mut pairs = Vec::new();
     for (i, node) in g.nodes.iter().enumerate() {
         let Op::Conv(a) = &node.op else { continue };
-        if !fp32_nhwc(i) || a.residual {
+        if !a.channels_last || a.residual {
             continue;
         }
         let (Some(&x), Some(&y)) = (node.inputs.first(), node.outputs.first()) else {
@@ -121,8 +142,9 @@ mod tests {
     /// `Add` into `o2` when `shared`. `y0` is read by the expansion only,
     /// so without the fused pair's lifetime rule the planner could put `d`
     /// where `y0` was.
-    /// `int8` names the one tensor whose reader may run INT8 (before the
-    /// layout pass, as a build permits INT8).
+    /// `int8` names (comma-separated) the tensors whose readers may run
+    /// INT8 (before the layout pass, as a build permits INT8): one
+    /// convolution, and a depthwise reader that may read INT8.
     fn model(c: usize, e: usize, h: usize, s: i64, shared: bool, int8: Option<&str>) -> Graph {
         let mut b = ModelBuilder::new(13);
         b.input("x", &[1, c as i64, h as i64, h as i64])
@@ -149,8 +171,9 @@ mod tests {
             b.node("Add", &["a", "a"], &["o2"], vec![]).output("o2");
         }
         let mut g = crate::onnx::import(&b.to_bytes(), &Default::default()).unwrap();
-        if let Some(name) = int8 {
-            let n = crate::int8::permit_int8(&mut g, &|t| (t == name).then_some(0.02), false);
+        if let Some(names) = int8 {
+            let scale = |t: &str| names.split(',').any(|n| n == t).then_some(0.02);
+            let n = crate::int8::permit_int8(&mut g, &scale, false);
             assert_eq!(n.iter().filter(|l| l.fallback.is_none()).count(), 1);
         }
         crate::passes::channels_last(&mut g);
@@ -236,6 +259,62 @@ mod tests {
         }
     }
 
+    /// An INT8 expansion fuses with its FP32 depthwise reader (both INT8
+    /// tile forms): bit for bit the unfused engine's results where the
+    /// depthwise layer reads f32. Where it would read INT8 on its own, the
+    /// fused pair keeps the tensor f32 (the observed run, which splits the
+    /// pair, agrees bit for bit; `run` checks) and the results stay close.
+    #[test]
+    fn an_int8_expansion_fuses_with_its_depthwise_reader() {
+        let info = |e: &Engine| -> Vec<String> {
+            (0..e.step_count())
+                .map(|i| e.step_info(i).unwrap().1)
+                .collect()
+        };
+        let dw_reads_i8 = |infos: &[String]| {
+            infos
+                .iter()
+                .any(|i| i.contains("nhwc-depthwise") && i.contains("in:i8"))
+        };
+        for (names, reads_i8) in [("y0", false), ("y0,a", true)] {
+            let g = model(8, 24, 19, 1, false, Some(names));
+            let convs = conv_nodes(&g);
+            assert_eq!(fusion_candidates(&g, &[]), [(convs[1], convs[2])]);
+            let plain = Arc::new(Engine::new(g.clone()).unwrap());
+            assert_eq!(dw_reads_i8(&info(&plain)), reads_i8, "{:?}", info(&plain));
+            for form in ["int8-nhwc-gemm", "int8-nhwc-gemm-amx"] {
+                let mut tactics = vec![None; g.nodes.len()];
+                tactics[convs[1]] = Some(fused_tactic(form));
+                let fused = Arc::new(Engine::with_tactics(g.clone(), &tactics).unwrap());
+                let fi = info(&fused);
+                assert!(
+                    fi.iter()
+                        .any(|i| i.contains("int8-nhwc-gemm") && i.contains("+dw fused")),
+                    "{fi:?}"
+                );
+                assert!(!dw_reads_i8(&fi), "{fi:?}");
+                let x = rnd(8 * 19 * 19, 9, 1.0);
+                for threads in [1, 2, 3] {
+                    let (want, _) = run(&plain, &x, threads);
+                    let (got, got_a) = run(&fused, &x, threads);
+                    assert!(!got_a.is_empty());
+                    let what = format!("{names}, {form}, {threads} threads");
+                    if reads_i8 {
+                        let peak = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let err = want
+                            .iter()
+                            .zip(&got)
+                            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                        assert!(err <= 0.05 * peak, "{what}: {err} of {peak}");
+                        assert_ne!(bits(&got), bits(&want), "{what}: the read is gone");
+                    } else {
+                        assert_eq!(bits(&got), bits(&want), "{what}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Pairs whose preconditions do not hold are no candidates, and a fused
     /// tactic on such a layer is refused with the reason.
     #[test]
@@ -250,9 +329,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cannot run with its reader"), "{err}");
-        // An INT8 expansion (untuned: INT8 wherever permitted).
-        let g = model(8, 24, 12, 1, false, Some("y0"));
-        assert!(fusion_candidates(&g, &[]).is_empty());
         // Not channels-last.
         let mut b = ModelBuilder::new(13);
         b.input("x", &[1, 4, 6, 6])

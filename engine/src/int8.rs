@@ -296,7 +296,8 @@ fn depthwise_read_scale(g: &Graph, node: &crate::ir::Node, tactic: Option<&str>)
 /// requantizes as it writes), it is not a graph output, and every consumer
 /// reads it as its data input (not as a residual) with one scale: INT8
 /// layers, and FP32 channels-last depthwise layers with a read scale
-/// (`depthwise_read_scale`), which widen it to float.
+/// (`depthwise_read_scale`), which widen it to float (unless the pair runs
+/// fused, [`crate::fuse`]: then the tensor stays f32).
 pub fn int8_flow(g: &Graph, tactics: &[Option<String>]) -> Vec<Option<f32>> {
     let n = g.tensors.len();
     let tactic = |i: usize| tactics.get(i).and_then(|t| t.as_deref());
@@ -308,6 +309,8 @@ pub fn int8_flow(g: &Graph, tactics: &[Option<String>]) -> Vec<Option<f32>> {
             }
         }
     }
+    // A fused pair's expanded tensor is f32 (it stays in the pair's ring).
+    let fused = crate::fuse::fused_pairs(g, tactics);
     let mut flow = vec![None; n];
     for (i, node) in g.nodes.iter().enumerate() {
         let Some(&y) = node.outputs.first() else {
@@ -325,6 +328,7 @@ pub fn int8_flow(g: &Graph, tactics: &[Option<String>]) -> Vec<Option<f32>> {
                 let reader = &g.nodes[c];
                 let s = match &reader.op {
                     Op::Conv(a) if runs_int8(&reader.op, tactic(c)) => a.int8_input_scale,
+                    Op::Conv(_) if fused.contains(&(i, c)) => None,
                     Op::Conv(_) => depthwise_read_scale(g, reader, tactic(c)),
                     _ => None,
                 };

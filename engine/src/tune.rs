@@ -432,6 +432,36 @@ pub fn select_tactics(
     Ok((tactics, choices))
 }
 
+/// The expansion of a pair [`time_fusions`] times: FP32 or INT8.
+enum Expansion {
+    F32(Conv2dNhwc),
+    I8(QConv2dNhwc),
+}
+
+impl Expansion {
+    fn algorithm(&self) -> &'static str {
+        match self {
+            Expansion::F32(l) => l.algorithm(),
+            Expansion::I8(l) => l.algorithm(),
+        }
+    }
+
+    fn fuses_into(&self, d: &Conv2dNhwc) -> bool {
+        match self {
+            Expansion::F32(l) => l.fuses_into(d),
+            Expansion::I8(l) => l.fuses_into(d),
+        }
+    }
+
+    /// Scratch floats for the pair fused or apart.
+    fn scratch_len(&self, d: &Conv2dNhwc, threads: usize) -> usize {
+        match self {
+            Expansion::F32(l) => l.fused_scratch_len(d, threads),
+            Expansion::I8(l) => l.fused_scratch_len(d, threads).max(l.scratch_len(threads)),
+        }
+    }
+}
+
 /// A fused pair wins only when it is at least this much faster than the
 /// two layers run apart (the timings are medians of a few runs).
 const FUSION_MARGIN: f64 = 0.97;
@@ -440,6 +470,14 @@ const FUSION_MARGIN: f64 = 0.97;
 /// ([`crate::fuse`]) both ways, and marks the expansion's tactic fused
 /// where that is faster by [`FUSION_MARGIN`]. Pairs whose expanded tensor
 /// is under [`crate::fuse::MIN_FUSED_BYTES`] stay apart untimed.
+///
+/// Where the graph permits the expansion INT8, the fused pair is timed
+/// with both precisions of expansion: the tuned one, and the other (its
+/// fastest kernel from the layer's timings). A layer whose FP32 kernel
+/// beat its INT8 one alone — both writing the expanded tensor to memory —
+/// may be faster INT8 once that tensor stays in cache. An INT8 expansion
+/// is timed as it would run: INT8 input where its input flows INT8, and
+/// apart, an INT8 expanded tensor where the depthwise layer reads INT8.
 fn time_fusions(
     g: &Graph,
     pool: &ThreadPool,
@@ -450,6 +488,8 @@ fn time_fusions(
 ) -> Result<()> {
     use osprey_kernels::conv_nhwc::DwOut;
     let flow = crate::int8::int8_flow(g, tactics);
+    let flow_of = |t: Option<&usize>| t.and_then(|&t| flow.get(t).copied().flatten());
+    let threads = pool.threads();
     for (i, j) in crate::fuse::fusion_candidates(g, tactics) {
         let (Some((eg, batch)), Some((dg, _))) = (conv_geometry(g, i), conv_geometry(g, j)) else {
             continue;
@@ -460,22 +500,65 @@ fn time_fusions(
         let (Op::Conv(ea), Op::Conv(da)) = (&g.nodes[i].op, &g.nodes[j].op) else {
             continue;
         };
-        let layer = |n: usize, geo: Conv2dGeometry, act| -> Result<Conv2dNhwc> {
-            let (w, b) = conv_weights(g, n);
-            Ok(Conv2dNhwc::new(geo, &w, b.as_deref(), act)?)
+        let d = {
+            let (w, b) = conv_weights(g, j);
+            Conv2dNhwc::new(dg, &w, b.as_deref(), da.activation)?
         };
-        let (e, d) = (layer(i, eg, ea.activation)?, layer(j, dg, da.activation)?);
-        if !e.fuses_into(&d) {
+        // The expansion as tactic `t` runs it: INT8 (the AMX form where
+        // named) or FP32.
+        let expansion = |t: &str| -> Result<Expansion> {
+            let (w, b) = conv_weights(g, i);
+            Ok(match ea.int8_input_scale {
+                Some(s) if t.starts_with("int8") => Expansion::I8(
+                    QConv2dNhwc::new(eg, &w, b.as_deref(), ea.activation, s)?
+                        .with_amx(t.ends_with("-amx")),
+                ),
+                _ => Expansion::F32(Conv2dNhwc::new(eg, &w, b.as_deref(), ea.activation)?),
+            })
+        };
+        let tuned = match tactics[i].clone() {
+            Some(t) => t,
+            None => expansion("")?.algorithm().to_string(),
+        };
+        // The other precision's fastest kernel, where INT8 is permitted.
+        let choice = choices.iter().find(|c| c.node == i);
+        let other = ea.int8_input_scale.and_then(|_| {
+            // The layer's own kernels, not a pair's (`a,b` apart, `a+dw`).
+            let own = |k: &str| !k.contains(',') && !crate::fuse::is_fused(Some(k));
+            let want_int8 = !tuned.starts_with("int8");
+            choice?
+                .candidates
+                .iter()
+                .filter(|(k, _)| own(k) && k.starts_with("int8") == want_int8)
+                .min_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(k, _)| k.clone())
+        });
+
+        let e = expansion(&tuned)?;
+        // An INT8 expansion fuses only where its tensor is larger still.
+        let may_fuse = |x: &Expansion| {
+            x.fuses_into(&d)
+                && (matches!(x, Expansion::F32(_))
+                    || Conv2dNhwc::expanded_bytes(&eg) >= crate::fuse::MIN_FUSED_BYTES_INT8)
+        };
+        let alt = other
+            .as_deref()
+            .map(expansion)
+            .transpose()?
+            .filter(|a| may_fuse(a));
+        let other = alt.as_ref().and(other);
+        let e_fuses = may_fuse(&e);
+        if !e.fuses_into(&d) || (!e_fuses && alt.is_none()) {
             continue;
         }
-        let out_scale = g.nodes[j]
-            .outputs
-            .first()
-            .and_then(|&z| flow.get(z).copied().flatten());
-        let key = format!(
-            "{}|t{}|fuse|{}x{}x{}->{}|{:?}|dw k{}x{} s{:?} d{:?} p{:?}|{:?}|b{}|res{}{}",
+        let out_scale = flow_of(g.nodes[j].outputs.first());
+        let in_scale = flow_of(g.nodes[i].inputs.first());
+        let mid_scale = flow_of(g.nodes[i].outputs.first());
+        let key =
+            format!(
+            "{}|t{}|fuse|{}x{}x{}->{}|{:?}|dw k{}x{} s{:?} d{:?} p{:?}|{:?}|b{}|res{}|{}{}{}{}{}",
             fp.key(),
-            pool.threads(),
+            threads,
             eg.c_in,
             eg.h,
             eg.w,
@@ -489,70 +572,123 @@ fn time_fusions(
             da.activation,
             batch,
             da.residual,
+            tuned,
+            other.as_deref().map(|o| format!("|or {o}")).unwrap_or_default(),
+            if in_scale.is_some() { "|in:i8" } else { "" },
+            if mid_scale.is_some() { "|mid:i8" } else { "" },
             if out_scale.is_some() { "|out:i8" } else { "" },
         );
-        let base = tactics[i]
-            .clone()
-            .unwrap_or_else(|| e.algorithm().to_string());
-        let fused_name = crate::fuse::fused_tactic(&base);
-        let apart_name = format!("{base},{}", d.algorithm());
+        let fused_name = crate::fuse::fused_tactic(&tuned);
+        let apart_name = format!("{tuned},{}", d.algorithm());
+        let alt_name = other.as_deref().map(crate::fuse::fused_tactic);
+        let known = |t: &str| t == fused_name || t == apart_name || alt_name.as_deref() == Some(t);
         let entry = match cache.entries.get(&key) {
-            Some(e) if e.tactic == fused_name || e.tactic == apart_name => e.clone(),
+            Some(e) if known(&e.tactic) => e.clone(),
             _ => {
                 let x = pseudo_random(batch * eg.c_in * eg.h * eg.w, 7);
+                let mut x8 = vec![0i8; if in_scale.is_some() { x.len() } else { 0 }];
+                if let Some(s) = in_scale {
+                    quantize_to_i8(osprey_kernels::isa::active(), &x, 1.0 / s, &mut x8);
+                }
                 let (oh, ow) = d.out_hw();
                 let n_out = batch * dg.c_out * oh * ow;
                 let r = pseudo_random(n_out, 11);
                 let res = da.residual.then_some(&r[..]);
-                let mut mid = vec![0.0f32; batch * eg.c_out * eg.h * eg.w];
+                let n_mid = batch * eg.c_out * eg.h * eg.w;
+                let mut mid = vec![0.0f32; n_mid];
+                let mid_i8 = mid_scale.filter(|_| matches!(e, Expansion::I8(_)));
+                let mut mid8 = vec![0i8; if mid_i8.is_some() { n_mid } else { 0 }];
                 let mut y = vec![0.0f32; n_out];
                 let mut y8 = vec![0i8; if out_scale.is_some() { n_out } else { 0 }];
-                let threads = pool.threads();
-                let mut scratch = vec![
-                    0.0f32;
-                    e.fused_scratch_len(&d, threads)
-                        .max(d.scratch_len_i8(threads))
-                ];
+                let len = [Some(&e), alt.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|e| e.scratch_len(&d, threads))
+                    .max()
+                    .unwrap_or(0);
+                let mut scratch = vec![0.0f32; len.max(d.scratch_len_i8(threads))];
+                // An INT8 expansion reads INT8 where its input flows INT8
+                // (an FP32 one reads f32: its producer then writes f32).
+                let input = |e: &Expansion| match (e, in_scale) {
+                    (Expansion::I8(_), Some(_)) => QIn::I8(&x8),
+                    _ => QIn::F32(&x),
+                };
                 let apart = time_ms(|| {
-                    e.run(pool, batch, &x, None, &mut mid);
-                    match out_scale {
-                        Some(s) => d.run_to_i8(pool, batch, &mid, res, &mut y8, s, &mut scratch),
-                        None => d.run(pool, batch, &mid, res, &mut y),
+                    match (&e, mid_i8) {
+                        (Expansion::F32(l), _) => l.run(pool, batch, &x, None, &mut mid),
+                        (Expansion::I8(l), Some(s)) => {
+                            let out = QOut::I8(&mut mid8, s);
+                            l.run_io(pool, batch, input(&e), None, out, &mut scratch)
+                        }
+                        (Expansion::I8(l), None) => {
+                            let out = QOut::F32(&mut mid);
+                            l.run_io(pool, batch, input(&e), None, out, &mut scratch)
+                        }
+                    }
+                    match (out_scale, mid_i8) {
+                        (Some(s), Some(_)) => {
+                            d.run_to_i8(pool, batch, &mid8, res, &mut y8, s, &mut scratch)
+                        }
+                        (Some(s), None) => {
+                            d.run_to_i8(pool, batch, &mid, res, &mut y8, s, &mut scratch)
+                        }
+                        (None, Some(_)) => d.run_from_i8(pool, batch, &mid8, res, &mut y),
+                        (None, None) => d.run(pool, batch, &mid, res, &mut y),
                     }
                 });
-                let fused = time_ms(|| {
-                    let out = match out_scale {
-                        Some(s) => DwOut::I8(&mut y8, s),
-                        None => DwOut::F32(&mut y),
-                    };
-                    e.run_expand_depthwise(&d, pool, batch, &x, res, out, &mut scratch)
-                });
-                let (tactic, ms) = if fused < FUSION_MARGIN * apart {
-                    (fused_name.clone(), fused)
-                } else {
-                    (apart_name.clone(), apart)
+                let mut fused = |e: &Expansion| {
+                    time_ms(|| {
+                        let out = match out_scale {
+                            Some(s) => DwOut::I8(&mut y8, s),
+                            None => DwOut::F32(&mut y),
+                        };
+                        match e {
+                            Expansion::F32(l) => {
+                                l.run_expand_depthwise(&d, pool, batch, &x, res, out, &mut scratch)
+                            }
+                            Expansion::I8(l) => {
+                                let x = input(e);
+                                l.run_expand_depthwise(&d, pool, batch, x, res, out, &mut scratch)
+                            }
+                        }
+                    })
                 };
+                let mut candidates = BTreeMap::from([(apart_name.clone(), apart)]);
+                if e_fuses {
+                    candidates.insert(fused_name.clone(), fused(&e));
+                }
+                if let (Some(a), Some(name)) = (&alt, &alt_name) {
+                    candidates.insert(name.clone(), fused(a));
+                }
+                // The fastest fused form, where it beats the pair apart by
+                // the margin.
+                let (tactic, ms) = candidates
+                    .iter()
+                    .filter(|(k, _)| crate::fuse::is_fused(Some(k)))
+                    .min_by(|a, b| a.1.total_cmp(b.1))
+                    .filter(|(_, &ms)| ms < FUSION_MARGIN * apart)
+                    .map_or((apart_name.clone(), apart), |(k, &ms)| (k.clone(), ms));
                 let entry = CacheEntry {
                     tactic,
                     ms,
-                    candidates: BTreeMap::from([(fused_name.clone(), fused), (apart_name, apart)]),
+                    candidates,
                 };
                 cache.entries.insert(key, entry.clone());
                 entry
             }
         };
-        // The report: the expansion's line lists both ways of running the
+        // The report: the expansion's line lists the ways of running the
         // pair, and carries the pair's time where it runs fused.
-        let fused = entry.tactic == fused_name;
+        let fused = crate::fuse::is_fused(Some(&entry.tactic));
         if let Some(c) = choices.iter_mut().find(|c| c.node == i) {
             c.candidates.extend(entry.candidates);
             if fused {
-                c.tactic = fused_name.clone();
+                c.tactic = entry.tactic.clone();
                 c.ms = entry.ms;
             }
         }
         if fused {
-            tactics[i] = Some(fused_name);
+            tactics[i] = Some(entry.tactic);
         }
     }
     Ok(())

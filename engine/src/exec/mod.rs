@@ -345,6 +345,21 @@ impl Engine {
                             ..
                         },
                     ) => e.fuses_into(d) && batch == b2,
+                    (
+                        Kind::QConv {
+                            layer: QLayer::Nhwc(e),
+                            residual: false,
+                            out_scale: None,
+                            batch,
+                            ..
+                        },
+                        Kind::ConvNhwc {
+                            layer: d,
+                            batch: b2,
+                            in_i8: false,
+                            ..
+                        },
+                    ) => e.fuses_into(d) && batch == b2,
                     _ => false,
                 };
             if !fits {
@@ -446,7 +461,7 @@ impl Engine {
                 ..
             } => {
                 let g = layer.geometry();
-                format!(
+                let info = format!(
                     "Conv {} {}x{} s{} {}->{} @{}x{} x-scale {:.3e}{}{}{}",
                     layer.algorithm(),
                     g.kh,
@@ -460,7 +475,12 @@ impl Engine {
                     if *residual { " +residual" } else { "" },
                     if *in_i8 { " in:i8" } else { "" },
                     if out_scale.is_some() { " out:i8" } else { "" }
-                )
+                );
+                if s.fuse_next {
+                    format!("{info} +dw fused with the next step")
+                } else {
+                    info
+                }
             }
             Kind::ConvTranspose { .. } => "ConvTranspose gemm+col2im".into(),
             Kind::Affine { .. } => "BatchNorm affine".into(),
@@ -528,6 +548,13 @@ impl Engine {
                 {
                     e.fused_scratch_len(d, threads)
                 }
+                (
+                    Kind::QConv {
+                        layer: QLayer::Nhwc(e),
+                        ..
+                    },
+                    Kind::ConvNhwc { layer: d, .. },
+                ) if w[0].fuse_next => e.fused_scratch_len(d, threads),
                 _ => 0,
             });
         self.steps

@@ -15,7 +15,6 @@ use osprey_kernels::resize::Resize2d;
 use osprey_kernels::{Activation, ThreadPool};
 
 use super::{CopyPart, Kind, Operand, QLayer};
-use crate::fuse::FUSED_SUFFIX;
 use crate::int8::runs_int8;
 use crate::ir::{ConstData, Graph, Op, TensorId};
 use crate::plan::MemoryPlan;
@@ -90,6 +89,8 @@ impl Builder<'_> {
                         // The AMX form where the tuner chose it (on a CPU
                         // without AMX, or with OSPREY_AMX=off, the VNNI
                         // form: the same results).
+                        // The fused form (`+dw`) runs this layer's kernel too.
+                        let chosen = chosen.map(crate::fuse::unfused);
                         let amx = chosen.is_some_and(|n| n.ends_with("-amx"));
                         let layer = QConv2dNhwc::new(geo, &w, bias.as_deref(), a.activation, scale)
                             .map_err(|e| e.to_string())?
@@ -120,15 +121,16 @@ impl Builder<'_> {
                     };
                     let layer = Conv2dNhwc::new(geo, &w, bias.as_deref(), a.activation)
                         .map_err(|e| e.to_string())?;
-                    if in_scale.is_some() && !layer.writes_i8() {
+                    if in_scale.is_some() && !layer.reads_i8() {
                         return Err(format!(
                             "an INT8 input planned for a channels-last {} layer, which reads f32 only",
                             layer.algorithm()
                         ));
                     }
                     // The fused form (`+dw`) runs this layer's kernel too.
-                    let base = |n: &str| n.strip_suffix(FUSED_SUFFIX).unwrap_or(n).to_string();
-                    if let Some(name) = chosen.filter(|&n| base(n) != layer.algorithm()) {
+                    if let Some(name) =
+                        chosen.filter(|&n| crate::fuse::unfused(n) != layer.algorithm())
+                    {
                         return Err(format!(
                             "tactic '{name}' does not fit this channels-last layer (it runs {})",
                             layer.algorithm()

@@ -11,7 +11,7 @@ use osprey_kernels::qconv::{QIn, QOut};
 use osprey_kernels::softmax;
 use osprey_kernels::ThreadPool;
 
-use super::{Kind, Operand, Step};
+use super::{Kind, Operand, QLayer, Step};
 use crate::error::{EngineError, Result};
 
 /// Read access to everything but one output range of the arena.
@@ -79,8 +79,8 @@ fn operand(step: &Step, k: usize) -> Result<Operand> {
         .ok_or_else(|| EngineError::model("missing operand"))
 }
 
-/// A fused pair ([`crate::fuse`]): `first` (a channels-last expansion)
-/// and `second` (its depthwise reader) as one kernel call that reads
+/// A fused pair ([`crate::fuse`]): `first` (a channels-last expansion,
+/// FP32 or INT8) and `second` (its FP32 depthwise reader) as one kernel call that reads
 /// `first`'s input and writes `second`'s output; `first`'s output is never
 /// written.
 pub(super) fn run_fused(
@@ -91,19 +91,16 @@ pub(super) fn run_fused(
     scratch: &mut [f32],
     pool: &ThreadPool,
 ) -> Result<()> {
-    let (
-        Kind::ConvNhwc { layer: e, .. },
-        Kind::ConvNhwc {
-            layer: d,
-            batch,
-            residual: fused,
-            out_scale,
-            ..
-        },
-    ) = (&first.kind, &second.kind)
+    let Kind::ConvNhwc {
+        layer: d,
+        batch,
+        residual: fused,
+        out_scale,
+        ..
+    } = &second.kind
     else {
         return Err(EngineError::model(
-            "internal: a fused step that is not a pair of convolutions",
+            "internal: a fused step whose second is not a channels-last convolution",
         ));
     };
     let out = *second
@@ -122,7 +119,29 @@ pub(super) fn run_fused(
         Some(s) => DwOut::I8(bytemuck::cast_slice_mut(y), *s),
         None => DwOut::F32(y),
     };
-    e.run_expand_depthwise(d, pool, *batch, x, residual, output, scratch);
+    match &first.kind {
+        Kind::ConvNhwc { layer: e, .. } => {
+            e.run_expand_depthwise(d, pool, *batch, x, residual, output, scratch)
+        }
+        Kind::QConv {
+            layer: QLayer::Nhwc(e),
+            in_i8,
+            ..
+        } => {
+            // INT8 tensors sit in the f32 arena four to a slot.
+            let input = if *in_i8 {
+                QIn::I8(bytemuck::cast_slice(x))
+            } else {
+                QIn::F32(x)
+            };
+            e.run_expand_depthwise(d, pool, *batch, input, residual, output, scratch)
+        }
+        _ => {
+            return Err(EngineError::model(
+                "internal: a fused step whose first is not a channels-last expansion",
+            ))
+        }
+    }
     Ok(())
 }
 
