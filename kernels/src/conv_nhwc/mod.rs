@@ -439,51 +439,69 @@ mod tests {
         }
     }
 
+    /// Two images through depthwise layers of each `(c, hw, k, stride,
+    /// pad)` with each `(activation, residual)`: `check(layer, residual,
+    /// pool, threads)` on pools of 1 and 3 threads (weights `data · w_amp`,
+    /// the residual output-shaped).
+    fn each_depthwise(
+        cases: &[(usize, usize, usize, usize, usize)],
+        acts: &[(Activation, bool)],
+        w_amp: f32,
+        mut check: impl FnMut(&Conv2dNhwc, Option<&[f32]>, &ThreadPool, usize),
+    ) {
+        for &(c, hw, k, s, p) in cases {
+            for &(act, residual) in acts {
+                let g = geo(c, c, hw, k, s, p, c);
+                let (oh, ow) = (g.out_h().unwrap(), g.out_w().unwrap());
+                let w: Vec<f32> = data(c * k * k, 6).iter().map(|v| v * w_amp).collect();
+                let r = data(2 * c * oh * ow, 8);
+                let layer = Conv2dNhwc::new(g, &w, Some(&data(c, 7)), act).unwrap();
+                for threads in [1, 3] {
+                    let pool = ThreadPool::new(threads);
+                    check(&layer, residual.then_some(&r[..]), &pool, threads);
+                }
+            }
+        }
+    }
+
     /// A depthwise layer writing INT8 equals its f32 run quantized after
     /// (the INT8 kernels' requantization), bit for bit, on every thread
     /// count; the f32 tensor is never written.
     #[test]
     fn depthwise_to_i8_is_the_f32_run_quantized() {
-        for (c, hw, k, s, p) in [
+        let cases = [
             (24, 13, 3, 1, 1),
             (40, 14, 5, 2, 2),
             (13, 6, 3, 2, 0),
             (100, 6, 3, 1, 1),
-        ] {
-            for (act, residual) in [
-                (Activation::Clip { lo: 0.0, hi: 6.0 }, false),
-                (Activation::None, true),
-                (Activation::Silu, false),
-            ] {
-                let g = geo(c, c, hw, k, s, p, c);
-                let (oh, ow) = (g.out_h().unwrap(), g.out_w().unwrap());
-                let batch = 2;
-                let x = data(batch * c * g.h * g.w, 5);
-                let w = data(c * k * k, 6);
-                let b = data(c, 7);
-                let r = data(batch * c * oh * ow, 8);
-                let res = residual.then_some(&r[..]);
-                let layer = Conv2dNhwc::new(g, &w, Some(&b), act).unwrap();
-                assert!(layer.writes_i8() && Conv2dNhwc::writes_i8_for(&g));
-                let out_scale = 0.013f32;
-                for threads in [1, 3] {
-                    let pool = ThreadPool::new(threads);
-                    let mut y = vec![0.0; batch * c * oh * ow];
-                    layer.run(&pool, batch, &x, res, &mut y);
-                    let mut want = vec![0i8; y.len()];
-                    crate::int8::quantize_to_i8(isa::active(), &y, 1.0 / out_scale, &mut want);
-                    let mut got = vec![0i8; y.len()];
-                    let mut scratch = vec![f32::NAN; layer.scratch_len_i8(threads)];
-                    layer.run_to_i8(&pool, batch, &x, res, &mut got, out_scale, &mut scratch);
-                    assert_eq!(got, want, "{g:?} {act:?} t{threads}");
-                    // Saturation happens (the scale is small for these values).
-                    assert!(got.iter().any(|&v| v.abs() == 127), "{g:?}");
-                }
-            }
-        }
+        ];
+        let acts = [
+            (Activation::Clip { lo: 0.0, hi: 6.0 }, false),
+            (Activation::None, true),
+            (Activation::Silu, false),
+        ];
+        each_depthwise(&cases, &acts, 1.0, |layer, res, pool, threads| {
+            let g = *layer.geometry();
+            assert!(layer.writes_i8() && layer.reads_i8() && Conv2dNhwc::writes_i8_for(&g));
+            let batch = 2;
+            let x = data(batch * g.c_in * g.h * g.w, 5);
+            let (oh, ow) = layer.out_hw();
+            let out_scale = 0.013f32;
+            let mut y = vec![0.0; batch * g.c_out * oh * ow];
+            layer.run(pool, batch, &x, res, &mut y);
+            let mut want = vec![0i8; y.len()];
+            crate::int8::quantize_to_i8(isa::active(), &y, 1.0 / out_scale, &mut want);
+            let mut got = vec![0i8; y.len()];
+            let mut scratch = vec![f32::NAN; layer.scratch_len_i8(threads)];
+            layer.run_to_i8(pool, batch, &x, res, &mut got, out_scale, &mut scratch);
+            assert_eq!(got, want, "{g:?} t{threads}");
+            // Saturation happens (the scale is small for these values).
+            assert!(got.iter().any(|&v| v.abs() == 127), "{g:?}");
+        });
         let pg = geo(8, 8, 4, 1, 1, 0, 1);
-        let pointwise = Conv2dNhwc::new(pg, &data(64, 1), None, Activation::None);
-        assert!(!pointwise.unwrap().writes_i8() && !Conv2dNhwc::writes_i8_for(&pg));
+        let pointwise = Conv2dNhwc::new(pg, &data(64, 1), None, Activation::None).unwrap();
+        assert!(!pointwise.writes_i8() && !pointwise.reads_i8());
+        assert!(!Conv2dNhwc::writes_i8_for(&pg));
     }
 
     #[test]
@@ -491,56 +509,48 @@ mod tests {
         // (c, hw, k, stride, pad): 64 + 16 + tail channels (AVX-512
         // blocks; AVX2 32 + 8 + masked tail), sliding 3×3 / 5×5 rows,
         // stride 2, a map narrower than a pixel group.
-        for (c, hw, k, s, p) in [
+        let cases = [
             (100, 9, 3, 1, 1),
             (72, 11, 5, 1, 2),
             (13, 10, 3, 2, 1),
             (24, 3, 5, 2, 2),
-        ] {
-            for (act, residual) in [
-                (Activation::Clip { lo: 0.0, hi: 6.0 }, false),
-                (Activation::None, true),
-            ] {
-                let g = geo(c, c, hw, k, s, p, c);
-                let (oh, ow) = (g.out_h().unwrap(), g.out_w().unwrap());
-                let batch = 2;
-                // Every INT8 value, the extremes included.
-                let q: Vec<i8> = (0..batch * c * g.h * g.w)
-                    .map(|i| ((i * 37 + 11) % 255) as i32 - 127)
-                    .map(|v| v as i8)
-                    .collect();
-                let xf: Vec<f32> = q.iter().map(|&v| f32::from(v)).collect();
-                let w: Vec<f32> = data(c * k * k, 6).iter().map(|v| v * 0.01).collect();
-                let b = data(c, 7);
-                let r = data(batch * c * oh * ow, 8);
-                let res = residual.then_some(&r[..]);
-                let layer = Conv2dNhwc::new(g, &w, Some(&b), act).unwrap();
-                for threads in [1, 3] {
-                    let pool = ThreadPool::new(threads);
-                    let mut want = vec![0.0; batch * c * oh * ow];
-                    layer.run(&pool, batch, &xf, res, &mut want);
-                    let mut got = vec![f32::NAN; want.len()];
-                    layer.run_from_i8(&pool, batch, &q, res, &mut got);
-                    assert_eq!(got, want, "{g:?} {act:?} t{threads}");
-                    // And requantized as it is written.
-                    let out_scale = 0.02f32;
-                    let mut scratch = vec![f32::NAN; layer.scratch_len_i8(threads)];
-                    let mut from_f32 = vec![0i8; want.len()];
-                    layer.run_to_i8(
-                        &pool,
-                        batch,
-                        &xf,
-                        res,
-                        &mut from_f32,
-                        out_scale,
-                        &mut scratch,
-                    );
-                    let mut from_i8 = vec![0i8; want.len()];
-                    layer.run_to_i8(&pool, batch, &q, res, &mut from_i8, out_scale, &mut scratch);
-                    assert_eq!(from_i8, from_f32, "{g:?} {act:?} t{threads}");
-                }
-            }
-        }
+        ];
+        let acts = [
+            (Activation::Clip { lo: 0.0, hi: 6.0 }, false),
+            (Activation::None, true),
+        ];
+        each_depthwise(&cases, &acts, 0.01, |layer, res, pool, threads| {
+            let g = *layer.geometry();
+            let batch = 2;
+            // Every INT8 value, the extremes included.
+            let q: Vec<i8> = (0..batch * g.c_in * g.h * g.w)
+                .map(|i| ((i * 37 + 11) % 255) as i32 - 127)
+                .map(|v| v as i8)
+                .collect();
+            let xf: Vec<f32> = q.iter().map(|&v| f32::from(v)).collect();
+            let (oh, ow) = layer.out_hw();
+            let mut want = vec![0.0; batch * g.c_out * oh * ow];
+            layer.run(pool, batch, &xf, res, &mut want);
+            let mut got = vec![f32::NAN; want.len()];
+            layer.run_from_i8(pool, batch, &q, res, &mut got);
+            assert_eq!(got, want, "{g:?} t{threads}");
+            // And requantized as it is written.
+            let out_scale = 0.02f32;
+            let mut scratch = vec![f32::NAN; layer.scratch_len_i8(threads)];
+            let mut from_f32 = vec![0i8; want.len()];
+            layer.run_to_i8(
+                pool,
+                batch,
+                &xf,
+                res,
+                &mut from_f32,
+                out_scale,
+                &mut scratch,
+            );
+            let mut from_i8 = vec![0i8; want.len()];
+            layer.run_to_i8(pool, batch, &q, res, &mut from_i8, out_scale, &mut scratch);
+            assert_eq!(from_i8, from_f32, "{g:?} t{threads}");
+        });
     }
 
     #[test]
