@@ -115,7 +115,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
         "race_ms": race.as_ref().map(|ms| json!({"nchw": ms[0], "nhwc": ms[1]})),
     });
     let (tactics, layers) = if a.int8.strict {
-        crate::int8::force_int8(tactics, layers)
+        crate::int8::force_int8(&graph, tactics, layers)
     } else {
         (tactics, layers)
     };

@@ -550,41 +550,62 @@ fn reads_cost(with: &EndToEnd, without: &EndToEnd) -> Option<String> {
     }
 }
 
-/// The probe of read `r` (entry `idx` of the reads): its FP32 kernel on
-/// the quantized input; `None` for a node without the shapes it needs.
-fn make_read_probe(graph: &Graph, r: &Int8Read, idx: usize) -> Result<Option<Probe>> {
-    let node = &graph.nodes[r.node];
-    let Op::Conv(attrs) = &node.op else {
+/// What a probe needs of convolution or Gemm `node`: its input and
+/// output shapes, constant weights and bias, and the name of its fused
+/// residual operand; `None` for a node without the shapes it needs.
+struct NodeParts {
+    xs: Vec<usize>,
+    ys: Vec<usize>,
+    w: Vec<f32>,
+    b: Option<Vec<f32>>,
+    residual: Option<String>,
+}
+
+fn node_parts(graph: &Graph, node: &osprey_engine::ir::Node) -> Result<Option<NodeParts>> {
+    let (Some(&x), Some(&y)) = (node.inputs.first(), node.outputs.first()) else {
         return Ok(None);
     };
-    let shape = |i: usize| node.inputs.get(i).map(|&t| graph.tensors[t].shape.clone());
-    let (Some(xs), Some(&x), Some(&y)) = (shape(0), node.inputs.first(), node.outputs.first())
-    else {
-        return Ok(None);
-    };
-    let ys = graph.tensors[y].shape.clone();
     let value = |i: usize| {
         node.inputs
             .get(i)
             .and_then(|&t| graph.tensors[t].value.as_ref())
             .map(ConstData::to_f32)
     };
-    let w = value(1).context("layer without constant weights")?;
-    let b = value(2);
-    let layer = Conv2d::new(attrs.geometry(&xs, &ys), &w, b.as_deref(), attrs.activation)?;
-    let residual = attrs
-        .residual
-        .then(|| node.inputs.get(3).map(|&t| graph.tensors[t].name.clone()))
-        .flatten();
+    let residual = match &node.op {
+        Op::Conv(a) if a.residual => node.inputs.get(3).map(|&t| graph.tensors[t].name.clone()),
+        _ => None,
+    };
+    Ok(Some(NodeParts {
+        xs: graph.tensors[x].shape.clone(),
+        ys: graph.tensors[y].shape.clone(),
+        w: value(1).context("layer without constant weights")?,
+        b: value(2),
+        residual,
+    }))
+}
+
+/// The probe of read `r` (entry `idx` of the reads): its FP32 kernel on
+/// the quantized input; `None` for a node without the shapes it needs.
+fn make_read_probe(graph: &Graph, r: &Int8Read, idx: usize) -> Result<Option<Probe>> {
+    let node = &graph.nodes[r.node];
+    let (Op::Conv(attrs), Some(p)) = (&node.op, node_parts(graph, node)?) else {
+        return Ok(None);
+    };
+    let layer = Conv2d::new(
+        attrs.geometry(&p.xs, &p.ys),
+        &p.w,
+        p.b.as_deref(),
+        attrs.activation,
+    )?;
     Ok(Some(Probe {
         idx,
         scale: r.scale,
         layer: Kernel::Read(Box::new(layer), r.scale),
-        batch: xs.first().copied().unwrap_or(1),
-        input: graph.tensors[x].name.clone(),
-        residual,
-        output: graph.tensors[y].name.clone(),
-        out_len: ys.iter().product(),
+        batch: p.xs.first().copied().unwrap_or(1),
+        input: graph.tensors[node.inputs[0]].name.clone(),
+        residual: p.residual,
+        output: graph.tensors[node.outputs[0]].name.clone(),
+        out_len: p.ys.iter().product(),
         acc: Sqnr::default(),
         samples: 0,
         amax: 0.0,
@@ -595,28 +616,14 @@ fn make_read_probe(graph: &Graph, r: &Int8Read, idx: usize) -> Result<Option<Pro
 /// for a node without the shapes it needs.
 fn make_probe(graph: &Graph, l: &Int8Layer, idx: usize, scale: f32) -> Result<Option<Probe>> {
     let node = &graph.nodes[l.node];
-    let shape = |i: usize| node.inputs.get(i).map(|&t| graph.tensors[t].shape.clone());
-    let (Some(xs), Some(&y)) = (shape(0), node.outputs.first()) else {
+    let Some(p) = node_parts(graph, node)? else {
         return Ok(None);
     };
-    let ys = graph.tensors[y].shape.clone();
-    let value = |i: usize| {
-        node.inputs
-            .get(i)
-            .and_then(|&t| graph.tensors[t].value.as_ref())
-            .map(ConstData::to_f32)
-    };
-    let w = value(1).context("layer without constant weights")?;
-    let b = value(2);
-    let (layer, residual) = match &node.op {
+    let (xs, ys, w, b) = (&p.xs, &p.ys, &p.w, p.b.as_deref());
+    let layer = match &node.op {
         Op::Conv(attrs) => {
-            let geo = attrs.geometry(&xs, &ys);
-            let layer = QConv2d::new(geo, &w, b.as_deref(), attrs.activation, scale)?;
-            let residual = attrs
-                .residual
-                .then(|| node.inputs.get(3).map(|&t| graph.tensors[t].name.clone()))
-                .flatten();
-            (Kernel::Conv(Box::new(layer)), residual)
+            let geo = attrs.geometry(xs, ys);
+            Kernel::Conv(Box::new(QConv2d::new(geo, w, b, attrs.activation, scale)?))
         }
         Op::Gemm {
             alpha,
@@ -632,12 +639,12 @@ fn make_probe(graph: &Graph, l: &Int8Layer, idx: usize, scale: f32) -> Result<Op
                 (n, k),
                 (*alpha, *beta),
                 *trans_b,
-                &w,
-                b.as_deref(),
+                w,
+                b,
                 scale,
             )
             .map_err(|e| anyhow::anyhow!("layer '{}': {e}", l.name))?;
-            (Kernel::Gemm(layer), None)
+            Kernel::Gemm(layer)
         }
         _ => return Ok(None),
     };
@@ -650,7 +657,7 @@ fn make_probe(graph: &Graph, l: &Int8Layer, idx: usize, scale: f32) -> Result<Op
         layer,
         batch: xs.first().copied().unwrap_or(1),
         input: graph.tensors[source].name.clone(),
-        residual,
+        residual: p.residual.clone(),
         output: l.output.clone(),
         out_len: ys.iter().product(),
         acc: Sqnr::default(),
@@ -1142,8 +1149,10 @@ pub fn print_summary(o: &Int8Outcome) {
 /// `--strict-int8`: every INT8-marked convolution takes its INT8 kernel,
 /// whatever the timings said: the fastest of its `int8-*` candidates (the
 /// pair and dot4 forms; only INT8-marked layers have any), whose name and
-/// time come from the tuner.
+/// time come from the tuner. A layer already INT8 keeps its tactic (fused
+/// with its depthwise reader too, where that reader stays FP32).
 pub fn force_int8(
+    graph: &Graph,
     mut tactics: Tactics,
     mut layers: Vec<LayerChoice>,
 ) -> (Tactics, Vec<LayerChoice>) {
@@ -1171,5 +1180,99 @@ pub fn force_int8(
         l.ms = ms;
         l.tactic = name;
     }
+    // An expansion fused with a depthwise reader that now runs INT8
+    // (--int8-depthwise) runs apart: a fused pair has an FP32 reader.
+    let pairs = osprey_engine::fuse::fused_pairs(graph, &tactics);
+    for l in &mut layers {
+        if osprey_engine::fuse::is_fused(Some(&l.tactic)) && !pairs.iter().any(|p| p.0 == l.node) {
+            let own = osprey_engine::fuse::unfused(&l.tactic).to_string();
+            l.ms = l.candidates.get(&own).copied().unwrap_or(l.ms);
+            if let Some(t) = tactics.get_mut(l.node) {
+                *t = Some(own.clone());
+            }
+            l.tactic = own;
+        }
+    }
     (tactics, layers)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use osprey_engine::onnx::builder::{attr_i, attr_ints, ModelBuilder};
+
+    use super::*;
+
+    fn choice(node: usize, tactic: &str, candidates: &[(&str, f64)]) -> LayerChoice {
+        LayerChoice {
+            node,
+            name: format!("#{node}"),
+            op: "Conv".into(),
+            tactic: tactic.into(),
+            ms: 1.0,
+            cached: false,
+            candidates: candidates
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    /// `--strict-int8 --int8-depthwise` on an INT8 expansion fused with
+    /// its FP32 depthwise reader: the reader takes its INT8 kernel, so the
+    /// pair runs apart (the expansion's own INT8 kernel and time), and the
+    /// engine builds.
+    #[test]
+    fn strict_int8_unfuses_a_pair_whose_reader_turns_int8() {
+        let (c, e, h) = (8usize, 24usize, 12i64);
+        let mut b = ModelBuilder::new(13);
+        b.input("x", &[1, c as i64, h, h])
+            .init_f32("w1", &[e, c, 1, 1], &vec![0.1; e * c])
+            .init_f32("w2", &[e, 1, 3, 3], &vec![0.2; e * 9])
+            .node("Conv", &["x", "w1"], &["a"], vec![])
+            .node(
+                "Conv",
+                &["a", "w2"],
+                &["d"],
+                vec![attr_ints("pads", &[1, 1, 1, 1]), attr_i("group", e as i64)],
+            )
+            .output("d");
+        let mut g = osprey_engine::onnx::import(&b.to_bytes(), &Default::default()).unwrap();
+        let permitted = permit_int8(&mut g, &|_| Some(0.02), true);
+        assert_eq!(permitted.iter().filter(|l| l.fallback.is_none()).count(), 2);
+        osprey_engine::passes::channels_last(&mut g);
+        let convs: Vec<usize> = (0..g.nodes.len())
+            .filter(|&i| matches!(g.nodes[i].op, Op::Conv(_)))
+            .collect();
+        let (ex, dw) = (convs[0], convs[1]);
+        let mut tactics: Tactics = vec![None; g.nodes.len()];
+        tactics[ex] = Some("int8-nhwc-gemm+dw".into());
+        tactics[dw] = Some("nhwc-depthwise".into());
+        assert_eq!(osprey_engine::fuse::fused_pairs(&g, &tactics), [(ex, dw)]);
+        let layers = vec![
+            choice(
+                ex,
+                "int8-nhwc-gemm+dw",
+                &[
+                    ("int8-nhwc-gemm", 0.5),
+                    ("int8-nhwc-gemm+dw", 0.7),
+                    ("int8-nhwc-gemm,nhwc-depthwise", 0.9),
+                ],
+            ),
+            choice(
+                dw,
+                "nhwc-depthwise",
+                &[("nhwc-depthwise", 0.3), ("int8-nhwc-depthwise", 0.4)],
+            ),
+        ];
+        let (tactics, layers) = force_int8(&g, tactics, layers);
+        assert_eq!(tactics[ex].as_deref(), Some("int8-nhwc-gemm"));
+        assert_eq!(tactics[dw].as_deref(), Some("int8-nhwc-depthwise"));
+        assert_eq!(
+            (layers[0].tactic.as_str(), layers[0].ms),
+            ("int8-nhwc-gemm", 0.5)
+        );
+        Engine::with_tactics(g, &tactics).unwrap();
+    }
 }
