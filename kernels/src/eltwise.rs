@@ -1,7 +1,7 @@
 //! Broadcasting binary element-wise ops and the per-channel affine of batch norm.
 
 use crate::error::KernelError;
-use crate::pool::{SyncPtr, ThreadPool};
+use crate::pool::{Dst, SyncPtr, ThreadPool};
 
 /// Highest rank a broadcast may have.
 pub const MAX_RANK: usize = 8;
@@ -169,6 +169,29 @@ pub fn binary(
     b: &[f32],
     y: &mut [f32],
 ) {
+    assert!(y.len() >= plan.len);
+    binary_out(pool, op, plan, a, b, Dst::F32(SyncPtr::new(y)));
+}
+
+/// [`binary`] with an INT8 output: each value requantized with `scale`
+/// as it is written ([`crate::int8::quantize_to_i8`], the rounding an
+/// INT8 reader would apply to the f32 tensor), so an INT8 tensor passes
+/// to INT8 readers (an SE gate's `Mul` feeding INT8 layers) without the
+/// f32 tensor ever being written.
+pub fn binary_to_i8(
+    pool: &ThreadPool,
+    op: BinaryOp,
+    plan: &Broadcast,
+    a: &[f32],
+    b: &[f32],
+    y: &mut [i8],
+    scale: f32,
+) {
+    assert!(y.len() >= plan.len);
+    binary_out(pool, op, plan, a, b, Dst::I8(SyncPtr::new(y), 1.0 / scale));
+}
+
+fn binary_out(pool: &ThreadPool, op: BinaryOp, plan: &Broadcast, a: &[f32], b: &[f32], y: Dst) {
     match op {
         BinaryOp::Add => binary_with(pool, plan, a, b, y, |x, z| x + z),
         BinaryOp::Sub => binary_with(pool, plan, a, b, y, |x, z| x - z),
@@ -180,21 +203,34 @@ pub fn binary(
     }
 }
 
+/// Values an INT8 output computes at a time (on the stack) before
+/// requantizing them.
+const I8_RUN: usize = 256;
+
+/// Elements `k..k + m` of a row operand (a 1-element operand broadcasts).
+fn run(v: &[f32], k: usize, m: usize) -> &[f32] {
+    if v.len() == 1 {
+        &v[..1]
+    } else {
+        &v[k..k + m]
+    }
+}
+
 /// Elements one task handles: large enough to amortise scheduling.
 const SEG: usize = 32 * 1024;
 
+/// The caller checked that `y` holds `plan.len` elements.
 fn binary_with<F: Fn(f32, f32) -> f32 + Copy + Sync>(
     pool: &ThreadPool,
     plan: &Broadcast,
     a: &[f32],
     b: &[f32],
-    y: &mut [f32],
+    y: Dst,
     f: F,
 ) {
     if plan.len == 0 {
         return;
     }
-    assert!(y.len() >= plan.len);
     let r = plan.rank;
     let inner = plan.dims[r - 1];
     let outer = plan.len / inner;
@@ -210,7 +246,6 @@ fn binary_with<F: Fn(f32, f32) -> f32 + Copy + Sync>(
     } else {
         outer.div_ceil(rows_per_task)
     };
-    let y_ptr = SyncPtr::new(y);
     let isa = crate::isa::active();
     let task = |t: usize, _slot: usize| {
         let (rows, lo, hi) = if segs > 1 {
@@ -232,8 +267,6 @@ fn binary_with<F: Fn(f32, f32) -> f32 + Copy + Sync>(
                 oa += i * plan.sa[d];
                 ob += i * plan.sb[d];
             }
-            // SAFETY: tasks write disjoint (row, segment) ranges of y.
-            let yr = unsafe { std::slice::from_raw_parts_mut(y_ptr.add(o * inner + lo), hi - lo) };
             let (sa, sb) = (plan.sa[r - 1], plan.sb[r - 1]);
             let a_row = if sa == 0 {
                 &a[oa..oa + 1]
@@ -245,7 +278,26 @@ fn binary_with<F: Fn(f32, f32) -> f32 + Copy + Sync>(
             } else {
                 &b[ob + lo..ob + hi]
             };
-            row_op(isa, yr, a_row, b_row, f);
+            match y {
+                Dst::F32(p) => {
+                    // SAFETY: tasks write disjoint (row, segment) ranges
+                    // of y, which holds plan.len elements.
+                    let yr =
+                        unsafe { std::slice::from_raw_parts_mut(p.add(o * inner + lo), hi - lo) };
+                    row_op(isa, yr, a_row, b_row, f);
+                }
+                Dst::I8(p, inv) => {
+                    // SAFETY: as above.
+                    let yr =
+                        unsafe { std::slice::from_raw_parts_mut(p.add(o * inner + lo), hi - lo) };
+                    let mut buf = [0f32; I8_RUN];
+                    for (i, yq) in yr.chunks_mut(I8_RUN).enumerate() {
+                        let (k, m) = (i * I8_RUN, yq.len());
+                        row_op(isa, &mut buf[..m], run(a_row, k, m), run(b_row, k, m), f);
+                        crate::int8::quantize_to_i8(isa, &buf[..m], inv, yq);
+                    }
+                }
+            }
         }
     };
     if tasks == 1 {
@@ -400,6 +452,46 @@ mod tests {
         let (plan, _) = Broadcast::new(&[2, n], &[2, n]).unwrap();
         binary(&ThreadPool::new(2), BinaryOp::Mul, &plan, &a, &a, &mut y);
         assert!(y.iter().zip(&a).all(|(v, x)| *v == x * x));
+    }
+
+    /// The INT8 output is the f32 output requantized, bit for bit: an SE
+    /// gate's channels-last Mul (`[1, h, w, c] * [1, 1, 1, c]`, rows of
+    /// `c` that are several requantized runs and a partial one), a
+    /// scalar broadcast, and rows longer than a task's segment; values
+    /// that saturate included.
+    #[test]
+    fn int8_output_is_the_f32_output_requantized() {
+        let data = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 7919 + seed * 104_729) % 2001) as f32 - 1000.0) / 97.0)
+                .collect()
+        };
+        let cases: [(&[usize], &[usize]); 4] = [
+            (&[1, 9, 7, 600], &[1, 1, 1, 600]),
+            (&[1, 5, 5, 24], &[1, 1, 1, 24]),
+            (&[3, 40_000], &[1]),
+            (&[2, 70_001], &[2, 70_001]),
+        ];
+        for (sa, sb) in cases {
+            let (plan, out) = Broadcast::new(sa, sb).unwrap();
+            let a = data(sa.iter().product(), 1);
+            let b = data(sb.iter().product(), 2);
+            let n: usize = out.iter().product();
+            for threads in [1, 3] {
+                let pool = ThreadPool::new(threads);
+                for op in [BinaryOp::Mul, BinaryOp::Add] {
+                    let mut y = vec![0.0; n];
+                    binary(&pool, op, &plan, &a, &b, &mut y);
+                    let scale = 0.05;
+                    let mut want = vec![0i8; n];
+                    crate::int8::quantize_to_i8(crate::isa::active(), &y, 1.0 / scale, &mut want);
+                    let mut got = vec![7i8; n];
+                    binary_to_i8(&pool, op, &plan, &a, &b, &mut got, scale);
+                    assert_eq!(got, want, "{sa:?} {op:?} {sb:?}, {threads} threads");
+                    assert!(want.iter().any(|&v| v.abs() == 127), "saturates");
+                }
+            }
+        }
     }
 
     #[test]
