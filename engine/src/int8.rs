@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::ir::{Graph, Op};
 use crate::plan::{plan_arena_typed, MemoryPlan};
+use osprey_kernels::eltwise::BinaryOp;
 
 /// One convolution's or `Gemm`'s INT8 status.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -292,8 +293,8 @@ fn depthwise_read_scale(g: &Graph, node: &crate::ir::Node, tactic: Option<&str>)
 
 /// Per tensor: `Some(scale)` when it passes between INT8 layers as INT8
 /// with that scale. That is when its producer runs INT8 (see
-/// [`runs_int8`]) or is a channels-last FP32 depthwise convolution (which
-/// requantizes as it writes), it is not a graph output, and every consumer
+/// [`runs_int8`]), is a channels-last FP32 depthwise convolution or a Mul
+/// (both requantize as they write), it is not a graph output, and every consumer
 /// reads it as its data input (not as a residual) with one scale: INT8
 /// layers, and FP32 channels-last depthwise layers with a read scale
 /// (`depthwise_read_scale`), which widen it to float (unless the pair runs
@@ -316,10 +317,20 @@ pub fn int8_flow(g: &Graph, tactics: &[Option<String>]) -> Vec<Option<f32>> {
         let Some(&y) = node.outputs.first() else {
             continue;
         };
-        // Only convolutions write INT8 tensors (a Gemm's output is f32).
-        let conv = matches!(node.op, Op::Conv(_));
-        let writes_i8 = runs_int8(&node.op, tactic(i)) || depthwise_writes_i8(g, node, tactic(i));
-        if !conv || !writes_i8 || g.outputs.contains(&y) || y >= n {
+        // Convolutions write INT8 tensors (a Gemm's output is f32), and so
+        // does a Mul (an SE gate scaling a feature map) whose readers all
+        // read INT8: it requantizes as it writes
+        // (`eltwise::binary_to_i8`), which for INT8 readers is the very
+        // quantization they would apply, and for FP32 depthwise readers is
+        // their INT8 read.
+        let writes_i8 = match &node.op {
+            Op::Conv(_) => {
+                runs_int8(&node.op, tactic(i)) || depthwise_writes_i8(g, node, tactic(i))
+            }
+            Op::Binary(BinaryOp::Mul) => true,
+            _ => false,
+        };
+        if !writes_i8 || g.outputs.contains(&y) || y >= n {
             continue;
         }
         let mut scale = None;
@@ -572,6 +583,88 @@ mod tests {
     /// A pointwise → depthwise → pointwise chain (MobileNet's inverted
     /// residual) whose inner tensors pass as INT8, against the plain-loop
     /// INT8 reference chained with explicit quantize/dequantize steps.
+    /// An SE gate's Mul read only by INT8 layers writes INT8: for an
+    /// INT8 convolution the very values it would quantize itself (bit for
+    /// bit the engine in which the Mul's output is also a graph output,
+    /// so f32), and an FP32 depthwise layer with a read scale reads it.
+    #[test]
+    fn a_mul_read_by_int8_layers_writes_int8() {
+        use crate::exec::{Engine, ExecutionContext};
+        use crate::onnx::builder::{attr_i, attr_ints, ModelBuilder};
+        let rnd = |n: usize, seed: u64| crate::tune::pseudo_random(n, seed);
+        let (c, h) = (16usize, 9i64);
+        // x -> conv 1x1 -> y -> Mul(y, sigmoid(conv(mean(y)))) -> m
+        // m -> conv 1x1 (INT8) -> o1
+        // m -> depthwise 3x3 (FP32, reads INT8) -> o2
+        let model = |m_is_output: bool| {
+            let mut b = ModelBuilder::new(13);
+            b.input("x", &[1, c as i64, h, h])
+                .init_f32("w0", &[c, c, 1, 1], &rnd(c * c, 5))
+                .init_f32("wg", &[c, c, 1, 1], &rnd(c * c, 1))
+                .init_f32("w1", &[8, c, 1, 1], &rnd(8 * c, 2))
+                .init_f32("w2", &[c, 1, 3, 3], &rnd(c * 9, 3))
+                .node("Conv", &["x", "w0"], &["y"], vec![])
+                .node("GlobalAveragePool", &["y"], &["p"], vec![])
+                .node("Conv", &["p", "wg"], &["q"], vec![])
+                .node("Sigmoid", &["q"], &["gate"], vec![])
+                .node("Mul", &["y", "gate"], &["m"], vec![])
+                .node("Conv", &["m", "w1"], &["o1"], vec![])
+                .node(
+                    "Conv",
+                    &["m", "w2"],
+                    &["o2"],
+                    vec![attr_ints("pads", &[1, 1, 1, 1]), attr_i("group", c as i64)],
+                )
+                .output("o1")
+                .output("o2");
+            if m_is_output {
+                b.output("m");
+            }
+            let mut g = crate::onnx::import(&b.to_bytes(), &Default::default()).unwrap();
+            let layers = permit_int8(&mut g, &|n| (n == "m").then_some(0.06), false);
+            assert_eq!(layers.iter().filter(|l| l.fallback.is_none()).count(), 1);
+            crate::passes::channels_last(&mut g);
+            std::sync::Arc::new(Engine::new(g).unwrap())
+        };
+        let (flowing, f32_m) = (model(false), model(true));
+        let infos = |e: &Engine| -> Vec<String> {
+            (0..e.step_count())
+                .map(|i| e.step_info(i).unwrap().1)
+                .collect()
+        };
+        let fi = infos(&flowing);
+        assert!(fi.iter().any(|i| i == "Binary Mul out:i8"), "{fi:?}");
+        assert!(
+            fi.iter()
+                .any(|i| i.contains("int8-nhwc-gemm") && i.contains("in:i8")),
+            "{fi:?}"
+        );
+        assert!(
+            fi.iter()
+                .any(|i| i.contains("nhwc-depthwise") && i.contains("in:i8")),
+            "{fi:?}"
+        );
+        assert!(!infos(&f32_m).iter().any(|i| i.contains("in:i8")));
+        let x: Vec<f32> = rnd(c * 81, 4).iter().map(|v| v * 1.5).collect();
+        let run = |e: &std::sync::Arc<Engine>, k: usize| {
+            let mut ctx = ExecutionContext::new(e.clone(), 2);
+            ctx.input_mut(0).unwrap().copy_from_slice(&x);
+            ctx.run().unwrap();
+            ctx.output_index(k).unwrap().to_vec()
+        };
+        let bits = |v: Vec<f32>| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        // The INT8 convolution: the same quantized input either way.
+        assert_eq!(bits(run(&flowing, 0)), bits(run(&f32_m, 0)));
+        // The depthwise layer's INT8 read: within the input's rounding.
+        let (got, want) = (run(&flowing, 1), run(&f32_m, 1));
+        let peak = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err > 0.0 && err < 0.06 * peak, "{err} of {peak}");
+    }
+
     #[test]
     fn int8_tensors_flow_through_a_chain_exactly_as_quantized_steps() {
         use crate::exec::{Engine, ExecutionContext};

@@ -153,7 +153,9 @@ enum Kind {
         shift: Vec<f32>,
     },
     Unary(Activation),
-    Binary(BinaryOp, Broadcast),
+    /// Element-wise binary op; the output INT8 with this scale where it
+    /// flows INT8 (an SE gate's Mul read only by INT8 readers).
+    Binary(BinaryOp, Broadcast, Option<f32>),
     Copy(Vec<CopyPart>),
     Pool(Pool2dGeometry, PoolKind),
     GlobalAverage {
@@ -290,7 +292,8 @@ impl Engine {
                     }
                     | Kind::ConvNhwc {
                         out_scale: Some(s), ..
-                    },
+                    }
+                    | Kind::Binary(_, _, Some(s)),
                     Some(&y),
                 ) => Some((graph.tensors[y].numel(), *s)),
                 _ => None,
@@ -485,7 +488,9 @@ impl Engine {
             Kind::ConvTranspose { .. } => "ConvTranspose gemm+col2im".into(),
             Kind::Affine { .. } => "BatchNorm affine".into(),
             Kind::Unary(a) => format!("Unary {a:?}"),
-            Kind::Binary(op, _) => format!("Binary {op:?}"),
+            Kind::Binary(op, _, s) => {
+                format!("Binary {op:?}{}", if s.is_some() { " out:i8" } else { "" })
+            }
             Kind::Copy(parts) => match parts.first().and_then(|p| p.clamp) {
                 Some((lo, hi)) => format!("Copy clamp [{lo}, {hi}]"),
                 None => "Copy".into(),

@@ -243,7 +243,7 @@ impl Builder<'_> {
                 if out != ys {
                     return Err(format!("broadcast shape {out:?} differs from {ys:?}"));
                 }
-                Kind::Binary(*op, plan)
+                Kind::Binary(*op, plan, self.flow.get(y).copied().flatten())
             }
             Op::Concat { axis, act } => {
                 let clamp = clamp_of(*act)?;

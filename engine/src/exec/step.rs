@@ -232,9 +232,16 @@ pub(super) fn run_step(
             shift,
         } => eltwise::channel_affine(pool, *batch, *channels, *plane, scale, shift, x, y),
         Kind::Unary(act) => act.apply_parallel(pool, x, y),
-        Kind::Binary(op, plan) => {
+        Kind::Binary(op, plan, out_scale) => {
             let b = io.read(input(1)?)?;
-            eltwise::binary(pool, *op, plan, x, b, y);
+            match out_scale {
+                // INT8 tensors sit in the f32 arena four to a slot.
+                Some(s) => {
+                    let y8 = bytemuck::cast_slice_mut(y);
+                    eltwise::binary_to_i8(pool, *op, plan, x, b, y8, *s)
+                }
+                None => eltwise::binary(pool, *op, plan, x, b, y),
+            }
         }
         Kind::Pool(g, kind) => pooling::pool2d(pool, g, *kind, x, y),
         Kind::GlobalAverage { planes, len } => pooling::global_average(pool, *planes, *len, x, y),
