@@ -156,31 +156,44 @@ pub fn copy_strided_parallel(
     clamp: Option<(f32, f32)>,
 ) {
     let total: usize = shape.iter().product();
-    let whole = dst.strides[..shape.len()] == contiguous_strides(shape)[..shape.len()];
     let outer = shape.iter().position(|&n| n > 1);
-    let (Some(d), true) = (outer, whole) else {
+    let Some(d) = outer else {
         return copy_strided_clamped(shape, x, src, y, dst, clamp);
     };
-    if pool.threads() == 1 || total < 64 * 1024 {
+    // Tasks split the outermost non-unit dimension. Each index along it
+    // must own one run of the destination, `step` apart and `span` long:
+    // a contiguous destination, or a slice of a larger one (a channel
+    // range of a channels-last concatenation: each row's pixels are one
+    // run of the output's rows).
+    let step = dst.strides[d];
+    let span = 1 + shape
+        .iter()
+        .zip(&dst.strides)
+        .skip(d + 1)
+        .map(|(&n, &s)| (n as isize - 1) * s)
+        .sum::<isize>();
+    let runs = dst.strides[d..shape.len()].iter().all(|&s| s >= 0) && span <= step;
+    if !runs || pool.threads() == 1 || total < 64 * 1024 {
         return copy_strided_clamped(shape, x, src, y, dst, clamp);
     }
-    let step = dst.strides[d] as usize;
-    assert!(
-        dst.offset + total <= y.len(),
-        "copy destination past its buffer"
-    );
+    let (step, span) = (step as usize, span as usize);
+    let end = dst.offset + (shape[d] - 1) * step + span;
+    assert!(end <= y.len(), "copy destination past its buffer");
     let tasks = shape[d].min(4 * pool.threads());
     let per = shape[d].div_ceil(tasks);
-    let base = SyncPtr::new(&mut y[dst.offset..dst.offset + total]);
+    let base = SyncPtr::new(&mut y[dst.offset..end]);
     pool.run(shape[d].div_ceil(per), &|t, _| {
         let (lo, hi) = (t * per, ((t + 1) * per).min(shape[d]));
         let mut part = [0usize; MAX_RANK];
         part[..shape.len()].copy_from_slice(shape);
         part[d] = hi - lo;
-        // SAFETY: indices lo..hi along the outermost non-unit dimension of
-        // a contiguous destination are the elements lo·step..hi·step of it
-        // (inside `y`, asserted above), and the tasks' ranges are disjoint.
-        let out = unsafe { std::slice::from_raw_parts_mut(base.add(lo * step), (hi - lo) * step) };
+        // SAFETY: indices lo..hi along dimension d are the runs from
+        // lo·step to (hi − 1)·step + span of the destination (inside `y`,
+        // asserted above); runs do not overlap (span ≤ step), so the
+        // tasks' ranges are disjoint.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(base.add(lo * step), (hi - 1 - lo) * step + span)
+        };
         let sub_src = StridedView {
             offset: (src.offset as isize + lo as isize * src.strides[d]) as usize,
             strides: src.strides,

@@ -156,6 +156,53 @@ fn sum(xs: &[f32]) -> f32 {
     s
 }
 
+/// [`reduce_mean`] on `pool`: the spatial mean of a channels-last tensor
+/// (reduced axes in one run with channels after it) splits its channels
+/// into blocks of whole cache lines, one task each, every channel summed
+/// in the same order (the same results bit for bit); other reductions run
+/// on the calling thread.
+pub fn reduce_mean_parallel(
+    pool: &ThreadPool,
+    shape: &[usize],
+    reduce: &[bool],
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let rank = shape.len();
+    let first = reduce.iter().position(|&r| r).unwrap_or(rank);
+    let last = rank - reduce.iter().rev().position(|&r| r).unwrap_or(0);
+    let middle = first < last && last < rank && reduce[first..last].iter().all(|&r| r);
+    let outer: usize = shape[..first].iter().product();
+    let count: usize = shape[first..last].iter().product();
+    let inner: usize = shape[last..].iter().product();
+    // Cache lines of 16 floats per block, at least two blocks per thread.
+    const LINE: usize = 16;
+    let blocks = inner.div_ceil(LINE).min(2 * pool.threads());
+    if !middle || pool.threads() == 1 || blocks < 2 || count * inner < 64 * 1024 || count == 0 {
+        return reduce_mean(shape, reduce, x, y);
+    }
+    assert!(x.len() >= outer * count * inner && y.len() >= outer * inner);
+    let lines = inner.div_ceil(LINE);
+    let yp = SyncPtr::new(y);
+    let inv = 1.0 / count as f32;
+    pool.run(outer * blocks, &|t, _| {
+        let (o, blk) = (t / blocks, t % blocks);
+        let c0 = (blk * lines / blocks * LINE).min(inner);
+        let c1 = ((blk + 1) * lines / blocks * LINE).min(inner);
+        // SAFETY: task (o, blk) alone writes channels c0..c1 of output row
+        // o, inside `y` (asserted above).
+        let row = unsafe { std::slice::from_raw_parts_mut(yp.add(o * inner + c0), c1 - c0) };
+        row.iter_mut().for_each(|v| *v = 0.0);
+        for r in 0..count {
+            let at = (o * count + r) * inner;
+            row.iter_mut()
+                .zip(&x[at + c0..at + c1])
+                .for_each(|(v, s)| *v += s);
+        }
+        row.iter_mut().for_each(|v| *v *= inv);
+    });
+}
+
 /// Mean over arbitrary axes: `shape` is the input shape, `reduce[i]` marks the
 /// reduced axes; `y` has the product of the kept dimensions.
 pub fn reduce_mean(shape: &[usize], reduce: &[bool], x: &[f32], y: &mut [f32]) {
@@ -310,6 +357,39 @@ mod tests {
                     }
                 }}}
                 prop_assert!((v - s / n as f32).abs() < 1e-4);
+            }
+        }
+    }
+
+    /// The pool's channel blocks give the serial mean bit for bit
+    /// (channels-last spatial means, one and two images, channel counts
+    /// off the 16-float lines), and other reductions fall back to it.
+    #[test]
+    fn parallel_reduce_mean_is_the_serial_one() {
+        let cases: [(&[usize], &[bool]); 4] = [
+            (&[1, 40, 37, 200], &[false, true, true, false]),
+            (&[2, 33, 30, 72], &[false, true, true, false]),
+            (&[1, 128, 128, 128], &[false, true, true, false]),
+            (&[1, 64, 40, 40], &[false, false, true, true]),
+        ];
+        for (shape, reduce) in cases {
+            let n: usize = shape.iter().product();
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 1013) as f32 * 0.37 - 150.0)
+                .collect();
+            let m: usize = shape
+                .iter()
+                .zip(reduce)
+                .map(|(&d, &r)| if r { 1 } else { d })
+                .product();
+            let mut want = vec![0.0; m];
+            reduce_mean(shape, reduce, &x, &mut want);
+            for threads in [1, 2, 3] {
+                let pool = ThreadPool::new(threads);
+                let mut got = vec![f32::NAN; m];
+                reduce_mean_parallel(&pool, shape, reduce, &x, &mut got);
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{shape:?}, {threads} threads");
             }
         }
     }

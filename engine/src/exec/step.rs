@@ -245,7 +245,9 @@ pub(super) fn run_step(
         }
         Kind::Pool(g, kind) => pooling::pool2d(pool, g, *kind, x, y),
         Kind::GlobalAverage { planes, len } => pooling::global_average(pool, *planes, *len, x, y),
-        Kind::ReduceMean { shape, reduce } => pooling::reduce_mean(shape, reduce, x, y),
+        Kind::ReduceMean { shape, reduce } => {
+            pooling::reduce_mean_parallel(pool, shape, reduce, x, y)
+        }
         Kind::Resize(r) => r.run(pool, x, y),
         Kind::ResizeNhwc(r, c) => r.run_channels_last(pool, *c, x, y),
         Kind::Gemm {
