@@ -331,40 +331,34 @@ impl Engine {
             }
             let si = step_of[i];
             let reader = pairs.iter().find(|p| p.0 == i).map(|p| step_of[p.1]);
-            let fits = reader == Some(si.wrapping_add(1))
-                && match (&steps[si].kind, &steps[si + 1].kind) {
-                    (
-                        Kind::ConvNhwc {
-                            layer: e,
-                            residual: false,
-                            in_i8: false,
-                            out_scale: None,
-                            batch,
-                        },
-                        Kind::ConvNhwc {
-                            layer: d,
-                            batch: b2,
-                            in_i8: false,
-                            ..
-                        },
-                    ) => e.fuses_into(d) && batch == b2,
-                    (
-                        Kind::QConv {
-                            layer: QLayer::Nhwc(e),
-                            residual: false,
-                            out_scale: None,
-                            batch,
-                            ..
-                        },
-                        Kind::ConvNhwc {
-                            layer: d,
-                            batch: b2,
-                            in_i8: false,
-                            ..
-                        },
-                    ) => e.fuses_into(d) && batch == b2,
-                    _ => false,
-                };
+            // The reader: the next step, an FP32 channels-last layer
+            // reading f32; the expansion: FP32 or INT8, writing f32.
+            let dw = match steps.get(si + 1).map(|s| &s.kind) {
+                Some(Kind::ConvNhwc {
+                    layer: d,
+                    batch,
+                    in_i8: false,
+                    ..
+                }) if reader == Some(si + 1) => Some((d, *batch)),
+                _ => None,
+            };
+            let fits = dw.is_some_and(|(d, b2)| match &steps[si].kind {
+                Kind::ConvNhwc {
+                    layer: e,
+                    residual: false,
+                    in_i8: false,
+                    out_scale: None,
+                    batch,
+                } => e.fuses_into(d) && *batch == b2,
+                Kind::QConv {
+                    layer: QLayer::Nhwc(e),
+                    residual: false,
+                    out_scale: None,
+                    batch,
+                    ..
+                } => e.fuses_into(d) && *batch == b2,
+                _ => false,
+            });
             if !fits {
                 let node = &graph.nodes[i];
                 return Err(EngineError::Node {

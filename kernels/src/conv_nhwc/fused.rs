@@ -305,12 +305,12 @@ impl Conv2dNhwc {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::activation::Activation;
     use crate::conv::tests::data;
 
-    fn geo(
+    pub(crate) fn geo(
         c_in: usize,
         c_out: usize,
         hw: (usize, usize),

@@ -28,7 +28,7 @@ use crate::isa;
 use crate::pool::{SyncPtr, ThreadPool};
 
 mod depthwise;
-mod fused;
+pub(crate) mod fused;
 mod gemm;
 
 pub use depthwise::DwElem;

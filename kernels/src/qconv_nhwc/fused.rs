@@ -149,20 +149,10 @@ mod tests {
     use super::*;
     use crate::conv::tests::data;
 
+    /// One group for a 1×1 kernel, else depthwise.
     fn geo(c_in: usize, c_out: usize, hw: (usize, usize), k: usize, s: usize) -> Conv2dGeometry {
-        let p = k / 2;
-        Conv2dGeometry {
-            c_in,
-            h: hw.0,
-            w: hw.1,
-            c_out,
-            kh: k,
-            kw: k,
-            stride: [s, s],
-            pads: [p, p, p, p],
-            dilation: [1, 1],
-            groups: if k == 1 { 1 } else { c_in },
-        }
+        let groups = if k == 1 { 1 } else { c_in };
+        crate::conv_nhwc::fused::tests::geo(c_in, c_out, hw, k, s, groups)
     }
 
     /// The fused run against the INT8 expansion (f32 output) and the FP32
