@@ -1161,14 +1161,11 @@ pub fn force_int8(
         if l.tactic.starts_with("int8") {
             continue;
         }
-        // The layer's own INT8 kernels: not the timings of a pair with
-        // its reader (`a,b` apart, `a+dw` fused).
+        // The layer's own INT8 kernels, not a pair's timings.
         let fastest = l
             .candidates
             .iter()
-            .filter(|(k, _)| {
-                k.starts_with("int8") && !k.contains(',') && !osprey_engine::fuse::is_fused(Some(k))
-            })
+            .filter(|(k, _)| k.starts_with("int8") && osprey_engine::fuse::is_own_kernel(k))
             .min_by(|a, b| a.1.total_cmp(b.1));
         let Some((name, &ms)) = fastest else {
             continue;

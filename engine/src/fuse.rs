@@ -37,6 +37,13 @@ pub fn is_fused(tactic: Option<&str>) -> bool {
     tactic.is_some_and(|t| t.ends_with(FUSED_SUFFIX))
 }
 
+/// Whether a layer's timing candidate `name` is one of its own kernels,
+/// not the timing of a pair with its depthwise reader (`a,b` apart,
+/// `a+dw` fused).
+pub fn is_own_kernel(name: &str) -> bool {
+    !name.contains(',') && !is_fused(Some(name))
+}
+
 /// `tactic` without the fused form's suffix: the expansion's own kernel.
 pub fn unfused(tactic: &str) -> &str {
     tactic.strip_suffix(FUSED_SUFFIX).unwrap_or(tactic)

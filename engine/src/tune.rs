@@ -523,13 +523,13 @@ fn time_fusions(
         // The other precision's fastest kernel, where INT8 is permitted.
         let choice = choices.iter().find(|c| c.node == i);
         let other = ea.int8_input_scale.and_then(|_| {
-            // The layer's own kernels, not a pair's (`a,b` apart, `a+dw`).
-            let own = |k: &str| !k.contains(',') && !crate::fuse::is_fused(Some(k));
             let want_int8 = !tuned.starts_with("int8");
             choice?
                 .candidates
                 .iter()
-                .filter(|(k, _)| own(k) && k.starts_with("int8") == want_int8)
+                .filter(|(k, _)| {
+                    crate::fuse::is_own_kernel(k) && k.starts_with("int8") == want_int8
+                })
                 .min_by(|a, b| a.1.total_cmp(b.1))
                 .map(|(k, _)| k.clone())
         });

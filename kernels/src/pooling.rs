@@ -192,15 +192,31 @@ pub fn reduce_mean_parallel(
         // SAFETY: task (o, blk) alone writes channels c0..c1 of output row
         // o, inside `y` (asserted above).
         let row = unsafe { std::slice::from_raw_parts_mut(yp.add(o * inner + c0), c1 - c0) };
-        row.iter_mut().for_each(|v| *v = 0.0);
-        for r in 0..count {
-            let at = (o * count + r) * inner;
-            row.iter_mut()
-                .zip(&x[at + c0..at + c1])
-                .for_each(|(v, s)| *v += s);
-        }
-        row.iter_mut().for_each(|v| *v *= inv);
+        mean_rows(x, o, count, inner, c0, inv, row);
     });
+}
+
+/// Channels `c0..c0 + row.len()` of output row `o` of a spatial mean:
+/// the sum over the `count` input rows of `inner` values that row `o`
+/// reduces, in order, times `inv`.
+fn mean_rows(
+    x: &[f32],
+    o: usize,
+    count: usize,
+    inner: usize,
+    c0: usize,
+    inv: f32,
+    row: &mut [f32],
+) {
+    let c1 = c0 + row.len();
+    row.iter_mut().for_each(|v| *v = 0.0);
+    for r in 0..count {
+        let at = (o * count + r) * inner;
+        row.iter_mut()
+            .zip(&x[at + c0..at + c1])
+            .for_each(|(v, s)| *v += s);
+    }
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// Mean over arbitrary axes: `shape` is the input shape, `reduce[i]` marks the
@@ -228,19 +244,21 @@ pub fn reduce_mean(shape: &[usize], reduce: &[bool], x: &[f32], y: &mut [f32]) {
         let outer: usize = shape[..first_reduced].iter().product();
         let count: usize = shape[first_reduced..last_reduced].iter().product();
         let inner: usize = shape[last_reduced..].iter().product();
+        let inv = if count == 0 {
+            f32::NAN
+        } else {
+            1.0 / count as f32
+        };
         for o in 0..outer {
-            let row = &mut y[o * inner..(o + 1) * inner];
-            row.iter_mut().for_each(|v| *v = 0.0);
-            for r in 0..count {
-                let src = &x[(o * count + r) * inner..(o * count + r + 1) * inner];
-                row.iter_mut().zip(src).for_each(|(v, s)| *v += s);
-            }
-            let inv = if count == 0 {
-                f32::NAN
-            } else {
-                1.0 / count as f32
-            };
-            row.iter_mut().for_each(|v| *v *= inv);
+            mean_rows(
+                x,
+                o,
+                count,
+                inner,
+                0,
+                inv,
+                &mut y[o * inner..(o + 1) * inner],
+            );
         }
         return;
     }

@@ -74,28 +74,15 @@ impl QConv2dNhwc {
         let shared = unsafe {
             std::slice::from_raw_parts_mut(shared.as_mut_ptr() as *mut i8, shared.len() * 4)
         };
-        let isa = isa::active();
         #[cfg(target_arch = "x86_64")]
         let clamp = crate::gemm::in_register_clamp(self.act);
         let pix = self.pix();
         for b in 0..batch {
-            let x: &[i8] = match input {
-                QIn::I8(x) => &x[b * in_img..(b + 1) * in_img],
-                QIn::F32(xf) => {
-                    // Quantized once, split over the pool.
-                    const QCHUNK: usize = 16 * 1024;
-                    let xf = &xf[b * in_img..(b + 1) * in_img];
-                    let q = &mut shared[..in_img];
-                    let qp = SyncPtr::new(q);
-                    pool.run(in_img.div_ceil(QCHUNK), &|t, _| {
-                        let (lo, hi) = (t * QCHUNK, ((t + 1) * QCHUNK).min(in_img));
-                        // SAFETY: each task writes its own range.
-                        let d = unsafe { std::slice::from_raw_parts_mut(qp.add(lo), hi - lo) };
-                        crate::int8::quantize_to_i8(isa, &xf[lo..hi], self.inv_input_scale, d);
-                    });
-                    q
-                }
+            let x = match input {
+                QIn::I8(x) => QIn::I8(&x[b * in_img..(b + 1) * in_img]),
+                QIn::F32(x) => QIn::F32(&x[b * in_img..(b + 1) * in_img]),
             };
+            let x = self.image_i8(pool, x, &mut *shared);
             let expand = |p0: usize, p1: usize, out: &mut [f32], work: &mut [f32]| {
                 // Pixels p0..p1 as an image of their own: a pointwise
                 // layer's pixels are its rows.

@@ -465,22 +465,7 @@ impl QConv2dNhwc {
                 continue;
             }
             // An f32 input is quantized once, split over the pool.
-            let x: &[i8] = match x {
-                QIn::I8(x) => x,
-                QIn::F32(xf) => {
-                    const QCHUNK: usize = 16 * 1024;
-                    let q = &mut shared[..in_img];
-                    let qp = SyncPtr::new(q);
-                    let isa = isa::active();
-                    pool.run(in_img.div_ceil(QCHUNK), &|t, _| {
-                        let (lo, hi) = (t * QCHUNK, ((t + 1) * QCHUNK).min(in_img));
-                        // SAFETY: each task writes its own range.
-                        let d = unsafe { std::slice::from_raw_parts_mut(qp.add(lo), hi - lo) };
-                        crate::int8::quantize_to_i8(isa, &xf[lo..hi], self.inv_input_scale, d);
-                    });
-                    q
-                }
-            };
+            let x = self.image_i8(pool, x, shared);
             let ohw = self.oh * self.ow;
             let pix = self.pix();
             let chunks = ohw.div_ceil(pix);
@@ -516,6 +501,28 @@ impl QConv2dNhwc {
                 self.pack(x, p0, n, packed);
                 self.gemm_chunk(packed, p0, n, blocks, res, y);
             });
+        }
+    }
+
+    /// One input image as INT8: `x` itself, or an f32 image quantized
+    /// with this layer's input scale into `shared` (split over the pool).
+    fn image_i8<'a>(&self, pool: &ThreadPool, x: QIn<'a>, shared: &'a mut [i8]) -> &'a [i8] {
+        match x {
+            QIn::I8(x) => x,
+            QIn::F32(xf) => {
+                const QCHUNK: usize = 16 * 1024;
+                let n = xf.len();
+                let q = &mut shared[..n];
+                let qp = SyncPtr::new(q);
+                let isa = isa::active();
+                pool.run(n.div_ceil(QCHUNK), &|t, _| {
+                    let (lo, hi) = (t * QCHUNK, ((t + 1) * QCHUNK).min(n));
+                    // SAFETY: each task writes its own range.
+                    let d = unsafe { std::slice::from_raw_parts_mut(qp.add(lo), hi - lo) };
+                    crate::int8::quantize_to_i8(isa, &xf[lo..hi], self.inv_input_scale, d);
+                });
+                q
+            }
         }
     }
 
