@@ -23,6 +23,42 @@ pub fn contiguous_strides(shape: &[usize]) -> [isize; MAX_RANK] {
     s
 }
 
+/// A copy's dimensions with unit dimensions dropped and neighbours that
+/// are contiguous in both views merged: `n` dimensions `dims` with source
+/// strides `ss` and destination strides `ds`.
+struct Coalesced {
+    n: usize,
+    dims: [usize; MAX_RANK],
+    ss: [isize; MAX_RANK],
+    ds: [isize; MAX_RANK],
+}
+
+fn coalesce(shape: &[usize], src: &StridedView, dst: &StridedView) -> Coalesced {
+    let mut dims = [1usize; MAX_RANK];
+    let mut ss = [0isize; MAX_RANK];
+    let mut ds = [0isize; MAX_RANK];
+    let mut n = 0;
+    for d in 0..shape.len() {
+        if shape[d] == 1 {
+            continue;
+        }
+        if n > 0
+            && ss[n - 1] == src.strides[d] * shape[d] as isize
+            && ds[n - 1] == dst.strides[d] * shape[d] as isize
+        {
+            dims[n - 1] *= shape[d];
+            ss[n - 1] = src.strides[d];
+            ds[n - 1] = dst.strides[d];
+            continue;
+        }
+        dims[n] = shape[d];
+        ss[n] = src.strides[d];
+        ds[n] = dst.strides[d];
+        n += 1;
+    }
+    Coalesced { n, dims, ss, ds }
+}
+
 /// Copies `shape` elements from the view `src` of `x` to the view `dst` of `y`.
 ///
 /// # Panics
@@ -61,29 +97,7 @@ pub fn copy_strided_clamped(
     if shape.contains(&0) {
         return;
     }
-    // Coalesce dimensions that are contiguous in both views.
-    let mut dims = [1usize; MAX_RANK];
-    let mut ss = [0isize; MAX_RANK];
-    let mut ds = [0isize; MAX_RANK];
-    let mut n = 0;
-    for d in 0..rank {
-        if shape[d] == 1 {
-            continue;
-        }
-        if n > 0
-            && ss[n - 1] == src.strides[d] * shape[d] as isize
-            && ds[n - 1] == dst.strides[d] * shape[d] as isize
-        {
-            dims[n - 1] *= shape[d];
-            ss[n - 1] = src.strides[d];
-            ds[n - 1] = dst.strides[d];
-            continue;
-        }
-        dims[n] = shape[d];
-        ss[n] = src.strides[d];
-        ds[n] = dst.strides[d];
-        n += 1;
-    }
+    let Coalesced { n, dims, ss, ds } = coalesce(shape, src, dst);
     if n == 0 {
         y[dst.offset] = f(x[src.offset]);
         return;
@@ -156,6 +170,27 @@ pub fn copy_strided_parallel(
     clamp: Option<(f32, f32)>,
 ) {
     let total: usize = shape.iter().product();
+    if clamp.is_none() && pool.threads() > 1 && total >= 64 * 1024 && shape.len() <= MAX_RANK {
+        // A channels-last → planes conversion (few planes, many pixels):
+        // split by pixels, not by planes (the outermost dimension), so that
+        // each task reads whole source lines instead of a few values of
+        // every one.
+        let Coalesced { n, dims, ss, ds } = coalesce(shape, src, dst);
+        let disjoint_rows = ds[0] >= dims[1] as isize;
+        let few_planes = dims[0] <= dims[1];
+        if n == 2 && ss[0] == 1 && ss[1] > 0 && ds[1] == 1 && disjoint_rows && few_planes {
+            let strides = [ss[1] as usize, ds[0] as usize];
+            return transpose_by_columns(
+                pool,
+                [dims[0], dims[1]],
+                strides,
+                x,
+                src.offset,
+                y,
+                dst.offset,
+            );
+        }
+    }
     let outer = shape.iter().position(|&n| n > 1);
     let Some(d) = outer else {
         return copy_strided_clamped(shape, x, src, y, dst, clamp);
@@ -204,6 +239,106 @@ pub fn copy_strided_parallel(
         };
         copy_strided_clamped(&part[..shape.len()], x, &sub_src, out, &sub_dst, clamp);
     });
+}
+
+/// The transpose of `rows × cols` values whose source columns are
+/// contiguous (`rows` values each, `strides[0]` apart, from `so` in `x`)
+/// into destination rows that are contiguous (`cols` values each,
+/// `strides[1]` apart, from `dof` in `y`), split over the pool by columns:
+/// each task reads one stretch of the source (some pixels of a
+/// channels-last image, every channel) and writes those columns of every
+/// destination row (the pixels of every plane).
+///
+/// # Panics
+/// If either side reaches outside its buffer.
+fn transpose_by_columns(
+    pool: &ThreadPool,
+    [rows, cols]: [usize; 2],
+    [src_col, dst_row]: [usize; 2],
+    x: &[f32],
+    so: usize,
+    y: &mut [f32],
+    dof: usize,
+) {
+    assert!(
+        so + (cols - 1) * src_col + rows <= x.len(),
+        "copy source past its buffer"
+    );
+    let end = dof + (rows - 1) * dst_row + cols;
+    assert!(end <= y.len(), "copy destination past its buffer");
+    let tile = Plane2d::TILE;
+    let tasks = cols.div_ceil(tile).min(4 * pool.threads());
+    // Whole 8-column blocks per task (all but the last).
+    let per = cols.div_ceil(tasks).next_multiple_of(8);
+    let base = SyncPtr::new(&mut y[dof..end]);
+    pool.run(cols.div_ceil(per), &|t, _| {
+        let (c0, c1) = (t * per, ((t + 1) * per).min(cols));
+        for c in (c0..c1).step_by(tile) {
+            let extent = [rows, (c1 - c).min(tile)];
+            // SAFETY: the task writes columns c0..c1 of rows 0..rows only:
+            // elements r·dst_row + c' with c' < cols ≤ dst_row, inside
+            // `base`'s `end − dof` elements (asserted above), and distinct
+            // for distinct (r, c') — the tasks' column ranges are disjoint.
+            unsafe { transpose_columns(x, so, src_col, base.add(0), dst_row, c, extent) };
+        }
+    });
+}
+
+/// Columns `c..c + extent[1]` of every row `0..extent[0]` of
+/// [`transpose_by_columns`]' destination `y`: element `(r, c')` is
+/// `x[so + c'·src_col + r]`, written to `y + r·dst_row + c'`.
+///
+/// # Safety
+/// Those destination elements are valid for writes and no other thread
+/// reads or writes them meanwhile.
+///
+/// # Panics
+/// If a source index is outside `x`.
+unsafe fn transpose_columns(
+    x: &[f32],
+    so: usize,
+    src_col: usize,
+    y: *mut f32,
+    dst_row: usize,
+    c: usize,
+    [rows, cols]: [usize; 2],
+) {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let (mut br, mut bc) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::active().has_avx2() && rows >= 8 && cols >= 8 {
+        (br, bc) = (rows / 8 * 8, cols / 8 * 8);
+        assert!(
+            so + (c + bc - 1) * src_col + br <= x.len(),
+            "copy source past its buffer"
+        );
+        for j in (c..c + bc).step_by(8) {
+            for r in (0..br).step_by(8) {
+                // SAFETY: AVX2 is active; the block's source is 8 columns
+                // of 8 values inside `x` (asserted above), its destination
+                // 8 rows of 8 elements the caller lets us write.
+                unsafe {
+                    transpose8_avx2(
+                        x.as_ptr().add(so + j * src_col + r),
+                        src_col as isize,
+                        y.add(r * dst_row + j),
+                        dst_row as isize,
+                    )
+                };
+            }
+        }
+    }
+    // The rest element by element: rows below the blocks, then the columns
+    // right of them.
+    for (from_row, cs) in [(br, c..c + bc), (0, c + bc..c + cols)] {
+        for cc in cs {
+            let column = &x[so + cc * src_col..so + cc * src_col + rows];
+            for (r, &v) in column.iter().enumerate().skip(from_row) {
+                // SAFETY: row r < rows, column cc of the caller's range.
+                unsafe { *y.add(r * dst_row + cc) = v };
+            }
+        }
+    }
 }
 
 /// Two dimensions of a strided copy, with their source and destination
@@ -637,6 +772,37 @@ mod tests {
                 copy_strided(&[c, h, w], &x, &src, &mut a, &out);
                 copy_strided_parallel(&pool, &[c, h, w], &x, &src, &mut b, &out, None);
                 assert_eq!(a, b, "{threads} threads, {src:?}");
+            }
+        }
+    }
+
+    /// Channels-last to planes split by pixels: plane counts and pixel
+    /// counts off the 8-blocks, into a larger buffer at an offset with
+    /// padded rows (nothing outside the planes is touched).
+    #[test]
+    fn pixel_split_conversions_equal_serial_ones() {
+        for (c, hw) in [(21, 3907), (8, 8200), (80, 1031)] {
+            let x: Vec<f32> = (0..c * hw).map(|i| i as f32).collect();
+            let mut s = [0isize; MAX_RANK];
+            s[..2].copy_from_slice(&[1, c as isize]);
+            let src = StridedView {
+                offset: 0,
+                strides: s,
+            };
+            let mut d = [0isize; MAX_RANK];
+            d[..2].copy_from_slice(&[(hw + 5) as isize, 1]);
+            let out = StridedView {
+                offset: 3,
+                strides: d,
+            };
+            let len = 3 + c * (hw + 5);
+            let mut want = vec![-1.0; len];
+            copy_strided(&[c, hw], &x, &src, &mut want, &out);
+            for threads in [2, 3] {
+                let pool = ThreadPool::new(threads);
+                let mut got = vec![-1.0; len];
+                copy_strided_parallel(&pool, &[c, hw], &x, &src, &mut got, &out, None);
+                assert_eq!(got, want, "{c} planes of {hw} on {threads} threads");
             }
         }
     }
