@@ -156,11 +156,20 @@ fn sum(xs: &[f32]) -> f32 {
     s
 }
 
+/// Row groups of a spatial mean: each group's rows are summed in order,
+/// then the group sums in order: the same arithmetic whichever threads sum
+/// the groups (and a shorter chain of additions than one running sum).
+const MEAN_GROUPS: usize = 8;
+/// Widest rows that are summed by groups (a group's partial sums live on
+/// the stack); wider ones are summed in one run.
+const MEAN_GROUP_WIDTH: usize = 1024;
+
 /// [`reduce_mean`] on `pool`: the spatial mean of a channels-last tensor
-/// (reduced axes in one run with channels after it) splits its channels
-/// into blocks of whole cache lines, one task each, every channel summed
-/// in the same order (the same results bit for bit); other reductions run
-/// on the calling thread.
+/// (reduced axes in one run with channels after it) sums its row groups
+/// as tasks of their own (rows up to [`MEAN_GROUP_WIDTH`] channels), or
+/// splits wider rows' channels into blocks of whole cache lines; either
+/// way every channel is summed in the serial order (the same results bit
+/// for bit). Other reductions run on the calling thread.
 pub fn reduce_mean_parallel(
     pool: &ThreadPool,
     shape: &[usize],
@@ -175,16 +184,38 @@ pub fn reduce_mean_parallel(
     let outer: usize = shape[..first].iter().product();
     let count: usize = shape[first..last].iter().product();
     let inner: usize = shape[last..].iter().product();
-    // Cache lines of 16 floats per block, at least two blocks per thread.
-    const LINE: usize = 16;
-    let blocks = inner.div_ceil(LINE).min(2 * pool.threads());
-    if !middle || pool.threads() == 1 || blocks < 2 || count * inner < 64 * 1024 || count == 0 {
+    if !middle || pool.threads() == 1 || count * inner < 64 * 1024 || count == 0 {
         return reduce_mean(shape, reduce, x, y);
     }
     assert!(x.len() >= outer * count * inner && y.len() >= outer * inner);
+    let inv = 1.0 / count as f32;
+    if inner <= MEAN_GROUP_WIDTH {
+        // Each group's sums apart (tasks read whole stretches of rows:
+        // splitting channels had every task read a few lines of every
+        // row, and the prefetchers fetch the rest for nothing).
+        let mut parts = [0.0f32; MEAN_GROUPS * MEAN_GROUP_WIDTH];
+        for o in 0..outer {
+            let pp = SyncPtr::new(&mut parts);
+            pool.run(MEAN_GROUPS, &|g, _| {
+                // SAFETY: task g alone writes partial sums g·inner.. of
+                // `parts` (MEAN_GROUPS · inner ≤ its length).
+                let part = unsafe { std::slice::from_raw_parts_mut(pp.add(g * inner), inner) };
+                sum_rows(x, o, count, inner, 0, group(count, g), part);
+            });
+            let row = &mut y[o * inner..(o + 1) * inner];
+            row.copy_from_slice(&parts[..inner]);
+            for part in parts[inner..].chunks_exact(inner).take(MEAN_GROUPS - 1) {
+                row.iter_mut().zip(part).for_each(|(v, p)| *v += p);
+            }
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+        return;
+    }
+    // Cache lines of 16 floats per block, at least two blocks per thread.
+    const LINE: usize = 16;
+    let blocks = inner.div_ceil(LINE).min(2 * pool.threads());
     let lines = inner.div_ceil(LINE);
     let yp = SyncPtr::new(y);
-    let inv = 1.0 / count as f32;
     pool.run(outer * blocks, &|t, _| {
         let (o, blk) = (t / blocks, t % blocks);
         let c0 = (blk * lines / blocks * LINE).min(inner);
@@ -192,31 +223,52 @@ pub fn reduce_mean_parallel(
         // SAFETY: task (o, blk) alone writes channels c0..c1 of output row
         // o, inside `y` (asserted above).
         let row = unsafe { std::slice::from_raw_parts_mut(yp.add(o * inner + c0), c1 - c0) };
-        mean_rows(x, o, count, inner, c0, inv, row);
+        sum_rows(x, o, count, inner, c0, 0..count, row);
+        row.iter_mut().for_each(|v| *v *= inv);
     });
 }
 
-/// Channels `c0..c0 + row.len()` of output row `o` of a spatial mean:
-/// the sum over the `count` input rows of `inner` values that row `o`
-/// reduces, in order, times `inv`.
-fn mean_rows(
+/// Rows of row group `g` of `count` (of [`MEAN_GROUPS`]).
+fn group(count: usize, g: usize) -> std::ops::Range<usize> {
+    g * count / MEAN_GROUPS..(g + 1) * count / MEAN_GROUPS
+}
+
+/// Output row `o` of a spatial mean (`count` input rows of `inner` values
+/// each), in [`reduce_mean_parallel`]'s order of additions.
+fn mean_rows(x: &[f32], o: usize, count: usize, inner: usize, inv: f32, row: &mut [f32]) {
+    if inner <= MEAN_GROUP_WIDTH {
+        let mut part = [0.0f32; MEAN_GROUP_WIDTH];
+        let part = &mut part[..inner];
+        sum_rows(x, o, count, inner, 0, group(count, 0), row);
+        for g in 1..MEAN_GROUPS {
+            sum_rows(x, o, count, inner, 0, group(count, g), part);
+            row.iter_mut().zip(&*part).for_each(|(v, p)| *v += p);
+        }
+    } else {
+        sum_rows(x, o, count, inner, 0, 0..count, row);
+    }
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Channels `c0..c0 + out.len()` of the sum of input rows `rows` (of the
+/// `count` rows of `inner` values that output row `o` reduces), in order.
+fn sum_rows(
     x: &[f32],
     o: usize,
     count: usize,
     inner: usize,
     c0: usize,
-    inv: f32,
-    row: &mut [f32],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
 ) {
-    let c1 = c0 + row.len();
-    row.iter_mut().for_each(|v| *v = 0.0);
-    for r in 0..count {
+    let c1 = c0 + out.len();
+    out.iter_mut().for_each(|v| *v = 0.0);
+    for r in rows {
         let at = (o * count + r) * inner;
-        row.iter_mut()
+        out.iter_mut()
             .zip(&x[at + c0..at + c1])
             .for_each(|(v, s)| *v += s);
     }
-    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// Mean over arbitrary axes: `shape` is the input shape, `reduce[i]` marks the
@@ -250,15 +302,7 @@ pub fn reduce_mean(shape: &[usize], reduce: &[bool], x: &[f32], y: &mut [f32]) {
             1.0 / count as f32
         };
         for o in 0..outer {
-            mean_rows(
-                x,
-                o,
-                count,
-                inner,
-                0,
-                inv,
-                &mut y[o * inner..(o + 1) * inner],
-            );
+            mean_rows(x, o, count, inner, inv, &mut y[o * inner..(o + 1) * inner]);
         }
         return;
     }
@@ -384,8 +428,9 @@ mod tests {
     /// off the 16-float lines), and other reductions fall back to it.
     #[test]
     fn parallel_reduce_mean_is_the_serial_one() {
-        let cases: [(&[usize], &[bool]); 4] = [
+        let cases: [(&[usize], &[bool]); 5] = [
             (&[1, 40, 37, 200], &[false, true, true, false]),
+            (&[1, 9, 11, 1100], &[false, true, true, false]),
             (&[2, 33, 30, 72], &[false, true, true, false]),
             (&[1, 128, 128, 128], &[false, true, true, false]),
             (&[1, 64, 40, 40], &[false, false, true, true]),
