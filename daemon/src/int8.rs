@@ -848,6 +848,7 @@ pub fn measure_engine(
     threads: usize,
     quiet: bool,
 ) -> Result<()> {
+    settle_reads(&mut o.reads, graph, tactics);
     let Some(ev) = o.eval.as_mut() else {
         return Ok(());
     };
@@ -855,6 +856,28 @@ pub fn measure_engine(
     let int8 = Arc::new(Engine::with_tactics(graph.clone(), tactics)?);
     o.end_to_end = Some(compare_engines(fp32, int8, ev, threads, quiet)?);
     Ok(())
+}
+
+/// Marks the INT8 reads that the engine written does not make: tuning ran
+/// the producer in FP32, or fused the depthwise layer with its expansion
+/// (the pair passes f32 rows through its ring).
+fn settle_reads(reads: &mut [Int8Read], graph: &Graph, tactics: &[Option<String>]) {
+    let flow = osprey_engine::int8::int8_flow(graph, tactics);
+    let fused = osprey_engine::fuse::fused_pairs(graph, tactics);
+    for r in reads.iter_mut().filter(|r| r.fallback.is_none()) {
+        let input = graph.nodes.get(r.node).and_then(|n| n.inputs.first());
+        if input.is_some_and(|&t| flow.get(t).copied().flatten().is_some()) {
+            continue;
+        }
+        r.fallback = Some(match fused.iter().find(|&&(_, dw)| dw == r.node) {
+            Some(&(e, _)) => format!(
+                "fused with its expansion: reads its f32 rows ({} runs {})",
+                graph.nodes.get(e).map_or("?", |n| n.name.as_str()),
+                tactics.get(e).and_then(|t| t.as_deref()).unwrap_or("?")
+            ),
+            None => "its producer writes f32 in the engine written (tuning kept it FP32)".into(),
+        });
+    }
 }
 
 /// Runs both engines over the evaluation set and compares their outputs
@@ -1100,7 +1123,7 @@ pub fn print_summary(o: &Int8Outcome) {
     if !o.reads.is_empty() {
         let kept = o.reads.iter().filter(|r| r.fallback.is_none()).count();
         println!(
-            "    {kept} of {} FP32 depthwise layers may read INT8 input (where its producer writes INT8)",
+            "    {kept} of {} FP32 depthwise layers read INT8 input in the engine written",
             o.reads.len()
         );
         let mut why: Vec<&str> = o
@@ -1271,5 +1294,54 @@ mod tests {
             ("int8-nhwc-gemm", 0.5)
         );
         Engine::with_tactics(g, &tactics).unwrap();
+    }
+
+    /// The report's INT8 reads are those of the engine written: a read
+    /// whose producer tuning kept FP32, or whose pair runs fused (f32 rows
+    /// in the ring), is reported as reading f32, with why.
+    #[test]
+    fn reads_are_settled_by_the_tactics() {
+        let (c, e, h) = (8usize, 24usize, 12i64);
+        let mut b = ModelBuilder::new(13);
+        b.input("x", &[1, c as i64, h, h])
+            .init_f32("w1", &[e, c, 1, 1], &vec![0.1; e * c])
+            .init_f32("w2", &[e, 1, 3, 3], &vec![0.2; e * 9])
+            .node("Conv", &["x", "w1"], &["a"], vec![])
+            .node(
+                "Conv",
+                &["a", "w2"],
+                &["d"],
+                vec![attr_ints("pads", &[1, 1, 1, 1]), attr_i("group", e as i64)],
+            )
+            .output("d");
+        let mut g = osprey_engine::onnx::import(&b.to_bytes(), &Default::default()).unwrap();
+        permit_int8(&mut g, &|_| Some(0.02), false);
+        osprey_engine::passes::channels_last(&mut g);
+        let convs: Vec<usize> = (0..g.nodes.len())
+            .filter(|&i| matches!(g.nodes[i].op, Op::Conv(_)))
+            .collect();
+        let (ex, dw) = (convs[0], convs[1]);
+        let fresh = int8_reads(&g);
+        assert_eq!(fresh.len(), 1);
+        assert_eq!(fresh[0].node, dw);
+        for (expansion, want) in [
+            ("int8-nhwc-gemm", None),
+            ("int8-nhwc-gemm+dw", Some("fused with its expansion")),
+            ("nhwc-gemm", Some("its producer writes f32")),
+        ] {
+            let mut tactics: Tactics = vec![None; g.nodes.len()];
+            tactics[ex] = Some(expansion.into());
+            tactics[dw] = Some("nhwc-depthwise".into());
+            let mut reads = fresh.clone();
+            settle_reads(&mut reads, &g, &tactics);
+            let got = reads[0].fallback.as_deref();
+            match want {
+                None => assert_eq!(got, None, "{expansion}"),
+                Some(w) => assert!(
+                    got.is_some_and(|f| f.starts_with(w)),
+                    "{expansion}: {got:?}"
+                ),
+            }
+        }
     }
 }
